@@ -1,0 +1,292 @@
+"""Checkpoints: the official ``.pth`` files (strict, shapes inferred) and our own format.
+
+Our format is a directory with ``config.json`` (model, tokenizer, class names, sampling defaults),
+``model.safetensors`` and ``tokenizer.safetensors``. Buffers that are functions of the config
+(attention masks, level ids, zero biases, codebook-hit statistics) are not stored.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .errors import HMARError
+from .model import HMAR, ScaleTransformer, build_model
+from .model.keymaps import nsp_to_hmar
+from .presets import ModelConfig, TokenizerConfig
+from .tokenizer import VQVAE
+
+PathLike = Union[str, os.PathLike]
+DERIVED = ("lvl_1L", "attn_bias_for_masking", "zero_k_bias", "ema_vocab_hit_SV")
+FORMAT_VERSION = 1
+
+
+def _is_derived(key: str) -> bool:
+    return key.split(".")[-1] in DERIVED
+
+
+# ------------------------------------------------------------------------------------ official files
+def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
+    """Read a ``.pth``/``.pt`` (``weights_only=True``) or ``.safetensors`` file and unwrap trainer
+    checkpoints (``{'trainer': {'transformer_wo_ddp' | 'var_wo_ddp': ...}}``)."""
+    p = Path(path)
+    if not p.exists():
+        raise HMARError(f"checkpoint {str(p)!r} does not exist: check the path")
+    if p.is_dir():
+        raise HMARError(f"{str(p)!r} is a directory: pass a checkpoint file, or load it with from_pretrained")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(p))
+        except Exception as e:
+            raise HMARError(f"{str(p)!r} is not a readable safetensors file ({e})") from None
+    try:
+        try:  # memory-map: a 10 GB d30 file is not copied into RAM
+            obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise HMARError(f"{str(p)!r} is not a PyTorch checkpoint that loads with weights_only=True "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if isinstance(obj, dict) and "trainer" in obj and isinstance(obj["trainer"], dict):
+        for k in ("transformer_wo_ddp", "var_wo_ddp", "vae_local"):
+            if k in obj["trainer"]:
+                obj = obj["trainer"][k]
+                break
+    for k in ("model", "state_dict", "module"):
+        if isinstance(obj, dict) and k in obj and isinstance(obj[k], dict):
+            obj = obj[k]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise HMARError(f"{str(p)!r} does not hold a state dict of tensors")
+    return obj
+
+
+def detect_kind(sd: Dict[str, torch.Tensor]) -> str:
+    """``vqvae``, ``hmar``, ``mp`` (stage-2), ``nsp`` (stage-1) or ``var`` from the keys (and mask)."""
+    if "encoder.conv_in.weight" in sd and "quantize.embedding.weight" in sd:
+        return "vqvae"
+    if "base_blocks.0.attn.mat_qkv.weight" in sd or "ns_head.weight" in sd:
+        return "hmar"
+    if "blocks.0.attn.mat_qkv.weight" in sd:
+        if "mask_embed.weight" in sd:
+            return "mp"
+        bias = sd.get("attn_bias_for_masking")
+        if bias is not None and bias.shape[-1] > 1:
+            # block-causal: the first query row of the last scale sees every key; block-diagonal: not
+            return "var" if torch.isfinite(bias[0, 0, -1, 0]).item() else "nsp"
+        return "var"
+    raise HMARError("the checkpoint is neither a VQ-VAE nor an HMAR/VAR transformer "
+                    f"(first keys: {list(sd)[:4]})")
+
+
+def _patch_nums_from_levels(lvl: torch.Tensor) -> Tuple[int, ...]:
+    counts = torch.bincount(lvl.flatten()).tolist()
+    pn = tuple(int(round(math.sqrt(c))) for c in counts)
+    if any(p * p != c for p, c in zip(pn, counts)):
+        raise HMARError(f"cannot infer the scale schedule: level sizes {counts} are not squares")
+    return pn
+
+
+def infer_model_config(sd: Dict[str, torch.Tensor], kind: Optional[str] = None) -> ModelConfig:
+    """The :class:`ModelConfig` that an official transformer state dict was made with."""
+    kind = kind or detect_kind(sd)
+    if kind == "vqvae":
+        raise HMARError("this checkpoint is a VQ-VAE (tokenizer), not a transformer: pass it with --vqvae")
+    C = sd["pos_start"].shape[-1]
+    prefix = "base_blocks" if kind == "hmar" else "blocks"
+    nblocks = lambda pre: len({k.split(".")[1] for k in sd if k.startswith(pre + ".")})  # noqa: E731
+    if kind == "hmar":
+        branch = nblocks("ns_blocks")
+        depth = nblocks("base_blocks") + branch
+        heads_key = "ns_blocks.0.attn.scale_mul_1H11" if branch else "base_blocks.0.attn.scale_mul_1H11"
+        vocab = sd["ns_head.weight"].shape[0]
+    else:
+        depth = nblocks("blocks")
+        branch = min(8, depth)
+        heads_key = "blocks.0.attn.scale_mul_1H11"
+        vocab = sd["head.weight"].shape[0]
+    l2 = heads_key in sd
+    heads = sd[heads_key].shape[1] if l2 else max(1, C // 64)
+    pn = _patch_nums_from_levels(sd["lvl_1L"]) if "lvl_1L" in sd else None
+    if pn is None:
+        raise HMARError("cannot infer the scale schedule: the checkpoint has no 'lvl_1L' buffer")
+    return ModelConfig(kind="nsp" if kind == "mp" else kind, depth=depth, embed_dim=C, num_heads=heads,
+                       num_classes=sd["class_emb.weight"].shape[0] - 1, vocab_size=vocab,
+                       z_channels=sd["word_embed.weight"].shape[1], patch_nums=pn, branch_depth=branch,
+                       attn_l2_norm=l2)
+
+
+def infer_tokenizer_config(sd: Dict[str, torch.Tensor], patch_nums=None) -> TokenizerConfig:
+    """The :class:`TokenizerConfig` of an official VQ-VAE state dict (scale schedule given separately)."""
+    ch = sd["encoder.conv_in.weight"].shape[0]
+    levels = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.down.")})
+    ch_mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels)
+    nres = len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")})
+    V, Cz = sd["quantize.embedding.weight"].shape
+    phis = [k for k in sd if k.startswith("quantize.quant_resi.") and k.endswith("weight")]
+    share = 1 if "quantize.quant_resi.qresi.weight" in sd else len(phis)
+    nsc = sd["quantize.ema_vocab_hit_SV"].shape[0] if "quantize.ema_vocab_hit_SV" in sd else 10
+    if patch_nums is None:
+        from .presets import PATCH_NUMS
+        patch_nums = PATCH_NUMS[256] if nsc == 10 else tuple(range(1, nsc + 1))
+    return TokenizerConfig(vocab_size=V, z_channels=Cz, ch=ch, ch_mult=ch_mult, num_res_blocks=nres,
+                           patch_nums=tuple(patch_nums), share_quant_resi=share,
+                           using_sa="encoder.down.%d.attn.0.qkv.weight" % levels[-1] in sd,
+                           using_mid_sa="encoder.mid.attn_1.qkv.weight" in sd)
+
+
+def load_official_model(path: PathLike, mask_path: Optional[PathLike] = None) -> nn.Module:
+    """Build and strictly load an official HMAR / VAR / stage-1 (/ stage-1 + stage-2) checkpoint."""
+    sd = read_state_dict(path)
+    kind = detect_kind(sd)
+    if kind == "vqvae":
+        raise HMARError(f"{str(path)!r} is a VQ-VAE (tokenizer) checkpoint, not a transformer: "
+                        "pass it with --vqvae and give the transformer with --checkpoint")
+    cfg = infer_model_config(sd, kind)
+    if mask_path is not None or kind == "mp":
+        if kind == "mp":
+            raise HMARError(f"{str(path)!r} is a stage-2 (masked) checkpoint: pass the stage-1 file as the "
+                            "checkpoint and this one as the mask checkpoint")
+        mp = read_state_dict(mask_path)
+        cfg = ModelConfig.from_dict({**cfg.to_dict(), "kind": "hmar"})
+        sd = nsp_to_hmar(sd, cfg.depth, cfg.branch_depth, mp)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    _strict_load(model, sd, str(path))
+    return model.eval()
+
+
+def load_official_tokenizer(path: PathLike, patch_nums=None) -> VQVAE:
+    """Build and strictly load an official VQ-VAE checkpoint (``vae_ch160v4096z32.pth``)."""
+    sd = read_state_dict(path)
+    if detect_kind(sd) != "vqvae":
+        raise HMARError(f"{str(path)!r} is a transformer checkpoint, not a VQ-VAE: pass it with --checkpoint")
+    with torch.device("meta"):
+        vq = VQVAE(infer_tokenizer_config(sd, patch_nums))
+    _strict_load(vq, sd, str(path))
+    return vq.eval()
+
+
+def _strict_load(module: nn.Module, sd: Dict[str, torch.Tensor], name: str, allow_derived: bool = False) -> None:
+    own = module.state_dict()
+    sd = {k: v for k, v in sd.items()}
+    missing = [k for k in own if k not in sd and not (allow_derived and _is_derived(k))]
+    unexpected = [k for k in sd if k not in own]
+    shape = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd
+             if k in own and sd[k].shape != own[k].shape and not k.endswith("ema_vocab_hit_SV")]
+    if missing or unexpected or shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        if shape:
+            parts.append(f"shape mismatch: {shape[0]}")
+        raise HMARError(f"{name} does not match the model it claims to be: " + "; ".join(parts))
+    for k in own:
+        if k not in sd:
+            sd[k] = _derived_value(module, k, own[k])
+    if "quantize.ema_vocab_hit_SV" in sd and sd["quantize.ema_vocab_hit_SV"].shape != own["quantize.ema_vocab_hit_SV"].shape:
+        sd["quantize.ema_vocab_hit_SV"] = torch.zeros(own["quantize.ema_vocab_hit_SV"].shape)
+    # assign=True: modules built on the meta device take the (memory-mapped) tensors as they are
+    module.load_state_dict({k: (v.to(own[k].dtype) if v.is_floating_point() else v) for k, v in sd.items()},
+                           strict=True, assign=True)
+
+
+def _derived_value(module: nn.Module, key: str, like: torch.Tensor) -> torch.Tensor:
+    """Recompute a buffer that our format does not store (works for modules built on the meta device)."""
+    from .model.transformer import _bias_buffer, _levels
+    leaf = key.split(".")[-1]
+    if leaf == "lvl_1L":
+        return _levels(module.config.patch_nums)
+    if leaf == "attn_bias_for_masking":
+        return _bias_buffer(module.config.patch_nums, module.pattern)
+    return torch.zeros(like.shape, dtype=like.dtype)  # zero_k_bias, ema_vocab_hit_SV
+
+
+# ------------------------------------------------------------------------------------ our format
+def save_pretrained(directory: PathLike, model: nn.Module, tokenizer: VQVAE, *,
+                    class_names: Optional[list] = None, sampling: Optional[Dict[str, Any]] = None,
+                    dtype: Optional[torch.dtype] = None, extra: Optional[Dict[str, Any]] = None) -> Path:
+    """Write ``config.json``, ``model.safetensors`` and ``tokenizer.safetensors`` into ``directory``
+    (atomically: files are written to temporary names, then renamed). ``dtype`` (e.g. fp16) shrinks the files."""
+    from safetensors.torch import save_file
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    names = class_names if class_names is not None else model.config.class_names
+
+    def tensors(m: nn.Module) -> Dict[str, torch.Tensor]:
+        out = {}
+        for k, v in m.state_dict().items():
+            if _is_derived(k):
+                continue
+            v = v.detach().cpu()
+            if dtype is not None and v.is_floating_point():
+                v = v.to(dtype)
+            out[k] = v.contiguous()
+        return out
+
+    mcfg = model.config.to_dict()
+    mcfg["class_names"] = list(names) if names is not None else None
+    config = {"format": "hmar", "version": FORMAT_VERSION, "model": mcfg, "tokenizer": tokenizer.config.to_dict(),
+              "sampling": sampling or {}, **(extra or {})}
+    for fname, m in (("model.safetensors", model), ("tokenizer.safetensors", tokenizer)):
+        tmp = d / (fname + ".tmp")
+        save_file(tensors(m), str(tmp))
+        os.replace(tmp, d / fname)
+    tmp = d / "config.json.tmp"
+    tmp.write_text(json.dumps(config, indent=2))
+    os.replace(tmp, d / "config.json")
+    return d
+
+
+def load_pretrained(directory: PathLike, device: Union[str, torch.device] = "cpu"
+                    ) -> Tuple[nn.Module, VQVAE, Dict[str, Any]]:
+    """Load a directory written by :func:`save_pretrained`: (model, tokenizer, config dict)."""
+    from safetensors.torch import load_file
+    d = Path(directory)
+    cfg_path = d / "config.json"
+    if not cfg_path.exists():
+        raise HMARError(f"{str(d)!r} is not an hmar model directory (no config.json); for an official .pth "
+                        "file pass the file itself")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise HMARError(f"{cfg_path} is not valid JSON ({e})") from None
+    if config.get("format") != "hmar":
+        raise HMARError(f"{cfg_path} is not an hmar config (format={config.get('format')!r})")
+    with torch.device("meta"):
+        model = build_model(ModelConfig.from_dict(config["model"]))
+        tok = VQVAE(TokenizerConfig.from_dict(config["tokenizer"]))
+    for fname, m in (("model.safetensors", model), ("tokenizer.safetensors", tok)):
+        p = d / fname
+        if not p.exists():
+            raise HMARError(f"{str(d)!r} has no {fname}")
+        _strict_load(m, load_file(str(p)), str(p), allow_derived=True)
+    tok.set_patch_nums(model.config.patch_nums)
+    return model.to(device).eval(), tok.to(device).eval(), config
+
+
+def load_any(checkpoint: PathLike, vqvae: Optional[PathLike] = None, device: Union[str, torch.device] = "cpu",
+             mask_checkpoint: Optional[PathLike] = None) -> Tuple[nn.Module, VQVAE, Dict[str, Any]]:
+    """A model directory of ours, or an official transformer file plus (``vqvae``) its tokenizer file."""
+    p = Path(checkpoint)
+    if p.is_dir():
+        model, tok, config = load_pretrained(p, device)
+        if vqvae is not None:
+            tok = load_official_tokenizer(vqvae, model.config.patch_nums).to(device)
+        return model, tok, config
+    model = load_official_model(p, mask_checkpoint)
+    if vqvae is None:
+        raise HMARError(f"{str(p)!r} is an official transformer file: also pass its tokenizer with --vqvae "
+                        "(e.g. vae_ch160v4096z32.pth)")
+    tok = load_official_tokenizer(vqvae, model.config.patch_nums)
+    return model.to(device), tok.to(device), {"model": model.config.to_dict(), "sampling": {}}

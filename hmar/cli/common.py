@@ -1,0 +1,58 @@
+"""Options and helpers shared by several subcommands."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+import torch
+
+from ..errors import HMARError
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", "-c", default=None,
+                   help="model directory (ours) or official transformer file (hmar-d*.pth, var_d*.pth, stage-1 "
+                        "ar-ckpt); default: the model shipped with hmar, else a random tiny model")
+    p.add_argument("--vqvae", default=None, help="official VQ-VAE file (vae_ch160v4096z32.pth) for official transformer files")
+    p.add_argument("--mask-checkpoint", default=None, help="official stage-2 (masked) file to pair with a stage-1 checkpoint")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance (VAR's linear ramp up to this value)")
+    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (0: off)")
+    p.add_argument("--temperature", type=float, default=None, help="softmax temperature")
+    p.add_argument("--schedule", default=None,
+                   help="masked-step schedule: default | none | coarse | official-256 | official-512 | JSON list of "
+                        "per-scale token counts, e.g. '[[1],[1,3],[1,1,2,5],[16],...]'")
+    p.add_argument("--guide-masked", action="store_true", help="also apply guidance inside masked refinement passes")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
+                schedule=args.schedule, guide_masked=True if args.guide_masked else None)
+
+
+def parse_int_list(text: str, what: str) -> List[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise HMARError(f"{what} must be comma-separated integers like 1,2,3, got {text!r}") from None
+
+
+def load_pipeline(args: argparse.Namespace, say=print):
+    """The pipeline the user asked for; with no --checkpoint the shipped default model, else a random tiny one."""
+    from ..pipeline import HMARPipeline, default_model_dir
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise HMARError(f"--device {args.device} asked for, but CUDA is not available here: use --device cpu")
+    if args.checkpoint is None:
+        if default_model_dir() is not None:
+            return HMARPipeline.from_pretrained(None, device=args.device)
+        say("note: no trained default model is shipped in this build: sampling from a RANDOMLY INITIALISED "
+            "tiny model (hmar-tiny); the images are noise. Pass --checkpoint to use a trained model.")
+        return HMARPipeline.from_preset("hmar-tiny", "vqvae-tiny", device=args.device)
+    return HMARPipeline.from_pretrained(args.checkpoint, vqvae=args.vqvae, device=args.device,
+                                        mask_checkpoint=args.mask_checkpoint)

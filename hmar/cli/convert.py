@@ -1,0 +1,33 @@
+"""``hmar convert``: official checkpoint files -> our directory format (safetensors + config.json)."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("convert", help="convert official HMAR/VAR (+ VQ-VAE) files to an hmar model directory",
+                       description="Load official files strictly (hmar-d*.pth, var_d*.pth, stage-1 ar-ckpt*.pth, "
+                                   "optionally a stage-2 file) with the VQ-VAE and write config.json + safetensors.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", "-c", required=True, help="official transformer file")
+    p.add_argument("--vqvae", required=True, help="official VQ-VAE file (vae_ch160v4096z32.pth)")
+    p.add_argument("--mask-checkpoint", default=None, help="official stage-2 (masked) file, to assemble an HMAR "
+                                                           "from a stage-1 checkpoint")
+    p.add_argument("--class-names", default=None, help="text file with one class name per line")
+    p.add_argument("--half", action="store_true", help="store weights in fp16 (half the size)")
+    p.add_argument("--out", "-o", required=True, help="output directory")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..pipeline import HMARPipeline
+    pipe = HMARPipeline.from_pretrained(args.checkpoint, vqvae=args.vqvae, mask_checkpoint=args.mask_checkpoint)
+    if args.class_names:
+        with open(args.class_names) as f:
+            pipe.class_names = [l.strip() for l in f if l.strip()]
+    d = pipe.save_pretrained(args.out, dtype=torch.float16 if args.half else None)
+    c = pipe.model.config
+    print(f"wrote {d}: {c.kind} depth {c.depth} width {c.embed_dim} scales {list(c.patch_nums)}")
+    return 0

@@ -1,0 +1,110 @@
+"""VAR's AdaLN transformer block and head, with attention routed through :mod:`hmar.attention`."""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..attention import attention
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop the whole residual branch of a sample with probability ``p`` (training)."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention with a bias-free qkv projection plus separate q/v biases (no k bias),
+    L2-normalised q and k with a learnable per-head temperature ``exp(min(s, ln 100))`` (init ln 4)."""
+
+    def __init__(self, dim: int, num_heads: int, l2_norm: bool = True):
+        super().__init__()
+        self.num_heads, self.head_dim, self.l2_norm = num_heads, dim // num_heads, l2_norm
+        if l2_norm:
+            self.scale = 1.0
+            self.scale_mul_1H11 = nn.Parameter(torch.full((1, num_heads, 1, 1), math.log(4.0)))
+            self.max_scale_mul = math.log(100.0)
+        else:
+            self.scale = 0.25 / math.sqrt(self.head_dim)
+        self.q_bias = nn.Parameter(torch.zeros(dim))
+        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("zero_k_bias", torch.zeros(dim))
+        self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, lengths: Sequence[int], pattern: str,
+                cache: Optional[List[torch.Tensor]] = None, backend: Optional[str] = None) -> torch.Tensor:
+        B, L, C = x.shape
+        bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
+        q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if self.l2_norm:
+            q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp(max=self.max_scale_mul).exp()
+            k = F.normalize(k, dim=-1)
+        if cache is not None:  # VAR inference: keys/values of all earlier scales are kept
+            if cache:
+                k, v = torch.cat((cache[0], k), 2), torch.cat((cache[1], v), 2)
+            cache[:] = [k, v]
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            out = attention(q, k, v, lengths=lengths, pattern=pattern, scale=self.scale, backend=backend)
+        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+
+
+class FFN(nn.Module):
+    """fc1 -> GELU (tanh approximation) -> fc2."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class AdaLNBlock(nn.Module):
+    """Pre-norm block modulated by the class condition: six chunks (gamma1, gamma2, scale1, scale2,
+    shift1, shift2) from ``Linear(SiLU(cond))``; LayerNorm without affine parameters."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
+                 l2_norm: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.dim = dim
+        self.attn = SelfAttention(dim, num_heads, l2_norm)
+        self.ffn = FFN(dim, round(dim * mlp_ratio))
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.ln = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, lengths: Sequence[int], pattern: str,
+                cache: Optional[List[torch.Tensor]] = None, backend: Optional[str] = None) -> torch.Tensor:
+        g1, g2, s1, s2, b1, b2 = self.ada_lin(cond).view(-1, 1, 6, self.dim).unbind(2)
+        x = x + self.drop_path(self.attn(self.ln(x) * (s1 + 1) + b1, lengths, pattern, cache, backend) * g1)
+        x = x + self.drop_path(self.ffn(self.ln(x) * (s2 + 1) + b2) * g2)
+        return x
+
+
+class AdaLNHead(nn.Module):
+    """``LN(x) * (1 + scale) + shift`` with (scale, shift) from ``Linear(SiLU(cond))``."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.dim = dim
+        self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+        self.ln = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.dim).unbind(2)
+        return self.ln(x) * (scale + 1) + shift

@@ -1,0 +1,175 @@
+"""``HMARPipeline``: the user-facing object that owns a transformer and its tokenizer.
+
+>>> pipe = HMARPipeline.from_pretrained("path/to/model_dir")          # or the shipped default
+>>> images = pipe(class_labels=[0, 1], num_images_per_label=2, guidance_scale=1.5,
+...               generator=torch.Generator().manual_seed(0))          # list of PIL images
+>>> pipe.save_pretrained("out_dir")
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import checkpoint as ckpt
+from .errors import HMARError
+from .model import build_model
+from .presets import model_config, tokenizer_config
+from .sampling import SampleOutput, make_generator, sample
+from .tokenizer import VQVAE
+
+DEFAULT_SAMPLING: Dict[str, Any] = {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "temperature": 1.0,
+                                    "schedule": None, "guide_masked": False}
+ASSETS = Path(__file__).parent / "assets"
+
+
+def default_model_dir() -> Optional[Path]:
+    """The model shipped inside the package (``hmar/assets/default``), or ``HMAR_DEFAULT_MODEL``; None if absent."""
+    env = os.environ.get("HMAR_DEFAULT_MODEL")
+    if env:
+        return Path(env)
+    d = ASSETS / "default"
+    return d if (d / "config.json").exists() else None
+
+
+def to_pil(images: torch.Tensor) -> List["PIL.Image.Image"]:  # noqa: F821
+    """``[B, 3, H, W]`` in [0, 1] -> list of RGB PIL images."""
+    from PIL import Image
+    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+class HMARPipeline:
+    """A transformer (HMAR, stage-1 or VAR) + its tokenizer + class names + sampling defaults."""
+
+    def __init__(self, model: nn.Module, tokenizer: VQVAE, class_names: Optional[Sequence[str]] = None,
+                 sampling: Optional[Dict[str, Any]] = None, is_random: bool = False):
+        self.model, self.tokenizer = model.eval(), tokenizer.eval()
+        tokenizer.set_patch_nums(model.config.patch_nums)
+        self.class_names = list(class_names) if class_names else (model.config.class_names or None)
+        self.sampling = {**DEFAULT_SAMPLING, **{k: v for k, v in (sampling or {}).items() if k in DEFAULT_SAMPLING}}
+        self.is_random = is_random
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, path: Union[str, os.PathLike, None] = None, *, vqvae: Optional[str] = None,
+                        device: Union[str, torch.device] = "cpu", mask_checkpoint: Optional[str] = None
+                        ) -> "HMARPipeline":
+        """Load our model directory, or an official ``hmar-d*.pth`` / ``var_d*.pth`` plus ``vqvae``.
+        ``path=None`` loads the default model shipped with the package."""
+        if path is None:
+            path = default_model_dir()
+            if path is None:
+                raise HMARError("no default model is shipped in this installation: pass a model directory or file")
+        model, tok, config = ckpt.load_any(path, vqvae, device, mask_checkpoint)
+        names = config.get("model", {}).get("class_names")
+        return cls(model, tok, names, config.get("sampling"))
+
+    @classmethod
+    def from_preset(cls, model: str = "hmar-tiny", tokenizer: str = "vqvae-tiny", seed: int = 0,
+                    device: Union[str, torch.device] = "cpu") -> "HMARPipeline":
+        """A randomly initialised pipeline from preset names (for tests and demos; images are noise)."""
+        torch.manual_seed(seed)
+        m = build_model(model_config(model)).to(device)
+        t = VQVAE(tokenizer_config(tokenizer, patch_nums=m.config.patch_nums)).to(device)
+        return cls(m, t, is_random=True)
+
+    def save_pretrained(self, directory: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None) -> Path:
+        """Write the pipeline as ``config.json`` + safetensors files."""
+        return ckpt.save_pretrained(directory, self.model, self.tokenizer, class_names=self.class_names,
+                                    sampling=self.sampling, dtype=dtype)
+
+    def to(self, device: Union[str, torch.device]) -> "HMARPipeline":
+        self.model.to(device)
+        self.tokenizer.to(device)
+        return self
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.config.num_classes
+
+    @property
+    def resolution(self) -> int:
+        return self.tokenizer.config.patch_nums[-1] * self.tokenizer.config.downsample
+
+    def class_index(self, label: Union[int, str]) -> int:
+        """A class id from an int or a class name (case-insensitive)."""
+        if isinstance(label, str) and not label.lstrip("-").isdigit():
+            names = [n.lower() for n in (self.class_names or [])]
+            if label.lower() not in names:
+                raise HMARError(f"unknown class name {label!r}; known: {', '.join(self.class_names or []) or 'none (use ids)'}")
+            return names.index(label.lower())
+        return int(label)
+
+    def _opts(self, **kw: Any) -> Dict[str, Any]:
+        return {**self.sampling, **{k: v for k, v in kw.items() if v is not None}}
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, labels: Sequence[Union[int, str]], generator: Union[int, torch.Generator, None] = 0,
+                 **options: Any) -> SampleOutput:
+        """Sample tokens and images (tensor output) for ``labels``; ``options`` override the sampling defaults
+        (``cfg``, ``top_k``, ``top_p``, ``temperature``, ``schedule``, ``guide_masked``, ``progress``)."""
+        progress = options.pop("progress", False)
+        ids = [self.class_index(l) for l in labels]
+        return sample(self.model, self.tokenizer, ids, generator=generator, progress=progress, **self._opts(**options))
+
+    def __call__(self, class_labels: Sequence[Union[int, str]], num_images_per_label: int = 1,
+                 guidance_scale: Optional[float] = None, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 temperature: Optional[float] = None, schedule: Any = None, guide_masked: Optional[bool] = None,
+                 generator: Union[int, torch.Generator, None] = 0, output_type: str = "pil", batch_size: int = 64):
+        """Generate ``num_images_per_label`` images per label; returns PIL images (``output_type='pil'``),
+        a ``[N, 3, R, R]`` tensor in [0, 1] (``'pt'``) or a uint8 ``[N, R, R, 3]`` array (``'np'``)."""
+        labels = [l for l in class_labels for _ in range(num_images_per_label)]
+        gen = make_generator(generator, self.device)  # one stream across batches
+        outs = []
+        for i in range(0, len(labels), batch_size):
+            o = self.generate(labels[i:i + batch_size], generator=gen, cfg=guidance_scale, top_k=top_k, top_p=top_p,
+                              temperature=temperature, schedule=schedule, guide_masked=guide_masked)
+            outs.append(o.images)
+        images = torch.cat(outs)
+        if output_type == "pt":
+            return images
+        if output_type == "np":
+            return (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return to_pil(images)
+
+    # ------------------------------------------------------------------ zero-shot editing (hmar.editing)
+    def inpaint(self, image: Any, mask: Any, class_label: Union[int, str, None] = None, **kwargs: Any):
+        """Regenerate the white part of ``mask`` (the image's size); ``class_label=None``: unconditional.
+        Options and rules: :func:`hmar.editing.edit`. Returns PIL images (or an ``EditOutput``)."""
+        from .editing import inpaint
+        return inpaint(self, image, mask, class_label, **kwargs)
+
+    def outpaint(self, image: Any, pad: Optional[Sequence[int]] = None, target_size: Optional[Sequence[int]] = None,
+                 class_label: Union[int, str, None] = None, **kwargs: Any):
+        """Extend ``image`` by ``pad=(left, top, right, bottom)`` pixels or to ``target_size=(W, H)`` and
+        generate the border (:func:`hmar.editing.outpaint`)."""
+        from .editing import outpaint
+        return outpaint(self, image, pad, target_size, class_label, **kwargs)
+
+    def class_edit(self, image: Any, region_mask: Any, new_class: Union[int, str], **kwargs: Any):
+        """Regenerate the ``region_mask`` part of ``image`` as class ``new_class`` (:func:`hmar.editing.class_edit`)."""
+        from .editing import class_edit
+        return class_edit(self, image, region_mask, new_class, **kwargs)
+
+
+def make_grid(images: Sequence["PIL.Image.Image"], ncols: int, pad: int = 2) -> "PIL.Image.Image":  # noqa: F821
+    """Tile PIL images into a grid with ``ncols`` columns (white padding)."""
+    from PIL import Image
+    if not images:
+        raise HMARError("no images to put in a grid")
+    w, h = images[0].size
+    nrows = (len(images) + ncols - 1) // ncols
+    grid = Image.new("RGB", (ncols * (w + pad) + pad, nrows * (h + pad) + pad), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, (pad + (i % ncols) * (w + pad), pad + (i // ncols) * (h + pad)))
+    return grid

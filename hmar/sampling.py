@@ -1,0 +1,210 @@
+"""Sampling: the HMAR sampler (next-scale draft + masked refinement, no KV cache) and the VAR
+sampler (KV cache), sharing guidance, top-k / top-p / temperature and seeding.
+
+Per scale ``si`` (side ``pn``, ``n = pn^2`` tokens):
+
+1. **Draft.** One next-scale pass on ``area(f_hat, pn)``; classifier-free guidance with VAR's
+   linear ramp ``t = cfg * si / (S - 1)``, logits ``(1 + t) * cond - t * uncond``; sample every token.
+2. **Refine** (HMAR, when the schedule entry ``[k0, k1, ..., km]`` has ``m >= 1`` passes): keep the
+   ``k0`` most confident draft tokens (probability of the sampled token), mask the rest; each masked
+   pass resamples the masked positions only and commits the ``k_j`` most confident of them; a
+   committed token is never re-masked. Guidance inside masked passes is off by default (as in the
+   official code) and on with ``guide_masked=True``.
+3. ``f_hat += phi(up(e[tokens]))``; the next scale's input is ``area(f_hat, pn_next)``.
+
+``constraints`` (used by :mod:`hmar.editing`) fixes known tokens per scale: they are written over
+the draft, never masked, and act as context for the masked passes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .errors import HMARError
+from .presets import resolve_schedule
+
+Constraint = Tuple[torch.Tensor, torch.Tensor]  # (known indices [B, n], keep mask [B, n] bool)
+
+
+@dataclass
+class StepInfo:
+    """What one transformer pass did (passed to ``callback``; for tests, progress and UIs)."""
+    scale: int
+    step: int                   # 0: next-scale draft, j >= 1: j-th masked pass
+    kind: str                   # "next_scale" or "masked"
+    before: torch.Tensor        # tokens before the pass ([B, n]; the draft itself for step 0)
+    after: torch.Tensor         # tokens after the pass
+    masked: Optional[torch.Tensor] = None  # positions the pass was allowed to overwrite
+
+
+@dataclass
+class SampleOutput:
+    indices: List[torch.Tensor]          # per scale [B, pn^2]
+    f_hat: torch.Tensor                  # accumulated latent [B, Cz, H, W]
+    images: Optional[torch.Tensor] = None  # [B, 3, R, R] in [0, 1] when decoded
+    passes: int = 0                      # transformer passes per image
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> torch.Tensor:
+    """Set to -inf the logits outside the ``top_k`` largest and outside the smallest set whose
+    probability mass reaches ``top_p`` (the most likely token always survives). 0 disables either."""
+    V = logits.shape[-1]
+    if 0 < top_k < V:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0.0 < top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= (1 - top_p)
+        drop[..., -1] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def sample_from_logits(logits: torch.Tensor, generator: torch.Generator, top_k: int = 0, top_p: float = 0.0,
+                       temperature: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per position of ``logits`` ``[B, n, V]``; returns (tokens, their probabilities)."""
+    if temperature <= 0:
+        raise HMARError(f"temperature must be > 0, got {temperature}")
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    gdev = generator.device
+    tok = torch.multinomial(flat.to(gdev), 1, generator=generator).to(flat.device)
+    conf = flat.gather(1, tok)
+    return tok.view(probs.shape[:-1]), conf.view(probs.shape[:-1])
+
+
+def _least_confident(conf: torch.Tensor, candidates: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Per row, the ``count[b]`` least confident positions among ``candidates`` (bool ``[B, n]``)."""
+    score = conf.masked_fill(~candidates, float("inf"))
+    order = score.argsort(dim=1, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return (rank < count[:, None]) & candidates
+
+
+def make_generator(seed_or_gen: Union[int, torch.Generator, None], device: torch.device) -> torch.Generator:
+    """A ``torch.Generator`` on ``device`` from a seed (or the given generator; a fresh random one for None)."""
+    if isinstance(seed_or_gen, torch.Generator):
+        return seed_or_gen
+    g = torch.Generator(device=device)
+    if seed_or_gen is None:
+        g.seed()
+    else:
+        g.manual_seed(int(seed_or_gen))
+    return g
+
+
+def check_labels(labels: Union[Sequence[int], torch.Tensor], num_classes: int, device: torch.device) -> torch.Tensor:
+    """Labels as a LongTensor (``-1``, unconditional, becomes the null class ``num_classes``).
+    Raises :class:`HMARError` for ids outside ``-1 .. num_classes - 1``."""
+    t = torch.as_tensor(labels, dtype=torch.long).flatten()
+    bad = [int(x) for x in t if not (-1 <= int(x) < num_classes)]
+    if bad:
+        raise HMARError(f"class id {bad[0]} is out of range: this model has {num_classes} classes "
+                        f"(0..{num_classes - 1}; -1 for unconditional)")
+    return torch.where(t < 0, num_classes, t).to(device)
+
+
+@torch.no_grad()
+def sample(model: nn.Module, tokenizer: nn.Module, labels: Union[Sequence[int], torch.Tensor], *,
+           cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96, temperature: float = 1.0,
+           schedule=None, guide_masked: bool = False, generator: Union[int, torch.Generator, None] = 0,
+           decode: bool = True, constraints: Optional[Sequence[Optional[Constraint]]] = None,
+           callback: Optional[Callable[[StepInfo], None]] = None, progress: bool = False) -> SampleOutput:
+    """Generate images of ``labels`` with an HMAR, stage-1 or VAR ``model`` and its ``tokenizer``.
+
+    ``schedule``: masked-step schedule (see :func:`hmar.presets.resolve_schedule`); ignored for models
+    without a masked branch. Returns a :class:`SampleOutput` (images in [0, 1] if ``decode``).
+    """
+    cfgm = model.config
+    quant = tokenizer.quantize if hasattr(tokenizer, "quantize") else tokenizer
+    if tuple(quant.patch_nums) != tuple(cfgm.patch_nums):
+        quant.set_patch_nums(cfgm.patch_nums)
+    if quant.vocab_size != cfgm.vocab_size or quant.z_channels != cfgm.z_channels:
+        raise HMARError(f"tokenizer (vocab {quant.vocab_size}, {quant.z_channels} latent channels) does not match "
+                        f"the model (vocab {cfgm.vocab_size}, {cfgm.z_channels} channels): pass the tokenizer it was trained with")
+    has_mask = hasattr(model, "masked_logits")
+    sched = resolve_schedule(schedule, cfgm.patch_nums) if has_mask else None
+    device = model.device
+    y = check_labels(labels, cfgm.num_classes, device)
+    B, S = y.shape[0], len(cfgm.patch_nums)
+    gen = make_generator(generator, device)
+    if constraints is not None and len(constraints) != S:
+        raise HMARError(f"constraints need one entry per scale ({S}), got {len(constraints)}")
+
+    use_cfg = cfg != 0
+    null = torch.full_like(y, cfgm.num_classes)
+    cond_all = model.class_emb(torch.cat((y, null)))
+    cond = cond_all[:B]
+    caches = model.new_caches()
+    size = cfgm.patch_nums[-1]
+    f_hat = torch.zeros(B, cfgm.z_channels, size, size, device=device)
+    x_small: Optional[torch.Tensor] = None
+    out_idx: List[torch.Tensor] = []
+    passes = 0
+    it = range(S)
+    if progress:
+        from tqdm.auto import tqdm
+        it = tqdm(it, desc="scales", leave=False)
+
+    for si in it:
+        pn = cfgm.patch_nums[si]
+        n = pn * pn
+        t = cfg * si / max(S - 1, 1)
+        # ---------------- next-scale draft (cond and uncond rows in one batch)
+        x = model.embed_first(cond_all) if si == 0 else model.embed_scale(si, x_small).repeat(2, 1, 1)
+        guided = use_cfg and (t != 0 or caches is not None)
+        if not guided:
+            x, c = x[:B], cond
+        else:
+            c = cond_all
+        logits = model.next_scale_logits(x, c, caches)
+        passes += 1
+        if guided:
+            logits = (1 + t) * logits[:B] - t * logits[B:]
+        tok, conf = sample_from_logits(logits, gen, top_k, top_p, temperature)
+        draft = tok
+        keep = None
+        if constraints is not None and constraints[si] is not None:
+            known, keep = constraints[si]
+            keep = keep.to(device)
+            tok = torch.where(keep, known.to(device), tok)
+            conf = conf.masked_fill(keep, float("inf"))
+        if callback:
+            callback(StepInfo(si, 0, "next_scale", draft, tok, None if keep is None else ~keep))
+
+        # ---------------- masked refinement
+        steps = sched[si] if sched is not None else [n]
+        if has_mask and len(steps) > 1 and si > 0:
+            free = torch.ones(B, n, dtype=torch.bool, device=device) if keep is None else ~keep
+            u = free.sum(1)                                     # tokens to generate per image
+            remaining = [sum(steps[j + 1:]) for j in range(len(steps))]
+            count = lambda j: torch.where(u == n, torch.full_like(u, remaining[j]),  # noqa: E731
+                                          (u.float() * remaining[j] / n).round().long())
+            M = _least_confident(conf, free, count(0))
+            for j in range(1, len(steps)):
+                x_cur = quant.current_scale_input(si, tok)
+                xm = model.embed_masked(si, x_small, x_cur, M)
+                if guide_masked and use_cfg and t != 0:
+                    lm = model.masked_logits(xm.repeat(2, 1, 1), cond_all)
+                    lm = (1 + t) * lm[:B] - t * lm[B:]
+                else:
+                    lm = model.masked_logits(xm, cond)
+                passes += 1
+                new, newconf = sample_from_logits(lm, gen, top_k, top_p, temperature)
+                before = tok
+                tok = torch.where(M, new, tok)
+                if callback:
+                    callback(StepInfo(si, j, "masked", before, tok, M))
+                if j < len(steps) - 1:
+                    M = _least_confident(newconf, M, count(j))
+        out_idx.append(tok)
+        f_hat, x_small = quant.add_scale(si, f_hat, quant.lookup(tok, pn))
+
+    images = None
+    if decode:
+        images = (tokenizer.fhat_to_img(f_hat) + 1) / 2
+    return SampleOutput(out_idx, f_hat, images, passes)

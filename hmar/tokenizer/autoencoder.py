@@ -1,0 +1,159 @@
+"""Convolutional encoder and decoder of VAR's VQ-VAE (LDM/taming layout, fused qkv attention).
+
+Module names follow the official checkpoint so that its state dict loads strictly.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _norm(ch: int, groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, ch, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """GN -> SiLU -> conv3x3 -> GN -> SiLU -> (dropout) -> conv3x3, plus a (1x1 conv) shortcut."""
+
+    def __init__(self, cin: int, cout: int, dropout: float = 0.0, groups: int = 32):
+        super().__init__()
+        self.norm1 = _norm(cin, groups)
+        self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1)
+        self.norm2 = _norm(cout, groups)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1)
+        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions with one fused 1x1 qkv conv."""
+
+    def __init__(self, ch: int, groups: int = 32):
+        super().__init__()
+        self.norm = _norm(ch, groups)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).unbind(1)
+        # [B, 1, HW, C] each: one head of width C, softmax scale C^-0.5
+        h = F.scaled_dot_product_attention(q.transpose(1, 2)[:, None], k.transpose(1, 2)[:, None],
+                                           v.transpose(1, 2)[:, None])
+        return x + self.proj_out(h[:, 0].transpose(1, 2).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    """Zero-pad right/bottom by one, then a stride-2 3x3 conv without padding."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, 2, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2, then a 3x3 conv."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class _Level(nn.Module):
+    """One resolution level: a list of resblocks, optional attention after each, optional resampling."""
+
+
+class Encoder(nn.Module):
+    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int,
+                 dropout: float = 0.0, using_sa: bool = True, using_mid_sa: bool = True, groups: int = 32):
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, ch, 3, 1, 1)
+        in_mult = (1,) + tuple(ch_mult)
+        self.down = nn.ModuleList()
+        last = len(ch_mult) - 1
+        cin = ch
+        for i, m in enumerate(ch_mult):
+            level = _Level()
+            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+            cin, cout = ch * in_mult[i], ch * m
+            for _ in range(num_res_blocks):
+                level.block.append(ResnetBlock(cin, cout, dropout, groups))
+                cin = cout
+                if i == last and using_sa:
+                    level.attn.append(AttnBlock(cin, groups))
+            if i != last:
+                level.downsample = Downsample(cin)
+            self.down.append(level)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(cin, cin, dropout, groups)
+        self.mid.attn_1 = AttnBlock(cin, groups) if using_mid_sa else nn.Identity()
+        self.mid.block_2 = ResnetBlock(cin, cin, dropout, groups)
+        self.norm_out = _norm(cin, groups)
+        self.conv_out = nn.Conv2d(cin, z_channels, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            for i, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[i](h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int,
+                 dropout: float = 0.0, using_sa: bool = True, using_mid_sa: bool = True, groups: int = 32):
+        super().__init__()
+        last = len(ch_mult) - 1
+        cin = ch * ch_mult[-1]
+        self.conv_in = nn.Conv2d(z_channels, cin, 3, 1, 1)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(cin, cin, dropout, groups)
+        self.mid.attn_1 = AttnBlock(cin, groups) if using_mid_sa else nn.Identity()
+        self.mid.block_2 = ResnetBlock(cin, cin, dropout, groups)
+        levels = []
+        for i in reversed(range(len(ch_mult))):
+            level = _Level()
+            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+            cout = ch * ch_mult[i]
+            for _ in range(num_res_blocks + 1):
+                level.block.append(ResnetBlock(cin, cout, dropout, groups))
+                cin = cout
+                if i == last and using_sa:
+                    level.attn.append(AttnBlock(cin, groups))
+            if i != 0:
+                level.upsample = Upsample(cin)
+            levels.insert(0, level)
+        self.up = nn.ModuleList(levels)  # up[i] is level i (up[0] = full resolution)
+        self.norm_out = _norm(cin, groups)
+        self.conv_out = nn.Conv2d(cin, 3, 3, 1, 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(z)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        for level in reversed(self.up):
+            for i, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn):
+                    h = level.attn[i](h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))

@@ -1,0 +1,151 @@
+"""Sampler behaviour: seeding, masked steps, schedules, guidance, filtering, backends."""
+import math
+
+import pytest
+import torch
+
+from hmar.attention import attention, block_mask
+from hmar.errors import HMARError
+from hmar.presets import default_schedule, resolve_schedule, schedule_coarse, schedule_none
+from hmar.sampling import filter_logits, sample
+
+
+def test_seeded_runs_are_identical_and_seeds_differ(tiny):
+    hmar, var, nsp, tok = tiny
+    for m in (hmar, var, nsp):
+        a = sample(m, tok, [1, 2, 3], generator=7, top_k=0, top_p=0)
+        b = sample(m, tok, [1, 2, 3], generator=torch.Generator().manual_seed(7), top_k=0, top_p=0)
+        c = sample(m, tok, [1, 2, 3], generator=8, top_k=0, top_p=0)
+        assert all(torch.equal(x, y) for x, y in zip(a.indices, b.indices))
+        assert torch.equal(a.images, b.images)
+        assert any(not torch.equal(x, y) for x, y in zip(a.indices, c.indices))
+        assert a.images.shape == (3, 3, 64, 64) and 0 <= a.images.min() and a.images.max() <= 1
+
+
+def test_masked_steps_only_overwrite_masked_positions_and_follow_the_schedule(tiny):
+    hmar, _, _, tok = tiny
+    sched = [[1], [1, 1, 2], [2, 3, 4], [4, 12]]
+    log = []
+    out = sample(hmar, tok, [0, 4], schedule=sched, generator=0, top_k=0, top_p=0, callback=log.append)
+    per_scale = {}
+    for s in log:
+        per_scale[s.scale] = per_scale.get(s.scale, 0) + 1
+        if s.kind == "masked":
+            unchanged = ~s.masked
+            assert torch.equal(s.after[unchanged], s.before[unchanged])
+            # the masked set has exactly the scheduled size: what the later entries still have to commit
+            assert s.masked.sum(1).tolist() == [sum(sched[s.scale][s.step:])] * 2
+    assert per_scale == {0: 1, 1: 3, 2: 3, 3: 2}          # a scale with n entries runs exactly n passes
+    assert out.passes == sum(len(x) for x in sched)
+    # default schedule of the tiny 4-scale model: the official shape (1 pass at 2x2, 3 at 3x3)
+    assert sample(hmar, tok, [0], generator=0).passes == 1 + 2 + 4 + 1
+    # models without a masked branch ignore the schedule: one pass per scale
+    assert sample(tiny[1], tok, [0], schedule=sched, generator=0).passes == 4
+
+
+def test_masked_set_shrinks_and_commits_most_confident(tiny):
+    hmar, _, _, tok = tiny
+    log = []
+    sample(hmar, tok, [5], schedule=[[1], [1, 1, 1, 1], [9], [16]], generator=3, callback=log.append)
+    masks = [s.masked for s in log if s.kind == "masked" and s.scale == 1]
+    assert [int(m.sum()) for m in masks] == [3, 2, 1]
+    for a, b in zip(masks, masks[1:]):
+        assert not (b & ~a).any()                         # never re-masks a committed token
+
+
+def test_default_schedules():
+    from hmar.presets import PATCH_NUMS
+    d = default_schedule(PATCH_NUMS[256])
+    assert d == [[1], [1, 3], [1, 1, 2, 5], [16], [25], [36], [64], [100], [169], [256]]
+    assert sum(len(s) for s in d) == 14
+    assert sum(len(s) for s in default_schedule(PATCH_NUMS[512])) == 15
+    for pn in PATCH_NUMS.values():
+        for s in (default_schedule(pn), schedule_none(pn), schedule_coarse(pn)):
+            resolve_schedule(s, pn)
+    assert resolve_schedule("none", (1, 2)) == [[1], [4]]
+    with pytest.raises(HMARError, match="sums to 3"):
+        resolve_schedule([[1], [1, 2]], (1, 2))
+    with pytest.raises(HMARError, match="2 entries"):
+        resolve_schedule([[1], [4]], (1, 2, 3))
+    with pytest.raises(HMARError, match="unknown schedule"):
+        resolve_schedule("fancy", (1, 2))
+
+
+def test_guidance_in_masked_steps_is_a_switch(tiny):
+    hmar, _, _, tok = tiny
+    kw = dict(generator=0, top_k=0, top_p=0, cfg=3.0, schedule=[[1], [1, 3], [1, 1, 2, 5], [1, 15]])
+    a = sample(hmar, tok, [2, 3], guide_masked=False, **kw)
+    b = sample(hmar, tok, [2, 3], guide_masked=True, **kw)
+    assert torch.equal(a.indices[0], b.indices[0])          # scale 0 has no masked pass
+    assert any(not torch.equal(x, y) for x, y in zip(a.indices[1:], b.indices[1:]))
+    # cfg = 0 equals purely conditional sampling whatever the switch says
+    c = sample(hmar, tok, [2, 3], **{**kw, "cfg": 0.0, "guide_masked": True})
+    d = sample(hmar, tok, [2, 3], **{**kw, "cfg": 0.0})
+    assert all(torch.equal(x, y) for x, y in zip(c.indices, d.indices))
+
+
+def test_constraints_keep_known_tokens(tiny):
+    for m in tiny[:2]:
+        tok = tiny[3]
+        known = [torch.randint(0, 64, (1, pn * pn)) for pn in (1, 2, 3, 4)]
+        keep = [torch.rand(1, pn * pn) < 0.5 for pn in (1, 2, 3, 4)]
+        out = sample(m, tok, [1], generator=0, constraints=list(zip(known, keep)))
+        for o, k, kp in zip(out.indices, known, keep):
+            assert torch.equal(o[kp], k[kp])
+
+
+def test_filter_logits():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])
+    f = filter_logits(logits, top_k=2)
+    assert torch.isinf(f[0, :3]).all() and torch.isfinite(f[0, 3:]).all()
+    # softmax of 0..4 = [.012, .032, .086, .234, .636]: top_p 0.8 keeps {4, 3}, 0.5 keeps {4}
+    assert torch.isfinite(filter_logits(logits, top_p=0.8)).tolist() == [[False, False, False, True, True]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.5)).tolist() == [[False, False, False, False, True]]
+    assert torch.equal(filter_logits(logits), logits)
+
+
+@pytest.mark.parametrize("pattern", ["block_diagonal", "block_causal"])
+@pytest.mark.parametrize("lengths", [(1, 4, 9, 16), (1, 4, 9, 16, 25, 36, 64, 100, 169, 256), (7,)])
+def test_attention_backends_agree(pattern, lengths):
+    g = torch.Generator().manual_seed(0)
+    B, H, N, D = 2, 3, sum(lengths), 16
+    qkv = [torch.randn(B, H, N, D, generator=g, requires_grad=True) for _ in range(3)]
+    outs, grads = {}, {}
+    for name in ("reference", "per_scale"):
+        o = attention(*qkv, lengths=lengths, pattern=pattern, scale=0.3, backend=name)
+        (o * torch.arange(o.numel()).view_as(o).float().sin()).sum().backward()
+        outs[name], grads[name] = o.detach(), [t.grad.clone() for t in qkv]
+        for t in qkv:
+            t.grad = None
+    torch.testing.assert_close(outs["reference"], outs["per_scale"], atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads["reference"], grads["per_scale"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # and both equal explicit masked softmax attention
+    q, k, v = (t.detach() for t in qkv)
+    s = (q @ k.transpose(-1, -2)) * 0.3
+    s = s.masked_fill(~block_mask(lengths, pattern), -math.inf)
+    torch.testing.assert_close(outs["reference"], s.softmax(-1) @ v, atol=1e-5, rtol=1e-5)
+
+
+def test_model_forward_identical_across_backends(tiny, monkeypatch):
+    hmar, var, _, tok = tiny
+    x = tok.next_scale_inputs([torch.randint(0, 64, (2, pn * pn)) for pn in tok.patch_nums])
+    y = torch.tensor([1, 2])
+    with torch.no_grad():
+        for m in (hmar, var):
+            ref = m(y, x, backend="reference")
+            torch.testing.assert_close(m(y, x, backend="per_scale"), ref, atol=1e-5, rtol=1e-5)
+    # and sampling under a forced backend gives the same tokens
+    monkeypatch.setenv("HMAR_ATTN_BACKEND", "per_scale")
+    a = sample(hmar, tok, [1], generator=0)
+    monkeypatch.setenv("HMAR_ATTN_BACKEND", "reference")
+    b = sample(hmar, tok, [1], generator=0)
+    assert all(torch.equal(p, q) for p, q in zip(a.indices, b.indices))
+
+
+def test_unknown_backend_is_a_clear_error():
+    q = torch.zeros(1, 1, 5, 4)
+    with pytest.raises(ValueError, match="not available"):
+        attention(q, q, q, lengths=(1, 4), backend="nope")
+    with pytest.raises(ValueError, match="sum to 4"):
+        attention(q, q, q, lengths=(1, 3))

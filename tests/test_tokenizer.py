@@ -1,0 +1,85 @@
+"""Multi-scale residual quantiser: the algebra of f_hat, decoding, residuals, phi tables."""
+import torch
+import torch.nn.functional as F
+
+from hmar import VQVAE, tokenizer_config
+from hmar.tokenizer.quantizer import phi_index_table
+
+
+def test_phi_tables_match_official():
+    assert phi_index_table(10, 4) == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
+    assert phi_index_table(14, 4) == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3]
+    assert phi_index_table(4, 4) == [0, 1, 2, 3]
+    assert phi_index_table(5, 1) == [0] * 5
+
+
+@torch.no_grad()
+def test_fhat_is_sum_of_contributions_and_decoding_agrees(tiny):
+    *_, tok = tiny
+    img = torch.rand(2, 3, 64, 64) * 2 - 1
+    idx = tok.img_to_indices(img)
+    assert [t.shape for t in idx] == [(2, pn * pn) for pn in (1, 2, 3, 4)]
+    contrib = tok.quantize.contributions(idx)
+    f_hat = tok.indices_to_fhat(idx)
+    torch.testing.assert_close(f_hat, sum(contrib), atol=1e-6, rtol=0)
+    torch.testing.assert_close(tok.indices_to_img(idx), tok.fhat_to_img(f_hat), atol=0, rtol=0)
+    # prefix of scales = partial sums
+    torch.testing.assert_close(tok.indices_to_fhat(idx[:2]), contrib[0] + contrib[1], atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_residual_after_last_scale_is_what_quantisation_missed(tiny):
+    *_, tok = tiny
+    img = torch.rand(2, 3, 64, 64) * 2 - 1
+    f = tok.encode_features(img)
+    idx = tok.quantize.encode(f)
+    f_hat = tok.indices_to_fhat(idx)
+    residual = f - f_hat
+    # re-run the residual loop by hand: what is left after the last scale is f - f_hat,
+    # and the last scale's codes are the nearest codes of what was left before it
+    rest = f.clone()
+    for si, pn in enumerate(tok.patch_nums[:-1]):
+        rest -= tok.quantize.contributions(idx)[si]
+    last = tok.quantize.nearest(rest)
+    assert torch.equal(last, idx[-1])
+    torch.testing.assert_close(rest - tok.quantize.contributions(idx)[-1], residual, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_teacher_forcing_inputs(tiny):
+    *_, tok = tiny
+    idx = [torch.randint(0, 64, (2, pn * pn)) for pn in tok.patch_nums]
+    x = tok.next_scale_inputs(idx)
+    assert x.shape == (2, 29, 8)
+    # the input of scale 3 (4x4 = last) is f_hat of scales 0..2 at full size, flattened row-major
+    f3 = tok.indices_to_fhat(idx[:3])
+    torch.testing.assert_close(x[:, -16:], f3.flatten(2).transpose(1, 2), atol=1e-6, rtol=0)
+    # scale 1's input is area(f_hat of scale 0, 2x2)
+    f1 = F.interpolate(tok.indices_to_fhat(idx[:1]), size=(2, 2), mode="area")
+    torch.testing.assert_close(x[:, :4], f1.flatten(2).transpose(1, 2), atol=1e-6, rtol=0)
+    # the masked-branch input is each scale's own (non-accumulated) contribution
+    xm = tok.masked_inputs(idx)
+    c2 = F.interpolate(tok.quantize.contributions(idx)[2], size=(3, 3), mode="area")
+    torch.testing.assert_close(xm[:, 4:13], c2.flatten(2).transpose(1, 2), atol=1e-6, rtol=0)
+
+
+def test_training_forward_straight_through(tiny):
+    *_, tok = tiny
+    tok.train()
+    img = torch.rand(2, 3, 64, 64) * 2 - 1
+    rec, vq_loss, hits, idx = tok(img)
+    assert rec.shape == img.shape and hits.shape == (4, 64) and hits.sum(1).tolist() == [2, 8, 18, 32]
+    (F.mse_loss(rec, img) + vq_loss).backward()
+    assert tok.encoder.conv_in.weight.grad.abs().sum() > 0          # straight-through reaches the encoder
+    assert tok.quantize.embedding.weight.grad.abs().sum() > 0       # the codebook learns from the VQ loss
+    assert tok.quantize.quant_resi[0].weight.grad.abs().sum() > 0   # and so do the phi convs
+
+
+def test_other_configs_build():
+    vq = VQVAE(tokenizer_config("vqvae-small"))
+    img = torch.rand(1, 3, 64, 64) * 2 - 1  # 4 levels: downsample 8, last scale 8
+    idx = vq.img_to_indices(img)
+    assert [t.shape[1] for t in idx] == [1, 4, 9, 16, 36, 64]
+    for share in (0, 1):
+        v = VQVAE(tokenizer_config("vqvae-tiny", share_quant_resi=share))
+        assert v.indices_to_img(v.img_to_indices(torch.zeros(1, 3, 64, 64))).shape == (1, 3, 64, 64)
