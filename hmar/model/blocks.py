@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -25,6 +25,32 @@ class DropPath(nn.Module):
         return x * keep / (1 - self.p)
 
 
+class KVCache:
+    """Keys and values of the scales seen so far (VAR inference), preallocated to ``max_len`` tokens so
+    that every scale's pass has static shapes (which CUDA graphs need). ``len``: tokens cached."""
+
+    def __init__(self, max_len: int):
+        self.max_len, self.len = max_len, 0
+        self.k: Optional[torch.Tensor] = None
+        self.v: Optional[torch.Tensor] = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k, v`` ([B, H, n, D]) after the cached tokens; return all cached keys and values."""
+        if self.k is None or self.k.shape[0] != k.shape[0] or self.k.dtype != k.dtype or self.k.device != k.device:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        end = self.len + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} tokens > {self.max_len}; call reset() between samples")
+        self.k[:, :, self.len:end] = k
+        self.v[:, :, self.len:end] = v
+        self.len = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reset(self) -> None:
+        self.len = 0
+
+
 class SelfAttention(nn.Module):
     """Multi-head attention with a bias-free qkv projection plus separate q/v biases (no k bias),
     L2-normalised q and k with a learnable per-head temperature ``exp(min(s, ln 100))`` (init ln 4)."""
@@ -45,17 +71,15 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, lengths: Sequence[int], pattern: str,
-                cache: Optional[List[torch.Tensor]] = None, backend: Optional[str] = None) -> torch.Tensor:
+                cache: Optional[KVCache] = None, backend: Optional[str] = None) -> torch.Tensor:
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.l2_norm:
             q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp(max=self.max_scale_mul).exp()
             k = F.normalize(k, dim=-1)
-        if cache is not None:  # VAR inference: keys/values of all earlier scales are kept
-            if cache:
-                k, v = torch.cat((cache[0], k), 2), torch.cat((cache[1], v), 2)
-            cache[:] = [k, v]
+        if cache is not None:  # VAR inference: queries of this scale see every cached scale
+            k, v = cache.append(k, v)
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         else:
             out = attention(q, k, v, lengths=lengths, pattern=pattern, scale=self.scale, backend=backend)
@@ -89,7 +113,7 @@ class AdaLNBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, lengths: Sequence[int], pattern: str,
-                cache: Optional[List[torch.Tensor]] = None, backend: Optional[str] = None) -> torch.Tensor:
+                cache: Optional[KVCache] = None, backend: Optional[str] = None) -> torch.Tensor:
         g1, g2, s1, s2, b1, b2 = self.ada_lin(cond).view(-1, 1, 6, self.dim).unbind(2)
         x = x + self.drop_path(self.attn(self.ln(x) * (s1 + 1) + b1, lengths, pattern, cache, backend) * g1)
         x = x + self.drop_path(self.ffn(self.ln(x) * (s2 + 1) + b2) * g2)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..presets import ModelConfig
-from .blocks import AdaLNBlock, AdaLNHead
+from .blocks import AdaLNBlock, AdaLNHead, KVCache
 
 
 def _levels(patch_nums: Sequence[int]) -> torch.Tensor:
@@ -101,7 +101,7 @@ class _ScaleModel(nn.Module):
 
     @staticmethod
     def _run(blocks: nn.ModuleList, x: torch.Tensor, cond: torch.Tensor, lengths: Sequence[int], pattern: str,
-             caches: Optional[List[List[torch.Tensor]]] = None, backend: Optional[str] = None) -> torch.Tensor:
+             caches: Optional[List[KVCache]] = None, backend: Optional[str] = None) -> torch.Tensor:
         for i, b in enumerate(blocks):
             x = b(x, cond, lengths, pattern, None if caches is None else caches[i], backend)
         return x
@@ -183,13 +183,13 @@ class ScaleTransformer(_ScaleModel):
         return self.logits(x, cond)
 
     def next_scale_logits(self, x: torch.Tensor, cond: torch.Tensor,
-                          caches: Optional[List[List[torch.Tensor]]] = None) -> torch.Tensor:
+                          caches: Optional[List[KVCache]] = None) -> torch.Tensor:
         """Inference pass over one scale's tokens ``[B, pn^2, C]`` (with the KV ``caches`` for VAR)."""
         x = self._run(self.blocks, x, cond, (x.shape[1],), "dense", caches)
         return self.logits(x, cond)
 
-    def new_caches(self) -> Optional[List[List[torch.Tensor]]]:
-        return [[] for _ in self.blocks] if self.kv_cache else None
+    def new_caches(self) -> Optional[List[KVCache]]:
+        return [KVCache(self.config.seq_len) for _ in self.blocks] if self.kv_cache else None
 
 
 class HMAR(_ScaleModel):

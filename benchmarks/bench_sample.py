@@ -1,0 +1,138 @@
+"""Sampling speed and memory: HMAR vs VAR, eager vs fast path, in one process, side by side.
+
+Reports, per config (batch 16, guidance 1.5, default schedules, random weights):
+  tokens  -- transformer passes + token sampling, no decode
+  decode  -- tokenizer decode of the final f_hat
+  e2e     -- both, as a user calls it
+  peak    -- torch.cuda.max_memory_allocated during one end-to-end call (weights included)
+Variants: "fp32-eager" (what the official sampler does: fp32/TF32, eager), "bf16-eager", "fast"
+(bf16 + CUDA graphs + bf16 channels_last decoder, compiled).
+
+    python benchmarks/bench_sample.py                         # the four issue configs
+    python benchmarks/bench_sample.py --configs hmar-d16 --quick
+    python benchmarks/bench_sample.py --device cpu --configs hmar-tiny --quick   # smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hmar import VQVAE, build_model, model_config, tokenizer_config  # noqa: E402
+from hmar.accel import FastDecoder, GraphedModel  # noqa: E402
+from hmar.sampling import sample  # noqa: E402
+
+
+def timed(fn, reps: int, device: torch.device) -> float:
+    """Median wall time (ms) of ``fn`` over ``reps`` runs, after one warm-up."""
+    fn()
+    ts = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ts)
+
+
+def build(name: str, device: torch.device):
+    cfg = model_config(name)
+    with torch.device(device):
+        model = build_model(cfg).eval()
+        if name.endswith("tiny"):
+            tok = VQVAE(tokenizer_config("vqvae-tiny")).eval()
+        else:
+            tok = VQVAE(tokenizer_config("vqvae-ch160", patch_nums=cfg.patch_nums)).eval()
+    return model, tok
+
+
+def bench_config(name: str, args, device: torch.device) -> dict:
+    results = {}
+    labels = [i % model_config(name).num_classes for i in range(args.batch)]
+    kw = dict(cfg=1.5, top_k=900, top_p=0.96, generator=0)
+    for variant in args.variants:
+        model, tok = build(name, device)
+        if variant == "fp32-eager":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            m, t = model, tok
+        elif variant == "bf16-eager":
+            m, t = model.to(torch.bfloat16), FastDecoder(tok, compile=False)
+        else:  # fast
+            m = model.to(torch.bfloat16)
+            m = GraphedModel(m) if device.type == "cuda" else m
+            t = FastDecoder(tok, compile=device.type == "cuda" and not args.no_compile, mode=args.compile_mode)
+        f_hat = {}
+
+        def tokens():
+            f_hat["x"] = sample(m, t, labels, decode=False, **kw).f_hat
+
+        def decode():
+            t.fhat_to_img(f_hat["x"])
+
+        def e2e():
+            sample(m, t, labels, decode=True, **kw)
+
+        r = {"tokens_ms": timed(tokens, args.reps, device), "decode_ms": timed(decode, args.reps, device)}
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        r["e2e_ms"] = timed(e2e, args.reps, device)
+        if device.type == "cuda":
+            r["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        results[variant] = r
+        print(f"  {name:14s} {variant:10s} tokens {r['tokens_ms']:8.1f} ms  decode {r['decode_ms']:7.1f} ms  "
+              f"e2e {r['e2e_ms']:8.1f} ms  peak {r.get('peak_gb', float('nan')):6.2f} GB", flush=True)
+        del model, tok, m, t
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", default="hmar-d16,var-d16,hmar-d30,var-d30,hmar-d16-512,var-d16-512,hmar-d30-512,var-d30-512")
+    ap.add_argument("--variants", default="fp32-eager,bf16-eager,fast")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="2 repetitions")
+    ap.add_argument("--no-compile", action="store_true", help="fast variant without torch.compile of the decoder")
+    ap.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args()
+    args.variants = args.variants.split(",")
+    if args.quick:
+        args.reps = 2
+    device = torch.device(args.device)
+    info = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "date": time.strftime("%Y-%m-%d"), "batch": args.batch, "cfg": 1.5, "schedule": "default"}
+    print(json.dumps(info))
+    out = {"info": info, "results": {}}
+    for name in args.configs.split(","):
+        out["results"][name] = bench_config(name, args, device)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=2))
+    # side-by-side ratios
+    print("\nratios (same process):")
+    for name, r in out["results"].items():
+        if "fp32-eager" in r and "fast" in r:
+            print(f"  {name:14s} fast vs fp32-eager: e2e {r['fp32-eager']['e2e_ms'] / r['fast']['e2e_ms']:.2f}x")
+        other = name.replace("hmar", "var") if name.startswith("hmar") else None
+        if other in out["results"] and "fast" in r:
+            print(f"  {name:14s} HMAR fast vs VAR fast: e2e {out['results'][other]['fast']['e2e_ms'] / r['fast']['e2e_ms']:.2f}x, "
+                  f"tokens {out['results'][other]['fast']['tokens_ms'] / r['fast']['tokens_ms']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
