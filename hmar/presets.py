@@ -232,6 +232,11 @@ _TOKENIZERS: Dict[str, Dict[str, Any]] = {
     # small tokenizers for CPU tests, demos and small data (64 px images -> 4x4 latent)
     "vqvae-tiny": dict(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 1, 2, 2, 4), patch_nums=TINY_PATCH_NUMS),
     "vqvae-small": dict(vocab_size=512, z_channels=16, ch=32, ch_mult=(1, 2, 2, 4), patch_nums=(1, 2, 3, 4, 6, 8)),
+    # small-image tokenizers (8x8 latent): 64 px (the shipped emoji model) and 32 px (Fashion-MNIST)
+    "vqvae-64": dict(vocab_size=1024, z_channels=16, ch=48, ch_mult=(1, 1, 2, 2), norm_groups=16,
+                     patch_nums=(1, 2, 3, 4, 5, 6, 8)),
+    "vqvae-32": dict(vocab_size=512, z_channels=16, ch=48, ch_mult=(1, 2, 2), norm_groups=16,
+                     patch_nums=(1, 2, 3, 4, 6, 8)),
 }
 
 _TINY_MODELS: Dict[str, Dict[str, Any]] = {
@@ -245,6 +250,15 @@ _TINY_MODELS: Dict[str, Dict[str, Any]] = {
                        vocab_size=512, z_channels=16, patch_nums=(1, 2, 3, 4, 6, 8)),
     "var-small": dict(kind="var", depth=6, embed_dim=256, num_heads=4, num_classes=10,
                       vocab_size=512, z_channels=16, patch_nums=(1, 2, 3, 4, 6, 8)),
+    # pair with vqvae-64 (the shipped emoji model: 9 classes) and vqvae-32 (Fashion-MNIST: 10 classes)
+    "hmar-64": dict(kind="hmar", depth=6, embed_dim=256, num_heads=4, branch_depth=2, num_classes=9,
+                    vocab_size=1024, z_channels=16, patch_nums=(1, 2, 3, 4, 5, 6, 8)),
+    "var-64": dict(kind="var", depth=6, embed_dim=256, num_heads=4, num_classes=9,
+                   vocab_size=1024, z_channels=16, patch_nums=(1, 2, 3, 4, 5, 6, 8)),
+    "hmar-32": dict(kind="hmar", depth=6, embed_dim=256, num_heads=4, branch_depth=2, num_classes=10,
+                    vocab_size=512, z_channels=16, patch_nums=(1, 2, 3, 4, 6, 8)),
+    "var-32": dict(kind="var", depth=6, embed_dim=256, num_heads=4, num_classes=10,
+                   vocab_size=512, z_channels=16, patch_nums=(1, 2, 3, 4, 6, 8)),
 }
 
 _NAMED = re.compile(r"^(hmar|var|nsp)-d(\d+)(?:-(256|512|1024))?$")

@@ -1,0 +1,764 @@
+"""Fused block-sparse attention in Triton (FlashAttention-2 style), forward and backward.
+
+One kernel launch covers every scale and every ``(batch, head)`` pair: the grid is
+``(B*H, tiles)``. A *tile* is a run of at most ``BLOCK`` consecutive positions on the "outer" axis
+(query rows in the forward and dQ passes, key rows in the dK/dV pass) together with the
+range of positions on the "inner" axis it has to visit. The tile list (the *work list*) is built
+on the host, once per ``(lengths, pattern, tile sizes, device)``, and cached:
+
+* **Which rows form a tile.** Two tilings are costed and the cheaper one is kept:
+
+  - *packed*: consecutive whole blocks smaller than ``BLOCK`` are packed into one tile (so the
+    1, 4, 9, 16 ... token scales share a tile instead of each wasting a 128-row tile), and blocks
+    of ``BLOCK`` rows or more are cut into ``BLOCK``-row tiles starting at the block boundary (so
+    no tile of a large block straddles into the next block);
+  - *contiguous*: plain ``BLOCK``-row tiles from position 0 (sometimes cheaper for
+    ``block_causal``, whose ranges grow monotonically).
+
+* **Which inner positions a tile visits.** With ``lo[i] <= j < hi[i]`` the set of positions ``j``
+  that outer position ``i`` interacts with (both patterns give one interval per position, and the
+  interval bounds never decrease with ``i``), a tile of outer positions ``[s, e)`` visits inner
+  positions ``[min lo, max hi)`` only; everything else is never loaded. Inside that range the
+  positions ``[max lo, min hi)`` are visible to *every* row of the tile. The range is cut into
+  three phases, ``[p0, p1)`` masked, ``[p1, p2)`` unmasked and ``[p2, p3)`` masked, where the
+  unmasked phase is made of whole inner tiles only: those tiles are loaded without bounds checks
+  and need no mask at all. Only the ragged ends pay for the mask.
+
+* **Order.** Tiles are sorted by estimated cost, heaviest first, and the grid's fastest axis is
+  ``B*H``: so the hardware scheduler starts the longest tiles of every head first
+  (longest-processing-time-first), which evens out the tail at the end of the launch.
+
+The backward pass is one preprocessing launch (``delta = rowsum(dO * O)``) and one main launch
+whose work list holds both *dK/dV tiles* (a tile of key rows looping over the query tiles that
+see it) and *dQ tiles* (a tile of query rows looping over the key tiles it sees). Every output
+element is written by exactly one program: no atomics, no zero-fill, no second pass.
+
+Numerics: ``exp2`` with ``log2(e)`` folded into the softmax scale; the forward stores the base-2
+log-sum-exp per row; all ``tl.dot`` operands are in the input dtype (fp16 or bf16) with fp32
+accumulation; outputs and gradients are stored in the input dtype.
+
+Tile sizes / warps / stages: on CUDA a small candidate set is timed on the first call for each
+``(lengths, pattern, head dim, dtype, B*H)`` and the fastest kept (set ``HMAR_TRITON_AUTOTUNE=0``
+to use the defaults). Triton's own ``triton.autotune`` is not used because the work list depends
+on the tile size, which ``triton.autotune`` would only choose inside the launch. Under
+``TRITON_INTERPRET=1`` (CPU) small 16x16 tiles are used so tests stay fast.
+
+Layouts: ``q, k, v`` may be strided views (e.g. of one packed qkv projection) as long as the three
+share one stride tuple with a contiguous last dim; otherwise they are copied to contiguous. The
+output, ``dO`` (made contiguous if needed) and the gradients are contiguous ``[B, H, N, D]``. The
+per-call host work is one dictionary lookup for the cached plan (configuration, work list,
+bounds), a few allocations and three launches (forward; delta and backward).
+
+Only language features present in Triton 3.6 are used (plain pointer arithmetic, ``tl.dot`` with
+an accumulator, ``tl.trans``, ``tl.exp2``, ``tl.where``, runtime ``if`` on a loaded scalar).
+"""
+from __future__ import annotations
+
+import math
+import os
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+try:  # Triton is optional: without it this module registers nothing.
+    import triton
+    import triton.language as tl
+    _HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the machine
+    triton = None
+    tl = None
+    _HAS_TRITON = False
+
+PATTERNS = ("block_diagonal", "block_causal")
+_LOG2E = 1.4426950408889634
+_TAB_W = 8  # ints per work-list row: (kind, outer_start, outer_end, p0, p1, p2, p3, unused)
+_KIND_DKDV = 0
+_KIND_DQ = 1
+
+
+# Triton decides at decoration time (i.e. when this module is imported) whether the kernels run
+# in its CPU interpreter, so the module remembers that state rather than re-reading the variable.
+_INTERPRETED = _HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _interpret() -> bool:
+    return _INTERPRETED
+
+
+# --------------------------------------------------------------------------------------------
+# Configurations
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FwdConfig:
+    block_m: int = 128   # query rows per program
+    block_n: int = 64    # key rows per inner step
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class BwdConfig:
+    block_m1: int = 32    # dK/dV pass: query rows per inner step
+    block_n1: int = 128   # dK/dV pass: key rows per program
+    block_m2: int = 128   # dQ pass: query rows per program
+    block_n2: int = 32    # dQ pass: key rows per inner step
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+_INTERP_FWD = FwdConfig(16, 16, 1, 1)
+_INTERP_BWD = BwdConfig(16, 16, 16, 16, 1, 1)
+
+# Defaults and candidates from a sweep on one H200 (Triton 3.6, bf16, D=64, N in 680/2240/9451):
+# 4 warps won everywhere; 64-row forward tiles win at N=680, 128-row ones from N=2240; the
+# backward likes 32-row query steps, 64-key tiles up to N~2240 and 128-key tiles at N=9451.
+_DEFAULT_FWD = {64: FwdConfig(128, 64, 4, 3), 128: FwdConfig(128, 64, 8, 3)}
+_DEFAULT_BWD = {64: BwdConfig(32, 128, 128, 32, 4, 3), 128: BwdConfig(32, 64, 64, 32, 4, 2)}
+
+_FWD_CANDIDATES = {
+    64: [FwdConfig(128, 64, 4, 3), FwdConfig(128, 64, 8, 3), FwdConfig(64, 64, 4, 3),
+         FwdConfig(64, 32, 4, 4)],
+    128: [FwdConfig(128, 64, 8, 3), FwdConfig(128, 64, 4, 2), FwdConfig(64, 64, 4, 3),
+          FwdConfig(64, 32, 4, 3), FwdConfig(128, 32, 4, 3)],
+}
+_BWD_CANDIDATES = {
+    64: [BwdConfig(32, 128, 128, 32, 4, 3), BwdConfig(32, 64, 64, 32, 4, 3),
+         BwdConfig(16, 64, 64, 16, 4, 3), BwdConfig(32, 64, 128, 32, 4, 3),
+         BwdConfig(32, 128, 128, 32, 4, 4), BwdConfig(64, 64, 64, 64, 4, 3)],
+    128: [BwdConfig(32, 64, 64, 32, 4, 2), BwdConfig(32, 64, 64, 32, 4, 3),
+          BwdConfig(16, 64, 64, 16, 4, 2), BwdConfig(32, 128, 128, 32, 8, 2),
+          BwdConfig(64, 64, 64, 64, 8, 2)],
+}
+
+_FORCE_FWD: Optional[FwdConfig] = None
+_FORCE_BWD: Optional[BwdConfig] = None
+
+
+@contextmanager
+def use_config(fwd: Optional[FwdConfig] = None, bwd: Optional[BwdConfig] = None):
+    """Force the tile configuration inside the ``with`` block (tests and benchmarks; not
+    thread-safe). It is read when each launch happens, so a backward run after the block ends
+    uses whatever is in force then."""
+    global _FORCE_FWD, _FORCE_BWD
+    old = (_FORCE_FWD, _FORCE_BWD)
+    _FORCE_FWD, _FORCE_BWD = fwd, bwd
+    try:
+        yield
+    finally:
+        _FORCE_FWD, _FORCE_BWD = old
+
+
+# --------------------------------------------------------------------------------------------
+# Work lists (host side, cached)
+# --------------------------------------------------------------------------------------------
+def _bounds_lists(lengths: Tuple[int, ...], pattern: str):
+    """Per position: row_lo, row_hi (keys seen by query i) and col_lo, col_hi (queries that see key j)."""
+    n = sum(lengths)
+    row_lo: List[int] = []
+    row_hi: List[int] = []
+    col_lo: List[int] = []
+    col_hi: List[int] = []
+    start = 0
+    for ln in lengths:
+        end = start + ln
+        row_lo += [start if pattern == "block_diagonal" else 0] * ln
+        row_hi += [end] * ln
+        col_lo += [start] * ln
+        col_hi += [end if pattern == "block_diagonal" else n] * ln
+        start = end
+    return row_lo, row_hi, col_lo, col_hi
+
+
+def _packed_segments(lengths: Tuple[int, ...], block: int) -> List[Tuple[int, int]]:
+    """Whole small blocks packed together; large blocks cut at their own boundary."""
+    segs: List[Tuple[int, int]] = []
+    start = 0
+    cur_s, cur_e = None, None  # the pack being filled
+    for ln in lengths:
+        end = start + ln
+        if ln == 0:
+            continue
+        if ln >= block:
+            if cur_s is not None:
+                segs.append((cur_s, cur_e))
+                cur_s = None
+            s = start
+            while s < end:
+                segs.append((s, min(s + block, end)))
+                s += block
+        elif cur_s is not None and end - cur_s <= block:
+            cur_e = end
+        else:
+            if cur_s is not None:
+                segs.append((cur_s, cur_e))
+            cur_s, cur_e = start, end
+        start = end
+    if cur_s is not None:
+        segs.append((cur_s, cur_e))
+    return segs
+
+
+def _contiguous_segments(n: int, block: int) -> List[Tuple[int, int]]:
+    return [(s, min(s + block, n)) for s in range(0, n, block)]
+
+
+def _phases(p0: int, ulo: int, uhi: int, p3: int, step: int) -> Tuple[int, int, int, int]:
+    """Cut ``[p0, p3)`` into masked ``[p0,p1)``, unmasked ``[p1,p2)`` (whole ``step`` tiles inside
+    ``[ulo, uhi)``, on the grid ``p0 + k*step``) and masked ``[p2,p3)``."""
+    p1 = p0 + -(-max(ulo - p0, 0) // step) * step
+    if uhi - p1 >= step:
+        p2 = p1 + (uhi - p1) // step * step
+    else:
+        p1 = p2 = p0
+    return p0, p1, p2, p3
+
+
+def _tiles_for(segs, lo, hi, outer_block: int, step: int, kind: int):
+    rows = []
+    for s, e in segs:
+        p0 = min(lo[s:e])
+        p3 = max(hi[s:e])
+        ulo = max(lo[s:e])
+        uhi = min(hi[s:e])
+        rows.append((kind, s, e) + _phases(p0, ulo, uhi, p3, step))
+    return rows
+
+
+def _cost(rows, outer_block: int, step: int, weight: float = 1.0) -> float:
+    c = 0.0
+    for r in rows:
+        _, _, _, p0, p1, p2, p3 = r
+        masked = -(-(p1 - p0) // step) + -(-(p3 - p2) // step)
+        unmasked = (p2 - p1) // step
+        # a tile also pays a fixed prologue/epilogue (loads of the outer tile, the store)
+        c += weight * outer_block * step * (unmasked + 1.15 * masked) + 2.0 * outer_block * 64
+    return c
+
+
+def _best_tiles(lengths, lo, hi, outer_block: int, step: int, kind: int):
+    n = sum(lengths)
+    best = None
+    for segs in (_packed_segments(lengths, outer_block), _contiguous_segments(n, outer_block)):
+        rows = _tiles_for(segs, lo, hi, outer_block, step, kind)
+        c = _cost(rows, outer_block, step)
+        if best is None or c < best[0]:
+            best = (c, rows)
+    return best[1]
+
+
+def _row_cost(r, outer_block: int, step: int, weight: float) -> float:
+    return _cost([r], outer_block, step, weight)
+
+
+def build_fwd_worklist(lengths: Tuple[int, ...], pattern: str, block_m: int, block_n: int):
+    """Forward / dQ-style work list: one row per query tile, heaviest first (host lists)."""
+    row_lo, row_hi, _, _ = _bounds_lists(lengths, pattern)
+    rows = _best_tiles(lengths, row_lo, row_hi, block_m, block_n, _KIND_DQ)
+    rows.sort(key=lambda r: -_row_cost(r, block_m, block_n, 1.0))
+    return [list(r) + [0] for r in rows]
+
+
+def build_bwd_worklist(lengths: Tuple[int, ...], pattern: str, cfg: BwdConfig):
+    """Backward work list: dK/dV tiles (key rows) and dQ tiles (query rows), heaviest first."""
+    row_lo, row_hi, col_lo, col_hi = _bounds_lists(lengths, pattern)
+    kv = _best_tiles(lengths, col_lo, col_hi, cfg.block_n1, cfg.block_m1, _KIND_DKDV)
+    dq = _best_tiles(lengths, row_lo, row_hi, cfg.block_m2, cfg.block_n2, _KIND_DQ)
+    # dK/dV does four matrix products per visited tile, dQ three
+    costed = [(_row_cost(r, cfg.block_n1, cfg.block_m1, 4.0), r) for r in kv]
+    costed += [(_row_cost(r, cfg.block_m2, cfg.block_n2, 3.0), r) for r in dq]
+    costed.sort(key=lambda t: -t[0])
+    return [list(r) + [0] for _, r in costed]
+
+
+_CACHE: Dict[tuple, torch.Tensor] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _cached(key, make) -> torch.Tensor:
+    t = _CACHE.get(key)
+    if t is None:
+        with _CACHE_LOCK:
+            t = _CACHE.get(key)
+            if t is None:
+                if len(_CACHE) > 256:
+                    _CACHE.clear()
+                t = make()
+                _CACHE[key] = t
+    return t
+
+
+def _bounds_tensor(lengths, pattern, device) -> torch.Tensor:
+    def make():
+        return torch.tensor(_bounds_lists(lengths, pattern), dtype=torch.int32).to(device).contiguous()
+    return _cached(("bounds", lengths, pattern, device), make)
+
+
+def _fwd_table(lengths, pattern, cfg: FwdConfig, device) -> torch.Tensor:
+    def make():
+        rows = build_fwd_worklist(lengths, pattern, cfg.block_m, cfg.block_n)
+        return torch.tensor(rows, dtype=torch.int32).reshape(-1, _TAB_W).to(device).contiguous()
+    return _cached(("fwd", lengths, pattern, cfg.block_m, cfg.block_n, device), make)
+
+
+def _bwd_table(lengths, pattern, cfg: BwdConfig, device) -> torch.Tensor:
+    def make():
+        rows = build_bwd_worklist(lengths, pattern, cfg)
+        return torch.tensor(rows, dtype=torch.int32).reshape(-1, _TAB_W).to(device).contiguous()
+    return _cached(("bwd", lengths, pattern, cfg.block_m1, cfg.block_n1, cfg.block_m2, cfg.block_n2,
+                    device), make)
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+if _HAS_TRITON:
+
+    @triton.jit
+    def _dot(a, b, UPCAST: tl.constexpr):
+        # UPCAST is set only under TRITON_INTERPRET=1 with bf16 inputs: the CPU interpreter
+        # multiplies bf16 operands as their raw 16-bit patterns, so it is given the (exactly
+        # representable) fp32 values instead. On the GPU the operands stay fp16/bf16.
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _dot_acc(a, b, acc, UPCAST: tl.constexpr):
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, b, acc)
+
+    @triton.jit
+    def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, lo, hi, start, end, kmax, qk_scale,
+                   BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr):
+        offs_d = tl.arange(0, HEAD_D)
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            k_ptrs = k_base + offs_n[:, None] * skn + offs_d[None, :]
+            v_ptrs = v_base + offs_n[:, None] * svn + offs_d[None, :]
+            n_ok = offs_n < kmax
+            if MASKED:
+                k = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
+            else:
+                k = tl.load(k_ptrs)
+            s = _dot(q, tl.trans(k), UPCAST) * qk_scale
+            if MASKED:
+                ok = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
+                s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            if MASKED:
+                v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
+            else:
+                v = tl.load(v_ptrs)
+            acc = _dot_acc(p.to(v.dtype), v, acc, UPCAST)
+            m_i = m_new
+        return acc, l_i, m_i
+
+    @triton.jit
+    def _fwd_kernel(Q, K, V, O, LSE, TAB, BND, sb, sh, sn, H, N, qk_scale,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+                    UPCAST: tl.constexpr):
+        bh = tl.program_id(0)
+        t = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        row = TAB + t * 8
+        os_ = tl.load(row + 1)
+        oe_ = tl.load(row + 2)
+        p0 = tl.load(row + 3)
+        p1 = tl.load(row + 4)
+        p2 = tl.load(row + 5)
+        p3 = tl.load(row + 6)
+
+        offs_m = os_ + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, HEAD_D)
+        m_ok = offs_m < oe_
+        in_off = b * sb + h * sh  # q, k, v share one layout (last dim contiguous)
+        q_base = Q + in_off
+        k_base = K + in_off
+        v_base = V + in_off
+        q = tl.load(q_base + offs_m[:, None] * sn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        lo = tl.load(BND + offs_m, mask=m_ok, other=0)
+        hi = tl.load(BND + N + offs_m, mask=m_ok, other=0)
+
+        acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        # finite start: a row that has seen only masked keys so far keeps alpha = 1, p = 0
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sn, sn, lo, hi, p0, p1, p3,
+                                   qk_scale, BLOCK_N, HEAD_D, True, UPCAST)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sn, sn, lo, hi, p1, p2, p3,
+                                   qk_scale, BLOCK_N, HEAD_D, False, UPCAST)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sn, sn, lo, hi, p2, p3, p3,
+                                   qk_scale, BLOCK_N, HEAD_D, True, UPCAST)
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        o_base = O + bh.to(tl.int64) * N * HEAD_D  # O is contiguous [B, H, N, D]
+        tl.store(o_base + offs_m[:, None] * HEAD_D + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=m_ok[:, None])
+        tl.store(LSE + bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_safe), mask=m_ok)
+
+    @triton.jit
+    def _bwd_delta_kernel(O, DO, DELTA, M, BLOCK: tl.constexpr, HEAD_D: tl.constexpr):
+        # O and dO are contiguous, seen as [M = B*H*N, D]
+        offs_m = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, HEAD_D)
+        ok = offs_m < M
+        ptrs = offs_m[:, None] * HEAD_D + offs_d[None, :]
+        o = tl.load(O + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
+        do = tl.load(DO + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
+        tl.store(DELTA + offs_m, tl.sum(o * do, 1), mask=ok)
+
+    @triton.jit
+    def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, dl_base, sqn, sdn, clo, chi,
+                    start, end, qmax, qk_scale,
+                    BLOCK_M1: tl.constexpr, HEAD_D: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr):
+        offs_d = tl.arange(0, HEAD_D)
+        for m0 in range(start, end, BLOCK_M1):
+            offs_m = m0 + tl.arange(0, BLOCK_M1)
+            q_ptrs = q_base + offs_m[:, None] * sqn + offs_d[None, :]
+            do_ptrs = do_base + offs_m[:, None] * sdn + offs_d[None, :]
+            m_ok = offs_m < qmax
+            if MASKED:
+                q = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
+                lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)
+            else:
+                q = tl.load(q_ptrs)
+                lse = tl.load(lse_base + offs_m)
+            s_t = _dot(k, tl.trans(q), UPCAST) * qk_scale          # [BLOCK_N1, BLOCK_M1]
+            p_t = tl.exp2(s_t - lse[None, :])
+            if MASKED:
+                ok = (offs_m[None, :] >= clo[:, None]) & (offs_m[None, :] < chi[:, None])
+                p_t = tl.where(ok, p_t, 0.0)
+                do = tl.load(do_ptrs, mask=m_ok[:, None], other=0.0)
+                dl = tl.load(dl_base + offs_m, mask=m_ok, other=0.0)
+            else:
+                do = tl.load(do_ptrs)
+                dl = tl.load(dl_base + offs_m)
+            dv = _dot_acc(p_t.to(do.dtype), do, dv, UPCAST)
+            dp_t = _dot(v, tl.trans(do), UPCAST)
+            ds_t = p_t * (dp_t - dl[None, :])
+            dk = _dot_acc(ds_t.to(q.dtype), q, dk, UPCAST)
+        return dk, dv
+
+    @triton.jit
+    def _dq_inner(dq, q, do, lse, dl, k_base, v_base, skn, svn, lo, hi, start, end, kmax, qk_scale,
+                  BLOCK_N2: tl.constexpr, HEAD_D: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr):
+        offs_d = tl.arange(0, HEAD_D)
+        for n0 in range(start, end, BLOCK_N2):
+            offs_n = n0 + tl.arange(0, BLOCK_N2)
+            k_ptrs = k_base + offs_n[:, None] * skn + offs_d[None, :]
+            v_ptrs = v_base + offs_n[:, None] * svn + offs_d[None, :]
+            n_ok = offs_n < kmax
+            if MASKED:
+                k = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
+                v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
+            else:
+                k = tl.load(k_ptrs)
+                v = tl.load(v_ptrs)
+            s = _dot(q, tl.trans(k), UPCAST) * qk_scale             # [BLOCK_M2, BLOCK_N2]
+            p = tl.exp2(s - lse[:, None])
+            if MASKED:
+                ok = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
+                p = tl.where(ok, p, 0.0)
+            dp = _dot(do, tl.trans(v), UPCAST)
+            ds = p * (dp - dl[:, None])
+            dq = _dot_acc(ds.to(k.dtype), k, dq, UPCAST)
+        return dq
+
+    @triton.jit
+    def _bwd_kernel(Q, K, V, DO, G, LSE, DELTA, TAB, BND, sb, sh, sn, H, N, qk_scale,
+                    BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
+                    BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, HEAD_D: tl.constexpr,
+                    UPCAST: tl.constexpr):
+        bh = tl.program_id(0)
+        t = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        row = TAB + t * 8
+        kind = tl.load(row)
+        os_ = tl.load(row + 1)
+        oe_ = tl.load(row + 2)
+        p0 = tl.load(row + 3)
+        p1 = tl.load(row + 4)
+        p2 = tl.load(row + 5)
+        p3 = tl.load(row + 6)
+
+        offs_d = tl.arange(0, HEAD_D)
+        sm_scale = qk_scale * 0.6931471805599453  # undo the log2(e) folded into qk_scale
+        in_off = b * sb + h * sh  # q, k, v share one layout (last dim contiguous)
+        q_base = Q + in_off
+        k_base = K + in_off
+        v_base = V + in_off
+        row0 = bh.to(tl.int64) * N
+        do_base = DO + row0 * HEAD_D  # dO is contiguous [B, H, N, D]
+        lse_base = LSE + row0
+        dl_base = DELTA + row0
+        # G is one contiguous [3, B, H, N, D] buffer: dq, dk, dv
+        plane = tl.num_programs(0).to(tl.int64) * N * HEAD_D
+        DQ = G + row0 * HEAD_D
+        DK = DQ + plane
+        DV = DK + plane
+
+        if kind == 0:
+            # ---- dK, dV for key rows [os_, oe_), over the query rows that see them ----
+            offs_n = os_ + tl.arange(0, BLOCK_N1)
+            n_ok = offs_n < oe_
+            k = tl.load(k_base + offs_n[:, None] * sn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * sn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+            clo = tl.load(BND + 2 * N + offs_n, mask=n_ok, other=0)
+            chi = tl.load(BND + 3 * N + offs_n, mask=n_ok, other=0)
+            dk = tl.zeros([BLOCK_N1, HEAD_D], dtype=tl.float32)
+            dv = tl.zeros([BLOCK_N1, HEAD_D], dtype=tl.float32)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, dl_base, sn, HEAD_D, clo, chi,
+                                 p0, p1, p3, qk_scale, BLOCK_M1, HEAD_D, True, UPCAST)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, dl_base, sn, HEAD_D, clo, chi,
+                                 p1, p2, p3, qk_scale, BLOCK_M1, HEAD_D, False, UPCAST)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, dl_base, sn, HEAD_D, clo, chi,
+                                 p2, p3, p3, qk_scale, BLOCK_M1, HEAD_D, True, UPCAST)
+            g_ptrs = offs_n[:, None] * HEAD_D + offs_d[None, :]
+            tl.store(DV + g_ptrs, dv.to(G.dtype.element_ty), mask=n_ok[:, None])
+            tl.store(DK + g_ptrs, (dk * sm_scale).to(G.dtype.element_ty), mask=n_ok[:, None])
+        else:
+            # ---- dQ for query rows [os_, oe_), over the key rows they see ----
+            offs_m = os_ + tl.arange(0, BLOCK_M2)
+            m_ok = offs_m < oe_
+            q = tl.load(q_base + offs_m[:, None] * sn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * HEAD_D + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+            lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)
+            dl = tl.load(dl_base + offs_m, mask=m_ok, other=0.0)
+            lo = tl.load(BND + offs_m, mask=m_ok, other=0)
+            hi = tl.load(BND + N + offs_m, mask=m_ok, other=0)
+            dq = tl.zeros([BLOCK_M2, HEAD_D], dtype=tl.float32)
+            dq = _dq_inner(dq, q, do, lse, dl, k_base, v_base, sn, sn, lo, hi, p0, p1, p3, qk_scale,
+                           BLOCK_N2, HEAD_D, True, UPCAST)
+            dq = _dq_inner(dq, q, do, lse, dl, k_base, v_base, sn, sn, lo, hi, p1, p2, p3, qk_scale,
+                           BLOCK_N2, HEAD_D, False, UPCAST)
+            dq = _dq_inner(dq, q, do, lse, dl, k_base, v_base, sn, sn, lo, hi, p2, p3, p3, qk_scale,
+                           BLOCK_N2, HEAD_D, True, UPCAST)
+            tl.store(DQ + offs_m[:, None] * HEAD_D + offs_d[None, :],
+                     (dq * sm_scale).to(G.dtype.element_ty), mask=m_ok[:, None])
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+def _upcast(q: torch.Tensor) -> bool:
+    return _INTERPRETED and q.dtype == torch.bfloat16
+
+
+def _launch_fwd(q, k, v, o, lse, tab, bnd, scale, cfg: FwdConfig):
+    """q, k, v share strides (last one 1); o and lse are contiguous."""
+    B, H, N, D = q.shape
+    sb, sh, sn, _ = q.stride()
+    _fwd_kernel[(B * H, tab.shape[0])](
+        q, k, v, o, lse, tab, bnd, sb, sh, sn, H, N, scale * _LOG2E,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D, UPCAST=_upcast(q),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _launch_delta(o, do, delta):
+    """o, do contiguous [B, H, N, D]; delta contiguous [B, H, N] fp32."""
+    D = o.shape[-1]
+    M = o.numel() // D
+    block = 16 if _INTERPRETED else 64
+    _bwd_delta_kernel[(triton.cdiv(M, block),)](o, do, delta, M, BLOCK=block, HEAD_D=D,
+                                                 num_warps=1 if _INTERPRETED else 4)
+
+
+def _launch_bwd(q, k, v, do, g, lse, delta, tab, bnd, scale, cfg: BwdConfig):
+    """q, k, v share strides; do contiguous; g is the contiguous [3, B, H, N, D] dq/dk/dv buffer."""
+    B, H, N, D = q.shape
+    sb, sh, sn, _ = q.stride()
+    _bwd_kernel[(B * H, tab.shape[0])](
+        q, k, v, do, g, lse, delta, tab, bnd, sb, sh, sn, H, N, scale * _LOG2E,
+        BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
+        HEAD_D=D, UPCAST=_upcast(q), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+# --------------------------------------------------------------------------------------------
+# Plans: configuration + work list per (lengths, pattern, D, dtype, B*H, device), tuned on CUDA
+# --------------------------------------------------------------------------------------------
+# key -> (FwdConfig, work-list tensor, bounds tensor) and key -> (BwdConfig, work-list tensor)
+_FWD_PLANS: Dict[tuple, tuple] = {}
+_BWD_PLANS: Dict[tuple, tuple] = {}
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("HMAR_TRITON_AUTOTUNE", "1").lower() not in ("0", "false", "off", "no")
+
+
+def _time_ms(fn) -> float:
+    from triton.testing import do_bench
+    return float(do_bench(fn, warmup=5, rep=20, return_mode="median"))
+
+
+def _pick(candidates, run):
+    best, best_t = None, math.inf
+    for cfg in candidates:
+        try:
+            t = _time_ms(lambda: run(cfg))
+        except Exception:  # e.g. out of shared memory for this tile shape on this GPU
+            continue
+        if t < best_t:
+            best, best_t = cfg, t
+    return best
+
+
+def _tune_key(q, lengths, pattern):
+    B, H, N, D = q.shape
+    return (lengths, pattern, D, q.dtype, B * H, q.device)
+
+
+def _fwd_plan(q, k, v, lengths, pattern, scale):
+    key = _tune_key(q, lengths, pattern)
+    plan = None if _FORCE_FWD is not None else _FWD_PLANS.get(key)
+    if plan is not None:
+        return plan
+    dev, D = q.device, q.shape[-1]
+    bnd = _bounds_tensor(lengths, pattern, dev)
+    if _FORCE_FWD is not None:
+        cfg = _FORCE_FWD
+    elif _INTERPRETED or not q.is_cuda:
+        cfg = _INTERP_FWD
+    elif not _autotune_enabled():
+        cfg = _DEFAULT_FWD[D]
+    else:
+        o = torch.empty(q.shape, dtype=q.dtype, device=dev)
+        lse = torch.empty(q.shape[:3], dtype=torch.float32, device=dev)
+        cfg = _pick(_FWD_CANDIDATES[D], lambda c: _launch_fwd(
+            q, k, v, o, lse, _fwd_table(lengths, pattern, c, dev), bnd, scale, c)) or _DEFAULT_FWD[D]
+    plan = (cfg, _fwd_table(lengths, pattern, cfg, dev), bnd)
+    if _FORCE_FWD is None:
+        _FWD_PLANS[key] = plan
+    return plan
+
+
+def _bwd_plan(q, k, v, do, lse, delta, lengths, pattern, scale):
+    key = _tune_key(q, lengths, pattern)
+    plan = None if _FORCE_BWD is not None else _BWD_PLANS.get(key)
+    if plan is not None:
+        return plan
+    dev, D = q.device, q.shape[-1]
+    if _FORCE_BWD is not None:
+        cfg = _FORCE_BWD
+    elif _INTERPRETED or not q.is_cuda:
+        cfg = _INTERP_BWD
+    elif not _autotune_enabled():
+        cfg = _DEFAULT_BWD[D]
+    else:
+        g = torch.empty((3,) + tuple(q.shape), dtype=q.dtype, device=dev)
+        bnd = _bounds_tensor(lengths, pattern, dev)
+        cfg = _pick(_BWD_CANDIDATES[D], lambda c: _launch_bwd(
+            q, k, v, do, g, lse, delta, _bwd_table(lengths, pattern, c, dev), bnd, scale, c)
+        ) or _DEFAULT_BWD[D]
+    plan = (cfg, _bwd_table(lengths, pattern, cfg, dev))
+    if _FORCE_BWD is None:
+        _BWD_PLANS[key] = plan
+    return plan
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------
+def _check(q, k, v, lengths, pattern):
+    if pattern not in PATTERNS:
+        raise ValueError(f"triton attention: pattern {pattern!r} is not supported (use one of {PATTERNS})")
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"triton attention: q, k, v must share one [B, H, N, D] shape, "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"triton attention: fp16/bf16 q, k, v of one dtype required, got "
+                        f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] not in (64, 128):
+        raise ValueError(f"triton attention: head dim must be 64 or 128, got {q.shape[-1]}")
+    if q.device != k.device or q.device != v.device:
+        raise ValueError("triton attention: q, k, v must be on one device")
+
+
+def _same_layout(q, k, v):
+    """q, k, v with one common stride tuple and a contiguous last dim (copies only if needed)."""
+    st = q.stride()
+    if st[3] == 1 and k.stride() == st and v.stride() == st:
+        return q, k, v
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+class _BlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, lengths, pattern, scale):
+        q, k, v = _same_layout(q, k, v)
+        cfg, tab, bnd = _fwd_plan(q, k, v, lengths, pattern, scale)
+        B, H, N, D = q.shape
+        o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+        # row statistics: [0] = base-2 log-sum-exp (written now), [1] = delta (written by the
+        # backward); one allocation instead of two
+        stats = torch.empty((2, B, H, N), dtype=torch.float32, device=q.device)
+        if o.numel():
+            _launch_fwd(q, k, v, o, stats[0], tab, bnd, scale, cfg)
+        ctx.save_for_backward(q, k, v, o, stats)
+        ctx.lengths, ctx.pattern, ctx.scale, ctx.bnd = lengths, pattern, scale, bnd
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, stats = ctx.saved_tensors
+        if do.dtype != q.dtype:
+            do = do.to(q.dtype)
+        do = do.contiguous()
+        # dq, dk, dv in one allocation, returned as three (contiguous) views
+        g = torch.empty((3,) + tuple(q.shape), dtype=q.dtype, device=q.device)
+        if g.numel():
+            lse, delta = stats[0], stats[1]
+            _launch_delta(o, do, delta)
+            cfg, tab = _bwd_plan(q, k, v, do, lse, delta, ctx.lengths, ctx.pattern, ctx.scale)
+            _launch_bwd(q, k, v, do, g, lse, delta, tab, ctx.bnd, ctx.scale, cfg)
+        return g[0], g[1], g[2], None, None, None
+
+
+def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: Sequence[int],
+                     pattern: str = "block_diagonal", scale: float = 1.0) -> torch.Tensor:
+    """Block-sparse attention of ``q, k, v`` (``[B, H, N, D]``) over blocks ``lengths``."""
+    if not _HAS_TRITON:
+        raise RuntimeError("triton attention: Triton is not installed")
+    if type(lengths) is not tuple:
+        lengths = tuple(int(n) for n in lengths)
+    _check(q, k, v, lengths, pattern)
+    if sum(lengths) != q.shape[2] or min(lengths, default=0) < 0:
+        raise ValueError(f"triton attention: lengths {lengths} do not sum to N={q.shape[2]}")
+    return _BlockSparseAttention.apply(q, k, v, lengths, pattern, float(scale))
+
+
+def supports(q: torch.Tensor, lengths: Sequence[int], pattern: str) -> bool:
+    """True when the fused kernel can run this call."""
+    if not _HAS_TRITON or pattern not in PATTERNS:
+        return False
+    if not (q.is_cuda or (_INTERPRETED and q.device.type == "cpu")):
+        return False
+    if q.dim() != 4 or q.dtype not in (torch.float16, torch.bfloat16) or q.shape[-1] not in (64, 128):
+        return False
+    return sum(int(n) for n in lengths) == q.shape[2]
+
+
+def _backend(q, k, v, lengths, pattern, scale):
+    # hmar.attention.attention has already made lengths a tuple of ints summing to N
+    _check(q, k, v, lengths, pattern)
+    return _BlockSparseAttention.apply(q, k, v, lengths, pattern, float(scale))
+
+
+if _HAS_TRITON:
+    from . import register_backend
+
+    register_backend("triton", _backend, supports)
+
+__all__ = ["triton_attention", "supports", "FwdConfig", "BwdConfig", "use_config",
+           "build_fwd_worklist", "build_bwd_worklist"]

@@ -1,0 +1,152 @@
+"""The image-folder layout every builder writes and every reader (trainer, evaluation) reads.
+
+Layout::
+
+    ROOT/classes.json              ["T-shirt/top", "Trouser", ...]  (class index = list position)
+    ROOT/LICENSE.txt               attribution and licence of the source
+    ROOT/<split>/<NN_slug>/*.png   one folder per class, e.g. ``00_t-shirt-top``
+
+A class folder name starts with its zero-padded class index, so sorting the folder names gives
+the class order of ``classes.json`` (and a reader that only sorts folders, ImageFolder-style,
+gets the same labels). Readers also accept plain index folders (``0/``, ``7/``: the sample
+layout) and folders named after the class.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..errors import HMARError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CLASSES_FILE = "classes.json"
+LICENSE_FILE = "LICENSE.txt"
+_INDEX_PREFIX = re.compile(r"^(\d+)(?:_.*)?$")
+
+
+def slugify(name: str) -> str:
+    """A file-system-safe lower-case form of a class name (``"T-shirt/top"`` -> ``"t-shirt-top"``)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return slug or "class"
+
+
+def class_dir_name(index: int, name: str, num_classes: int) -> str:
+    """Folder name of class ``index``: zero-padded index, underscore, slug (``"03_dress"``)."""
+    width = max(2, len(str(num_classes - 1)))
+    return f"{index:0{width}d}_{slugify(name)}"
+
+
+def write_metadata(root: Path, class_names: Sequence[str], license_text: str) -> None:
+    """Write ``classes.json`` (ordered class names) and ``LICENSE.txt`` into ``root``."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / CLASSES_FILE).write_text(json.dumps(list(class_names), indent=1, ensure_ascii=False) + "\n")
+    (root / LICENSE_FILE).write_text(license_text.rstrip() + "\n")
+
+
+def read_class_names(root: Path) -> Optional[List[str]]:
+    """Class names from ``classes.json`` in ``root`` or its parent (a split folder); None if absent."""
+    for cand in (root / CLASSES_FILE, root.parent / CLASSES_FILE):
+        if cand.is_file():
+            names = json.loads(cand.read_text())
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise HMARError(f"{cand} must hold a JSON list of class names; rebuild the dataset")
+            return names
+    return None
+
+
+def split_for_key(key: str, val_fraction: float) -> str:
+    """Deterministic ``"train"``/``"val"`` assignment from a hash of ``key`` (no randomness)."""
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+    return "val" if (h % 1_000_000) < round(val_fraction * 1_000_000) else "train"
+
+
+def folder_class_index(folder: str, class_names: Optional[Sequence[str]] = None) -> Optional[int]:
+    """Class index named by a folder: ``"7"``, ``"07_sneaker"``, or a class name / slug; else None."""
+    m = _INDEX_PREFIX.match(folder)
+    if m:
+        return int(m.group(1))
+    if class_names:
+        for i, name in enumerate(class_names):
+            if folder == name or folder == slugify(name):
+                return i
+    return None
+
+
+def list_images(folder: Path) -> List[Path]:
+    """All image files under ``folder`` (recursive), sorted for a stable order."""
+    if not folder.is_dir():
+        raise HMARError(f"image folder {folder} does not exist; pass a folder of images")
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+@dataclass
+class ImageFolder:
+    """Files of a class-folder tree with their labels (``-1`` where the folder names no class)."""
+
+    files: List[Path]
+    labels: List[int]
+    class_names: List[str]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def load_image_folder(root: Path, class_names: Optional[Sequence[str]] = None) -> ImageFolder:
+    """Index ``root/<class folder>/*`` (see the module doc for accepted folder names).
+
+    Without index-prefixed folders or ``classes.json``, classes are the sorted folder names.
+    Images directly in ``root`` (no class folders) are returned with label ``-1``.
+    """
+    root = Path(root)
+    files = list_images(root)
+    if not files:
+        raise HMARError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
+    names = list(class_names) if class_names is not None else read_class_names(root)
+    subdirs = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1})
+    mapping: Dict[str, int] = {}
+    unresolved = [d for d in subdirs if folder_class_index(d, names) is None]
+    if unresolved and names is None:
+        names = list(subdirs)  # plain class-name folders: sorted order defines the index
+    for d in subdirs:
+        idx = folder_class_index(d, names)
+        if idx is None:
+            raise HMARError(f"folder {root / d} names no class of {names!r}; "
+                            "name class folders by index (e.g. '3' or '03_dress') or by class name")
+        mapping[d] = idx
+    if names is None:
+        n = max(mapping.values(), default=-1) + 1
+        names = [str(i) for i in range(n)]
+    labels = []
+    for f in files:
+        parts = f.relative_to(root).parts
+        labels.append(mapping[parts[0]] if len(parts) > 1 else -1)
+    bad = [i for i in set(labels) if i >= len(names)]
+    if bad:
+        raise HMARError(f"class folder index {max(bad)} under {root} is out of range for "
+                        f"{len(names)} classes; check classes.json or the folder names")
+    return ImageFolder(files=files, labels=labels, class_names=list(names))
+
+
+def load_image(path: Path, size: Optional[int] = None) -> np.ndarray:
+    """Read an image as ``uint8 [H, W, 3]`` RGB (alpha composited on white, Lanczos resize to ``size``)."""
+    with Image.open(path) as im:
+        im = to_rgb(im)
+        if size is not None and im.size != (size, size):
+            im = im.resize((size, size), Image.Resampling.LANCZOS)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any PIL mode to RGB, compositing transparency onto a white background."""
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return im.convert("RGB")

@@ -1,0 +1,220 @@
+"""Precision/recall on point clouds with known answers, the classifier on a tiny synthetic dataset,
+evaluate_folder end to end (with a stand-in extractor), and rank-independent sample generation."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+from hmar.cli import main
+from hmar.errors import HMARError
+from hmar.evaluation import evaluate_folder, generate_samples, load_classifier, precision_recall, train_classifier
+from hmar.evaluation.generate import chunk_seed, plan_chunks
+from hmar.evaluation.prdc import knn_sq_radii
+
+
+# ----------------------------------------------------------------------------- precision / recall
+
+def test_identical_sets_score_one() -> None:
+    x = np.random.default_rng(0).normal(size=(300, 16)).astype(np.float32)
+    r = precision_recall(x, x.copy(), k=3)
+    assert r["precision"] == 1.0 and r["recall"] == 1.0 and r["coverage"] == 1.0
+    assert r["density"] >= 1.0
+
+
+def test_far_disjoint_sets_score_zero() -> None:
+    rng = np.random.default_rng(1)
+    real = rng.normal(size=(200, 8))
+    fake = rng.normal(size=(150, 8)) + 100.0
+    r = precision_recall(real, fake, k=3)
+    assert r == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+
+
+def test_half_copied_half_far() -> None:
+    rng = np.random.default_rng(2)
+    real = rng.normal(size=(200, 8))
+    fake = np.concatenate([real[:100], rng.normal(size=(100, 8)) + 100.0])
+    r = precision_recall(real, fake, k=3)
+    assert r["precision"] == 0.5  # the copies sit on real points, the rest is far outside every ball
+    assert 0.5 <= r["recall"] < 1.0  # copied points are covered; the far half covers none
+
+
+def test_blocked_matches_brute_force() -> None:
+    rng = np.random.default_rng(3)
+    real, fake = rng.normal(size=(90, 5)), rng.normal(size=(70, 5)) * 1.2 + 0.3
+    small = precision_recall(real, fake, k=3, block=7)
+    assert small == pytest.approx(precision_recall(real, fake, k=3, block=4096), abs=1e-12)
+    d_rr = ((real[:, None] - real[None]) ** 2).sum(-1)
+    d_ff = ((fake[:, None] - fake[None]) ** 2).sum(-1)
+    d_fr = ((fake[:, None] - real[None]) ** 2).sum(-1)
+    rad_r, rad_f = np.sort(d_rr, 1)[:, 3], np.sort(d_ff, 1)[:, 3]  # column 0 is the point itself
+    np.testing.assert_allclose(knn_sq_radii(torch.tensor(real, dtype=torch.float32), 3).numpy(), rad_r, rtol=1e-4)
+    assert small["precision"] == pytest.approx((d_fr <= rad_r[None]).any(1).mean(), abs=1e-9)
+    assert small["recall"] == pytest.approx((d_fr <= rad_f[:, None]).any(0).mean(), abs=1e-9)
+    with pytest.raises(HMARError, match="k=3"):
+        precision_recall(real[:3], fake, k=3)
+
+
+# ----------------------------------------------------------------------------- classifier
+
+def _pattern(cls: int, rng: np.random.Generator, size: int = 16) -> np.ndarray:
+    img = rng.random((size, size, 3)) * 0.3
+    if cls == 0:
+        img[..., 0] += 0.6  # red
+    elif cls == 1:
+        img[:, ::4, 1] += 0.7  # green vertical stripes
+    else:
+        img[::4, :, 2] += 0.7  # blue horizontal stripes
+    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+
+
+def _write_split(root: Path, per_class: int, seed: int, folder_name=lambda c: f"{c:02d}_c{c}") -> Path:
+    rng = np.random.default_rng(seed)
+    for c in range(3):
+        (root / folder_name(c)).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(_pattern(c, rng)).save(root / folder_name(c) / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    _write_split(root / "train", 40, 0)
+    _write_split(root / "test", 10, 1)
+    (root / "classes.json").write_text(json.dumps(["red", "green stripes", "blue stripes"]))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cls") / "model.safetensors"
+    train_classifier(tiny_data, out, epochs=6, batch_size=16, lr=3e-3, width=8, seed=0)
+    return out
+
+
+def test_classifier_learns_tiny_dataset(tiny_classifier: Path) -> None:
+    cfg = json.loads(tiny_classifier.with_suffix(".json").read_text())
+    assert cfg["class_names"] == ["red", "green stripes", "blue stripes"] and cfg["image_size"] == 16
+    assert cfg["train"]["held_out_accuracy"] >= 0.9
+    model = load_classifier(tiny_classifier)
+    assert model.name.startswith("classifier-") and model.feature_dim == 32
+    x = torch.from_numpy(np.stack([_pattern(c, np.random.default_rng(9)) for c in (0, 1, 2)])).permute(0, 3, 1, 2)
+    assert model.predict(x).tolist() == [0, 1, 2]
+    assert model(x).shape == (3, 32)
+
+
+def test_classifier_is_reproducible(tiny_data: Path, tmp_path: Path) -> None:
+    a = train_classifier(tiny_data, tmp_path / "a.safetensors", epochs=1, batch_size=32, width=4, seed=3)
+    b = train_classifier(tiny_data, tmp_path / "b.safetensors", epochs=1, batch_size=32, width=4, seed=3)
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert a.train["held_out_accuracy"] == b.train["held_out_accuracy"]
+    with pytest.raises(HMARError, match="safetensors"):
+        train_classifier(tiny_data, tmp_path / "c.pt")
+    with pytest.raises(HMARError, match="train-classifier"):
+        load_classifier(tmp_path / "missing.safetensors")
+
+
+# ----------------------------------------------------------------------------- evaluate_folder
+
+class StandIn(nn.Module):
+    """A small fixed feature extractor in place of the Inception (same interface)."""
+
+    name = "stand-in"
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255.0
+        return torch.cat([x.mean((2, 3)), x[:, :, ::4].mean((2, 3)), x[:, :, :, ::4].mean((2, 3)),
+                          x.std((2, 3))], 1)
+
+
+def test_evaluate_folder_end_to_end(tiny_data: Path, tiny_classifier: Path, tmp_path: Path) -> None:
+    good = _write_split(tmp_path / "good", 12, 5, folder_name=str)  # class-index folders: the sample layout
+    res = evaluate_folder(good, tiny_data / "test", classifier=tiny_classifier, inception=StandIn(),
+                          cache_dir=tmp_path / "cache", batch_size=8)
+    assert res["class_acc"] >= 0.9 and res["num_samples"] == 36 and res["num_reference"] == 30
+    assert res["fid"] is not None and res["classifier_fd"] is not None and res["precision"] > 0.5
+    # samples labelled with the wrong classes: accuracy collapses, the distribution metrics do not change
+    swapped = _write_split(tmp_path / "swapped", 12, 5, folder_name=lambda c: str((c + 1) % 3))
+    res2 = evaluate_folder(swapped, tiny_data / "test", classifier=tiny_classifier, inception=StandIn(),
+                           cache_dir=tmp_path / "cache", batch_size=8)
+    assert res2["class_acc"] <= 0.2
+    assert res2["fid"] == pytest.approx(res["fid"], rel=1e-6)
+    # one class only: far from the reference in both feature spaces
+    only_red = _write_split(tmp_path / "red", 12, 6, folder_name=str)
+    shutil.rmtree(only_red / "1")
+    shutil.rmtree(only_red / "2")
+    res3 = evaluate_folder(only_red, tiny_data / "test", classifier=tiny_classifier, inception=StandIn(),
+                           cache_dir=tmp_path / "cache", batch_size=8)
+    assert res3["fid"] > res["fid"] and res3["classifier_fd"] > res["classifier_fd"]
+    assert res3["recall"] < res["recall"]
+
+
+def test_cli_train_eval_reference(tiny_data: Path, tiny_classifier: Path, tmp_path: Path,
+                                  capsys: pytest.CaptureFixture) -> None:
+    model = tmp_path / "m.safetensors"
+    assert main(["train-classifier", "--data", str(tiny_data), "--out", str(model), "--epochs", "1",
+                 "--width", "4", "--batch-size", "32"]) == 0
+    assert model.is_file() and model.with_suffix(".json").is_file()
+    stats = tmp_path / "ref.npz"
+    assert main(["eval-reference", "--data", str(tiny_data / "test"), "--out", str(stats), "--no-inception",
+                 "--classifier", str(tiny_classifier)]) == 0
+    samples = _write_split(tmp_path / "s", 5, 7, folder_name=str)
+    out = tmp_path / "metrics.json"
+    assert main(["eval", "--samples", str(samples), "--reference", str(stats), "--no-inception",
+                 "--classifier", str(tiny_classifier), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "class_acc" in printed and "classifier_fd" in printed
+    record = json.loads(out.read_text())
+    assert record["metrics"]["class_acc"] >= 0.8 and record["metrics"]["fid"] is None
+    assert main(["eval", "--samples", str(samples), "--reference", str(stats), "--no-inception"]) == 2
+    assert "nothing to compute" in capsys.readouterr().err
+    assert main(["eval", "--samples", str(samples), "--reference", str(stats), "--no-inception",
+                 "--classifier", str(model)]) == 2  # stats were made with another classifier
+    assert "eval-reference" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- generation
+
+def fake_sampler(labels: torch.LongTensor, generator: torch.Generator) -> torch.Tensor:
+    """Deterministic given the generator: noise plus a class-dependent level."""
+    noise = torch.rand(len(labels), 3, 8, 8, generator=generator)
+    return (noise * 0.5 + labels.float()[:, None, None, None] * 0.2).clamp(0, 1)
+
+
+def _files(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*.png"))}
+
+
+def test_generate_samples_independent_of_world_size(tmp_path: Path) -> None:
+    single = generate_samples(fake_sampler, num_classes=3, per_class=7, batch_size=3, out_dir=tmp_path / "one", seed=11)
+    assert len(single) == 21
+    for rank in range(2):
+        generate_samples(fake_sampler, 3, 7, 3, tmp_path / "two", seed=11, rank=rank, world_size=2)
+    for rank in range(3):
+        generate_samples(fake_sampler, 3, 7, 3, tmp_path / "three", seed=11, rank=rank, world_size=3)
+    one = _files(tmp_path / "one")
+    assert sorted(one)[:3] == ["0/000000.png", "0/000001.png", "0/000002.png"] and len(one) == 21
+    assert _files(tmp_path / "two") == one and _files(tmp_path / "three") == one
+    assert not list((tmp_path / "one").rglob("*.part"))
+    # another seed gives other images; existing files are skipped on a rerun (resume)
+    other = generate_samples(fake_sampler, 3, 7, 3, tmp_path / "other", seed=12)
+    assert _files(tmp_path / "other") != one and len(other) == 21
+    assert generate_samples(fake_sampler, 3, 7, 3, tmp_path / "one", seed=11) == []
+    im = Image.open(tmp_path / "one" / "2" / "000006.png")
+    assert im.size == (8, 8) and im.mode == "RGB"
+
+
+def test_generate_plan_and_errors(tmp_path: Path) -> None:
+    assert plan_chunks(2, 5, 2) == [(0, 0, 2), (0, 2, 2), (0, 4, 1), (1, 0, 2), (1, 2, 2), (1, 4, 1)]
+    assert chunk_seed(0, 1, 2) != chunk_seed(0, 2, 1) and chunk_seed(0, 1, 2) == chunk_seed(0, 1, 2)
+    with pytest.raises(HMARError, match="rank 2"):
+        generate_samples(fake_sampler, 2, 2, 2, tmp_path, seed=0, rank=2, world_size=2)
+    with pytest.raises(HMARError, match=r"\[B, 3, H, W\]"):
+        generate_samples(lambda lab, g: torch.zeros(len(lab), 8, 8), 1, 1, 1, tmp_path, seed=0)

@@ -1,0 +1,253 @@
+"""Correctness of the fused Triton block-sparse attention (``hmar.attention.triton_kernel``).
+
+Every kernel test compares the forward output and the three gradients (dq, dk, dv) of the
+``"triton"`` backend with the ``"reference"`` backend (SDPA with the boolean block mask) run in
+fp32 on the same half-precision inputs.
+
+Where it runs:
+
+* With CUDA the kernels run on the GPU as usual, and extra GPU-only tests use the real 256px and
+  512px schedules, the automatic backend choice and the autotuner.
+* Without CUDA the kernels run in Triton's CPU interpreter: ``TRITON_INTERPRET=1`` is set before
+  the kernel module is imported (it is re-imported if an earlier test imported it without the
+  interpreter). Sizes stay small (N <= ~100, 16x16 tiles) so the file takes well under two minutes
+  on two cores. The interpreter multiplies bf16 ``tl.dot`` operands as raw bit patterns (Triton
+  3.8), so under the interpreter only, bf16 dot operands are widened to fp32 inside the kernel
+  (exactly representable, so the same products); P and dS are still rounded to bf16 first, as on
+  the GPU. fp16 runs the GPU code path unchanged.
+* Without Triton the whole module is skipped.
+
+The host-side work-list tests need neither Triton nor a GPU.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import random
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    # before the kernels are decorated; it stays set, since Triton reads it again at launch
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from hmar.attention import attention  # noqa: E402
+import hmar.attention.triton_kernel as tk  # noqa: E402
+
+if not ON_GPU and tk._HAS_TRITON and not tk._INTERPRETED:
+    tk = importlib.reload(tk)  # imported earlier without the interpreter: decorate again
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+needs_triton = pytest.mark.skipif(not tk._HAS_TRITON, reason="triton is not installed")
+gpu_only = pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+PATTERNS = ("block_diagonal", "block_causal")
+
+
+@pytest.fixture(autouse=True)
+def _default_tiles(monkeypatch):
+    # the default tile configuration, so the GPU run does not compile and time every candidate
+    # for every case; test_gpu_autotuned_configs turns the tuner back on
+    monkeypatch.setenv("HMAR_TRITON_AUTOTUNE", "0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side work lists (pure Python)
+# ---------------------------------------------------------------------------------------------
+def _check_worklist(rows, lo, hi, n, step, kinds=None):
+    """Tiles partition [0, n) on the outer axis; phases cover every visible inner position; the
+    unmasked phase is visible to every outer position of its tile; masked phases are tile-aligned."""
+    covered = [0] * n
+    for kind, s, e, p0, p1, p2, p3, _ in rows:
+        if kinds is not None:
+            assert kind in kinds
+        assert 0 <= s < e <= n
+        assert 0 <= p0 <= p1 <= p2 <= p3 <= n
+        assert (p1 - p0) % step == 0 and (p2 - p1) % step == 0
+        for i in range(s, e):
+            covered[i] += 1
+            assert p0 <= lo[i] and hi[i] <= p3, (i, lo[i], hi[i], p0, p3)
+            assert lo[i] <= p1 and p2 <= hi[i] or p1 == p2
+    assert covered == [1] * n
+
+
+def _schedules():
+    rng = random.Random(0)
+    out = [(1,), (1, 4, 9, 16), (1, 2, 3), (37,), (5, 11, 7, 19), (3, 0, 5),
+           tuple(x * x for x in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)),
+           tuple(x * x for x in (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)),
+           tuple(x * x for x in (1, 2, 3, 4, 5, 7, 9, 12, 16, 21, 27, 36, 48, 64))]
+    out += [tuple(rng.randint(1, 300) for _ in range(rng.randint(1, 8))) for _ in range(20)]
+    return out
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_worklists_cover_the_pattern(pattern):
+    for lengths in _schedules():
+        n = sum(lengths)
+        row_lo, row_hi, col_lo, col_hi = tk._bounds_lists(lengths, pattern)
+        for bm, bn in ((16, 16), (32, 16), (128, 64), (64, 128)):
+            rows = tk.build_fwd_worklist(lengths, pattern, bm, bn)
+            assert all(r[2] - r[1] <= bm for r in rows)
+            _check_worklist(rows, row_lo, row_hi, n, bn)
+        cfg = tk.BwdConfig(32, 128, 128, 32)
+        rows = tk.build_bwd_worklist(lengths, pattern, cfg)
+        _check_worklist([r for r in rows if r[0] == tk._KIND_DKDV], col_lo, col_hi, n, cfg.block_m1)
+        _check_worklist([r for r in rows if r[0] == tk._KIND_DQ], row_lo, row_hi, n, cfg.block_n2)
+
+
+def test_worklist_packs_small_scales_and_skips_unseen_tiles():
+    lengths = tuple(x * x for x in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16))  # N = 680
+    rows = tk.build_fwd_worklist(lengths, "block_diagonal", 128, 64)
+    # 1+4+9+16+25+36 = 91 rows share one tile; nothing of another scale is visited by a large block
+    assert any(r[1] == 0 and r[2] == 91 for r in rows)
+    visited = sum(r[6] - r[3] for r in rows)
+    assert visited < 0.5 * len(rows) * 680
+    # the largest tiles of the largest block need no mask at all
+    big = [r for r in rows if r[1] >= 680 - 256]
+    assert all(r[5] - r[4] == 256 for r in big)
+
+
+def test_supports():
+    q = torch.zeros(1, 2, 30, 64, dtype=torch.float16)
+    if tk._HAS_TRITON and tk._INTERPRETED:
+        assert tk.supports(q, (1, 4, 9, 16), "block_diagonal")
+    assert not tk.supports(q, (1, 4, 9, 16), "dense")
+    assert not tk.supports(q.float(), (1, 4, 9, 16), "block_causal")
+    assert not tk.supports(torch.zeros(1, 2, 30, 32, dtype=torch.float16), (1, 4, 9, 16), "block_causal")
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel against the reference
+# ---------------------------------------------------------------------------------------------
+def _inputs(B, H, N, D, dtype, seed, strided=False):
+    g = torch.Generator().manual_seed(seed)
+    if strided:  # q, k, v as views of one packed [B, N, 3, H, D] projection, as in the model
+        qkv = torch.randn(B, N, 3, H, D, generator=g).to(dtype).to(DEVICE).requires_grad_()
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+        if strided == "mixed":  # k with another layout than q and v: the kernel copies
+            k = k.contiguous()
+        return [x.detach().requires_grad_() for x in (q, k, v)]
+    return [torch.randn(B, H, N, D, generator=g).to(dtype).to(DEVICE).requires_grad_() for _ in range(3)]
+
+
+def _run_and_compare(lengths, pattern, B, H, D, dtype, seed=0, strided=False, scale=None):
+    N = sum(lengths)
+    scale = D ** -0.5 * 1.5 if scale is None else scale
+    q, k, v = _inputs(B, H, N, D, dtype, seed, strided)
+    g = torch.Generator().manual_seed(seed + 1)
+    do = torch.randn(B, H, N, D, generator=g).to(dtype).to(DEVICE)
+
+    out = attention(q, k, v, lengths=lengths, pattern=pattern, scale=scale, backend="triton")
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+
+    qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
+    ref = attention(qf, kf, vf, lengths=lengths, pattern=pattern, scale=scale, backend="reference")
+    rq, rk, rv = torch.autograd.grad(ref, (qf, kf, vf), do.float())
+
+    tol = 1e-2 if dtype == torch.float16 else 3e-2
+    for name, a, b in (("out", out, ref), ("dq", dq, rq), ("dk", dk, rk), ("dv", dv, rv)):
+        assert a.shape == b.shape and a.dtype == dtype, name
+        a = a.float()
+        assert torch.isfinite(a).all(), f"{name}: non-finite values"
+        err = (a - b).abs().max().item()
+        mag = max(1.0, b.abs().max().item())
+        assert err <= tol * mag, f"{name}: max |err| {err:.3e} > {tol} * {mag:.2f} ({lengths}, {pattern}, {dtype})"
+
+
+# (lengths, B, H): lengths chosen to hit one block, packed small scales, ragged tails that are
+# not multiples of the 16-row tiles, a scale larger than several tiles, and a zero-length scale.
+CASES = [
+    ((1, 4, 9, 16), 1, 1),
+    ((1, 2, 3), 2, 1),
+    ((1, 4, 9, 16, 25, 36), 2, 2),
+    ((37,), 1, 3),
+    ((5, 11, 7, 19, 40), 1, 1),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("lengths,B,H", CASES, ids=["1-4-9-16", "1-2-3", "6scales", "single", "ragged"])
+def test_matches_reference(lengths, B, H, pattern, dtype):
+    _run_and_compare(lengths, pattern, B, H, 64, dtype)
+
+
+@needs_triton
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_head_dim_128(pattern):
+    _run_and_compare((1, 4, 9, 16, 25), pattern, 1, 2, 128, torch.float16)
+
+
+@needs_triton
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_strided_inputs_and_zero_length_scale(pattern):
+    _run_and_compare((3, 0, 20, 9), pattern, 2, 2, 64, torch.float16, strided=True)
+
+
+@needs_triton
+def test_mixed_layouts_and_noncontiguous_grad():
+    lengths, B, H, D = (1, 4, 9, 16), 2, 2, 64
+    _run_and_compare(lengths, "block_causal", B, H, D, torch.float16, strided="mixed")
+    # an expanded (stride-0) upstream gradient, as from out.sum().backward()
+    q, k, v = _inputs(B, H, sum(lengths), D, torch.float16, 5)
+    attention(q, k, v, lengths=lengths, pattern="block_diagonal", scale=0.2, backend="triton").sum().backward()
+    qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
+    attention(qf, kf, vf, lengths=lengths, pattern="block_diagonal", scale=0.2, backend="reference").sum().backward()
+    for a, b in ((q, qf), (k, kf), (v, vf)):
+        assert (a.grad.float() - b.grad).abs().max().item() <= 1e-2 * max(1.0, b.grad.abs().max().item())
+
+
+@needs_triton
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_other_tile_shapes(pattern):
+    # non-square tiles: the forward and the two backward passes each see different tilings
+    fwd = tk.FwdConfig(32, 16, 4 if ON_GPU else 1, 2 if ON_GPU else 1)
+    bwd = tk.BwdConfig(16, 32, 32, 16, 4 if ON_GPU else 1, 2 if ON_GPU else 1)
+    with tk.use_config(fwd, bwd):
+        _run_and_compare((1, 4, 9, 16, 25, 36), pattern, 1, 2, 64, torch.float16, seed=3)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: real schedules, automatic choice, autotuned configurations
+# ---------------------------------------------------------------------------------------------
+@gpu_only
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("lengths", [
+    tuple(x * x for x in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)),
+    tuple(x * x for x in (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)),
+], ids=["256px", "512px"])
+def test_gpu_real_schedules(lengths, pattern, dtype):
+    _run_and_compare(lengths, pattern, 2, 4, 64, dtype)
+
+
+@gpu_only
+@needs_triton
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_gpu_head_dim_128_real_schedule(pattern):
+    _run_and_compare(tuple(x * x for x in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)), pattern, 2, 2, 128,
+                     torch.bfloat16)
+
+
+@gpu_only
+@needs_triton
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_gpu_autotuned_configs(pattern, monkeypatch):
+    monkeypatch.setenv("HMAR_TRITON_AUTOTUNE", "1")
+    _run_and_compare(tuple(x * x for x in (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)), pattern, 2, 3, 64,
+                     torch.bfloat16, seed=7)
+    key = tk._tune_key(torch.empty(2, 3, 2240, 64, dtype=torch.bfloat16, device="cuda"),
+                       tuple(x * x for x in (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)), pattern)
+    assert key in tk._FWD_PLANS and key in tk._BWD_PLANS
+
+
+@gpu_only
+@needs_triton
+def test_gpu_auto_backend_is_triton():
+    from hmar.attention import choose_backend
+    q = torch.zeros(1, 2, 30, 64, dtype=torch.bfloat16, device="cuda")
+    assert choose_backend(q, (1, 4, 9, 16), "block_diagonal") == "triton"
