@@ -1,0 +1,50 @@
+"""``hmar serve``: the web demo (Gradio) for generation, in-painting and out-painting."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import HMARError
+from .common import add_model_args, load_pipeline
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the web demo (needs gradio==6.31.0)",
+                       description="Serve a web page with three tabs: Generate, Inpaint (paint a mask), Outpaint. "
+                                   "Listens on 127.0.0.1 only unless --host says otherwise. Uploads are bounded in "
+                                   "bytes and pixels, only images are accepted, no path a visitor names is read or "
+                                   "written, and requests wait in a bounded queue.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (0.0.0.0 exposes the demo to the network: only do that on purpose)")
+    p.add_argument("--port", type=int, default=7860, help="TCP port")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload, in MiB (HTTP 413 above)")
+    p.add_argument("--max-pixels", type=int, default=16_000_000,
+                   help="largest accepted image, in pixels (refused from the file header, before decoding)")
+    p.add_argument("--concurrency", type=int, default=1, help="requests computed at the same time")
+    p.add_argument("--max-queue", type=int, default=32, help="requests that may wait; more are refused")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ModuleNotFoundError:
+        raise HMARError("the web demo needs gradio: pip install gradio==6.31.0") from None
+    if not 0 < args.port < 65536:
+        raise HMARError(f"--port must be between 1 and 65535, got {args.port}")
+    from ..app import launch
+    notes = []
+    pipe = load_pipeline(args, say=notes.append)
+    notice = None
+    if pipe.is_random:
+        notice = ("**Notice:** no trained model is loaded: this demo runs a RANDOMLY INITIALISED tiny model "
+                  "(hmar-tiny), so every image is noise. Start it with `hmar serve --checkpoint DIR` for a trained model.")
+        print("note: serving a RANDOMLY INITIALISED tiny model (images are noise); pass --checkpoint for a trained one",
+              file=sys.stderr)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host}: the demo is reachable from other machines", file=sys.stderr)
+    launch(pipe, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
+           concurrency=args.concurrency, max_queue=args.max_queue, notice=notice, block=True)
+    return 0
