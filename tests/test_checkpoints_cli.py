@@ -119,8 +119,9 @@ def test_cli_bad_input_is_one_line(files, argv, needle, capsys):
     sub = {"vq": str(files["vq"][0]), "dir": str(files["dir"]), "hmar": str(files["hmar-tiny"][0])}
     argv = [a.format(**sub) for a in argv]
     if "-c" in argv:
-        ref = files["hmar-tiny"][0]
         argv = argv + (["--classes", "1"] if "--classes" not in argv else [])
+    else:  # the tiny official-layout model (10 classes, 4 scales), whatever model is shipped
+        argv = ["-c", sub["hmar"], "--vqvae", sub["vq"]] + argv
     rc = main(["sample", "--no-progress", "--out", "/tmp/hmar-never-written"] + argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2

@@ -1,0 +1,154 @@
+"""Resumable training checkpoints: atomic files, keep-last-N, full (gathered) model/optimiser states,
+RNG states of every rank and the data position.
+
+A checkpoint is ``RUNDIR/checkpoints/step_XXXXXXXX.pt`` (``torch.save`` of plain containers and tensors,
+loadable with ``weights_only=True``). It is written to a temporary name, fsynced and renamed, so a
+process killed at any moment leaves either the previous or the new file, never a torn one.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..errors import HMARError
+from .distributed import DistInfo, all_gather_object
+
+_NAME = re.compile(r"^step_(\d+)\.pt$")
+
+
+def atomic_save(obj: Any, path: Union[str, Path]) -> Path:
+    """``torch.save`` to ``path`` atomically (temporary file in the same folder, fsync, ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+# ------------------------------------------------------------------------------------ RNG states
+def capture_rng() -> Dict[str, Any]:
+    """Python, NumPy, torch CPU (and CUDA) RNG states as weights-only-loadable containers."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: Dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng`."""
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------ model / optimiser
+def _options(info: DistInfo):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+    return StateDictOptions(full_state_dict=True, cpu_offload=info.initialized)
+
+
+def get_states(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], info: DistInfo) -> Dict[str, Any]:
+    """Full (unsharded, CPU) model and optimiser state dicts keyed by parameter names. Collective under
+    DDP/FSDP: every rank must call it."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    opts = _options(info)
+    out = {"model": {k: v.detach().cpu().clone() for k, v in get_model_state_dict(model, options=opts).items()}}
+    out["optim"] = [get_optimizer_state_dict(model, o, options=opts) for o in optimizers]
+    return out
+
+
+def set_states(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], states: Dict[str, Any],
+               info: DistInfo) -> None:
+    """Load what :func:`get_states` returned (on every rank)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    opts = _options(info)
+    set_model_state_dict(model, states["model"], options=opts)
+    for o, s in zip(optimizers, states["optim"]):
+        set_optimizer_state_dict(model, o, s, options=opts)
+
+
+# ------------------------------------------------------------------------------------ manager
+class CheckpointManager:
+    """``RUNDIR/checkpoints``: save (rank 0 writes), list, prune to the last ``keep`` files, load the newest."""
+
+    def __init__(self, directory: Union[str, Path], keep: int = 3, info: Optional[DistInfo] = None):
+        self.dir = Path(directory)
+        self.keep = max(1, keep)
+        self.info = info or DistInfo()
+
+    def paths(self) -> List[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := _NAME.match(p.name))]
+        return [p for _, p in sorted(found)]
+
+    def latest(self) -> Optional[Path]:
+        ps = self.paths()
+        return ps[-1] if ps else None
+
+    def save(self, step: int, payload: Dict[str, Any]) -> Optional[Path]:
+        """Write ``payload`` with the RNG states of all ranks added (collective: call on every rank)."""
+        rngs = all_gather_object(capture_rng(), self.info)
+        if not self.info.is_main:
+            return None
+        payload = {**payload, "rng": rngs, "world": self.info.world, "step": step}
+        for stale in self.dir.glob(".step_*.pt.tmp*") if self.dir.is_dir() else []:
+            stale.unlink(missing_ok=True)   # left by a process killed while writing
+        path = atomic_save(payload, self.dir / f"step_{step:08d}.pt")
+        for old in self.paths()[:-self.keep]:
+            try:
+                old.unlink()
+            except FileNotFoundError:
+                pass
+        return path
+
+    def load_latest(self, say: Callable[[str], None] = print) -> Optional[Dict[str, Any]]:
+        """The newest loadable checkpoint (older ones are tried if the newest cannot be read), or None."""
+        for p in reversed(self.paths()):
+            try:
+                ck = torch.load(str(p), map_location="cpu", weights_only=True)
+                ck["path"] = str(p)
+                return ck
+            except Exception as e:  # pragma: no cover - atomic writes make this unlikely
+                say(f"warning: cannot read checkpoint {p} ({type(e).__name__}: {e}); trying an older one")
+        return None
+
+    def restore_rng(self, ck: Dict[str, Any], say: Callable[[str], None] = print) -> bool:
+        """Restore this rank's RNG states; False (after a warning) when the number of processes changed,
+        in which case the caller re-seeds."""
+        rngs = ck.get("rng") or []
+        if len(rngs) == self.info.world:
+            restore_rng(rngs[self.info.rank])
+            return True
+        say(f"warning: checkpoint was written by {len(rngs)} processes, now {self.info.world}: "
+            "RNG streams are re-seeded (the run stays valid but is not bit-identical)")
+        return False
+
+
+def require_fresh_or_resume(run_dir: Path, resume: bool) -> None:
+    """Refuse to silently mix a new run into a run directory that has checkpoints."""
+    mgr = CheckpointManager(run_dir / "checkpoints")
+    if mgr.latest() is not None and not resume:
+        raise HMARError(f"{run_dir} already has checkpoints ({mgr.latest().name}): pass --resume to continue "
+                        "that run, or choose another --out")

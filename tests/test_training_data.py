@@ -1,0 +1,134 @@
+"""Training data: PIL transforms, class folders, corrupt files, errors, batch order, token caches."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hmar.cli import main
+from hmar.errors import HMARError
+from hmar.training.data import (EpochBatches, ImageFolderDataset, TokenCacheDataset, build_data, keyed_rng,
+                                read_token_cache, transform)
+from hmar.training.synthetic import make_random_tokenizer, make_shapes_folder
+
+
+def test_transform_resize_crop_and_range():
+    arr = np.zeros((80, 100, 3), np.uint8)
+    arr[:, :50] = 255                                   # left half white, right half black
+    im = Image.fromarray(arr)
+    val = transform(im, 64, train=False)
+    assert val.shape == (3, 64, 64) and val.min() >= -1 and val.max() <= 1
+    # shorter side 80 -> round(1.125 * 64) = 72, width 90; the centre crop is split at column 45 - 13 = 32
+    assert torch.allclose(val[:, :, :30], torch.ones(3, 64, 30), atol=1e-2)
+    assert torch.allclose(val[:, :, 34:], -torch.ones(3, 64, 30), atol=1e-2)
+    a = transform(im, 64, True, rng=keyed_rng(0, 1, 5, 1))
+    b = transform(im, 64, True, rng=keyed_rng(0, 1, 5, 1))
+    assert torch.equal(a, b)
+    crops = {transform(im, 64, True, rng=keyed_rng(0, e, 5, 1)).sum().item() for e in range(12)}
+    assert len(crops) > 1                                # the crop position changes across epochs
+    flips = [transform(im, 64, True, hflip=True, rng=keyed_rng(0, e, 5, 1))[0, 0, 0].item() for e in range(12)]
+    assert min(flips) < 0 < max(flips)                   # some crops are flipped (black on the left)
+
+
+def test_rgba_is_composited_on_white(tmp_path):
+    rgba = np.zeros((64, 64, 4), np.uint8)               # fully transparent black
+    rgba[:32, :, :] = (255, 0, 0, 255)                   # opaque red top half
+    d = tmp_path / "a" / "x"
+    d.mkdir(parents=True)
+    Image.fromarray(rgba, "RGBA").save(d / "im.png")
+    ds = ImageFolderDataset(tmp_path / "a", 64, train=False)
+    img = ds[0]["img"]
+    assert torch.allclose(img[:, 40:56], torch.ones(3, 16, 64), atol=1e-2)   # transparent -> white
+    assert img[0, 8, 8] > 0.99 and img[1, 8, 8] < -0.99                       # red
+
+
+def test_class_names_are_sorted_folder_names_and_splits(tmp_path):
+    make_shapes_folder(tmp_path / "d", 3, 2, 64, val_per_class=1)
+    data = build_data(str(tmp_path / "d"), 64, False, 0)
+    assert data.class_names == ["circle", "cross", "ring"]
+    assert len(data.train) == 6 and len(data.val) == 3
+    assert sorted(data.val.labels) == [0, 1, 2] and data.val.train is False
+
+
+def test_corrupt_file_is_replaced_deterministically(tmp_path):
+    make_shapes_folder(tmp_path / "d", 2, 3, 64)
+    bad = tmp_path / "d" / "circle" / "0001.png"
+    bad.write_bytes(b"not a png at all")
+    ds = ImageFolderDataset(tmp_path / "d", 64, train=True, seed=0)
+    i = ds.files.index(bad)
+    item = ds[(i, 0)]
+    assert item["bad"] == [str(bad)] and item["index"] == i
+    assert torch.equal(item["img"], ds.load(i + 1, 0))  # the next readable index stands in
+    assert ds[(i + 1, 0)]["bad"] == []
+
+
+def test_missing_and_empty_folders_give_one_line_errors(tmp_path, capsys):
+    rc = main(["train-tokenizer", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r1"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: data folder") and "does not exist" in err[0]
+    assert not (tmp_path / "r1").exists()                  # no half-made run directory is left behind
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    tok = make_random_tokenizer(tmp_path / "tok")
+    rc = main(["train", "--data", str(tmp_path / "empty"), "--tokenizer", str(tok), "--out", str(tmp_path / "r2"),
+               "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: no images") and not any("Traceback" in e for e in err)
+    assert not (tmp_path / "r2").exists()
+
+
+def test_epoch_batches_shard_a_global_order():
+    n, gb = 23, 8
+    one = list(EpochBatches(n, gb, 0, 1, seed=1, epoch=2))
+    two = [list(EpochBatches(n, gb, r, 2, seed=1, epoch=2)) for r in range(2)]
+    assert len(one) == 3 and all(len(b) == 8 for b in one)
+    for b in range(3):
+        assert two[0][b] + two[1][b] == one[b]             # rank r gets the r-th contiguous slice
+    flat = [i for b in one for i, _ in b]
+    assert sorted(set(flat)) == list(range(n)) and flat[23:] == flat[:1]   # a permutation, wrapped to fill
+    assert one != list(EpochBatches(n, gb, 0, 1, seed=1, epoch=3))          # another epoch, another order
+    assert list(EpochBatches(n, gb, 0, 1, seed=1, epoch=2, start=2)) == one[2:]
+    with pytest.raises(HMARError):
+        EpochBatches(n, 9, 0, 2, 0, 0)
+
+
+def test_tokenize_cache_roundtrip_and_views(tmp_path, capsys):
+    make_shapes_folder(tmp_path / "d", 2, 3, 64, val_per_class=1)
+    (tmp_path / "d" / "train" / "circle" / "zz.png").write_bytes(b"garbage")
+    tok = make_random_tokenizer(tmp_path / "tok")
+    cache = tmp_path / "c.safetensors"
+    rc = main(["tokenize", "--data", str(tmp_path / "d"), "--tokenizer", str(tok), "--out", str(cache),
+               "--views", "3", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 0 and err.count("skipping unreadable image") == 1
+    splits, meta = read_token_cache(cache)
+    idx, lab = splits["train"]
+    assert idx.shape == (3, 6, 30) and idx.dtype == torch.int16 and lab.tolist() == [0, 0, 0, 1, 1, 1]
+    assert splits["val"][0].shape == (1, 2, 30)
+    assert meta["class_names"] == ["circle", "cross"] and meta["skipped_files"] == 1
+    # view 0 = the centre crop the trainer's evaluation would encode
+    from hmar.training.tokenizer_io import load_tokenizer
+    vq = load_tokenizer(tok)
+    ds = ImageFolderDataset(tmp_path / "d" / "train", 64, train=False)
+    ds.files = [f for f in ds.files if f.name != "zz.png"]
+    with torch.no_grad():
+        ref = torch.cat(vq.img_to_indices(ds.load(0)[None]), 1)[0]
+    assert torch.equal(idx[0, 0].long(), ref)
+    # training items pick one of the views from (seed, epoch, index)
+    tds = TokenCacheDataset(idx, lab, meta["class_names"], train=True, seed=0)
+    seen = {tuple(tds[(0, e)]["idx"].tolist()) for e in range(20)}
+    assert 1 < len(seen) <= 3
+    assert torch.equal(TokenCacheDataset(idx, lab, [], train=False)[(0, 5)]["idx"], idx[0, 0].long())
+
+
+def test_cache_from_another_tokenizer_is_refused(tmp_path):
+    from hmar.training import TrainConfig
+    from hmar.training.loop import Trainer
+    from hmar.training.tokenize import tokenize_folder
+    make_shapes_folder(tmp_path / "d", 2, 2, 64)
+    tokenize_folder(tmp_path / "d", make_random_tokenizer(tmp_path / "t1", seed=1), tmp_path / "c.safetensors",
+                    progress=False, say=lambda m: None)
+    other = make_random_tokenizer(tmp_path / "t2", seed=2)
+    with pytest.raises(HMARError, match="another tokenizer"):
+        Trainer(TrainConfig(data=str(tmp_path / "c.safetensors"), tokenizer=str(other), out=str(tmp_path / "r"),
+                            progress=False, tensorboard=False))

@@ -1,0 +1,65 @@
+"""Two gloo processes (torchrun, CPU) follow the loss trajectory of one process at the same global batch
+(fp32, deterministic data order; class dropout and drop path off, since their random draws are per rank),
+with DDP and with FSDP2."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hmar.training.synthetic import make_random_tokenizer, make_shapes_folder
+from hmar.training.tokenize import tokenize_folder
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _losses(run):
+    recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in recs if r["kind"] == "train"], [r for r in recs if r["kind"] == "val"]
+
+
+def test_two_processes_match_one(tmp_path):
+    make_shapes_folder(tmp_path / "d", 3, 8, 64, val_per_class=2)
+    tok = make_random_tokenizer(tmp_path / "tok")
+    cache = tokenize_folder(tmp_path / "d", tok, tmp_path / "c.safetensors", views=2, progress=False,
+                            say=lambda m: None)
+    common = ["train", "--model", "hmar-tiny", "--tokenizer", str(tok), "--data", str(cache), "--max-steps", "8",
+              "--batch-size", "8", "--lr", "2e-3", "--no-progress", "--sample-every", "-1", "--log-every", "1",
+              "--class-dropout", "0", "--drop-path", "0", "--seed", "3", "--precision", "fp32", "--eval-every", "4"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+
+    def launch(out, launcher, *extra):
+        return subprocess.Popen([*launcher, "-m", "hmar", *common, "--out", str(tmp_path / out), *extra], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def finish(p):
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+
+    one = launch("one", [sys.executable])
+    ddp = launch("ddp", [*torchrun, "--master_port", str(_free_port())])
+    finish(one)
+    finish(ddp)
+    finish(launch("fsdp", [*torchrun, "--master_port", str(_free_port())], "--fsdp"))
+    l1, v1 = _losses(tmp_path / "one")
+    assert len(l1) == 8 and l1[-1] < l1[0] - 0.1            # it learns
+    w1 = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
+    for name in ("ddp", "fsdp"):
+        l2, v2 = _losses(tmp_path / name)
+        assert l2 == pytest.approx(l1, rel=1e-5, abs=1e-6), (name, l1, l2)
+        assert [v["val_loss"] for v in v2] == pytest.approx([v["val_loss"] for v in v1], rel=1e-5)
+        w2 = load_file(str(tmp_path / name / "model" / "model.safetensors"))
+        for k in w1:
+            assert torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-6), (name, k)
+    assert "2 process(es)" in (tmp_path / "ddp" / "log.txt").read_text()

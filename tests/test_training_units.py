@@ -1,0 +1,252 @@
+"""Unit tests of the training components: loss weights, schedules, optimiser groups, masks, losses,
+config precedence, codebook statistics, GAN/perceptual parts, checkpoint files."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from hmar.errors import HMARError
+from hmar.model import build_model
+from hmar.presets import PATCH_NUMS, model_config
+from hmar.training.config import TokenizerTrainConfig, TrainConfig, add_config_args, build_config
+from hmar.training.losses import draw_masks, masked_ce, scale_loss_weights, token_loss_weights, weighted_ce
+from hmar.training.optim import param_groups
+from hmar.training.schedule import Schedule, lr_factor, wd_value
+
+SPEC_256 = [0.0247, 0.0642, 0.1150, 0.1379, 0.1402, 0.1329, 0.1208, 0.1054, 0.0882, 0.0709]
+SPEC_512 = [0.0196, 0.0667, 0.1141, 0.1389, 0.1379, 0.1246, 0.1112, 0.1037, 0.0958, 0.0876]
+
+
+# ------------------------------------------------------------------------------------ loss weights
+def test_gaussian_weights_match_the_official_values():
+    w256 = scale_loss_weights(PATCH_NUMS[256], "gaussian")
+    w512 = scale_loss_weights(PATCH_NUMS[512], "gaussian")
+    assert np.allclose(w256.numpy(), SPEC_256, atol=5e-5)
+    assert np.allclose(w512.numpy(), SPEC_512, atol=5e-5)
+    assert abs(float(w256.sum()) - 1) < 1e-12
+    assert int(w256.argmax()) == 4  # peak at the 5x5 scale
+
+
+def test_uniform_and_equal_weights():
+    u = scale_loss_weights(PATCH_NUMS[256], "uniform")
+    assert abs(float(u[-1]) - 256 / 680) < 1e-12 and abs(float(u[0]) - 1 / 680) < 1e-12  # 37.6 % / 0.15 %
+    t = token_loss_weights(PATCH_NUMS[256], "uniform")
+    assert t.shape == (680,) and torch.allclose(t, torch.full((680,), 1 / 680))
+    e = token_loss_weights(PATCH_NUMS[256], "equal")
+    assert abs(float(e.sum()) - 10) < 1e-4 and abs(float(e[-1]) - 1 / 256) < 1e-9
+    g = token_loss_weights(PATCH_NUMS[256], "gaussian")
+    assert abs(float(g[-256:].sum()) - SPEC_256[-1]) < 5e-5
+    with pytest.raises(HMARError):
+        scale_loss_weights(PATCH_NUMS[256], "lognormal")
+
+
+def test_weighted_ce_is_batch_mean_of_weighted_token_sums():
+    torch.manual_seed(0)
+    logits, tgt = torch.randn(3, 5, 7), torch.randint(0, 7, (3, 5))
+    w = torch.tensor([0.1, 0.2, 0.3, 0.2, 0.2])
+    loss, ce = weighted_ce(logits, tgt, w)
+    ref = torch.nn.functional.cross_entropy(logits.permute(0, 2, 1), tgt, reduction="none")
+    assert torch.allclose(ce, ref)
+    assert torch.allclose(loss, (ref * w).sum(1).mean())
+
+
+# ------------------------------------------------------------------------------------ schedule
+def test_lin0_schedule_warmup_hold_and_decay():
+    total, warm = 1000, 100
+    assert lr_factor(0, total, warm) == pytest.approx(0.005)
+    assert lr_factor(50, total, warm) == pytest.approx(0.005 + 0.995 * 0.5)
+    assert lr_factor(100, total, warm) == 1.0
+    # hold for 5 % of the 899 post-warm-up step intervals
+    assert lr_factor(100 + 44, total, warm) == 1.0
+    assert lr_factor(total - 1, total, warm, final=0.1) == pytest.approx(0.1)
+    mid = lr_factor(100 + round(0.525 * 899), total, warm, final=0.1)
+    assert mid == pytest.approx(0.1 + 0.9 * 0.5, abs=2e-3)
+    vals = [lr_factor(s, total, warm) for s in range(100, total)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))  # non-increasing after warm-up
+    assert lr_factor(total - 1, total, warm, kind="cos", final=0.0) == pytest.approx(0.0)
+    s = Schedule(3e-4, total, warm, wd=0.05, wd_end=0.08)
+    assert s(0) == (pytest.approx(1.5e-6), pytest.approx(0.05))
+    assert s(total - 1)[1] == pytest.approx(0.08)
+    assert wd_value(499, 999, 0.05, 0.08) == pytest.approx(0.065, abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------ optimiser groups
+def test_weight_decay_groups_follow_the_official_rule():
+    m = build_model(model_config("nsp-tiny"))
+    groups = param_groups(m.named_parameters())
+    decay = set(groups[0]["names"])
+    keep = set(groups[1]["names"])
+    assert groups[0]["wd_scale"] == 1.0 and groups[1]["wd_scale"] == 0.0
+    for name in ("pos_1LC", "pos_start", "lvl_embed.weight", "blocks.0.attn.scale_mul_1H11", "blocks.0.attn.q_bias",
+                 "head.bias", "word_embed.bias"):
+        assert name in keep, name
+    for name in ("class_emb.weight", "word_embed.weight", "head.weight", "blocks.0.attn.mat_qkv.weight",
+                 "blocks.0.ffn.fc1.weight"):
+        assert name in decay, name
+    assert len(decay) + len(keep) == len(list(m.parameters()))
+
+
+# ------------------------------------------------------------------------------------ stage-2 masks / loss
+def test_masks_per_sample_ceil_counts_and_never_scale0():
+    pn = (1, 2, 3, 4)
+    keys = [(0, 1, i) for i in range(64)]
+    m = draw_masks(keys, pn)
+    assert m.shape == (64, 30) and not m[:, 0].any()
+    assert torch.equal(m, draw_masks(keys, pn))            # deterministic in the keys
+    assert not torch.equal(m[0], m[1])                      # not shared across the batch
+    counts = m[:, 1:5].sum(1)
+    assert counts.min() >= 1 and counts.max() <= 4
+    # per sample, the counts of all scales come from the same gamma: n_k = ceil(g * pn_k^2)
+    from hmar.training.data import keyed_rng
+    for b in range(8):
+        g = keyed_rng(*keys[b], 3).random()
+        exp = [max(1, math.ceil(g * p * p)) for p in pn[1:]]
+        got = [int(m[b, s:s + p * p].sum()) for s, p in zip((1, 5, 14), pn[1:])]
+        assert got == exp
+    half = draw_masks(keys[:4], pn, gamma=0.5)
+    assert [int(half[0, s:s + p * p].sum()) for s, p in zip((1, 5, 14), pn[1:])] == [2, 5, 8]
+    # the ratio is ~U(0,1) per sample: mean ratio near 0.5, the 4x4 share is exactly mean(ceil(16 g) / 16)
+    big = draw_masks([(0, 0, i) for i in range(2000)], pn)
+    g = np.array([keyed_rng(0, 0, i, 3).random() for i in range(2000)])
+    assert abs(g.mean() - 0.5) < 0.05 and g.min() < 0.01 and g.max() > 0.99
+    assert float(big[:, 14:].float().mean()) == pytest.approx(np.mean(np.ceil(16 * g) / 16), abs=1e-6)
+
+
+def test_masked_ce_token_mean_is_split_invariant():
+    torch.manual_seed(0)
+    logits, tgt = torch.randn(4, 6, 5), torch.randint(0, 5, (4, 6))
+    mask = torch.rand(4, 6) < 0.5
+    mask[:, 1] = True
+    full, ce = masked_ce(logits, tgt, mask, "token")
+    assert torch.allclose(full, (ce * mask).sum() / mask.sum())
+    total = mask.sum().float()
+    halves = [masked_ce(logits[i:i + 2], tgt[i:i + 2], mask[i:i + 2], "token", total_masked=total, world=2)[0]
+              for i in (0, 2)]
+    assert torch.allclose((halves[0] + halves[1]) / 2, full)   # what DDP's gradient averaging sees
+    img, _ = masked_ce(logits, tgt, mask, "image")
+    assert torch.allclose(img, ((ce * mask).sum(1) / mask.sum(1)).mean())
+
+
+# ------------------------------------------------------------------------------------ config
+def test_config_precedence_yaml_then_flags(tmp_path):
+    import argparse
+    y = tmp_path / "c.yaml"
+    y.write_text("model: var-tiny\nbatch-size: 64\nbetas: [0.8, 0.9]\nmodel_override: {depth: 2}\n")
+    p = argparse.ArgumentParser()
+    add_config_args(p, TrainConfig)
+    args = p.parse_args(["--config", str(y), "--batch-size", "16", "--model-override", "embed_dim=32"])
+    cfg = build_config(TrainConfig, args)
+    assert cfg.model == "var-tiny" and cfg.batch_size == 16 and cfg.betas == (0.8, 0.9)
+    assert cfg.model_override == {"embed_dim": 32}            # flags replace the YAML value
+    assert cfg.epochs == TrainConfig().epochs
+    y.write_text("modle: var-tiny\n")
+    with pytest.raises(HMARError, match="modle"):
+        build_config(TrainConfig, p.parse_args(["--config", str(y)]))
+
+
+def test_shipped_yaml_configs_load():
+    from hmar.training.config import CONFIG_DIR
+    files = sorted(CONFIG_DIR.glob("*.yaml"))
+    assert len(files) >= 4
+    for f in files:
+        cls = TokenizerTrainConfig if f.stem.startswith("vqvae") else TrainConfig
+        cfg = build_config(cls, config=str(f))
+        if isinstance(cfg, TrainConfig):
+            model_config(cfg.model, **cfg.model_override)  # a valid preset
+    d16 = build_config(TrainConfig, config="hmar-d16")
+    assert (d16.batch_size, d16.epochs, d16.blr, d16.final_lr_ratio, d16.loss_weight) == (768, 200, 1e-4, 0.1, "gaussian")
+
+
+def test_help_documents_every_option(capsys):
+    from dataclasses import fields
+
+    from hmar.cli import main
+    for cmd, cls in (("train", TrainConfig), ("train-tokenizer", TokenizerTrainConfig)):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        out = capsys.readouterr().out
+        for f in fields(cls):
+            assert "--" + f.name.replace("_", "-") in out, f.name
+
+
+# ------------------------------------------------------------------------------------ tokenizer parts
+def test_ema_hits_rule_and_usage():
+    from hmar.training.tokenizer_trainer import code_usage, update_ema_hits
+    ema = torch.zeros(2, 4)
+    update_ema_hits(ema, torch.tensor([[4.0, 0, 0, 0], [1, 1, 1, 1]]), 0)
+    assert torch.equal(ema, torch.tensor([[4.0, 0, 0, 0], [1, 1, 1, 1]]))      # first update copies
+    update_ema_hits(ema, torch.tensor([[0.0, 4, 0, 0], [1, 1, 1, 1]]), 1)
+    assert torch.allclose(ema[0], torch.tensor([3.6, 0.4, 0, 0]))             # then factor 0.9
+    assert code_usage(ema) == [50.0, 100.0]
+
+
+def test_dead_codes_are_reinitialised_from_batch_residuals(tmp_path):
+    from hmar.training.synthetic import SMALL_TOKENIZER, make_shapes_folder
+    from hmar.training.tokenizer_trainer import TokenizerTrainer, residual_pool
+    make_shapes_folder(tmp_path / "d", 2, 4, 64)
+    cfg = TokenizerTrainConfig(data=str(tmp_path / "d"), out=str(tmp_path / "run"), batch_size=4, max_steps=1,
+                               tokenizer_override=dict(SMALL_TOKENIZER), dead_code_steps=5, progress=False,
+                               tensorboard=False)
+    tr = TokenizerTrainer(cfg)
+    x = torch.stack([tr.data.train[(i, 0)]["img"] for i in range(4)])
+    out = tr._train_step(x)
+    # at step 0, every code that this batch did not hit counts as dead
+    assert 0 < out["reinit"] < tr.vq.config.vocab_size
+    assert (tr.last_used == 0).all()
+    with torch.no_grad():
+        f = tr.vq.encode_features(x)
+        pool = residual_pool(tr.vq.quantize, f)
+    tr.step = 3
+    assert tr._reinit_dead_codes(f) == 0                      # nothing unused for 5 steps yet
+    tr.step = 5
+    assert tr._reinit_dead_codes(f) == tr.vq.config.vocab_size
+    new = tr.vq.quantize.embedding.weight.detach()
+    exact = torch.cdist(new, pool, compute_mode="donot_use_mm_for_euclid_dist").min(1).values
+    assert float(exact.max()) < 1e-6   # each new code IS a residual vector
+    assert len({tuple(r.tolist()) for r in new}) == tr.vq.config.vocab_size  # drawn without replacement
+    assert (tr.last_used == 5).all()
+    tr.log.close()
+
+
+def test_gan_parts():
+    from hmar.training.gan import PatchDiscriminator, adaptive_weight, hinge_d_loss
+    d = PatchDiscriminator(3, 8, 3)
+    out = d(torch.randn(2, 3, 64, 64))
+    assert out.shape == (2, 1, 6, 6)
+    assert float(hinge_d_loss(torch.full((4,), 2.0), torch.full((4,), -2.0))) == 0.0
+    assert float(hinge_d_loss(torch.zeros(4), torch.zeros(4))) == pytest.approx(1.0)
+    w = nn.Parameter(torch.ones(3))
+    rec, g = (w * 2).sum(), (w * 0.5).sum()
+    assert float(adaptive_weight(rec, g, w)) == pytest.approx(4.0, rel=1e-3)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_perceptual_loss_from_local_torchscript(tmp_path):
+    from hmar.training.gan import PerceptualLoss
+    net = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()))
+    net.save(str(tmp_path / "feat.pt"))
+    pl = PerceptualLoss(tmp_path / "feat.pt")
+    x = torch.randn(2, 3, 16, 16)
+    assert float(pl(x, x)) == 0.0 and float(pl(x, -x)) > 0
+    with pytest.raises(HMARError, match="does not exist"):
+        PerceptualLoss(tmp_path / "missing.pt")
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def test_checkpoint_manager_keeps_last_n_and_restores_rng(tmp_path):
+    from hmar.training.checkpointing import CheckpointManager, capture_rng, restore_rng
+    mgr = CheckpointManager(tmp_path / "ck", keep=2)
+    for s in (5, 10, 15):
+        mgr.save(s, {"x": torch.tensor([s])})
+    assert [p.name for p in mgr.paths()] == ["step_00000010.pt", "step_00000015.pt"]
+    ck = mgr.load_latest()
+    assert ck["step"] == 15 and int(ck["x"]) == 15 and not list((tmp_path / "ck").glob(".*tmp*"))
+    st = capture_rng()
+    a = (torch.rand(3), np.random.rand(), __import__("random").random())
+    restore_rng(st)
+    b = (torch.rand(3), np.random.rand(), __import__("random").random())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
