@@ -48,11 +48,11 @@ Rules (each is tested in ``tests/test_editing.py``):
 * **What "unchanged outside" means**, and how it is measured. (1) Tokens: outside the per-scale
   region the output's token maps equal the source's, exactly, at every scale. (2) Latent: generated
   coarse tokens spread beyond their cell (bicubic up-sampling, 3x3 phi convs), so with
-  ``composite="latent"`` (default) the accumulated latent ``f_hat`` outside the last-scale region is
+  ``composite="latent"`` the accumulated latent ``f_hat`` outside the last-scale region is
   replaced by the source's: it then equals the source's exactly, and the decoder renders the seam.
   (3) Pixels: the decoder still mixes latent pixels (3x3 convs locally; GroupNorm statistics and
   self-attention globally), so decoded pixels outside are close to, not equal to, the reconstruction.
-  ``composite="pixels"`` also pastes the reconstruction's pixels back outside the last-scale region
+  ``composite="pixels"`` (default) also pastes the reconstruction's pixels back outside the last-scale region
   (whole ``downsample x downsample`` cells, i.e. the painted area grown to the token grid): the pixels
   there then equal the reconstruction exactly, at the price of a possible hard seam.
   ``composite="none"`` keeps the pure token-level result (VAR's notebook: the surroundings drift).
@@ -403,7 +403,7 @@ def _to_pil(x: torch.Tensor) -> List["PILImage.Image"]:
 def edit(pipe: PipeLike, image: ImageInput, mask: ImageInput, class_label: Union[int, str, None] = None, *,
          generator: Seed = 0, seeds: Optional[Sequence[int]] = None, cfg: Optional[float] = None,
          top_k: Optional[int] = None, top_p: Optional[float] = None, temperature: Optional[float] = None,
-         schedule: Any = None, guide_masked: Optional[bool] = None, composite: Union[str, bool] = "latent",
+         schedule: Any = None, guide_masked: Optional[bool] = None, composite: Union[str, bool] = "pixels",
          value_range: Tuple[float, float] = (0.0, 1.0), max_pixels: Optional[int] = MAX_PIXELS,
          return_tokens: bool = False, callback: Optional[Callable[[StepInfo], None]] = None,
          ) -> Union[List["PILImage.Image"], EditOutput]:

@@ -138,7 +138,7 @@ def test_outside_tokens_kept_inside_generated(pipe):
     a = _image(96, 80)                                  # not square: resized and centre-cropped
     m = np.zeros((80, 96), dtype=bool)
     m[:, :48] = True
-    out = pipe.inpaint(a, m, seeds=[0, 1, 2], return_tokens=True)
+    out = pipe.inpaint(a, m, seeds=[0, 1, 2], return_tokens=True, composite="latent")
     assert len(out.images) == 3 and all(im.size == (R, R) for im in out.images)
     inside_differs = 0
     for k, (reg, src, got) in enumerate(zip(out.regions, out.source_indices, out.indices)):

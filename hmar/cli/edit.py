@@ -55,9 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         add_sampling_args(q)
         q.add_argument("--seeds", default=None,
                        help="comma-separated seeds, one image per seed (overrides --seed), e.g. 0,1,2")
-        q.add_argument("--composite", choices=("latent", "pixels", "none"), default="latent",
-                       help="keep the outside of the region: 'latent' = source latent outside (default); 'pixels' "
-                            "= also paste the reconstruction's pixels back; 'none' = pure token-level edit")
+        q.add_argument("--composite", choices=("latent", "pixels", "none"), default="pixels",
+                       help="keep the outside of the region: 'pixels' (default) = outside the region's token cells the "
+                            "pixels are exactly the tokenizer's reconstruction; 'latent' = only the latent is the "
+                            "source's (smoother seam, pixels close but not equal); 'none' = pure token-level edit")
         q.add_argument("--max-pixels", type=int, default=50_000_000, help="refuse images with more pixels than this (default: 50000000)")
         q.add_argument("--out", "-o", default="edited.png", help="output PNG path (default: edited.png)")
         q.set_defaults(func=run, edit_op=name)

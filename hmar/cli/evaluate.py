@@ -87,6 +87,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--device", default="cpu", help="torch device")
     t.set_defaults(func=_train_classifier)
 
+    from .common import add_model_args, add_sampling_args
+    g = subparsers.add_parser(
+        "generate", help="generate N images per class for evaluation (sharded over GPUs under torchrun)",
+        description="Write OUT/<class>/<index>.png for every class. Under torchrun each process takes every "
+                    "WORLD_SIZE-th chunk on cuda:LOCAL_RANK; the files do not depend on the number of processes. "
+                    "Existing chunks are skipped, so an interrupted run resumes. Example: "
+                    "torchrun --nproc_per_node 8 -m hmar generate -c model/ --per-class 1000 --out samples/",
+        formatter_class=HelpFormatter)
+    add_model_args(g)
+    add_sampling_args(g)
+    g.add_argument("--per-class", type=int, default=50, help="images per class")
+    g.add_argument("--classes", type=int, default=None, help="only the first N classes (default: all)")
+    g.add_argument("--batch-size", type=int, default=50, help="images per sampling batch (part of the seeding)")
+    g.add_argument("--out", type=Path, required=True, help="output folder")
+    g.add_argument("--overwrite", action="store_true", help="regenerate chunks whose files exist")
+    g.set_defaults(func=_generate)
+
 
 def _extractors(args: argparse.Namespace):
     """``(inception or None, classifier or None)`` as the options ask."""
@@ -164,4 +181,25 @@ def _export_inception(args: argparse.Namespace) -> int:
     from ..evaluation.inception import export_half
     out = export_half(args.out, args.inception)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, fp16)")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+    from ..evaluation.generate import dist_rank_world, generate_samples
+    from .common import load_pipeline, sampling_kwargs
+    rank, world = dist_rank_world()
+    if world > 1 and args.device.startswith("cuda"):
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % max(torch.cuda.device_count(), 1)}"
+    pipe = load_pipeline(args, say=print if rank == 0 else (lambda *a: None))
+    kw = sampling_kwargs(args)
+    n_cls = pipe.num_classes if args.classes is None else min(args.classes, pipe.num_classes)
+
+    def sample_fn(labels: "torch.Tensor", generator: "torch.Generator") -> "torch.Tensor":
+        return pipe.generate(labels.tolist(), generator=generator, **kw).images
+
+    t0 = time.time()
+    files = generate_samples(sample_fn, n_cls, args.per_class, args.batch_size, args.out, args.seed, rank, world,
+                             device=pipe.device, overwrite=args.overwrite)
+    print(f"rank {rank}/{world}: wrote {len(files)} images to {args.out} in {time.time() - t0:.1f}s")
     return 0
