@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -17,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .errors import HMARError
-from .model import HMAR, ScaleTransformer, build_model
+from .model import build_model
 from .model.keymaps import nsp_to_hmar
 from .presets import ModelConfig, TokenizerConfig
 from .tokenizer import VQVAE
@@ -101,7 +100,6 @@ def infer_model_config(sd: Dict[str, torch.Tensor], kind: Optional[str] = None) 
     if kind == "vqvae":
         raise HMARError("this checkpoint is a VQ-VAE (tokenizer), not a transformer: pass it with --vqvae")
     C = sd["pos_start"].shape[-1]
-    prefix = "base_blocks" if kind == "hmar" else "blocks"
     nblocks = lambda pre: len({k.split(".")[1] for k in sd if k.startswith(pre + ".")})  # noqa: E731
     if kind == "hmar":
         branch = nblocks("ns_blocks")

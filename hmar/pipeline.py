@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -21,6 +20,9 @@ from .model import build_model
 from .presets import model_config, tokenizer_config
 from .sampling import SampleOutput, make_generator, sample
 from .tokenizer import VQVAE
+
+if TYPE_CHECKING:  # pragma: no cover
+    import PIL.Image
 
 DEFAULT_SAMPLING: Dict[str, Any] = {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "temperature": 1.0,
                                     "schedule": None, "guide_masked": False}

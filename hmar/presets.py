@@ -8,7 +8,7 @@ Transformer presets follow the official size rule: width ``64 * depth``, ``depth
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .errors import HMARError

@@ -2,17 +2,15 @@
 bad input into one-line errors."""
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 from hmar import VQVAE, build_model, model_config, tokenizer_config
-from hmar.checkpoint import (detect_kind, infer_model_config, load_official_model, load_official_tokenizer,
-                             load_pretrained, save_pretrained)
+from hmar.checkpoint import (detect_kind, load_official_model, load_official_tokenizer, load_pretrained,
+                             save_pretrained)
 from hmar.cli import build_parser, main
-from hmar.errors import HMARError
 
 
 @pytest.fixture(scope="module")

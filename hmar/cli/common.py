@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import List, Optional
+from typing import List
 
 import torch
 

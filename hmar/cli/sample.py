@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 from ..errors import HMARError
-from .common import add_model_args, add_sampling_args, load_pipeline, parse_int_list, sampling_kwargs
+from .common import add_model_args, add_sampling_args, load_pipeline, sampling_kwargs
 
 
 def register(sub: argparse._SubParsersAction) -> None:

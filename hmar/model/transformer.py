@@ -12,7 +12,6 @@ gets ``lvl_embed[scale] + pos_1LC[position]``. Output position ``p`` predicts th
 """
 from __future__ import annotations
 
-import copy
 import math
 from typing import Iterator, List, Optional, Sequence, Tuple
 

@@ -146,6 +146,28 @@ class CheckpointManager:
         return False
 
 
+def resume_point(trainer: Any, stage: str) -> Optional[Dict[str, Any]]:
+    """The newest checkpoint of ``trainer`` (None, with a note, when there is none); it must be of ``stage``."""
+    ck = trainer.ckpts.load_latest(trainer.say)
+    if ck is None:
+        trainer.say(f"--resume: no checkpoint in {trainer.ckpts.dir}, starting from scratch")
+        return None
+    if ck.get("stage") != stage:
+        from ..errors import HMARError
+        raise HMARError(f"{ck['path']} is a {ck.get('stage')} checkpoint but this run is {stage}")
+    return ck
+
+
+def restore_position(trainer: Any, ck: Dict[str, Any]) -> None:
+    """Step, epoch, batch within the epoch, skipped files and RNG states of a resumed ``trainer``."""
+    from .distributed import seed_everything
+    trainer.step, trainer.epoch, trainer.batch = int(ck["step"]), int(ck["epoch"]), int(ck["batch"])
+    trainer.corrupt.seen.update(ck.get("corrupt", []))
+    if not trainer.ckpts.restore_rng(ck, trainer.say):
+        seed_everything(trainer.cfg.seed * 1000 + trainer.info.rank + 1 + 7919 * trainer.step)
+    trainer.say(f"resumed from {ck['path']}: step {trainer.step}, epoch {trainer.epoch}, batch {trainer.batch}")
+
+
 def require_fresh_or_resume(run_dir: Path, resume: bool) -> None:
     """Refuse to silently mix a new run into a run directory that has checkpoints."""
     mgr = CheckpointManager(run_dir / "checkpoints")

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from ..errors import HMARError
 from ..model import HMAR, build_model, init_weights
 from ..presets import ModelConfig, model_config
-from .checkpointing import CheckpointManager, get_states, require_fresh_or_resume, set_states
+from .checkpointing import (CheckpointManager, get_states, require_fresh_or_resume, restore_position, resume_point,
+                            set_states)
 from .config import TrainConfig, config_to_dict
 from .data import (CorruptFiles, EpochBatches, EvalBatches, PaddedEval, TrainData, build_data, is_token_cache,
                    make_loader, quantizer_fingerprint, read_token_cache)
@@ -416,12 +417,9 @@ class Trainer:
             self.say(f"saved checkpoint {path}")
 
     def _resume(self) -> None:
-        ck = self.ckpts.load_latest(self.say)
+        ck = resume_point(self, self.stage)
         if ck is None:
-            self.say(f"--resume: no checkpoint in {self.ckpts.dir}, starting from scratch")
             return
-        if ck.get("stage") != self.stage:
-            raise HMARError(f"{ck['path']} is a {ck.get('stage')} checkpoint but this run is {self.stage}")
         try:
             set_states(self.st.wrapped, [self.st.optimizer], ck["states"], self.info)
         except (RuntimeError, KeyError, ValueError) as e:
@@ -429,11 +427,7 @@ class Trainer:
                             "resume with the options of the original run") from None
         if self.st.scaler is not None and ck.get("scaler"):
             self.st.scaler.load_state_dict(ck["scaler"])
-        self.step, self.epoch, self.batch = int(ck["step"]), int(ck["epoch"]), int(ck["batch"])
-        self.corrupt.seen.update(ck.get("corrupt", []))
-        if not self.ckpts.restore_rng(ck, self.say):
-            seed_everything(self.cfg.seed * 1000 + self.info.rank + 1 + 7919 * self.step)
-        self.say(f"resumed from {ck['path']}: step {self.step}, epoch {self.epoch}, batch {self.batch}")
+        restore_position(self, ck)
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> Path:

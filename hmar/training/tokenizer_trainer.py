@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from ..errors import HMARError
 from ..presets import tokenizer_config
 from ..tokenizer import VQVAE
-from .checkpointing import CheckpointManager, get_states, require_fresh_or_resume, set_states
+from .checkpointing import (CheckpointManager, get_states, require_fresh_or_resume, restore_position, resume_point,
+                            set_states)
 from .config import TokenizerTrainConfig, config_to_dict
 from .data import CorruptFiles, EpochBatches, EvalBatches, PaddedEval, build_image_data, is_token_cache, make_loader
 from .distributed import DistInfo, all_reduce_, all_reduce_max, broadcast_, cleanup, init_distributed, seed_everything, wrap_model
@@ -272,12 +273,9 @@ class TokenizerTrainer:
             self.say(f"saved checkpoint {path}")
 
     def _resume(self) -> None:
-        ck = self.ckpts.load_latest(self.say)
+        ck = resume_point(self, "tokenizer")
         if ck is None:
-            self.say(f"--resume: no checkpoint in {self.ckpts.dir}, starting from scratch")
             return
-        if ck.get("stage") != "tokenizer":
-            raise HMARError(f"{ck['path']} is not a tokenizer-training checkpoint")
         try:
             set_states(self.fwd, [self.opt], ck["states"], self.info)
             if self.disc is not None and "disc" in ck:
@@ -287,11 +285,7 @@ class TokenizerTrainer:
                             "with the options of the original run") from None
         self.last_used = ck["last_used"].to(self.info.device)
         self.ema_updates = int(ck["ema_updates"])
-        self.step, self.epoch, self.batch = int(ck["step"]), int(ck["epoch"]), int(ck["batch"])
-        self.corrupt.seen.update(ck.get("corrupt", []))
-        if not self.ckpts.restore_rng(ck, self.say):
-            seed_everything(self.cfg.seed * 1000 + self.info.rank + 1 + 7919 * self.step)
-        self.say(f"resumed from {ck['path']}: step {self.step}, epoch {self.epoch}, batch {self.batch}")
+        restore_position(self, ck)
 
     # ---------------------------------------------------------------- loop
     def run(self) -> Path:
