@@ -4,56 +4,87 @@ the official loss weighting and clipping.
 
     python benchmarks/bench_train.py                                  # hmar-d16 stage 1 and var-d16, batch 32
     python benchmarks/bench_train.py --preset hmar-d16 --stage masked --batch 32 --json out.json
+    python benchmarks/bench_train.py --preset hmar-d16 --compile --attention-backend triton
+    python benchmarks/bench_train.py --preset hmar-d16 --matrix --attention-backend auto per_scale
     python benchmarks/bench_train.py --preset hmar-tiny --device cpu --steps 5   # smoke test
 
-Prints images/s, ms/step and peak GPU memory per configuration; ``--json`` writes them to a file.
+One configuration = preset x stage x (eager | ``--compile``) x (``--chunked-ce`` | ``--no-chunked-ce``) x
+attention backend. ``--matrix`` runs, per preset, every combination of {eager, compiled} x {plain CE, chunked CE}
+x the listed ``--attention-backend`` values side by side in one process (fresh model and optimiser each, same
+seed and data) and prints each one's speed relative to the first (eager, plain CE, first backend).
+
+Presets of the performance goals: ``hmar-d16`` (>= 500 img/s at batch 32), ``hmar-d30`` (>= 91 img/s),
+``hmar-d16-512`` (>= 129 img/s); ``var-d16`` for the VAR comparison. Prints images/s, ms/step, peak GPU memory
+and the final loss per configuration (with ``--model-override drop_path_rate=0 cond_drop_rate=0`` the losses of
+all variants must agree up to rounding: a cheap check that the fast paths compute the same thing);
+``--json`` writes them to a file.
 """
 from __future__ import annotations
 
 import argparse
+import gc
+import itertools
 import json
 import os
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from hmar.attention import TRAINING_BACKENDS, choose_backend  # noqa: E402
 from hmar.model import HMAR, build_model, init_weights  # noqa: E402
 from hmar.presets import ModelConfig, model_config  # noqa: E402
 from hmar.tokenizer.quantizer import MultiScaleQuantizer  # noqa: E402
+from hmar.training.config import parse_overrides  # noqa: E402
 from hmar.training.distributed import DistInfo, resolve_device  # noqa: E402
 from hmar.training.loop import prepare_training, train_step  # noqa: E402
 from hmar.training.losses import draw_masks  # noqa: E402
 from hmar.training.optim import apply_schedule  # noqa: E402
 
+GOAL_PRESETS = ("hmar-d16", "var-d16", "hmar-d30", "hmar-d16-512")
 
-def build(preset: str, stage: str, device: torch.device) -> torch.nn.Module:
+
+def build(preset: str, stage: str, device: torch.device, overrides: Optional[Dict[str, Any]] = None) -> torch.nn.Module:
     """The model a run of ``hmar train --model PRESET --stage STAGE`` would train (random init)."""
-    d = model_config(preset).to_dict()
+    d = model_config(preset, **(overrides or {})).to_dict()
     if stage == "next-scale" and d["kind"] == "hmar":
         d["kind"] = "nsp"
     if stage == "masked":
+        branch = d["branch_depth"] if d["kind"] == "hmar" else None
         d["kind"] = "nsp"
         nsp = build_model(ModelConfig.from_dict(d))
         init_weights(nsp)
-        return HMAR.from_next_scale(nsp, model_config(preset).branch_depth if preset.startswith("hmar") else None)
+        return HMAR.from_next_scale(nsp, branch)
     m = build_model(ModelConfig.from_dict(d))
     init_weights(m)
     return m
 
 
+def resolved_backend(backend: str, cfg: ModelConfig, batch: int, amp: Optional[torch.dtype],
+                     device: torch.device) -> str:
+    """What ``auto`` picks for this model's training attention calls (``[B, H, L, D]``)."""
+    if backend != "auto":
+        return backend
+    pattern = "block_causal" if cfg.kind == "var" else "block_diagonal"
+    q = torch.empty(batch, cfg.num_heads, cfg.seq_len, cfg.head_dim, dtype=amp or torch.float32, device=device)
+    return choose_backend(q, [p * p for p in cfg.patch_nums], pattern)
+
+
 def bench(preset: str, stage: str, batch: int, steps: int, warmup: int, precision: str, fused: str, compile: bool,
-          device: torch.device) -> Dict[str, Any]:
+          device: torch.device, chunked_ce: bool = True, attention_backend: str = "auto",
+          compile_backend: str = "inductor", ce_chunk: Optional[int] = None,
+          overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     torch.manual_seed(0)
-    model = build(preset, stage, device)
+    model = build(preset, stage, device, overrides)
     cfg = model.config
     quant = MultiScaleQuantizer(cfg.vocab_size, cfg.z_channels, cfg.patch_nums)
     weighting = "uniform" if cfg.kind == "var" else "gaussian"
     st = prepare_training(model, quant, stage, DistInfo(device=device), loss_weight=weighting, precision=precision,
-                          fused=fused, lr=3e-4, compile=compile)
+                          fused=fused, lr=3e-4, compile=compile, chunked_ce=chunked_ce,
+                          attention_backend=attention_backend, ce_chunk=ce_chunk, compile_backend=compile_backend)
     apply_schedule(st.optimizer, 3e-4, 0.05)
     L = cfg.seq_len
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -61,8 +92,14 @@ def bench(preset: str, stage: str, batch: int, steps: int, warmup: int, precisio
     labels = torch.randint(0, cfg.num_classes, (batch,), generator=g).to(device)
     mask = draw_masks([(0, 0, i) for i in range(batch)], cfg.patch_nums, device=device) if stage == "masked" else None
     cuda = device.type == "cuda"
-    for _ in range(warmup):
+    torch.manual_seed(1)   # the same dropout / drop-path stream for every variant
+    t_first = time.perf_counter()
+    for i in range(warmup):
         train_step(st, idx, labels, mask)
+        if i == 0:
+            if cuda:
+                torch.cuda.synchronize()
+            first_s = time.perf_counter() - t_first   # includes compilation with --compile
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -78,42 +115,94 @@ def bench(preset: str, stage: str, batch: int, steps: int, warmup: int, precisio
            "trained_params_m": round(sum(p.numel() for p in st.params) / 1e6, 2),
            "precision": str(st.amp_dtype).replace("torch.", "") if st.amp_dtype else "fp32",
            "fused_adamw": bool(st.optimizer.defaults.get("fused")), "compile": compile,
-           "attention_backend": os.environ.get("HMAR_ATTN_BACKEND", "auto"),
-           "ms_per_step": round(dt * 1000, 2), "img_per_s": round(batch / dt, 1), "loss": round(loss, 4),
+           "compile_backend": compile_backend if compile else None, "chunked_ce": chunked_ce,
+           "attention_backend": os.environ.get("HMAR_ATTN_BACKEND") or attention_backend,
+           "attention_resolved": resolved_backend(os.environ.get("HMAR_ATTN_BACKEND") or attention_backend, cfg,
+                                                  batch, st.amp_dtype, device),
+           "ms_per_step": round(dt * 1000, 2), "img_per_s": round(batch / dt, 1), "loss": round(loss, 5),
+           "first_step_s": round(first_s, 2) if warmup else None,
            "device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__}
     if cuda:
         res["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+    del st, model
+    release(device, compile)
     return res
+
+
+def release(device: torch.device, compiled: bool) -> None:
+    """Free what one configuration left behind before the next one is built."""
+    if compiled:
+        torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def variant_name(r: Dict[str, Any]) -> str:
+    return (f"{'compiled' if r['compile'] else 'eager'}+{'chunked' if r['chunked_ce'] else 'plain'}-CE+"
+            f"{r['attention_backend']}" + (f"({r['attention_resolved']})" if r["attention_backend"] == "auto" else ""))
+
+
+def report(r: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> str:
+    mem = f", peak {r['peak_mem_gib']:6.2f} GiB" if "peak_mem_gib" in r else ""
+    ratio = f"  x{base['ms_per_step'] / r['ms_per_step']:.2f} vs eager" if base is not None else ""
+    return (f"{r['preset']:>12} {r['stage']:<10} batch {r['batch']}  {variant_name(r):<40} "
+            f"{r['img_per_s']:8.1f} img/s {r['ms_per_step']:9.2f} ms/step{mem}  loss {r['loss']:.5f}{ratio}  "
+            f"({r['params_m']}M params, {r['trained_params_m']}M trained, {r['precision']}, fused AdamW "
+            f"{r['fused_adamw']}, first step {r['first_step_s']} s, {r['device']})")
+
+
+def variants(a: argparse.Namespace) -> List[Dict[str, Any]]:
+    if not a.matrix:
+        return [dict(compile=a.compile, chunked_ce=a.chunked_ce, attention_backend=b) for b in a.attention_backend]
+    return [dict(compile=c, chunked_ce=ce, attention_backend=b)
+            for c, ce, b in itertools.product((False, True), (False, True), a.attention_backend)]
 
 
 def main(argv: List[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", nargs="+", default=["hmar-d16", "var-d16"], help="model presets (default: hmar-d16 var-d16)")
+    p.add_argument("--preset", nargs="+", default=["hmar-d16", "var-d16"],
+                   help=f"model presets (default: hmar-d16 var-d16; the goals: {' '.join(GOAL_PRESETS)}; any "
+                        "hmar-d<N>[-512] / var-d<N>[-512] / *-tiny preset)")
     p.add_argument("--stage", default="next-scale", choices=["next-scale", "masked"], help="training stage")
     p.add_argument("--batch", type=int, default=32, help="images per step (default: 32)")
     p.add_argument("--steps", type=int, default=20, help="timed steps (default: 20)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (default: 5)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first, compilation included (default: 5)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 autocast on GPU, fp32 on CPU")
     p.add_argument("--fused", default="auto", choices=["auto", "on", "off"], help="fused AdamW (auto: on CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend (default: inductor; aot_eager for a quick CPU smoke test)")
+    p.add_argument("--chunked-ce", action=argparse.BooleanOptionalAction, default=True,
+                   help="chunked output head + cross-entropy (default: on; --no-chunked-ce: the plain path)")
+    p.add_argument("--ce-chunk", type=int, default=None, metavar="TOKENS",
+                   help="tokens per chunk of the chunked CE (default: 128 MiB of fp32 logits per chunk)")
+    p.add_argument("--attention-backend", nargs="+", default=["auto"], choices=list(TRAINING_BACKENDS),
+                   help="attention backend(s) (default: auto); several values run one configuration each")
+    p.add_argument("--matrix", action="store_true",
+                   help="run {eager, compiled} x {plain CE, chunked CE} x the --attention-backend values per preset, "
+                        "side by side, with speed ratios against the first (eager, plain CE)")
+    p.add_argument("--model-override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override model config fields, e.g. drop_path_rate=0 cond_drop_rate=0 (deterministic "
+                        "losses) or num_heads=1 (head dim 64 for the Triton kernel on a tiny preset)")
     p.add_argument("--device", default="auto", help="torch device (default: cuda if available)")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results to this JSON file")
     a = p.parse_args(argv)
     dev = resolve_device(a.device)
+    overrides = parse_overrides(a.model_override, "--model-override")
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     results = []
     for preset in a.preset:
-        r = bench(preset, a.stage, a.batch, a.steps, a.warmup, a.precision, a.fused, a.compile, dev)
-        results.append(r)
-        mem = f", peak {r['peak_mem_gib']} GiB" if "peak_mem_gib" in r else ""
-        print(f"{preset:>10} {a.stage:<10} batch {a.batch}: {r['img_per_s']:8.1f} img/s  {r['ms_per_step']:8.2f} ms/step"
-              f"{mem}  ({r['params_m']}M params, {r['trained_params_m']}M trained, {r['precision']}, "
-              f"fused AdamW {r['fused_adamw']}, {r['device']})", flush=True)
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
+        base = None
+        for v in variants(a):
+            r = bench(preset, a.stage, a.batch, a.steps, a.warmup, a.precision, a.fused, v["compile"], dev,
+                      v["chunked_ce"], v["attention_backend"], a.compile_backend, a.ce_chunk, overrides)
+            base = base or (r if a.matrix else None)
+            results.append(r)
+            print(report(r, base), flush=True)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=2)

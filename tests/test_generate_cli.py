@@ -26,3 +26,35 @@ def test_generate_is_rank_count_independent(tmp_path, monkeypatch):
     assert len(one) == 9 and one == two
     # images differ between classes and between images of a class
     assert len(set(one.values())) == 9
+
+
+def test_generate_under_torchrun_matches_one_process(tmp_path):
+    """Real `torchrun --nproc_per_node 2` (CPU): the two ranks share the chunks and write the files of a
+    1-process run, byte for byte."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    torch.manual_seed(1)
+    torch.save(build_model(model_config("hmar-tiny")).state_dict(), tmp_path / "m.pth")
+    torch.save(VQVAE(tokenizer_config("vqvae-tiny")).state_dict(), tmp_path / "v.pth")
+    common = ["-m", "hmar", "generate", "-c", str(tmp_path / "m.pth"), "--vqvae", str(tmp_path / "v.pth"),
+              "--per-class", "3", "--classes", "2", "--batch-size", "2", "--device", "cpu", "--seed", "11"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(port)]
+    two = subprocess.Popen([*torchrun, *common, "--out", str(tmp_path / "two")], env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    one = subprocess.run([sys.executable, *common, "--out", str(tmp_path / "one")], env=env, capture_output=True,
+                         text=True, timeout=120)
+    out2, _ = two.communicate(timeout=120)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.returncode == 0, out2[-3000:]
+    # chunks (class 0: 2 + 1 images, class 1: 2 + 1) dealt round-robin: rank 0 gets both 2-image chunks
+    assert "rank 0/2: wrote 4 images" in out2 and "rank 1/2: wrote 2 images" in out2, out2[-3000:]
+    d1, d2 = _digest(tmp_path / "one"), _digest(tmp_path / "two")
+    assert len(d1) == 6 and d1 == d2

@@ -249,5 +249,10 @@ def test_gpu_autotuned_configs(pattern, monkeypatch):
 @needs_triton
 def test_gpu_auto_backend_is_triton():
     from hmar.attention import choose_backend
-    q = torch.zeros(1, 2, 30, 64, dtype=torch.bfloat16, device="cuda")
-    assert choose_backend(q, (1, 4, 9, 16), "block_diagonal") == "triton"
+    lengths = tuple(x * x for x in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16))
+    q = torch.zeros(32, 16, 680, 64, dtype=torch.bfloat16, device="cuda")   # a d16 training call
+    for pattern in PATTERNS:
+        assert choose_backend(q, lengths, pattern) == "triton"
+    # small calls are launch-bound: one masked SDPA launch wins there
+    assert choose_backend(q[:1, :2, :30], (1, 4, 9, 16), "block_diagonal") == "reference"
+    assert choose_backend(q[:4], lengths, "block_diagonal") == "reference"

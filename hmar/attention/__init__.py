@@ -51,24 +51,48 @@ def available_backends() -> Tuple[str, ...]:
     return tuple(_BACKENDS)
 
 
-@lru_cache(maxsize=64)
-def _mask_cpu(lengths: Tuple[int, ...], pattern: str) -> torch.Tensor:
-    level = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+def _levels(lengths: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Block index of every position, ``[N]``, from arithmetic on ``arange`` only (no data-dependent shapes,
+    so it traces under ``torch.compile``)."""
+    pos = torch.arange(sum(lengths), device=device)
+    level = torch.zeros_like(pos)
+    start = 0
+    for n in lengths[:-1]:
+        start += n
+        level = level + (pos >= start).long()
+    return level
+
+
+def _build_mask(lengths: Tuple[int, ...], pattern: str, device: torch.device) -> torch.Tensor:
+    level = _levels(lengths, device)
     if pattern == "block_diagonal":
         return level[:, None] == level[None, :]
     if pattern == "block_causal":
         return level[:, None] >= level[None, :]
-    return torch.ones(len(level), len(level), dtype=torch.bool)
+    return torch.ones(len(level), len(level), dtype=torch.bool, device=device)
+
+
+@lru_cache(maxsize=64)
+def _mask_cpu(lengths: Tuple[int, ...], pattern: str) -> torch.Tensor:
+    return _build_mask(lengths, pattern, torch.device("cpu"))
 
 
 _MASKS: Dict[Tuple[Tuple[int, ...], str, torch.device], torch.Tensor] = {}
 
 
 def block_mask(lengths: Sequence[int], pattern: Pattern, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Boolean ``[N, N]`` mask: ``True`` where query ``i`` may attend to key ``j``."""
+    """Boolean ``[N, N]`` mask: ``True`` where query ``i`` may attend to key ``j``.
+
+    Eager calls are cached per ``(lengths, pattern, device)``. Inside ``torch.compile`` the mask is built from
+    ``arange`` and comparisons with constants instead (no cache lookup, so no graph break and no guard on a
+    global dictionary of tensors); the compiler folds or fuses that small computation.
+    """
     if pattern not in PATTERNS:
         raise ValueError(f"unknown attention pattern {pattern!r}; use one of {PATTERNS}")
-    key = (tuple(int(n) for n in lengths), pattern, torch.device(device))
+    lengths = tuple(int(n) for n in lengths)
+    if torch.compiler.is_compiling():
+        return _build_mask(lengths, pattern, torch.device(device))
+    key = (lengths, pattern, torch.device(device))
     m = _MASKS.get(key)
     if m is None:
         m = _mask_cpu(key[0], pattern).to(key[2])
@@ -113,21 +137,76 @@ def _maybe_load_triton() -> None:
         pass
 
 
+# Below this many attention scores per call (``B * H * N * N``, the dense score matrix) one masked-SDPA launch
+# (``"reference"``) beats the fused kernel on CUDA: there the kernel is launch- and host-bound (three launches and
+# an autograd round trip through Python for ~0.2 ms of GPU work), and the dense matrix is still small. H200,
+# forward+backward, bf16 (benchmarks/results/2026-11-29-h200-attention-*.log, final code):
+#   block-diagonal N=680: B=4 H=16 (3.0e7 scores) masked SDPA 0.17 ms vs ours 0.38; B=4 H=30 (5.5e7) 0.32 vs
+#   0.54; B=16 H=16 (1.2e8) 0.61 vs 0.44 (ours wins from here on, and the dense matrix only grows with N);
+#   block-causal N=680: B=16 H=16 (1.2e8) 0.61 vs 0.65 (masked SDPA still wins), B=16 H=30 (2.2e8) 1.09 vs 0.63.
+# The fused kernel wins by skipping invisible tiles; block-causal has about half as many to skip, so its
+# crossover is about twice as high. A d16 training step (B=32, H=16, N=680: 2.4e8 scores per call) is on the
+# fused side for both patterns.
+SMALL_DENSE_SCORES = {"block_diagonal": 1 << 26, "block_causal": 1 << 27}
+
+
+def prefers_masked_sdpa(shape: Sequence[int], pattern: str) -> bool:
+    """The size rule of :func:`choose_backend` on CUDA: ``True`` when a ``[B, H, N, D]`` call is small enough
+    that one masked-SDPA launch beats the fused kernel (``B * H * N^2 < SMALL_DENSE_SCORES[pattern]``)."""
+    B, H, N = shape[0], shape[1], shape[2]
+    return B * H * N * N < SMALL_DENSE_SCORES.get(pattern, 0)
+
+
+TRAINING_BACKENDS = ("auto", "reference", "per_scale", "triton")
+
+
 def choose_backend(q: torch.Tensor, lengths: Sequence[int], pattern: Pattern) -> str:
-    """Automatic backend: fused Triton kernel on CUDA where it supports the call, then per-scale
-    SDPA on CUDA, and the boolean-mask reference on the CPU."""
+    """Automatic backend (``HMAR_ATTN_BACKEND`` in the environment overrides it).
+
+    * ``dense`` pattern, or the CPU: ``"reference"`` (one SDPA call, with the boolean mask for block patterns).
+    * CUDA, small calls (``B * H * N^2 < SMALL_DENSE_SCORES[pattern]``): ``"reference"`` (see the comment there).
+    * CUDA otherwise: the fused ``"triton"`` kernel where it supports the call (fp16/bf16, head dim 64/128), for
+      both patterns: it beats per-scale SDPA for block-diagonal everywhere measured (1.4-7x) and for block-causal
+      up to N=2240 (1.6-5x); at N=9451 block-causal is dominated by the dense lower-triangle tiles and the two are
+      at parity (0.99-1.14x), so the kernel is kept there too. Else ``"per_scale"`` (FlashAttention per block).
+    """
     forced = os.environ.get("HMAR_ATTN_BACKEND")
-    if forced:
+    if forced and forced != "auto":
         return forced
     if pattern == "dense":
         return "reference"
     if q.is_cuda:
+        if prefers_masked_sdpa(q.shape, pattern):
+            return "reference"
         _maybe_load_triton()
         sup = _SUPPORTS.get("triton")
         if "triton" in _BACKENDS and sup is not None and sup(q, tuple(lengths), pattern):
             return "triton"
         return "per_scale"
     return "reference"
+
+
+def check_backend(name: Optional[str], device: torch.device | str) -> Optional[str]:
+    """Validate a training ``--attention-backend`` for ``device``: returns ``None`` for ``auto`` (choose per
+    call), else the name; raises ``ValueError`` with the reason when it cannot run there.
+
+    Call it before ``torch.compile`` traces the model: it also imports the Triton backend where it may be
+    chosen (an import inside the traced region would break the graph)."""
+    if name == "triton" or torch.device(device).type == "cuda":
+        _maybe_load_triton()
+    if name is None or name == "auto":
+        return None
+    if name not in TRAINING_BACKENDS and name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; use one of {', '.join(TRAINING_BACKENDS)}")
+    if name == "triton":
+        _maybe_load_triton()
+        if "triton" not in _BACKENDS:
+            raise ValueError("attention backend 'triton' needs the triton package (pip install triton)")
+        from . import triton_kernel as tk
+        if torch.device(device).type != "cuda" and not tk._interpret():
+            raise ValueError("attention backend 'triton' runs on CUDA (or on the CPU under TRITON_INTERPRET=1, "
+                             "for tests); use auto, reference or per_scale here")
+    return name
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lengths: Sequence[int],
@@ -142,6 +221,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lengths: Seq
     if sum(lengths) != q.shape[2]:
         raise ValueError(f"attention: the scale lengths {lengths} sum to {sum(lengths)}, "
                          f"but the sequence has {q.shape[2]} tokens")
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev):
+        # What autocast does to SDPA's inputs, done before the choice so every backend sees one dtype: under bf16
+        # autocast the L2-normalised q (and, on CUDA, k) arrive in fp32 (norm/exp run in fp32), and the fused
+        # kernel only takes one half dtype for q, k and v (it used to decline such calls: per-scale SDPA ran).
+        dt = torch.get_autocast_dtype(dev)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
     name = backend or choose_backend(q, lengths, pattern)
     if name not in _BACKENDS:
         _maybe_load_triton()
@@ -151,4 +237,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lengths: Seq
     return fn(q, k, v, lengths, pattern, scale)
 
 
-__all__ = ["attention", "block_mask", "register_backend", "available_backends", "choose_backend", "PATTERNS"]
+__all__ = ["attention", "block_mask", "register_backend", "available_backends", "choose_backend", "check_backend",
+           "prefers_masked_sdpa", "PATTERNS", "TRAINING_BACKENDS", "SMALL_DENSE_SCORES"]

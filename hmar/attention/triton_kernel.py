@@ -725,6 +725,84 @@ class _BlockSparseAttention(torch.autograd.Function):
         return g[0], g[1], g[2], None, None, None
 
 
+# --------------------------------------------------------------------------------------------
+# torch.compile: the same launches behind two opaque custom ops
+# --------------------------------------------------------------------------------------------
+# Dynamo cannot trace the autograd.Function above (the plan cache, the autotuner and the work-list tensors are
+# host-side Python), so inside torch.compile the attention goes through ``hmar::block_sparse_attn_fwd`` /
+# ``hmar::block_sparse_attn_bwd``: custom ops with fake (shape-only) implementations and a registered autograd
+# formula. The compiler sees two opaque calls per attention layer and compiles everything around them; at run
+# time they run the same plans and kernels as the eager path (autotuning included). Eager calls keep using the
+# autograd.Function (no custom-op dispatch overhead on the host-bound small sizes).
+def _fwd_impl(q, k, v, lengths, pattern, scale):
+    q, k, v = _same_layout(q, k, v)
+    cfg, tab, bnd = _fwd_plan(q, k, v, lengths, pattern, scale)
+    B, H, N, D = q.shape
+    o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    if o.numel():
+        _launch_fwd(q, k, v, o, lse, tab, bnd, scale, cfg)
+    return o, lse
+
+
+def _bwd_impl(q, k, v, o, lse, do, lengths, pattern, scale):
+    q, k, v = _same_layout(q, k, v)
+    do = do.to(q.dtype).contiguous()
+    o, lse = o.contiguous(), lse.contiguous()
+    g = torch.empty((3,) + tuple(q.shape), dtype=q.dtype, device=q.device)
+    if g.numel():
+        delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+        _launch_delta(o, do, delta)
+        cfg, tab = _bwd_plan(q, k, v, do, lse, delta, lengths, pattern, scale)
+        _launch_bwd(q, k, v, do, g, lse, delta, tab, _bounds_tensor(lengths, pattern, q.device), scale, cfg)
+    return g
+
+
+def _register_ops() -> None:
+    from torch.library import custom_op, register_autograd
+
+    if hasattr(torch.ops.hmar, "block_sparse_attn_fwd"):
+        return  # module re-imported (tests reload it under the interpreter): the ops call module globals
+
+    @custom_op("hmar::block_sparse_attn_fwd", mutates_args=())
+    def _op_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: List[int], pattern: str,
+                scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _fwd_impl(q, k, v, tuple(lengths), pattern, scale)
+
+    @_op_fwd.register_fake
+    def _(q, k, v, lengths, pattern, scale):
+        B, H, N, D = q.shape
+        return q.new_empty((B, H, N, D)), q.new_empty((B, H, N), dtype=torch.float32)
+
+    @custom_op("hmar::block_sparse_attn_bwd", mutates_args=())
+    def _op_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                do: torch.Tensor, lengths: List[int], pattern: str, scale: float) -> torch.Tensor:
+        return _bwd_impl(q, k, v, o, lse, do, tuple(lengths), pattern, scale)
+
+    @_op_bwd.register_fake
+    def _(q, k, v, o, lse, do, lengths, pattern, scale):
+        return q.new_empty((3,) + tuple(q.shape))
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, lengths, pattern, scale = inputs
+        o, lse = output
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.lengths, ctx.pattern, ctx.scale = list(lengths), pattern, scale
+
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        g = torch.ops.hmar.block_sparse_attn_bwd(q, k, v, o, lse, do, ctx.lengths, ctx.pattern, ctx.scale)
+        return g[0], g[1], g[2], None, None, None
+
+    register_autograd("hmar::block_sparse_attn_fwd", backward, setup_context=setup_context)
+
+
+def _apply(q, k, v, lengths, pattern, scale):
+    if torch.compiler.is_compiling():
+        return torch.ops.hmar.block_sparse_attn_fwd(q, k, v, list(lengths), pattern, scale)[0]
+    return _BlockSparseAttention.apply(q, k, v, lengths, pattern, scale)
+
+
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: Sequence[int],
                      pattern: str = "block_diagonal", scale: float = 1.0) -> torch.Tensor:
     """Block-sparse attention of ``q, k, v`` (``[B, H, N, D]``) over blocks ``lengths``."""
@@ -735,7 +813,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     _check(q, k, v, lengths, pattern)
     if sum(lengths) != q.shape[2] or min(lengths, default=0) < 0:
         raise ValueError(f"triton attention: lengths {lengths} do not sum to N={q.shape[2]}")
-    return _BlockSparseAttention.apply(q, k, v, lengths, pattern, float(scale))
+    return _apply(q, k, v, lengths, pattern, float(scale))
 
 
 def supports(q: torch.Tensor, lengths: Sequence[int], pattern: str) -> bool:
@@ -752,11 +830,13 @@ def supports(q: torch.Tensor, lengths: Sequence[int], pattern: str) -> bool:
 def _backend(q, k, v, lengths, pattern, scale):
     # hmar.attention.attention has already made lengths a tuple of ints summing to N
     _check(q, k, v, lengths, pattern)
-    return _BlockSparseAttention.apply(q, k, v, lengths, pattern, float(scale))
+    return _apply(q, k, v, lengths, pattern, float(scale))
 
 
 if _HAS_TRITON:
     from . import register_backend
+
+    _register_ops()
 
     register_backend("triton", _backend, supports)
 

@@ -175,11 +175,22 @@ class ScaleTransformer(_ScaleModel):
 
     def forward(self, labels: torch.Tensor, x_in: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         """Teacher-forced logits ``[B, L, V]`` from labels ``[B]`` and next-scale inputs ``[B, L-1, Cz]``."""
+        return self.head(self.features(labels, x_in, backend)).float()
+
+    def features(self, labels: torch.Tensor, x_in: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+        """Teacher-forced input of the output head, ``[B, L, C]``: ``forward = head(features).float()`` (the
+        trainer's chunked head + cross-entropy starts from here)."""
         self._check_input(labels, x_in)
         cond = self.class_cond(labels)
         x = self._embed_sequence(cond, self._word(x_in))
         x = self._run(self.blocks, x, cond, self.lengths, self.pattern, backend=backend)
-        return self.logits(x, cond)
+        return self.head_nm(x, cond)
+
+    def output_head(self, masked: bool = False) -> nn.Linear:
+        """The final ``Linear`` applied to :meth:`features`."""
+        if masked:
+            raise ValueError(f"a {self.config.kind} model has no masked branch")
+        return self.head
 
     def next_scale_logits(self, x: torch.Tensor, cond: torch.Tensor,
                           caches: Optional[List[KVCache]] = None) -> torch.Tensor:
@@ -227,24 +238,37 @@ class HMAR(_ScaleModel):
     # ------------------------------------------------------------------ training
     def forward(self, labels: torch.Tensor, x_in: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         """Next-scale branch, teacher-forced: logits ``[B, L, V]`` (block-diagonal over all scales)."""
+        return self.ns_head(self.features(labels, x_in, backend)).float()
+
+    def features(self, labels: torch.Tensor, x_in: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
+        """Next-scale branch up to its head: ``forward = ns_head(features).float()``, ``[B, L, C]``."""
         self._check_input(labels, x_in)
         cond = self.class_cond(labels)
         x = self._embed_sequence(cond, self._word(x_in))
         x = self._run(self.base_blocks, x, cond, self.lengths, self.pattern, backend=backend)
         x = self._run(self.ns_blocks, x, cond, self.lengths, self.pattern, backend=backend)
-        return self.ns_head(self.ns_head_nm(x, cond)).float()
+        return self.ns_head_nm(x, cond)
 
     def forward_masked(self, labels: torch.Tensor, x_ns: torch.Tensor, x_cur: torch.Tensor, mask: torch.Tensor,
                        backend: Optional[str] = None) -> torch.Tensor:
         """Masked branch, teacher-forced: ``x_ns``/``x_cur`` ``[B, L-1, Cz]``, ``mask`` ``[B, L]`` bool
         (True = replaced by ``[MASK]``; position 0 is ignored). Returns logits ``[B, L, V]``."""
+        return self.mask_head(self.features_masked(labels, x_ns, x_cur, mask, backend)).float()
+
+    def features_masked(self, labels: torch.Tensor, x_ns: torch.Tensor, x_cur: torch.Tensor, mask: torch.Tensor,
+                        backend: Optional[str] = None) -> torch.Tensor:
+        """Masked branch up to its head: ``forward_masked = mask_head(features_masked).float()``."""
         self._check_input(labels, x_ns)
         cond = self.class_cond(labels)
         tok = self._masked_tokens(x_ns, x_cur, mask[:, 1:])
         x = self._embed_sequence(cond, tok)
         x = self._run(self.base_blocks, x, cond, self.lengths, self.pattern, backend=backend)
         x = self._run(self.mask_blocks, x, cond, self.lengths, self.pattern, backend=backend)
-        return self.mask_head(self.mask_head_nm(x, cond)).float()
+        return self.mask_head_nm(x, cond)
+
+    def output_head(self, masked: bool = False) -> nn.Linear:
+        """The final ``Linear`` of the next-scale (or the masked) branch."""
+        return self.mask_head if masked else self.ns_head
 
     def _masked_tokens(self, x_ctx: torch.Tensor, x_cur: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         w = self.word_embed.weight.dtype

@@ -1,10 +1,10 @@
 """Training: tokenizer (VQ-VAE), stage 1 (next-scale, HMAR or VAR), stage 2 (masked branch).
 
 One module per job: :mod:`.config` (options, YAML), :mod:`.data` (image folders, token caches, batch
-order), :mod:`.losses`, :mod:`.schedule`, :mod:`.optim`, :mod:`.distributed` (DDP/FSDP),
-:mod:`.checkpointing` (atomic, resumable), :mod:`.metrics` (logs), :mod:`.loop` (the transformer
-trainer and its ``train_step``), :mod:`.tokenizer_trainer`, :mod:`.gan`, :mod:`.tokenize` (token caches),
-:mod:`.tokenizer_io` (tokenizer directories).
+order), :mod:`.losses`, :mod:`.fused_ce` (chunked head + cross-entropy), :mod:`.schedule`, :mod:`.optim`,
+:mod:`.distributed` (DDP/FSDP), :mod:`.checkpointing` (atomic, resumable), :mod:`.metrics` (logs),
+:mod:`.loop` (the transformer trainer and its ``train_step``), :mod:`.tokenizer_trainer`, :mod:`.gan`,
+:mod:`.tokenize` (token caches), :mod:`.tokenizer_io` (tokenizer directories).
 """
 from .config import TokenizerTrainConfig, TrainConfig, build_config
 from .losses import draw_masks, scale_loss_weights, token_loss_weights

@@ -4,6 +4,24 @@ RNG states of every rank and the data position.
 A checkpoint is ``RUNDIR/checkpoints/step_XXXXXXXX.pt`` (``torch.save`` of plain containers and tensors,
 loadable with ``weights_only=True``). It is written to a temporary name, fsynced and renamed, so a
 process killed at any moment leaves either the previous or the new file, never a torn one.
+
+Portable across world sizes and wrappers: the model and optimiser states are full (unsharded) CPU tensors
+keyed by parameter names (``torch.distributed.checkpoint.state_dict`` with ``full_state_dict=True``; no
+``module.`` prefix, no DTensor), so a file written by 1 process, N DDP processes or N FSDP2 processes loads
+into any of these (every rank reads the file through a memory map: the pages are shared, not copied per rank).
+The data position is counted in global batches and the data order, crops, flips and stage-2 masks are keyed
+by ``(seed, epoch, image index)``, so they do not depend on the number of processes either; the global
+batch size must stay the same (checked).
+
+RNG states: ``rng[r]`` holds rank ``r``'s Python/NumPy/torch (CPU and CUDA) states and ``world`` the number of
+processes that wrote them. Resumed with the same number of processes, every rank restores its own states
+(bit-identical continuation). Resumed with another number, every rank is re-seeded with
+:func:`resume_seed` ``(seed, rank, step)`` instead: deterministic, but the per-rank draws of class dropout and
+drop path (the only consumers of these streams in training) differ from an uninterrupted run, which is then
+matched statistically, not numerically. With those two off, a resumed run follows the uninterrupted loss
+curve up to float rounding: the gradient mean over the global batch is summed in a different order with a
+different number of processes (about 1e-7 relative per step in fp32), which is also why 1 and 2
+uninterrupted processes differ at that level.
 """
 from __future__ import annotations
 
@@ -58,7 +76,9 @@ def restore_rng(state: Dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # one state per visible device; a machine showing fewer devices restores those it has
+        for i, s in enumerate(list(state["cuda"])[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
 
 
 # ------------------------------------------------------------------------------------ model / optimiser
@@ -127,7 +147,8 @@ class CheckpointManager:
         """The newest loadable checkpoint (older ones are tried if the newest cannot be read), or None."""
         for p in reversed(self.paths()):
             try:
-                ck = torch.load(str(p), map_location="cpu", weights_only=True)
+                # memory-mapped: the ranks of a machine share the file's pages instead of holding a copy each
+                ck = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
                 ck["path"] = str(p)
                 return ck
             except Exception as e:  # pragma: no cover - atomic writes make this unlikely
@@ -135,26 +156,40 @@ class CheckpointManager:
         return None
 
     def restore_rng(self, ck: Dict[str, Any], say: Callable[[str], None] = print) -> bool:
-        """Restore this rank's RNG states; False (after a warning) when the number of processes changed,
-        in which case the caller re-seeds."""
+        """Restore this rank's RNG states; False (after a note) when the number of processes changed,
+        in which case the caller re-seeds with :func:`resume_seed`."""
         rngs = ck.get("rng") or []
         if len(rngs) == self.info.world:
             restore_rng(rngs[self.info.rank])
             return True
-        say(f"warning: checkpoint was written by {len(rngs)} processes, now {self.info.world}: "
-            "RNG streams are re-seeded (the run stays valid but is not bit-identical)")
+        say(f"warning: checkpoint was written by {len(rngs)} processes, now {self.info.world}: the per-rank RNG "
+            "streams (class dropout, drop path) are re-seeded from (seed, rank, step); model, optimiser, schedule "
+            "and data position carry over unchanged")
         return False
 
 
+def resume_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of rank ``rank`` after resuming at ``step`` with another number of processes than the
+    checkpoint's (a fresh run seeds rank ``r`` with ``seed * 1000 + r + 1``; ``step >= 1`` here)."""
+    return seed * 1000 + rank + 1 + 7919 * step
+
+
 def resume_point(trainer: Any, stage: str) -> Optional[Dict[str, Any]]:
-    """The newest checkpoint of ``trainer`` (None, with a note, when there is none); it must be of ``stage``."""
+    """The newest checkpoint of ``trainer`` (None, with a note, when there is none); it must be of ``stage``
+    and of the same global batch size (the data position and the schedule count global batches)."""
     ck = trainer.ckpts.load_latest(trainer.say)
     if ck is None:
         trainer.say(f"--resume: no checkpoint in {trainer.ckpts.dir}, starting from scratch")
         return None
     if ck.get("stage") != stage:
-        from ..errors import HMARError
         raise HMARError(f"{ck['path']} is a {ck.get('stage')} checkpoint but this run is {stage}")
+    old_batch = (ck.get("config") or {}).get("batch_size")
+    if old_batch is not None and int(old_batch) != int(trainer.cfg.batch_size):
+        was = ck.get("world", len(ck.get("rng") or []) or "?")
+        raise HMARError(f"{ck['path']} was trained with --batch-size {old_batch} ({was} process(es)) but this run has "
+                        f"--batch-size {trainer.cfg.batch_size}: --batch-size is the GLOBAL batch; keep "
+                        f"{old_batch} when resuming with {trainer.info.world} process(es) (each gets "
+                        f"{old_batch} / {trainer.info.world})")
     return ck
 
 
@@ -164,7 +199,7 @@ def restore_position(trainer: Any, ck: Dict[str, Any]) -> None:
     trainer.step, trainer.epoch, trainer.batch = int(ck["step"]), int(ck["epoch"]), int(ck["batch"])
     trainer.corrupt.seen.update(ck.get("corrupt", []))
     if not trainer.ckpts.restore_rng(ck, trainer.say):
-        seed_everything(trainer.cfg.seed * 1000 + trainer.info.rank + 1 + 7919 * trainer.step)
+        seed_everything(resume_seed(trainer.cfg.seed, trainer.info.rank, trainer.step))
     trainer.say(f"resumed from {ck['path']}: step {trainer.step}, epoch {trainer.epoch}, batch {trainer.batch}")
 
 

@@ -100,6 +100,15 @@ class TrainConfig(CommonConfig):
                                    "plain token mean), equal (each scale sums to 1); auto: gaussian for HMAR, "
                                    "uniform for VAR", type=str, choices=["auto", "gaussian", "uniform", "equal"])
     label_smoothing: float = opt(0.0, "cross-entropy label smoothing (official: 0)", type=float)
+    chunked_ce: bool = opt(True, "compute the output head and the cross-entropy in chunks of tokens, so the fp32 "
+                                 "[batch, tokens, vocabulary] logits and their gradient never exist (same loss and "
+                                 "gradients; --no-chunked-ce: the plain path)")
+    compile_backend: str = opt("inductor", "torch.compile backend used with --compile (inductor; aot_eager or eager "
+                                           "to debug compilation problems)", type=str)
+    attention_backend: str = opt("auto", "attention kernel in training: auto (CUDA: the fused Triton kernel, or one "
+                                         "masked SDPA call for small calls; CPU: masked SDPA), reference (masked "
+                                         "SDPA), per_scale (one SDPA call per scale) or triton", type=str,
+                                 choices=["auto", "reference", "per_scale", "triton"])
     mask_loss: str = opt("token", "stage 2: mean over all masked tokens of the batch (token) or per image, then "
                                   "over images (image, the official formula)", type=str, choices=["token", "image"])
     class_dropout: Optional[float] = opt(None, "probability of replacing a label by the null class (default: the "

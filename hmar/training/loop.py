@@ -26,7 +26,9 @@ from .config import TrainConfig, config_to_dict
 from .data import (CorruptFiles, EpochBatches, EvalBatches, PaddedEval, TrainData, build_data, is_token_cache,
                    make_loader, quantizer_fingerprint, read_token_cache)
 from .distributed import DistInfo, all_reduce_, all_reduce_max, cleanup, init_distributed, seed_everything, wrap_model
-from .losses import draw_masks, masked_ce, per_scale_stats, scale_loss_weights, split_scales, token_loss_weights, weighted_ce
+from .fused_ce import linear_cross_entropy
+from .losses import (draw_masks, masked_ce, masked_coefficients, per_scale_stats, scale_loss_weights, split_scales,
+                     token_loss_weights, weighted_ce, weighted_coefficients)
 from .metrics import RunLogger, Throughput
 from .optim import apply_schedule, build_adamw, param_groups
 from .schedule import Schedule, TimeBudget
@@ -36,17 +38,34 @@ from .tokenizer_io import load_tokenizer
 # ------------------------------------------------------------------------------------ the step
 class TrainForward(nn.Module):
     """What DDP / FSDP / torch.compile wrap: one ``forward`` for both stages, so that the wrappers' hooks
-    (gradient reduction, parameter gathering) run for the masked branch too."""
+    (gradient reduction, parameter gathering) run for the masked branch too.
 
-    def __init__(self, model: nn.Module, stage: str):
+    Without ``target`` it returns the logits ``[B, L, V]``. With ``target`` ``[B, L]`` and the per-token loss
+    coefficients ``coef`` ``[B, L]`` it returns ``(loss, ce, pred)`` from the chunked head + cross-entropy
+    (:func:`hmar.training.fused_ce.linear_cross_entropy`): the head runs inside this ``forward``, so FSDP has
+    its parameters gathered and torch.compile sees it in the same graph. ``backend``: the attention backend
+    (``None``: chosen per call)."""
+
+    def __init__(self, model: nn.Module, stage: str, backend: Optional[str] = None, label_smoothing: float = 0.0,
+                 ce_chunk: Optional[int] = None):
         super().__init__()
         self.model, self.stage = model, stage
+        self.backend, self.label_smoothing, self.ce_chunk = backend, label_smoothing, ce_chunk
 
     def forward(self, labels: torch.Tensor, x_ns: torch.Tensor, x_cur: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.stage == "masked":
-            return self.model.forward_masked(labels, x_ns, x_cur, mask)
-        return self.model(labels, x_ns)
+                mask: Optional[torch.Tensor] = None, target: Optional[torch.Tensor] = None,
+                coef: Optional[torch.Tensor] = None) -> Any:
+        masked = self.stage == "masked"
+        if target is None:
+            if masked:
+                return self.model.forward_masked(labels, x_ns, x_cur, mask, backend=self.backend)
+            return self.model(labels, x_ns, backend=self.backend)
+        if masked:
+            h = self.model.features_masked(labels, x_ns, x_cur, mask, backend=self.backend)
+        else:
+            h = self.model.features(labels, x_ns, backend=self.backend)
+        head = self.model.output_head(masked)
+        return linear_cross_entropy(h, head.weight, head.bias, target, coef, self.label_smoothing, self.ce_chunk)
 
 
 def transformer_blocks(model: nn.Module) -> List[nn.Module]:
@@ -74,6 +93,7 @@ class StepState:
     mask_loss: str
     info: DistInfo
     fsdp: bool = False
+    chunked_ce: bool = False              # chunked head + CE (the [B, L, V] logits never exist)
 
     @property
     def patch_nums(self) -> Tuple[int, ...]:
@@ -90,9 +110,20 @@ def amp_dtype_for(precision: str, device: torch.device) -> Optional[torch.dtype]
 def prepare_training(model: nn.Module, quantizer: nn.Module, stage: str, info: DistInfo, *, loss_weight: str = "gaussian",
                      precision: str = "auto", fused: str = "auto", betas: Tuple[float, float] = (0.9, 0.95),
                      lr: float = 1e-4, grad_clip: float = 2.0, label_smoothing: float = 0.0, mask_loss: str = "token",
-                     fsdp: bool = False, compile: bool = False) -> StepState:
-    """Freeze what the stage does not train, move to the device, wrap (DDP/FSDP, compile) and build AdamW."""
+                     fsdp: bool = False, compile: bool = False, chunked_ce: bool = True,
+                     attention_backend: str = "auto", ce_chunk: Optional[int] = None,
+                     compile_backend: str = "inductor") -> StepState:
+    """Freeze what the stage does not train, move to the device, wrap (DDP/FSDP, compile) and build AdamW.
+
+    ``chunked_ce``: the head + cross-entropy in chunks of ``ce_chunk`` tokens (default: 128 MiB of fp32 logits
+    per chunk), same loss and gradients as the plain path. ``attention_backend``: auto (chosen per call, see
+    :func:`hmar.attention.choose_backend`), reference, per_scale or triton."""
     dev = info.device
+    from ..attention import check_backend
+    try:
+        backend = check_backend(attention_backend, dev)
+    except ValueError as e:
+        raise HMARError(f"--attention-backend: {e}") from None
     if stage == "masked":
         if not isinstance(model, HMAR):
             raise HMARError("stage 2 (masked) trains an HMAR model: build it with HMAR.from_next_scale")
@@ -102,9 +133,9 @@ def prepare_training(model: nn.Module, quantizer: nn.Module, stage: str, info: D
             p.requires_grad_(True)
     model.to(dev).train()
     quantizer.to(dev).eval()
-    fwd = TrainForward(model, stage)
+    fwd = TrainForward(model, stage, backend, label_smoothing, ce_chunk)
     wrapped = wrap_model(fwd, info, fsdp=fsdp, blocks=lambda: transformer_blocks(model))
-    module = torch.compile(wrapped) if compile else wrapped
+    module = torch.compile(wrapped, backend=compile_backend) if compile else wrapped
     groups = param_groups(wrapped.named_parameters())
     opt = build_adamw(groups, lr, betas, fused, dev)
     amp = amp_dtype_for(precision, dev)
@@ -112,7 +143,7 @@ def prepare_training(model: nn.Module, quantizer: nn.Module, stage: str, info: D
     params = [p for g in opt.param_groups for p in g["params"]]
     w = token_loss_weights(model.config.patch_nums, loss_weight).to(dev)
     return StepState(module, wrapped, model, opt, params, quantizer, stage, w, amp, scaler, grad_clip,
-                     label_smoothing, mask_loss, info, fsdp)
+                     label_smoothing, mask_loss, info, fsdp, chunked_ce)
 
 
 def _grad_norm(params: Sequence[nn.Parameter], clip: float) -> torch.Tensor:
@@ -130,15 +161,23 @@ def train_step(st: StepState, indices: torch.Tensor, labels: torch.Tensor, mask:
     with torch.no_grad():
         x_ns = st.quantizer.next_scale_inputs(idx)
         x_cur = st.quantizer.masked_inputs(idx) if masked else None
+    total = None
+    if masked and st.mask_loss == "token" and st.info.world > 1:
+        total = all_reduce_(mask.sum().float(), st.info)
+    logits = pred = None
+    if st.chunked_ce:   # same loss and gradients, without the [B, L, V] logits
+        coef = (masked_coefficients(mask, st.mask_loss, total, st.info.world) if masked
+                else weighted_coefficients(st.token_weights, indices.shape[0]))
     with torch.autocast(st.info.device.type, dtype=st.amp_dtype or torch.float32, enabled=st.amp_dtype is not None):
-        logits = st.module(labels, x_ns, x_cur, mask)
-    if masked:
-        total = None
-        if st.mask_loss == "token" and st.info.world > 1:
-            total = all_reduce_(mask.sum().float(), st.info)
-        loss, ce = masked_ce(logits, indices, mask, st.mask_loss, st.label_smoothing, total, st.info.world)
-    else:
-        loss, ce = weighted_ce(logits, indices, st.token_weights, st.label_smoothing)
+        if st.chunked_ce:
+            loss, ce, pred = st.module(labels, x_ns, x_cur, mask, indices, coef)
+        else:
+            logits = st.module(labels, x_ns, x_cur, mask)
+    if logits is not None:   # the plain path: loss from the full logits
+        if masked:
+            loss, ce = masked_ce(logits, indices, mask, st.mask_loss, st.label_smoothing, total, st.info.world)
+        else:
+            loss, ce = weighted_ce(logits, indices, st.token_weights, st.label_smoothing)
     if st.scaler is not None:
         st.scaler.scale(loss).backward()
         st.scaler.unscale_(st.optimizer)
@@ -156,7 +195,8 @@ def train_step(st: StepState, indices: torch.Tensor, labels: torch.Tensor, mask:
             sel = mask if masked else torch.ones_like(indices, dtype=torch.bool)
             n = sel.sum().clamp(min=1)
             out["ce"] = (ce.detach() * sel).sum() / n
-            out["acc"] = ((logits.detach().argmax(-1) == indices) & sel).sum() / n
+            hit = (pred if pred is not None else logits.detach().argmax(-1)) == indices
+            out["acc"] = (hit & sel).sum() / n
             last = st.patch_nums[-1] ** 2
             out["ce_tail"] = (ce.detach()[:, -last:] * sel[:, -last:]).sum() / sel[:, -last:].sum().clamp(min=1)
     return out
@@ -247,7 +287,9 @@ class Trainer:
         self.st = prepare_training(model, self.tokenizer.quantize, self.stage, self.info, loss_weight=weighting,
                                    precision=cfg.precision, fused=cfg.fused, betas=tuple(cfg.betas),
                                    grad_clip=cfg.grad_clip, label_smoothing=cfg.label_smoothing,
-                                   mask_loss=cfg.mask_loss, fsdp=cfg.fsdp, compile=cfg.compile)
+                                   mask_loss=cfg.mask_loss, fsdp=cfg.fsdp, compile=cfg.compile,
+                                   chunked_ce=cfg.chunked_ce, attention_backend=cfg.attention_backend,
+                                   compile_backend=cfg.compile_backend)
         self.model = model
         n = len(self.data.train)
         self.iters_per_epoch = EpochBatches.batches_per_epoch(n, cfg.batch_size)

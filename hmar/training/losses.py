@@ -78,6 +78,24 @@ def masked_ce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, no
     return (ce * m).sum() / denom.clamp(min=1), ce
 
 
+def weighted_coefficients(weights: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-token loss coefficients ``[B, L]`` of :func:`weighted_ce`: ``loss = sum(coef * CE)`` with
+    ``coef[b, l] = w_l / B`` (for :func:`hmar.training.fused_ce.linear_cross_entropy`)."""
+    return (weights.float() / batch)[None, :].expand(batch, -1)
+
+
+def masked_coefficients(mask: torch.Tensor, norm: str = "token", total_masked: Optional[torch.Tensor] = None,
+                        world: int = 1) -> torch.Tensor:
+    """Per-token loss coefficients ``[B, L]`` of :func:`masked_ce` (same normalisations): ``loss = sum(coef * CE)``."""
+    m = mask.float()
+    if norm == "image":
+        return m / (m.sum(1, keepdim=True).clamp(min=1) * m.shape[0])
+    if norm != "token":
+        raise HMARError(f"unknown masked-loss normalisation {norm!r}: use token or image")
+    denom = total_masked.float() / world if total_masked is not None else m.sum()
+    return m / denom.clamp(min=1)
+
+
 def draw_masks(keys: Sequence[Tuple[int, ...]], patch_nums: Sequence[int], gamma: Optional[float] = None,
                device: torch.device | str = "cpu") -> torch.Tensor:
     """Stage-2 masks ``[B, L]`` (True = masked), one independent draw per sample from its ``key``.
