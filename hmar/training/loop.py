@@ -31,7 +31,7 @@ from .losses import (draw_masks, masked_ce, masked_coefficients, per_scale_stats
                      token_loss_weights, weighted_ce, weighted_coefficients)
 from .metrics import RunLogger, Throughput
 from .optim import apply_schedule, build_adamw, param_groups
-from .schedule import Schedule, TimeBudget
+from .schedule import Schedule, TimeBudget, is_due
 from .tokenizer_io import load_tokenizer
 
 
@@ -523,13 +523,13 @@ class Trainer:
                     self._log_train(last, acc_loss, acc_n, meter.rate(), lr, wd, bar)
                     acc_loss.zero_()
                     acc_n = 0
-                if (cfg.eval_every > 0 and self.step % cfg.eval_every == 0) or (cfg.eval_every == 0 and end_epoch):
+                if is_due(cfg.eval_every, self.step, end_epoch):
                     self._log_eval()
                     evaluated = True
                 if cfg.sample_every > 0 and self.step % cfg.sample_every == 0:
                     self.sample_grid(f"step_{self.step:08d}")
                     sampled = True
-                if (cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0) or (cfg.ckpt_every == 0 and end_epoch):
+                if is_due(cfg.ckpt_every, self.step, end_epoch):
                     self.save_checkpoint()
                     saved = True
                 if self.step >= self.total or end_epoch:

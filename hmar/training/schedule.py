@@ -59,6 +59,12 @@ class Schedule:
                 wd_value(step, self.total, self.wd, self.wd_end))
 
 
+def is_due(every: int, step: int, end_epoch: bool) -> bool:
+    """Whether a periodic action (eval, checkpoint) runs now: every ``every`` steps, or at each epoch's end
+    when ``every`` is 0."""
+    return (every > 0 and step % every == 0) or (every == 0 and end_epoch)
+
+
 class TimeBudget:
     """Fit a run to a wall-clock budget: from the measured time per step, set the total number of steps
     (and so the length of the lr schedule) so that training ends when ``seconds`` are spent.

@@ -29,7 +29,7 @@ from .distributed import DistInfo, all_reduce_, all_reduce_max, broadcast_, clea
 from .gan import PatchDiscriminator, PerceptualLoss, adaptive_weight, hinge_d_loss
 from .loop import amp_dtype_for, discard_run_dir
 from .metrics import RunLogger, Throughput, psnr
-from .schedule import Schedule, TimeBudget
+from .schedule import Schedule, TimeBudget, is_due
 from .tokenizer_io import save_tokenizer
 
 USAGE_FRACTION = 0.08   # a code is "used" at a scale if its EMA hits >= 0.08 x the uniform share (official)
@@ -338,7 +338,7 @@ class TokenizerTrainer:
                     evaluated = True
                 if end_epoch:
                     self.epoch, self.batch = self.epoch + 1, 0
-                if (cfg.ckpt_every > 0 and self.step % cfg.ckpt_every == 0) or (cfg.ckpt_every == 0 and end_epoch):
+                if is_due(cfg.ckpt_every, self.step, end_epoch):
                     self.save_checkpoint()
                     saved = True
                 if self.step >= self.total or end_epoch:
