@@ -198,14 +198,20 @@ def main(argv: List[str] | None = None) -> int:
     for preset in a.preset:
         base = None
         for v in variants(a):
-            r = bench(preset, a.stage, a.batch, a.steps, a.warmup, a.precision, a.fused, v["compile"], dev,
-                      v["chunked_ce"], v["attention_backend"], a.compile_backend, a.ce_chunk, overrides)
+            try:
+                r = bench(preset, a.stage, a.batch, a.steps, a.warmup, a.precision, a.fused, v["compile"], dev,
+                          v["chunked_ce"], v["attention_backend"], a.compile_backend, a.ce_chunk, overrides)
+            except torch.OutOfMemoryError as e:   # report it, keep measuring the other configurations
+                results.append(dict(preset=preset, stage=a.stage, batch=a.batch, **v, error=f"OOM: {e}"[:300]))
+                print(f"{preset:>12} {a.stage:<10} batch {a.batch}  {v}: out of memory", flush=True)
+                release(dev, v["compile"])
+                continue
             base = base or (r if a.matrix else None)
             results.append(r)
             print(report(r, base), flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(results, f, indent=2)
+            if a.json:   # after every configuration, so a run stopped early keeps what it measured
+                with open(a.json, "w") as f:
+                    json.dump(results, f, indent=2)
     return 0
 
 
