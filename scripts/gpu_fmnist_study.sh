@@ -22,9 +22,9 @@ OUT=${OUT:-out}
 DEV=${DEV:-cuda}
 LIMIT=${LIMIT:-}                       # images per class and split (dry runs)
 PER_CLASS=${PER_CLASS:-1000}           # samples per class (10 classes: 10k)
-TOK_S=${TOK_S:-150}                    # tokenizer budget (s)
-T=${T:-180}                            # GPU-time budget of each generator (HMAR: stage 1 + stage 2 = T)
-T2=${T2:-60}                           # of which stage 2
+TOK_S=${TOK_S:-120}                    # tokenizer budget (s)
+T=${T:-150}                            # GPU-time budget of each generator (HMAR: stage 1 + stage 2 = T)
+T2=${T2:-50}                           # of which stage 2
 BS=${BS:-256}
 WORKERS=${WORKERS:-8}
 mkdir -p "$W" "$OUT"
