@@ -90,10 +90,13 @@ class GraphedModel:
 
 class FastDecoder(nn.Module):
     """The tokenizer's decoder in bf16 + channels_last, optionally compiled; same interface as VQVAE
-    for :func:`hmar.sampling.sample` (``quantize`` and ``fhat_to_img`` are what it uses)."""
+    for :func:`hmar.sampling.sample` (``quantize`` and ``fhat_to_img`` are what it uses).
+
+    ``mode`` is torch.compile's; the default (None) compiles in about a minute. ``"max-autotune-no-cudagraphs"``
+    benchmarks every conv/matmul choice: on the H200 that took over 4 minutes for one 256 px decoder."""
 
     def __init__(self, tokenizer: nn.Module, dtype: torch.dtype = torch.bfloat16, compile: bool = True,
-                 mode: Optional[str] = "max-autotune-no-cudagraphs"):
+                 mode: Optional[str] = None):
         super().__init__()
         self.tokenizer = tokenizer
         self.quantize = tokenizer.quantize

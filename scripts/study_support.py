@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # hmar from this checkout, installed or not
+
 
 def recon(tok_dir: str, test_dir: str, out: str) -> None:
     from hmar.training.tokenizer_io import load_tokenizer

@@ -1,5 +1,5 @@
 """The CUDA fast path (bf16 + CUDA-graph replay + fast decoder) samples the same tokens as the eager
-bf16 model with the same seed. GPU only: skipped without CUDA."""
+bf16 model with the same seed (GPU only: skipped without CUDA); the bf16 decoder stays close to fp32 (CPU too)."""
 import pytest
 import torch
 
@@ -12,7 +12,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @cuda
 @pytest.mark.parametrize("name", ["hmar-tiny", "var-tiny"])
 def test_graphed_sampling_matches_eager(name):
-    from hmar.accel import FastDecoder, GraphedModel
+    from hmar.accel import GraphedModel
     torch.manual_seed(0)
     model = build_model(model_config(name)).cuda().eval().to(torch.bfloat16)
     tok = VQVAE(tokenizer_config("vqvae-tiny")).cuda().eval()
@@ -27,8 +27,22 @@ def test_graphed_sampling_matches_eager(name):
     a = sample(fast, tok, [4], generator=3, **kw).indices
     b = sample(model, tok, [4], generator=3, **kw).indices
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-    # the bf16 decoder stays close to the fp32 one
-    out = sample(fast, tok, [1], generator=0, decode=False)
-    ref = tok.fhat_to_img(out.f_hat)
-    fd = FastDecoder(tok, compile=False)
-    assert (fd.fhat_to_img(out.f_hat) - ref).abs().max() < 0.1
+    _check_bf16_decoder(tok, sample(fast, tok, [1, 2, 3], generator=0, decode=False).f_hat)
+
+
+def _check_bf16_decoder(tok, f_hat):
+    """The bf16 channels-last decoder stays close to the fp32 one. Random weights amplify bf16 rounding:
+    measured max |diff| 0.15 (CPU) and 0.13-0.22 (H200) on images in [-1, 1], mean 0.010-0.011 (CPU)."""
+    from hmar.accel import FastDecoder
+    ref = tok.fhat_to_img(f_hat)
+    d = (FastDecoder(tok, compile=False).fhat_to_img(f_hat) - ref).abs()
+    assert d.mean() < 0.03 and d.max() < 0.5, (d.mean().item(), d.max().item())
+    assert d.mean() < 0.1 * ref.abs().mean()
+
+
+@pytest.mark.parametrize("name", ["hmar-tiny", "var-tiny"])
+def test_bf16_decoder_close_to_fp32(name):
+    torch.manual_seed(0)
+    model = build_model(model_config(name)).eval()
+    tok = VQVAE(tokenizer_config("vqvae-tiny")).eval()
+    _check_bf16_decoder(tok, sample(model, tok, [1, 2, 3], generator=0, decode=False).f_hat)

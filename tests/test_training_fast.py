@@ -259,8 +259,19 @@ def test_bench_train_matrix_smoke(tmp_path):
     assert max(r["loss"] for r in res) - min(r["loss"] for r in res) < 1e-4
 
 
+def _interpreter_works() -> bool:
+    """Triton's CPU interpreter before 3.8 fails under numpy >= 2.5 ("only 0-dimensional arrays can be converted
+    to Python scalars"; seen with the GPU machine's triton 3.6 + numpy 2.5.2). CI pins triton 3.8."""
+    import numpy
+    import triton
+    ver = lambda s: tuple(int(x) for x in s.split(".")[:2])  # noqa: E731
+    return not (ver(triton.__version__) < (3, 8) and ver(numpy.__version__) >= (2, 5))
+
+
 def test_bench_train_triton_variants_under_the_interpreter(tmp_path):
     pytest.importorskip("triton")
+    if not _interpreter_works():
+        pytest.skip("this Triton's interpreter does not run under this numpy (needs triton >= 3.8)")
     out = tmp_path / "r.json"
     # head dim 64 (one head of 64) and bf16: what the fused kernel takes
     _bench("--attention-backend", "triton", "--precision", "bf16", "--model-override", "num_heads=1",
