@@ -3,7 +3,9 @@
 Work is cut into chunks of at most ``batch_size`` images of one class: chunk ``(c, start)`` holds
 images ``start .. start + n - 1`` of class ``c`` and is sampled with a generator seeded from
 ``(seed, c, start)`` only. Chunks are dealt to ranks round-robin, so 1 GPU or 8 GPUs write
-byte-identical files; changing ``batch_size`` changes the chunks and therefore the samples.
+byte-identical files; changing ``batch_size`` changes the chunks and therefore the samples. On the CPU the
+numerics also depend on the threads per process: torchrun gives each worker ``OMP_NUM_THREADS=1``, so compare
+with a 1-process run under the same setting.
 Output: ``out_dir/<class index>/<image index:06d>.png``. Chunks whose files all exist are skipped
 (resume after preemption) unless ``overwrite`` is set.
 """
