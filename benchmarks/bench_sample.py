@@ -56,8 +56,9 @@ def build(name: str, device: torch.device):
     return model, tok
 
 
-def bench_config(name: str, args, device: torch.device) -> dict:
-    results = {}
+def bench_config(name: str, args, device: torch.device, on_result=lambda: None, results=None) -> dict:
+    """Every variant of one config; fills ``results`` (``{variant: figures}``) and calls ``on_result`` after each."""
+    results = {} if results is None else results
     labels = [i % model_config(name).num_classes for i in range(args.batch)]
     kw = dict(cfg=1.5, top_k=900, top_p=0.96, generator=0)
     for variant in args.variants:
@@ -91,6 +92,7 @@ def bench_config(name: str, args, device: torch.device) -> dict:
         if device.type == "cuda":
             r["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
         results[variant] = r
+        on_result()   # a run stopped early (time limit) keeps what it measured
         print(f"  {name:14s} {variant:10s} tokens {r['tokens_ms']:8.1f} ms  decode {r['decode_ms']:7.1f} ms  "
               f"e2e {r['e2e_ms']:8.1f} ms  peak {r.get('peak_gb', float('nan')):6.2f} GB", flush=True)
         del model, tok, m, t
@@ -121,10 +123,13 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d"), "batch": args.batch, "cfg": 1.5, "schedule": "default"}
     print(json.dumps(info))
     out = {"info": info, "results": {}}
-    for name in args.configs.split(","):
-        out["results"][name] = bench_config(name, args, device)
+    def save() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=2))
+
+    for name in args.configs.split(","):
+        out["results"][name] = bench_config(name, args, device, save, out["results"].setdefault(name, {}))
+        save()
     # side-by-side ratios
     print("\nratios (same process):")
     for name, r in out["results"].items():

@@ -46,3 +46,24 @@ def test_bf16_decoder_close_to_fp32(name):
     model = build_model(model_config(name)).eval()
     tok = VQVAE(tokenizer_config("vqvae-tiny")).eval()
     _check_bf16_decoder(tok, sample(model, tok, [1, 2, 3], generator=0, decode=False).f_hat)
+
+
+def test_bench_sample_runs_and_keeps_each_variant(tmp_path):
+    """The sampling benchmark's CPU smoke path: every variant of every config lands in the JSON with the
+    tokens / decode / end-to-end split (the GPU run of it is in BENCHMARKS.md)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "s.json"
+    p = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_sample.py"), "--device", "cpu", "--configs",
+                        "hmar-tiny,var-tiny", "--variants", "fp32-eager,bf16-eager", "--quick", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(out.read_text())["results"]
+    assert set(res) == {"hmar-tiny", "var-tiny"}
+    for r in res.values():
+        assert set(r) == {"fp32-eager", "bf16-eager"}
+        for v in r.values():
+            assert v["tokens_ms"] > 0 and v["decode_ms"] > 0 and v["e2e_ms"] > 0

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# What is left of the GPU work after 2026-11-29, in two chained calls on one warm machine (state in /tmp/study;
+# send call 2 within the 30 s the machine stays warm), then scripts/gpu_x2_multi.sh on nvidia-h200-x2:
+#   call 1 (carry .carry/fmnist .carry/inc1): study PHASE=prep + the sampling benchmark (all configs)
+#   call 2 (carry .carry/inc2):               study PHASE=recon (tokenizer rFID) + compiled training figures
+# With 2 GPUs visible the two jobs of a call run side by side (study on GPU 0, the timed benchmark alone on
+# GPU 1); with one GPU they run one after the other. .carry/inc1 / inc2: the fp16 Inception split at 6,500,000
+# bytes (`head -c 6500000 inc16.safetensors > .carry/inc1/part.aa; tail -c +6500001 ... > .carry/inc2/part.ab`).
+set -u
+CALL=${1:?usage: gpu_remaining.sh 1|2}
+export PYTHONUNBUFFERED=1
+L=/tmp/logs/rem$CALL T0=$SECONDS
+mkdir -p "$L" "${OUT:=/tmp/out}"
+trap 'tar czf "$OUT/rem$CALL.tgz" -C /tmp/logs "rem$CALL"' EXIT
+NG=$(python3 -c "import torch; print(torch.cuda.device_count())")
+left() { echo $(( 570 - (SECONDS - T0) )); }
+study() { CUDA_VISIBLE_DEVICES=0 PHASE=$1 OUT="$L/study" timeout "$2" bash scripts/gpu_fmnist_study.sh > /dev/null 2>&1
+  echo "study $1: exit $?"; tail -3 "$L/study/log_$1.txt"; }
+bench_gpu() { [ "$NG" -ge 2 ] && echo 1 || echo 0; }
+B=benchmarks/bench_train.py
+case $CALL in
+1)
+  nvidia-smi > "$L/machine.txt" 2>&1
+  if [ "$NG" -ge 2 ]; then study prep 420 & else study prep 420; fi
+  CUDA_VISIBLE_DEVICES=$(bench_gpu) timeout "$(left)" python3 benchmarks/bench_sample.py --reps 3 \
+    --variants fp32-eager,fast --configs hmar-d16,var-d16,hmar-d16-512,var-d16-512,hmar-d30,var-d30,hmar-d30-512,var-d30-512 \
+    --json "$L/sample.json" > "$L/sample.log" 2>&1
+  grep -E '^  (hmar|var)|ratio|x$' "$L/sample.log"; wait ;;
+2)
+  if [ "$NG" -ge 2 ]; then study recon 150 & else study recon 150; fi
+  CUDA_VISIBLE_DEVICES=$(bench_gpu) timeout "$(left)" python3 $B --preset hmar-d16 hmar-d30 hmar-d16-512 var-d16 \
+    --compile --json "$L/train-compiled.json" > "$L/train-compiled.log" 2>&1
+  grep -h 'img/s\|memory' "$L/train-compiled.log"; wait
+  cp "$L/study/tokenizer.json" "$L/study/tokenizer_recon_metrics.json" "$OUT/" 2>/dev/null ;;
+esac
