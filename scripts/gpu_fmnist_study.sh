@@ -50,6 +50,9 @@ prep() {
   $H tokenize --data "$W/fmnist" --tokenizer "$W/tok" --out "$W/cache.safetensors" --views 4 --batch-size 1000 \
     --no-progress --device "$DEV"
   cp "$W/tok/tokenizer/config.json" "$OUT/tokenizer_config.json" 2>/dev/null || true
+  # the weights come back too (12 MB), so the tokenizer's figures (PHASE=recon, study_support.py recon + hmar
+  # eval) can also be computed off the GPU machine if its time runs out first
+  cp "$W/tok/tokenizer/"*.safetensors "$OUT/" 2>/dev/null || true
 }
 
 train() {
