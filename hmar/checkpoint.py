@@ -153,7 +153,13 @@ def load_official_model(path: PathLike, mask_path: Optional[PathLike] = None) ->
         if kind == "mp":
             raise HMARError(f"{str(path)!r} is a stage-2 (masked) checkpoint: pass the stage-1 file as the "
                             "checkpoint and this one as the mask checkpoint")
+        if kind == "hmar":
+            raise HMARError(f"{str(path)!r} is an assembled HMAR checkpoint: a mask checkpoint only pairs with a "
+                            "stage-1 (next-scale) file; drop it")
         mp = read_state_dict(mask_path)
+        if detect_kind(mp) != "mp":
+            raise HMARError(f"{str(mask_path)!r} is not a stage-2 (masked) checkpoint (no mask_embed.weight): "
+                            "pass the official stage-2 file as the mask checkpoint")
         cfg = ModelConfig.from_dict({**cfg.to_dict(), "kind": "hmar"})
         sd = nsp_to_hmar(sd, cfg.depth, cfg.branch_depth, mp)
     with torch.device("meta"):
@@ -218,6 +224,8 @@ def save_pretrained(directory: PathLike, model: nn.Module, tokenizer: VQVAE, *,
     (atomically: files are written to temporary names, then renamed). ``dtype`` (e.g. fp16) shrinks the files."""
     from safetensors.torch import save_file
     d = Path(directory)
+    if d.exists() and not d.is_dir():
+        raise HMARError(f"{str(d)!r} is a file: save_pretrained writes a directory, pass a new or existing directory")
     d.mkdir(parents=True, exist_ok=True)
     names = class_names if class_names is not None else model.config.class_names
 
@@ -259,16 +267,29 @@ def load_pretrained(directory: PathLike, device: Union[str, torch.device] = "cpu
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise HMARError(f"{cfg_path} is not valid JSON ({e})") from None
-    if config.get("format") != "hmar":
-        raise HMARError(f"{cfg_path} is not an hmar config (format={config.get('format')!r})")
-    with torch.device("meta"):
-        model = build_model(ModelConfig.from_dict(config["model"]))
-        tok = VQVAE(TokenizerConfig.from_dict(config["tokenizer"]))
+    if not isinstance(config, dict) or config.get("format") != "hmar":
+        fmt = config.get("format") if isinstance(config, dict) else None
+        raise HMARError(f"{cfg_path} is not an hmar config (format={fmt!r})")
+    for key in ("model", "tokenizer"):
+        if not isinstance(config.get(key), dict):
+            raise HMARError(f"{cfg_path} has no {key!r} section: re-save the model with save_pretrained")
+    try:
+        with torch.device("meta"):
+            model = build_model(ModelConfig.from_dict(config["model"]))
+            tok = VQVAE(TokenizerConfig.from_dict(config["tokenizer"]))
+    except HMARError:
+        raise
+    except (TypeError, ValueError, KeyError) as e:
+        raise HMARError(f"{cfg_path} does not describe a valid model ({type(e).__name__}: {e})") from None
     for fname, m in (("model.safetensors", model), ("tokenizer.safetensors", tok)):
         p = d / fname
         if not p.exists():
             raise HMARError(f"{str(d)!r} has no {fname}")
-        _strict_load(m, load_file(str(p)), str(p), allow_derived=True)
+        try:
+            sd = load_file(str(p))
+        except Exception as e:  # safetensors raises its own error type for a damaged file
+            raise HMARError(f"{str(p)!r} is not a readable safetensors file ({e}): re-download or re-save it") from None
+        _strict_load(m, sd, str(p), allow_derived=True)
     tok.set_patch_nums(model.config.patch_nums)
     return model.to(device).eval(), tok.to(device).eval(), config
 
@@ -278,6 +299,9 @@ def load_any(checkpoint: PathLike, vqvae: Optional[PathLike] = None, device: Uni
     """A model directory of ours, or an official transformer file plus (``vqvae``) its tokenizer file."""
     p = Path(checkpoint)
     if p.is_dir():
+        if mask_checkpoint is not None:
+            raise HMARError(f"{str(p)!r} is a model directory (already assembled): a mask checkpoint only pairs "
+                            "with an official stage-1 file; drop it")
         model, tok, config = load_pretrained(p, device)
         if vqvae is not None:
             tok = load_official_tokenizer(vqvae, model.config.patch_nums).to(device)

@@ -72,6 +72,7 @@ Rules (each is tested in ``tests/test_editing.py``):
 from __future__ import annotations
 
 import io
+import numbers
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -323,6 +324,17 @@ def scale_regions(mask: torch.Tensor, patch_nums: Sequence[int]) -> List[torch.T
     return out
 
 
+def _int_tuple(values: Any, what: str) -> List[int]:
+    """A sequence (list, tuple, array) of integers as a list, or :class:`HMARError` naming the expected form."""
+    if isinstance(values, (torch.Tensor, np.ndarray)):
+        values = values.tolist()
+    ok = isinstance(values, (list, tuple)) and all(isinstance(v, numbers.Integral) and not isinstance(v, bool)
+                                                    for v in values)
+    if not ok:
+        raise HMARError(f"{what} must be a list or tuple of integers, got {values!r}")
+    return [int(v) for v in values]
+
+
 def outpaint_canvas(img: "PILImage.Image", pad: Optional[Sequence[int]] = None,
                     target_size: Optional[Sequence[int]] = None, *,
                     max_pixels: Optional[int] = MAX_PIXELS) -> Tuple["PILImage.Image", np.ndarray]:
@@ -337,12 +349,12 @@ def outpaint_canvas(img: "PILImage.Image", pad: Optional[Sequence[int]] = None,
         raise HMARError("out-painting needs exactly one of pad=(left, top, right, bottom) or target_size=(W, H)")
     w, h = img.size
     if pad is not None:
-        pad = [int(p) for p in pad]
+        pad = _int_tuple(pad, "pad=(left, top, right, bottom)")
         if len(pad) != 4 or min(pad) < 0:
             raise HMARError(f"pad must be 4 non-negative integers (left, top, right, bottom), got {pad}")
         l, t, r, b = pad
     else:
-        ts = [int(v) for v in target_size]
+        ts = _int_tuple(target_size, "target_size=(W, H)")
         if len(ts) != 2 or ts[0] < w or ts[1] < h:
             raise HMARError(f"target_size must be (W, H) at least the image size {w}x{h}, got {tuple(target_size)}")
         l, t = (ts[0] - w) // 2, (ts[1] - h) // 2
@@ -443,7 +455,7 @@ def _edit_fitted(model, tok, defaults, names, img, m, class_label, *, generator,
         sched = (resolve_schedule(schedule, patch_nums) if schedule is not None
                  else edit_schedule(resolve_schedule(defaults.get("schedule"), patch_nums), patch_nums))
     if seeds is not None:
-        seed_list: List[Any] = [int(s) for s in seeds]
+        seed_list: List[Any] = _int_tuple(seeds, "seeds=[0, 1, ...]")
         if not seed_list:
             raise HMARError("seeds is empty: give at least one seed")
     else:

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import numbers
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
@@ -45,6 +46,19 @@ def to_pil(images: torch.Tensor) -> List["PIL.Image.Image"]:  # noqa: F821
     return [Image.fromarray(a) for a in arr]
 
 
+def check_device(device: Union[str, torch.device]) -> torch.device:
+    """``device`` as a ``torch.device``; :class:`HMARError` if it is malformed or its backend is not available."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise HMARError(f"device {device!r} is not a torch device: use 'cpu', 'cuda' or 'cuda:N'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise HMARError(f"device {device!r} asked for, but CUDA is not available here: use 'cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise HMARError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev
+
+
 class HMARPipeline:
     """A transformer (HMAR, stage-1 or VAR) + its tokenizer + class names + sampling defaults."""
 
@@ -63,6 +77,7 @@ class HMARPipeline:
                         ) -> "HMARPipeline":
         """Load our model directory, or an official ``hmar-d*.pth`` / ``var_d*.pth`` plus ``vqvae``.
         ``path=None`` loads the default model shipped with the package."""
+        device = check_device(device)
         if path is None:
             path = default_model_dir()
             if path is None:
@@ -75,9 +90,11 @@ class HMARPipeline:
     def from_preset(cls, model: str = "hmar-tiny", tokenizer: str = "vqvae-tiny", seed: int = 0,
                     device: Union[str, torch.device] = "cpu") -> "HMARPipeline":
         """A randomly initialised pipeline from preset names (for tests and demos; images are noise)."""
-        torch.manual_seed(seed)
-        m = build_model(model_config(model)).to(device)
-        t = VQVAE(tokenizer_config(tokenizer, patch_nums=m.config.patch_nums)).to(device)
+        device = check_device(device)
+        with torch.random.fork_rng(devices=[]):          # seeded, without touching the caller's global RNG
+            torch.manual_seed(seed)
+            m = build_model(model_config(model)).to(device)
+            t = VQVAE(tokenizer_config(tokenizer, patch_nums=m.config.patch_nums)).to(device)
         return cls(m, t, is_random=True)
 
     def save_pretrained(self, directory: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None) -> Path:
@@ -104,12 +121,19 @@ class HMARPipeline:
         return self.tokenizer.config.patch_nums[-1] * self.tokenizer.config.downsample
 
     def class_index(self, label: Union[int, str]) -> int:
-        """A class id from an int or a class name (case-insensitive)."""
-        if isinstance(label, str) and not label.lstrip("-").isdigit():
+        """A class id from an int or a class name (case-insensitive, surrounding spaces ignored)."""
+        if isinstance(label, str):
+            text = label.strip()
+            if text.lstrip("-").isdigit():
+                return int(text)
             names = [n.lower() for n in (self.class_names or [])]
-            if label.lower() not in names:
+            if text.lower() not in names:
                 raise HMARError(f"unknown class name {label!r}; known: {', '.join(self.class_names or []) or 'none (use ids)'}")
-            return names.index(label.lower())
+            return names.index(text.lower())
+        if isinstance(label, torch.Tensor) and label.numel() == 1 and not label.is_floating_point():
+            label = label.item()
+        if isinstance(label, bool) or not isinstance(label, numbers.Integral):
+            raise HMARError(f"a class label must be an integer id or a class name, got {label!r}")
         return int(label)
 
     def _opts(self, **kw: Any) -> Dict[str, Any]:
@@ -129,8 +153,19 @@ class HMARPipeline:
                  temperature: Optional[float] = None, schedule: Any = None, guide_masked: Optional[bool] = None,
                  generator: Union[int, torch.Generator, None] = 0, output_type: str = "pil", batch_size: int = 64):
         """Generate ``num_images_per_label`` images per label; returns PIL images (``output_type='pil'``),
-        a ``[N, 3, R, R]`` tensor in [0, 1] (``'pt'``) or a uint8 ``[N, R, R, 3]`` array (``'np'``)."""
+        a ``[N, 3, R, R]`` tensor in [0, 1] (``'pt'``) or a uint8 ``[N, R, R, 3]`` array (``'np'``).
+        ``class_labels`` may also be a single id or name. ``batch_size`` is part of the seeding: the same
+        seed with another batch size gives other images."""
+        if isinstance(class_labels, (int, str)) or (isinstance(class_labels, torch.Tensor) and class_labels.dim() == 0):
+            class_labels = [class_labels]
+        if output_type not in ("pil", "pt", "np"):
+            raise HMARError(f"output_type must be 'pil', 'pt' or 'np', got {output_type!r}")
+        for name, v in (("num_images_per_label", num_images_per_label), ("batch_size", batch_size)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise HMARError(f"{name} must be an integer >= 1, got {v!r}")
         labels = [l for l in class_labels for _ in range(num_images_per_label)]
+        if not labels:
+            raise HMARError("class_labels is empty: give at least one class id or name")
         gen = make_generator(generator, self.device)  # one stream across batches
         outs = []
         for i in range(0, len(labels), batch_size):

@@ -2,8 +2,8 @@
 
 Every preset a user can ask for by name is listed here (``hmar.presets.list_presets()``).
 Transformer presets follow the official size rule: width ``64 * depth``, ``depth`` heads of 64,
-8 branch blocks for HMAR. Any depth works through the pattern ``hmar-d<N>`` / ``var-d<N>``
-(optionally suffixed ``-512``), not only the published ones.
+8 branch blocks for HMAR (below depth 8: all blocks). Any depth works through the pattern
+``hmar-d<N>`` / ``var-d<N>`` (optionally suffixed ``-512``), not only the published ones.
 """
 from __future__ import annotations
 
@@ -94,8 +94,12 @@ def resolve_schedule(spec: Any, patch_nums: Sequence[int]) -> List[List[int]]:
                 raise HMARError(f"unknown schedule {spec!r}: use 'default', 'none', 'coarse', "
                                 f"{', '.join(repr(k) for k in MASK_SCHEDULES)} or a JSON list like [[1],[1,3],...]")
     else:
-        sched = [list(s) for s in spec]
+        sched = spec
+    if not isinstance(sched, (list, tuple)):
+        raise HMARError(f"the schedule {spec!r} is not a list of per-scale lists: use a name ('default', 'none', "
+                        f"'coarse', ...) or a list like [[1],[1,3],...]")
     validate_schedule(sched, patch_nums)
+    sched = [list(s) for s in sched]
     return sched
 
 
@@ -105,7 +109,8 @@ def validate_schedule(sched: Sequence[Sequence[int]], patch_nums: Sequence[int])
         raise HMARError(f"the schedule has {len(sched)} entries but the model has {len(patch_nums)} scales "
                         f"{tuple(patch_nums)}: give one list per scale")
     for si, (s, pn) in enumerate(zip(sched, patch_nums)):
-        if not isinstance(s, (list, tuple)) or not s or any((not isinstance(c, int)) or c <= 0 for c in s):
+        counts_ok = isinstance(s, (list, tuple)) and all(type(c) is int and c > 0 for c in s)  # no bools
+        if not s or not counts_ok:
             raise HMARError(f"schedule entry {si} is {s!r}: it must be a non-empty list of positive integers")
         if sum(s) != pn * pn:
             raise HMARError(f"schedule entry {si} {list(s)} sums to {sum(s)}, but scale {si} is {pn}x{pn} = "
@@ -279,7 +284,9 @@ def model_config(name: str, **overrides: Any) -> ModelConfig:
         raise HMARError(f"unknown model preset {name!r}; known: {', '.join(list_presets()['models'])} "
                         f"(any depth works: hmar-d<N>, var-d<N>, nsp-d<N>, optional -512)")
     kind, depth, res = m.group(1), int(m.group(2)), int(m.group(3) or 256)
-    return ModelConfig(**{"kind": kind, "depth": depth, "patch_nums": PATCH_NUMS[res], **overrides})
+    # 8 branch blocks (official); shallower models than that are all branch (no shared trunk)
+    return ModelConfig(**{"kind": kind, "depth": depth, "patch_nums": PATCH_NUMS[res],
+                          "branch_depth": min(8, depth), **overrides})
 
 
 def tokenizer_config(name: str = "vqvae-ch160", **overrides: Any) -> TokenizerConfig:

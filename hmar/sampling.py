@@ -17,6 +17,8 @@ the draft, never masked, and act as context for the masked passes.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -92,15 +94,34 @@ def make_generator(seed_or_gen: Union[int, torch.Generator, None], device: torch
     g = torch.Generator(device=device)
     if seed_or_gen is None:
         g.seed()
-    else:
-        g.manual_seed(int(seed_or_gen))
+        return g
+    if isinstance(seed_or_gen, bool) or not isinstance(seed_or_gen, numbers.Integral):
+        raise HMARError(f"the seed must be an integer, a torch.Generator or None, got {seed_or_gen!r}")
+    if not -2 ** 63 <= int(seed_or_gen) < 2 ** 64:
+        raise HMARError(f"the seed {int(seed_or_gen)} does not fit in 64 bits: use a seed in 0..2**64-1")
+    g.manual_seed(int(seed_or_gen))
     return g
+
+
+def check_options(cfg: float, top_k: int, top_p: float, temperature: float) -> None:
+    """Raise :class:`HMARError` for a sampling option outside its domain (NaN guidance, negative top-k, ...)."""
+    real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)  # noqa: E731
+    if not real(cfg) or not math.isfinite(cfg):
+        raise HMARError(f"cfg (the guidance scale) must be a finite number, got {cfg!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
+        raise HMARError(f"top_k must be an integer >= 0 (0: off), got {top_k!r}")
+    if not real(top_p) or not 0.0 <= top_p <= 1.0:                # NaN fails the comparison too
+        raise HMARError(f"top_p must be a number in [0, 1] (0 or 1: off), got {top_p!r}")
+    if not real(temperature) or not 0.0 < temperature < math.inf:
+        raise HMARError(f"temperature must be a finite number > 0, got {temperature!r}")
 
 
 def check_labels(labels: Union[Sequence[int], torch.Tensor], num_classes: int, device: torch.device) -> torch.Tensor:
     """Labels as a LongTensor (``-1``, unconditional, becomes the null class ``num_classes``).
     Raises :class:`HMARError` for ids outside ``-1 .. num_classes - 1``."""
     t = torch.as_tensor(labels, dtype=torch.long).flatten()
+    if t.numel() == 0:
+        raise HMARError("no class labels given: pass at least one class id (-1 for unconditional)")
     bad = [int(x) for x in t if not (-1 <= int(x) < num_classes)]
     if bad:
         raise HMARError(f"class id {bad[0]} is out of range: this model has {num_classes} classes "
@@ -119,6 +140,7 @@ def sample(model: nn.Module, tokenizer: nn.Module, labels: Union[Sequence[int], 
     ``schedule``: masked-step schedule (see :func:`hmar.presets.resolve_schedule`); ignored for models
     without a masked branch. Returns a :class:`SampleOutput` (images in [0, 1] if ``decode``).
     """
+    check_options(cfg, top_k, top_p, temperature)
     cfgm = model.config
     quant = tokenizer.quantize if hasattr(tokenizer, "quantize") else tokenizer
     if tuple(quant.patch_nums) != tuple(cfgm.patch_nums):

@@ -80,6 +80,12 @@ def test_fashion_mnist_limit_and_splits(fake_fmnist: Path, tmp_path: Path) -> No
     assert not (tmp_path / "o" / "test").exists()
     with pytest.raises(HMARError, match="limit-per-class"):
         build_fashion_mnist(tmp_path / "o", fake_fmnist, limit_per_class=0)
+    # a rebuild with a smaller limit holds what it reports, not the leftovers of the first build
+    build_fashion_mnist(tmp_path / "o", fake_fmnist, splits=["train"], limit_per_class=2)
+    (tmp_path / "o" / "train" / "notes.txt").write_text("the user's own file stays")
+    assert build_fashion_mnist(tmp_path / "o", fake_fmnist, splits=["train"], limit_per_class=1) == {"train": 10}
+    assert len(list((tmp_path / "o" / "train").rglob("*.png"))) == 10
+    assert (tmp_path / "o" / "train" / "notes.txt").exists()
 
 
 def test_fashion_mnist_missing_names_package(tmp_path: Path) -> None:

@@ -156,6 +156,30 @@ def test_evaluate_folder_end_to_end(tiny_data: Path, tiny_classifier: Path, tmp_
     assert res3["recall"] < res["recall"]
 
 
+class Counting(StandIn):
+    """The stand-in extractor, counting the images it sees."""
+
+    seen = 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        Counting.seen += len(images)
+        return super().forward(images)
+
+
+def test_too_few_images_fail_early_naming_the_folder(tiny_data: Path, tmp_path: Path) -> None:
+    few = _write_split(tmp_path / "few", 1, 5, folder_name=str)         # 3 samples: not more than k = 3
+    kw = dict(inception=Counting(), cache_dir=tmp_path / "cache", batch_size=8)
+    with pytest.raises(HMARError, match=r"samples folder .*few has 3 image\(s\); precision/recall with --k 3"):
+        evaluate_folder(few, tiny_data / "test", **kw)
+    assert Counting.seen == 0                                           # before any feature extraction
+    with pytest.raises(HMARError, match="FID needs at least 2"):
+        evaluate_folder(few / "0", tiny_data / "test", **kw)
+    assert evaluate_folder(few, tiny_data / "test", k=2, **kw)["precision"] is not None
+    ref = _write_split(tmp_path / "ref", 1, 6, folder_name=str)
+    with pytest.raises(HMARError, match=r"reference .*ref has 3 image\(s\)"):
+        evaluate_folder(_write_split(tmp_path / "many", 4, 5, folder_name=str), ref, **kw)
+
+
 def test_cli_train_eval_reference(tiny_data: Path, tiny_classifier: Path, tmp_path: Path,
                                   capsys: pytest.CaptureFixture) -> None:
     model = tmp_path / "m.safetensors"

@@ -43,6 +43,15 @@ def test_rgba_is_composited_on_white(tmp_path):
     assert img[0, 8, 8] > 0.99 and img[1, 8, 8] < -0.99                       # red
 
 
+def test_16bit_grayscale_is_scaled_not_clipped(tmp_path):
+    d = tmp_path / "a" / "x"
+    d.mkdir(parents=True)
+    Image.fromarray(np.full((64, 64), 128 * 257, np.uint16)).save(d / "g16.png")   # mid grey, 16 bits
+    assert Image.open(d / "g16.png").mode.startswith("I")
+    img = ImageFolderDataset(tmp_path / "a", 64, train=False)[0]["img"]
+    assert torch.allclose(img, torch.full_like(img, 128 / 127.5 - 1), atol=1e-2)   # not white
+
+
 def test_class_names_are_sorted_folder_names_and_splits(tmp_path):
     make_shapes_folder(tmp_path / "d", 3, 2, 64, val_per_class=1)
     data = build_data(str(tmp_path / "d"), 64, False, 0)
@@ -132,3 +141,39 @@ def test_cache_from_another_tokenizer_is_refused(tmp_path):
     with pytest.raises(HMARError, match="another tokenizer"):
         Trainer(TrainConfig(data=str(tmp_path / "c.safetensors"), tokenizer=str(other), out=str(tmp_path / "r"),
                             progress=False, tensorboard=False))
+
+
+def test_stage2_keeps_the_stage1_tokenizer_and_refuses_other_caches(tmp_path):
+    from hmar.training import TrainConfig
+    from hmar.training.loop import Trainer
+    from hmar.training.tokenize import tokenize_folder
+    make_shapes_folder(tmp_path / "d", 2, 2, 64)
+    t1, t2 = make_random_tokenizer(tmp_path / "t1", seed=1), make_random_tokenizer(tmp_path / "t2", seed=2)
+    quiet = dict(progress=False, say=lambda m: None)
+    c1 = tokenize_folder(tmp_path / "d", t1, tmp_path / "c1.safetensors", **quiet)
+    c2 = tokenize_folder(tmp_path / "d", t2, tmp_path / "c2.safetensors", **quiet)
+    common = dict(progress=False, tensorboard=False, max_steps=1, batch_size=2, sample_every=-1)
+    Trainer(TrainConfig(data=str(c1), out=str(tmp_path / "s1"), **common)).run()
+    masked = dict(stage="masked", init=str(tmp_path / "s1"), **common)
+    with pytest.raises(HMARError, match="another tokenizer"):     # tokens of t2, trunk trained on t1's
+        Trainer(TrainConfig(data=str(c2), out=str(tmp_path / "s2"), **masked))
+    with pytest.raises(HMARError, match="not the tokenizer of the stage-1 model"):
+        Trainer(TrainConfig(data=str(tmp_path / "d"), tokenizer=str(t2), out=str(tmp_path / "s2"), **masked))
+    Trainer(TrainConfig(data=str(c1), out=str(tmp_path / "s2"), **masked))
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train-tokenizer", "--tokenizer-override", "foo=1"], "--tokenizer-override: unknown key(s) foo"),
+    (["train-tokenizer", "--tokenizer-override", "ch=abc"], "--tokenizer-override ch='abc': expected a value like"),
+    (["train-tokenizer", "--tokenizer-override", "ch=16"], "divisible by norm_groups"),
+    (["train", "--model-override", "depth=abc"], "--model-override depth='abc': expected a value like 4"),
+    (["train", "--model-override", "foo=1"], "--model-override: unknown key(s) foo"),
+])
+def test_bad_config_overrides_are_one_line_errors(tmp_path, capsys, argv, needle):
+    make_shapes_folder(tmp_path / "d", 2, 2, 64)
+    tok = make_random_tokenizer(tmp_path / "tok")
+    extra = ["--tokenizer", str(tok)] if argv[0] == "train" else []
+    rc = main(argv + extra + ["--data", str(tmp_path / "d"), "--out", str(tmp_path / "r"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: ") and needle in err[-1], err
+    assert not (tmp_path / "r").exists()

@@ -66,3 +66,77 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     recs = [json.loads(l) for l in (a_dir / "metrics.jsonl").read_text().splitlines()]
     losses_a = [r["loss"] for r in recs if r["kind"] == "train"]
     assert len(losses_a) == 6 and losses_a[-1] < losses_a[0]
+
+
+def _wait_for_step(metrics, step: int, proc, limit: float = 120) -> None:
+    t0 = time.time()
+    while True:
+        assert proc.poll() is None, "the run ended before it was interrupted"
+        assert time.time() - t0 < limit
+        if metrics.exists() and f'"step": {step},' in metrics.read_text():
+            return
+        time.sleep(0.01)
+
+
+def test_ctrl_c_saves_the_current_step_and_resume_continues_exactly(tmp_path):
+    """Ctrl-C to the whole process group (trainer and data workers) mid-run, with no periodic checkpoint due:
+    the run finishes its step, writes that step's checkpoint, exits 130 with a one-line note, and --resume
+    ends bit-identical to an uninterrupted run; metrics.jsonl holds each step once."""
+    make_shapes_folder(tmp_path / "d", 3, 10, 64)
+    tok = make_random_tokenizer(tmp_path / "tok")
+    cache = tokenize_folder(tmp_path / "d", tok, tmp_path / "c.safetensors", views=2, progress=False,
+                            say=lambda m: None)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    a_dir, b_dir = tmp_path / "A", tmp_path / "B"
+    extra = ("--ckpt-every", "1000", "--workers", "1", "--log-every", "1")
+    a = subprocess.Popen(_cmd(tok, cache, a_dir) + list(extra), env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    b = subprocess.Popen(_cmd(tok, cache, b_dir) + list(extra), env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for_step(b_dir / "metrics.jsonl", 5, b)
+    os.killpg(b.pid, signal.SIGINT)
+    _, err = b.communicate(timeout=120)
+    assert b.returncode == 130, err[-2000:]
+    note = [l for l in err.splitlines() if "stopped by SIGINT after step" in l]
+    assert len(note) == 1 and "--resume" in note[0], err[-2000:]
+    step = int(note[0].split("after step ")[1].split(";")[0])
+    assert 5 <= step < 60
+    assert [p.name for p in (b_dir / "checkpoints").glob("*.pt")] == [f"step_{step:08d}.pt"]
+    assert not (b_dir / "model").exists()
+    c = subprocess.run(_cmd(tok, cache, b_dir, "--resume") + list(extra), env=env, capture_output=True, text=True)
+    assert c.returncode == 0, c.stderr[-2000:]
+    assert f"step {step}," in c.stderr
+    _, a_err = a.communicate(timeout=300)
+    assert a.returncode == 0, a_err[-2000:]
+    wa = load_file(str(a_dir / "model" / "model.safetensors"))
+    wb = load_file(str(b_dir / "model" / "model.safetensors"))
+    assert [k for k in wa if not torch.equal(wa[k], wb[k])] == []
+    import json
+    train_steps = [json.loads(l)["step"] for l in (b_dir / "metrics.jsonl").read_text().splitlines()
+                   if json.loads(l)["kind"] == "train"]
+    assert train_steps == list(range(1, 61))
+
+
+def test_sigterm_stops_tokenizer_training_with_a_checkpoint(tmp_path):
+    make_shapes_folder(tmp_path / "d", 2, 8, 32)
+    out = tmp_path / "tok"
+    cmd = [sys.executable, "-m", "hmar", "train-tokenizer", "--data", str(tmp_path / "d"), "--preset", "vqvae-tiny",
+           "--out", str(out), "--max-steps", "400", "--batch-size", "4", "--no-progress", "--no-tensorboard",
+           "--log-every", "1", "--eval-batches", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    log = out / "log.txt"
+    while not (log.exists() and "[epoch] step" in log.read_text()):   # in the training loop
+        assert p.poll() is None and time.time() - t0 < 120
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by SIGTERM" in err
+    ckpts = list((out / "checkpoints").glob("step_*.pt"))
+    assert len(ckpts) == 1 and not (out / "tokenizer").exists()
+    r = subprocess.run(cmd[:cmd.index("--max-steps") + 1] + [str(int(ckpts[0].stem[5:]) + 2)] +
+                       cmd[cmd.index("--max-steps") + 2:] + ["--resume"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "tokenizer" / "tokenizer.safetensors").exists()

@@ -47,9 +47,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except FileNotFoundError as e:
         print(f"error: file not found: {e.filename or e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except OSError as e:  # unwritable output, a file where a folder should be, a full disk, ...
+        print(f"error: {e.strerror or e}: {e.filename}" if e.filename else f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:   # a training run stopped by a signal has said where it saved (TrainingInterrupted)
+        if not str(e):
+            print("interrupted", file=sys.stderr)
+        return 128 + int(getattr(e, "signum", 2))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import List
 
 import torch
@@ -20,10 +21,14 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same images)")
-    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance (VAR's linear ramp up to this value)")
-    p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0: off)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (0: off)")
-    p.add_argument("--temperature", type=float, default=None, help="softmax temperature")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="classifier-free guidance (VAR's linear ramp up to this value; default: the model's, e.g. 1.5)")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="keep the k most likely tokens (0: off; default: the model's)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="nucleus sampling mass in [0, 1] (0 or 1: off; default: the model's)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="softmax temperature > 0 (default: the model's, usually 1)")
     p.add_argument("--schedule", default=None,
                    help="masked-step schedule: default | none | coarse | official-256 | official-512 | JSON list of "
                         "per-scale token counts, e.g. '[[1],[1,3],[1,1,2,5],[16],...]'")
@@ -33,6 +38,23 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
 def sampling_kwargs(args: argparse.Namespace) -> dict:
     return dict(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, temperature=args.temperature,
                 schedule=args.schedule, guide_masked=True if args.guide_masked else None)
+
+
+def check_sampling_args(pipe, kw: dict) -> None:
+    """Fail before any sampling on options the sampler would refuse (NaN guidance, a bad schedule, ...)."""
+    from ..presets import resolve_schedule
+    from ..sampling import check_options
+    o = {**pipe.sampling, **{k: v for k, v in kw.items() if v is not None}}
+    check_options(o["cfg"], o["top_k"], o["top_p"], o["temperature"])
+    if kw.get("schedule") is not None and hasattr(pipe.model, "masked_logits"):
+        resolve_schedule(kw["schedule"], pipe.model.config.patch_nums)
+
+
+def prepare_out_dir(directory: Path, what: str = "--out") -> None:
+    """Create the output folder (before the slow work), or say why it cannot be one."""
+    if directory.exists() and not directory.is_dir():
+        raise HMARError(f"{what}: {str(directory)!r} exists and is not a directory: choose another path")
+    directory.mkdir(parents=True, exist_ok=True)
 
 
 def parse_int_list(text: str, what: str) -> List[int]:

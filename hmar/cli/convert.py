@@ -5,6 +5,8 @@ import argparse
 
 import torch
 
+from ..errors import HMARError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("convert", help="convert official HMAR/VAR (+ VQ-VAE) files to an hmar model directory",
@@ -27,6 +29,9 @@ def run(args: argparse.Namespace) -> int:
     if args.class_names:
         with open(args.class_names) as f:
             pipe.class_names = [l.strip() for l in f if l.strip()]
+        if len(pipe.class_names) != pipe.num_classes:
+            raise HMARError(f"--class-names {args.class_names!r} has {len(pipe.class_names)} names but the model has "
+                            f"{pipe.num_classes} classes: give one name per line for every class")
     d = pipe.save_pretrained(args.out, dtype=torch.float16 if args.half else None)
     c = pipe.model.config
     print(f"wrote {d}: {c.kind} depth {c.depth} width {c.embed_dim} scales {list(c.patch_nums)}")

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from ..errors import HMARError
-from .common import add_model_args, add_sampling_args, load_pipeline, parse_int_list, sampling_kwargs
+from .common import (add_model_args, add_sampling_args, check_sampling_args, load_pipeline, parse_int_list,
+                     prepare_out_dir, sampling_kwargs)
 
 _RULES = """
 rules (details: python -c "import hmar.editing; help(hmar.editing)"):
@@ -87,6 +88,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise HMARError(f"--out must be a .png path, got {args.out!r}")
+    if args.max_pixels < 1:
+        raise HMARError(f"--max-pixels must be >= 1, got {args.max_pixels}")
     seeds: Optional[List[int]] = parse_int_list(args.seeds, "--seeds") if args.seeds else None
     if seeds is not None and not seeds:
         raise HMARError("--seeds is empty: give at least one seed, e.g. 0,1,2")
@@ -103,13 +106,19 @@ def run(args: argparse.Namespace) -> int:
                             f"the mask must have the image's size (white = edit, black = keep)")
     pipe = load_pipeline(args, say=lambda m: print(m, file=sys.stderr))
     label = None if args.class_label is None else pipe.class_index(args.class_label)
-    kw = {k: v for k, v in sampling_kwargs(args).items()}
+    if label is not None and label < 0:
+        if args.edit_op == "class":
+            raise HMARError(f"--class {args.class_label!r}: class editing needs a real class (id or name); "
+                            "use `hmar edit inpaint` without --class for an unconditional edit")
+        label = None                                      # -1 is the null class: unconditional
+    kw = sampling_kwargs(args)
+    check_sampling_args(pipe, kw)
+    prepare_out_dir(out.parent)
     res = editing.edit(pipe, img, mask, label, generator=args.seed, seeds=seeds, composite=args.composite,
                        max_pixels=args.max_pixels, return_tokens=True, **kw)
     if not bool(res.regions[-1].any()):
         print("note: the edit region is empty (after resizing and cropping): the output is the tokenizer's "
               "reconstruction of the input", file=sys.stderr)
-    out.parent.mkdir(parents=True, exist_ok=True)
     written = []
     if len(res.images) == 1:
         res.images[0].save(out)

@@ -187,12 +187,14 @@ def _export_inception(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     import torch
     from ..evaluation.generate import dist_rank_world, generate_samples
-    from .common import load_pipeline, sampling_kwargs
+    from .common import check_sampling_args, load_pipeline, prepare_out_dir, sampling_kwargs
     rank, world = dist_rank_world()
     if world > 1 and args.device.startswith("cuda"):
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % max(torch.cuda.device_count(), 1)}"
     pipe = load_pipeline(args, say=print if rank == 0 else (lambda *a: None))
     kw = sampling_kwargs(args)
+    check_sampling_args(pipe, kw)
+    prepare_out_dir(args.out)
     n_cls = pipe.num_classes if args.classes is None else min(args.classes, pipe.num_classes)
 
     def sample_fn(labels: "torch.Tensor", generator: "torch.Generator") -> "torch.Tensor":

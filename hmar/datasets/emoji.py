@@ -26,7 +26,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 from PIL import Image
 
 from ..errors import HMARError
-from .folder import class_dir_name, slugify, split_for_key, to_rgb, write_metadata
+from .folder import class_dir_name, clear_class_folders, slugify, split_for_key, to_rgb, write_metadata
 from .npm import NpmPackage, find_package, pack_command
 
 CATEGORIES = ("Smileys & Emotion", "People & Body", "Animals & Nature", "Food & Drink",
@@ -296,7 +296,6 @@ def build_emoji(out: Path, source_dir: Optional[Path] = None, size: int = 64, la
         taken[cls] = taken.get(cls, 0) + 1
         split = split_for_key(key, val_fraction)
         target = out / split / folders[cls] / f"{s}_{key}.png"
-        target.parent.mkdir(parents=True, exist_ok=True)
         jobs.append(Job(data, SOURCES[s].kind, str(target), size, svg_renderer))
         counts[split][s] = counts[split].get(s, 0) + 1
 
@@ -313,6 +312,10 @@ def build_emoji(out: Path, source_dir: Optional[Path] = None, size: int = 64, la
             texts += f"\n\n{'=' * 72}\nLicence file shipped in {SOURCES[s].package}@{SOURCES[s].version}:\n\n{full}"
     write_metadata(out, classes, "Emoji images built by hmar from these sources:\n\n" + texts)
 
+    for split in counts:
+        clear_class_folders(out / split)
+    for folder in sorted({Path(job.target).parent for job in jobs}):
+        folder.mkdir(parents=True, exist_ok=True)
     say(f"writing {len(jobs)} images at {size} px with {max(1, workers)} worker(s)")
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:

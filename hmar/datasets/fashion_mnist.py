@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import HMARError
-from .folder import class_dir_name, write_metadata
+from .folder import class_dir_name, clear_class_folders, write_metadata
 
 DEFAULT_SOURCE = Path("/usr/share/datasets/fashion-mnist")
 APT_COMMAND = "apt-get update && apt-get install -y dataset-fashion-mnist"
@@ -101,6 +101,7 @@ def build_fashion_mnist(out: Path, source: Path = DEFAULT_SOURCE, splits: Sequen
     folders = [class_dir_name(i, n, len(CLASS_NAMES)) for i, n in enumerate(CLASS_NAMES)]
     counts: Dict[str, int] = {}
     for split, (images, labels) in loaded.items():
+        clear_class_folders(out / split)
         for folder in folders:
             (out / split / folder).mkdir(parents=True, exist_ok=True)
         taken = np.zeros(len(CLASS_NAMES), dtype=np.int64)

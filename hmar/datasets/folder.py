@@ -50,6 +50,19 @@ def write_metadata(root: Path, class_names: Sequence[str], license_text: str) ->
     (root / LICENSE_FILE).write_text(license_text.rstrip() + "\n")
 
 
+def clear_class_folders(split_dir: Path) -> None:
+    """Delete the PNGs a previous build left in ``split_dir/<NN_slug>/`` (and the folders it empties), so that
+    a rebuild with other options (a smaller limit, other labels) holds exactly the images it reports."""
+    if not split_dir.is_dir():
+        return
+    for d in split_dir.iterdir():
+        if d.is_dir() and _INDEX_PREFIX.match(d.name):
+            for f in d.glob("*.png"):
+                f.unlink()
+            if not any(d.iterdir()):
+                d.rmdir()
+
+
 def read_class_names(root: Path) -> Optional[List[str]]:
     """Class names from ``classes.json`` in ``root`` or its parent (a split folder); None if absent."""
     for cand in (root / CLASSES_FILE, root.parent / CLASSES_FILE):
@@ -144,7 +157,13 @@ def load_image(path: Path, size: Optional[int] = None) -> np.ndarray:
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB, compositing transparency onto a white background."""
+    """Convert any PIL mode to RGB, compositing transparency onto a white background. 16-bit grayscale
+    (``I;16``, or ``I`` with values above 255) is scaled to 8 bits, where PIL's own conversion clips to white."""
+    if im.mode.startswith("I;16") or im.mode == "I":
+        arr = np.asarray(im, dtype=np.float64)
+        if im.mode != "I" or arr.max(initial=0) > 255:
+            arr = arr / 257.0
+        im = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -32,6 +32,15 @@ def _reference(reference: Union[str, Path], extractors: List[Extractor], cache_d
                            progress=lambda n: say(f"  reference: {n} images") if n % (batch_size * 20) == 0 else None)
 
 
+def _check_count(what: str, where: Union[str, Path], n: int, k: int) -> None:
+    """Fail before the slow feature pass when a set is too small: FID needs 2 images, the k-NN manifolds
+    of precision/recall more than ``k``."""
+    if n < max(2, k + 1):
+        need = "FID needs at least 2" if n < 2 else f"precision/recall with --k {k} need more than {k}"
+        raise HMARError(f"{what} {where} has {n} image(s); {need}: use more images"
+                        + (" or a smaller --k" if n >= 2 else ""))
+
+
 def evaluate_folder(samples_dir: Union[str, Path], reference: Union[str, Path],
                     classifier: Optional[Union[str, Path, ClassifierExtractor]] = None,
                     inception: Optional[Union[str, Path, Extractor]] = None, use_inception: bool = True,
@@ -59,7 +68,10 @@ def evaluate_folder(samples_dir: Union[str, Path], reference: Union[str, Path],
 
     samples = load_image_folder(Path(samples_dir), cls.cfg.class_names if cls is not None else None)
     say(f"{len(samples)} samples in {samples_dir}")
+    _check_count("samples folder", samples_dir, len(samples), k if inc is not None else 1)
     refs = _reference(reference, extractors, cache_dir, batch_size, progress)
+    if inc is not None and refs[inc.name].features is not None:
+        _check_count("reference", reference, refs[inc.name].count, k)
     feats = extract_features(samples.files, extractors, batch_size,
                              progress=lambda n: say(f"  samples: {n} images") if n % (batch_size * 20) == 0 else None)
     result: Dict[str, Optional[float]] = {"fid": None, "precision": None, "recall": None, "density": None,

@@ -197,6 +197,7 @@ def restore_position(trainer: Any, ck: Dict[str, Any]) -> None:
     """Step, epoch, batch within the epoch, skipped files and RNG states of a resumed ``trainer``."""
     from .distributed import seed_everything
     trainer.step, trainer.epoch, trainer.batch = int(ck["step"]), int(ck["epoch"]), int(ck["batch"])
+    trainer.log.drop_after(trainer.step)
     trainer.corrupt.seen.update(ck.get("corrupt", []))
     if not trainer.ckpts.restore_rng(ck, trainer.say):
         seed_everything(resume_seed(trainer.cfg.seed, trainer.info.rank, trainer.step))

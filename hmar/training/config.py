@@ -10,7 +10,7 @@ import argparse
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Type, TypeVar
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, TypeVar
 
 from ..errors import HMARError
 
@@ -133,7 +133,7 @@ class TokenizerTrainConfig(CommonConfig):
     """``hmar train-tokenizer``: the multi-scale residual VQ-VAE."""
     preset: str = opt("vqvae-tiny", "tokenizer preset (vqvae-tiny, vqvae-small, vqvae-ch160)", type=str)
     tokenizer_override: Dict[str, Any] = opt({}, "override a tokenizer config field, KEY=VALUE (repeatable), "
-                                                 "e.g. ch=16 vocab_size=128", type=str)
+                                                 "e.g. ch=16 norm_groups=16 vocab_size=128", type=str)
     lr: float = opt(2e-4, "peak learning rate of the autoencoder (and the discriminator)", type=float)
     warmup_steps: int = opt(0, "linear lr warm-up steps", type=int)
     betas: Tuple[float, float] = opt([0.5, 0.9], "Adam betas (VQGAN's)", type=float, nargs=2)
@@ -205,6 +205,38 @@ def parse_overrides(items: Any, what: str) -> Dict[str, Any]:
         k, v = it.split("=", 1)
         out[k.strip()] = yaml.safe_load(v)
     return out
+
+
+def preset_config(build: Callable[..., T], cls: type, name: str, overrides: Dict[str, Any], flag: str) -> T:
+    """``build(name, **overrides)`` (a preset of dataclass ``cls``); an unknown key or a value of the wrong
+    type is an :class:`HMARError` naming ``flag`` instead of a ``TypeError`` from deep inside."""
+    known = sorted(f.name for f in fields(cls))
+    bad = sorted(set(overrides) - set(known))
+    if bad:
+        raise HMARError(f"{flag}: unknown key(s) {', '.join(bad)}; known: {', '.join(known)}")
+    base = build(name)
+    for key, value in overrides.items():
+        if not _same_kind(value, getattr(base, key)):
+            raise HMARError(f"{flag} {key}={value!r}: expected a value like {getattr(base, key)!r}")
+    try:
+        return build(name, **overrides)
+    except HMARError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise HMARError(f"{flag} {overrides}: a value does not fit preset {name!r} ({e})") from None
+
+
+def _same_kind(value: Any, ref: Any) -> bool:
+    """Whether ``value`` can stand where the preset has ``ref`` (numbers, flags, lists, strings)."""
+    if ref is None or value is None:
+        return True
+    if isinstance(ref, bool) or isinstance(value, bool):
+        return isinstance(ref, bool) and isinstance(value, bool)
+    if isinstance(ref, (int, float)):
+        return isinstance(value, int) or (isinstance(value, float) and isinstance(ref, float))
+    if isinstance(ref, (tuple, list)):
+        return isinstance(value, (tuple, list))
+    return isinstance(value, type(ref))
 
 
 def resolve_config_path(name: str) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
@@ -341,10 +342,16 @@ class PaddedEval(torch.utils.data.Dataset):
 def make_loader(ds: torch.utils.data.Dataset, batch_sampler: torch.utils.data.Sampler, workers: int,
                 pin: bool = False) -> torch.utils.data.DataLoader:
     """A DataLoader over explicit batches. It gets its own generator so that creating an iterator never
-    draws from the global torch RNG (which would break bit-exact resumption)."""
+    draws from the global torch RNG (which would break bit-exact resumption). Its workers ignore SIGINT: Ctrl-C
+    reaches the whole process group, and the trainer, not its workers, decides when to stop
+    (:mod:`hmar.training.interrupt`)."""
     return torch.utils.data.DataLoader(ds, batch_sampler=batch_sampler, num_workers=workers, collate_fn=collate,
                                        pin_memory=pin, generator=torch.Generator().manual_seed(0),
-                                       persistent_workers=False)
+                                       persistent_workers=False, worker_init_fn=_ignore_sigint if workers else None)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class CorruptFiles:

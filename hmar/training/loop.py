@@ -22,13 +22,14 @@ from ..model import HMAR, build_model, init_weights
 from ..presets import ModelConfig, model_config
 from .checkpointing import (CheckpointManager, get_states, require_fresh_or_resume, restore_position, resume_point,
                             set_states)
-from .config import TrainConfig, config_to_dict
+from .config import TrainConfig, config_to_dict, preset_config
 from .data import (CorruptFiles, EpochBatches, EvalBatches, PaddedEval, TrainData, build_data, is_token_cache,
                    make_loader, quantizer_fingerprint, read_token_cache)
 from .distributed import DistInfo, all_reduce_, all_reduce_max, cleanup, init_distributed, seed_everything, wrap_model
 from .fused_ce import linear_cross_entropy
 from .losses import (draw_masks, masked_ce, masked_coefficients, per_scale_stats, scale_loss_weights, split_scales,
                      token_loss_weights, weighted_ce, weighted_coefficients)
+from .interrupt import GracefulStop, stop_run
 from .metrics import RunLogger, Throughput
 from .optim import apply_schedule, build_adamw, param_groups
 from .schedule import Schedule, TimeBudget, is_due
@@ -251,10 +252,14 @@ class Trainer:
         if is_token_cache(cfg.data):
             _, cache_meta = read_token_cache(cfg.data)
         tok_path = cfg.tokenizer or cache_meta.get("tokenizer_path")
-        if tok_path is not None:
-            self.tokenizer = load_tokenizer(tok_path, device=dev)
-        elif init_tok is not None:
+        if init_tok is not None:   # stage 2 keeps the tokenizer stage 1 was trained with
             self.tokenizer = init_tok.to(dev).eval().requires_grad_(False)
+            if cfg.tokenizer and quantizer_fingerprint(load_tokenizer(cfg.tokenizer).quantize) != \
+                    quantizer_fingerprint(init_tok.quantize):
+                raise HMARError(f"--tokenizer {cfg.tokenizer} is not the tokenizer of the stage-1 model {cfg.init}: "
+                                "drop --tokenizer (stage 2 uses the stage-1 model's own)")
+        elif tok_path is not None:
+            self.tokenizer = load_tokenizer(tok_path, device=dev)
         else:
             raise HMARError("no tokenizer: pass --tokenizer DIR (from `hmar train-tokenizer`, an hmar model dir, "
                             "or vae_ch160v4096z32.pth)")
@@ -264,7 +269,8 @@ class Trainer:
             fp = quantizer_fingerprint(self.tokenizer.quantize)
             if cache_meta.get("quantizer_fingerprint") not in (None, fp):
                 raise HMARError(f"token cache {cfg.data} was made with another tokenizer (fingerprint "
-                                f"{cache_meta.get('quantizer_fingerprint')} vs {fp}): re-run `hmar tokenize` with this one")
+                                f"{cache_meta.get('quantizer_fingerprint')} vs {fp}): re-run `hmar tokenize` with "
+                                f"--tokenizer {cfg.init if init_tok is not None else tok_path}")
         if self.stage == "masked":
             model = init_model
             if model.config.num_classes != len(self.class_names):
@@ -337,7 +343,7 @@ class Trainer:
 
     def _new_model(self) -> nn.Module:
         cfg = self.cfg
-        base = model_config(cfg.model, **cfg.model_override)
+        base = preset_config(model_config, ModelConfig, cfg.model, cfg.model_override, "--model-override")
         d = base.to_dict()
         if d["kind"] == "hmar":
             d["kind"] = "nsp"   # stage 1 of HMAR: the next-scale model with the same depth/width
@@ -494,46 +500,49 @@ class Trainer:
         pin = info.device.type == "cuda"
         t_start = time.time()
         budget = TimeBudget(cfg.time_budget) if cfg.time_budget else None
-        while self.step < self.total:
-            sampler = EpochBatches(len(self.data.train), cfg.batch_size, info.rank, info.world, cfg.seed,
-                                   self.epoch, start=self.batch)
-            for batch in make_loader(self.data.train, sampler, cfg.workers, pin):
-                if batch["bad"]:
-                    self.corrupt.update(batch["bad"])
-                tokens = self._tokens(batch)
-                labels = batch["label"].to(info.device, non_blocking=True)
-                mask = self._masks(batch, self.epoch)
-                lr, wd = self.schedule(self.step)
-                apply_schedule(st.optimizer, lr, wd)
-                log_now = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == self.total
-                last = train_step(st, tokens, labels, mask, metrics=log_now)
-                acc_loss += last["loss"].double()
-                acc_n += 1
-                meter.add(cfg.batch_size)
-                self.step += 1
-                self.batch += 1
-                end_epoch = self.batch >= self.iters_per_epoch
-                if end_epoch:
-                    self.epoch, self.batch = self.epoch + 1, 0
-                bar.update(1)
-                if budget is not None:
-                    self._fit_budget(budget, bar)
-                evaluated = sampled = saved = False
-                if log_now:
-                    self._log_train(last, acc_loss, acc_n, meter.rate(), lr, wd, bar)
-                    acc_loss.zero_()
-                    acc_n = 0
-                if is_due(cfg.eval_every, self.step, end_epoch):
-                    self._log_eval()
-                    evaluated = True
-                if cfg.sample_every > 0 and self.step % cfg.sample_every == 0:
-                    self.sample_grid(f"step_{self.step:08d}")
-                    sampled = True
-                if is_due(cfg.ckpt_every, self.step, end_epoch):
-                    self.save_checkpoint()
-                    saved = True
-                if self.step >= self.total or end_epoch:
-                    break
+        with GracefulStop(info) as stop:
+            while self.step < self.total:
+                sampler = EpochBatches(len(self.data.train), cfg.batch_size, info.rank, info.world, cfg.seed,
+                                       self.epoch, start=self.batch)
+                for batch in make_loader(self.data.train, sampler, cfg.workers, pin):
+                    if batch["bad"]:
+                        self.corrupt.update(batch["bad"])
+                    tokens = self._tokens(batch)
+                    labels = batch["label"].to(info.device, non_blocking=True)
+                    mask = self._masks(batch, self.epoch)
+                    lr, wd = self.schedule(self.step)
+                    apply_schedule(st.optimizer, lr, wd)
+                    log_now = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == self.total
+                    last = train_step(st, tokens, labels, mask, metrics=log_now)
+                    acc_loss += last["loss"].double()
+                    acc_n += 1
+                    meter.add(cfg.batch_size)
+                    self.step += 1
+                    self.batch += 1
+                    end_epoch = self.batch >= self.iters_per_epoch
+                    if end_epoch:
+                        self.epoch, self.batch = self.epoch + 1, 0
+                    bar.update(1)
+                    if budget is not None:
+                        self._fit_budget(budget, bar)
+                    evaluated = sampled = saved = False
+                    if log_now:
+                        self._log_train(last, acc_loss, acc_n, meter.rate(), lr, wd, bar)
+                        acc_loss.zero_()
+                        acc_n = 0
+                    if is_due(cfg.eval_every, self.step, end_epoch):
+                        self._log_eval()
+                        evaluated = True
+                    if cfg.sample_every > 0 and self.step % cfg.sample_every == 0:
+                        self.sample_grid(f"step_{self.step:08d}")
+                        sampled = True
+                    if is_due(cfg.ckpt_every, self.step, end_epoch):
+                        self.save_checkpoint()
+                        saved = True
+                    if self.step < self.total and stop.requested(self.step):
+                        stop_run(self, stop, bar, saved)
+                    if self.step >= self.total or end_epoch:
+                        break
         bar.close()
         self.log.bar = None
         if not evaluated:

@@ -57,6 +57,25 @@ class RunLogger:
         if echo:
             self.info(f"[{kind}] step {step} " + " ".join(f"{k}={_fmt(v)}" for k, v in values.items()))
 
+    def drop_after(self, step: int) -> None:
+        """Forget the records of steps after ``step`` (a run resumed from an earlier checkpoint redoes them,
+        so metrics.jsonl keeps one record per step and kind). TensorBoard handles this by itself."""
+        if not self.enabled:
+            return
+        path = self.dir / "metrics.jsonl"
+        self._jsonl.close()
+        keep = []
+        for line in path.read_text().splitlines():
+            try:
+                if int(json.loads(line).get("step", 0)) <= step:
+                    keep.append(line)
+            except (ValueError, AttributeError):   # a torn last line of a killed run
+                continue
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(l + "\n" for l in keep))
+        tmp.replace(path)
+        self._jsonl = open(path, "a", buffering=1)
+
     def close(self) -> None:
         if not self.enabled:
             return

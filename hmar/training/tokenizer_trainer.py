@@ -19,15 +19,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import HMARError
-from ..presets import tokenizer_config
+from ..presets import TokenizerConfig, tokenizer_config
 from ..tokenizer import VQVAE
 from .checkpointing import (CheckpointManager, get_states, require_fresh_or_resume, restore_position, resume_point,
                             set_states)
-from .config import TokenizerTrainConfig, config_to_dict
+from .config import TokenizerTrainConfig, config_to_dict, preset_config
 from .data import CorruptFiles, EpochBatches, EvalBatches, PaddedEval, build_image_data, is_token_cache, make_loader
 from .distributed import DistInfo, all_reduce_, all_reduce_max, broadcast_, cleanup, init_distributed, seed_everything, wrap_model
 from .gan import PatchDiscriminator, PerceptualLoss, adaptive_weight, hinge_d_loss
 from .loop import amp_dtype_for, discard_run_dir
+from .interrupt import GracefulStop, stop_run
 from .metrics import RunLogger, Throughput, psnr
 from .schedule import Schedule, TimeBudget, is_due
 from .tokenizer_io import save_tokenizer
@@ -106,10 +107,15 @@ class TokenizerTrainer:
         cfg = self.cfg
         seed_everything(cfg.seed)
         dev = self.info.device
-        tcfg = tokenizer_config(cfg.preset, **cfg.tokenizer_override)
+        tcfg = preset_config(tokenizer_config, TokenizerConfig, cfg.preset, cfg.tokenizer_override,
+                             "--tokenizer-override")
         self.data = build_image_data(cfg.data, tcfg.resolution, cfg.hflip, cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.vq = VQVAE(tcfg).to(dev).train()
+        try:
+            self.vq = VQVAE(tcfg).to(dev).train()
+        except ValueError as e:   # e.g. channels not divisible by norm_groups
+            raise HMARError(f"tokenizer config {cfg.preset} {cfg.tokenizer_override or ''} cannot be built ({e}); "
+                            "keep ch and ch * ch_mult divisible by norm_groups") from None
         self.fwd = wrap_model(_TokForward(self.vq), self.info)
         self.opt = torch.optim.AdamW(self.vq.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                      weight_decay=cfg.weight_decay)
@@ -308,41 +314,44 @@ class TokenizerTrainer:
         saved = evaluated = False
         t0 = time.time()
         budget = TimeBudget(cfg.time_budget) if cfg.time_budget else None
-        while self.step < self.total:
-            sampler = EpochBatches(len(self.data.train), cfg.batch_size, info.rank, info.world, cfg.seed,
-                                   self.epoch, start=self.batch)
-            for batch in make_loader(self.data.train, sampler, cfg.workers, info.device.type == "cuda"):
-                if batch["bad"]:
-                    self.corrupt.update(batch["bad"])
-                x = batch["img"].to(info.device, non_blocking=True)
-                out = self._train_step(x)
-                for k, v in out.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                count += 1
-                meter.add(cfg.batch_size)
-                self.step += 1
-                self.batch += 1
-                end_epoch = self.batch >= self.ipe
-                bar.update(1)
-                if budget is not None:
-                    new = budget.total(self.step, self.total, (lambda v: all_reduce_max(v, info)) if info.initialized else None)
-                    if new != self.total:
-                        self.total = self.schedule.total = bar.total = new
-                        end_epoch = end_epoch or self.step >= self.total
-                saved = evaluated = False
-                if self.step % cfg.log_every == 0:
-                    bar.set_postfix(loss=f"{float(out['loss']):.4f}", psnr=f"{out['psnr']:.2f}", refresh=False)
-                if end_epoch or self.step >= self.total:
-                    self._epoch_report(sums, count, meter.rate())
-                    sums, count = {}, 0
-                    evaluated = True
-                if end_epoch:
-                    self.epoch, self.batch = self.epoch + 1, 0
-                if is_due(cfg.ckpt_every, self.step, end_epoch):
-                    self.save_checkpoint()
-                    saved = True
-                if self.step >= self.total or end_epoch:
-                    break
+        with GracefulStop(info) as stop:
+            while self.step < self.total:
+                sampler = EpochBatches(len(self.data.train), cfg.batch_size, info.rank, info.world, cfg.seed,
+                                       self.epoch, start=self.batch)
+                for batch in make_loader(self.data.train, sampler, cfg.workers, info.device.type == "cuda"):
+                    if batch["bad"]:
+                        self.corrupt.update(batch["bad"])
+                    x = batch["img"].to(info.device, non_blocking=True)
+                    out = self._train_step(x)
+                    for k, v in out.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                    count += 1
+                    meter.add(cfg.batch_size)
+                    self.step += 1
+                    self.batch += 1
+                    end_epoch = self.batch >= self.ipe
+                    bar.update(1)
+                    if budget is not None:
+                        new = budget.total(self.step, self.total, (lambda v: all_reduce_max(v, info)) if info.initialized else None)
+                        if new != self.total:
+                            self.total = self.schedule.total = bar.total = new
+                            end_epoch = end_epoch or self.step >= self.total
+                    saved = evaluated = False
+                    if self.step % cfg.log_every == 0:
+                        bar.set_postfix(loss=f"{float(out['loss']):.4f}", psnr=f"{out['psnr']:.2f}", refresh=False)
+                    if end_epoch or self.step >= self.total:
+                        self._epoch_report(sums, count, meter.rate())
+                        sums, count = {}, 0
+                        evaluated = True
+                    if end_epoch:
+                        self.epoch, self.batch = self.epoch + 1, 0
+                    if is_due(cfg.ckpt_every, self.step, end_epoch):
+                        self.save_checkpoint()
+                        saved = True
+                    if self.step < self.total and stop.requested(self.step):
+                        stop_run(self, stop, bar, saved)
+                    if self.step >= self.total or end_epoch:
+                        break
         bar.close()
         self.log.bar = None
         if not evaluated and count:

@@ -1,0 +1,194 @@
+"""The user-facing surface refuses bad input with one clear HMARError / one ``error:`` line, before any
+sampling or file writing: sampling options, seeds, schedules, pipeline arguments, damaged model
+directories, output paths, editing arguments; and every ``hmar-d<N>`` preset builds."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hmar import HMARPipeline, build_model, model_config
+from hmar.cli import main
+from hmar.errors import HMARError
+from hmar.presets import resolve_schedule
+from hmar.sampling import make_generator, sample
+
+TINY_PN = (1, 2, 3, 4)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random pipeline saved in our format (10 classes, 4 scales, 64 px)."""
+    d = tmp_path_factory.mktemp("model") / "tiny"
+    HMARPipeline.from_preset("hmar-tiny", "vqvae-tiny").save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    return HMARPipeline.from_pretrained(model_dir)
+
+
+@pytest.mark.parametrize("opts,needle", [
+    (dict(cfg=float("nan")), "cfg"), (dict(cfg=float("inf")), "cfg"),
+    (dict(top_k=-1), "top_k"), (dict(top_k=1.5), "top_k"),
+    (dict(top_p=1.5), "top_p"), (dict(top_p=-0.1), "top_p"), (dict(top_p=float("nan")), "top_p"),
+    (dict(temperature=float("nan")), "temperature"), (dict(temperature=float("inf")), "temperature"),
+])
+def test_sampling_options_out_of_domain_are_refused(tiny, opts, needle):
+    hmar, _, _, tok = tiny
+    with pytest.raises(HMARError, match=needle):
+        sample(hmar, tok, [0], generator=0, **opts)
+
+
+def test_seeds_and_schedule_specs_of_the_wrong_type():
+    for bad in ("abc", 1.5, 2 ** 70):
+        with pytest.raises(HMARError, match="seed"):
+            make_generator(bad, torch.device("cpu"))
+    assert make_generator(np.int64(3), torch.device("cpu")).initial_seed() == 3
+    for bad in (5, "5", "{}", [1, 4, 9, 16], [[1], [True, 3], [9], [16]]):
+        with pytest.raises(HMARError, match="schedule"):
+            resolve_schedule(bad, TINY_PN)
+    assert resolve_schedule(((1,), (1, 3), (9,), (16,)), TINY_PN) == [[1], [1, 3], [9], [16]]
+
+
+def test_pipeline_call_arguments(pipe):
+    for kw, needle in [(dict(num_images_per_label=0), "num_images_per_label"), (dict(batch_size=0), "batch_size"),
+                       (dict(output_type="jpg"), "output_type"), (dict(guidance_scale=float("nan")), "cfg")]:
+        with pytest.raises(HMARError, match=needle):
+            pipe([1], **kw)
+    with pytest.raises(HMARError, match="empty"):
+        pipe([])
+    for bad in (1.5, None):
+        with pytest.raises(HMARError, match="class label"):
+            pipe([bad])
+    one = pipe(3, generator=0, output_type="np")
+    assert one.shape == (1, 64, 64, 3) and np.array_equal(one, pipe([" 3 "], generator=0, output_type="np"))
+    assert np.array_equal(one, pipe(torch.tensor([3]), generator=0, output_type="np"))
+
+
+def test_pipeline_device_and_preset_depths(model_dir):
+    with pytest.raises(HMARError, match="not a torch device"):
+        HMARPipeline.from_pretrained(model_dir, device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(HMARError, match="CUDA is not available"):
+            HMARPipeline.from_pretrained(model_dir, device="cuda")
+    for d in (1, 4, 8, 16):  # "any depth works": HMAR below depth 8 is all branch
+        cfg = model_config(f"hmar-d{d}")
+        assert cfg.branch_depth == min(8, d)
+    m = build_model(model_config("hmar-d2", vocab_size=64, z_channels=8, patch_nums=TINY_PN, num_classes=10))
+    assert m.config.depth == 2
+
+
+def test_damaged_model_directories(model_dir, tmp_path):
+    import shutil
+    for name, damage, needle in [
+        ("nomodel", lambda d: (d / "config.json").write_text(json.dumps({"format": "hmar"})), "no 'model' section"),
+        ("badcfg", lambda d: (d / "config.json").write_text(json.dumps(
+            {**json.loads((model_dir / "config.json").read_text()), "model": {"depth": "x"}})), "valid model"),
+        ("corrupt", lambda d: (d / "model.safetensors").write_bytes(b"garbage"), "not a readable safetensors"),
+        ("truncated", lambda d: (d / "tokenizer.safetensors").write_bytes(
+            (model_dir / "tokenizer.safetensors").read_bytes()[:500]), "not a readable safetensors"),
+    ]:
+        d = tmp_path / name
+        shutil.copytree(model_dir, d)
+        damage(d)
+        with pytest.raises(HMARError, match=needle):
+            HMARPipeline.from_pretrained(d)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(HMARError, match="is a file"):
+        HMARPipeline.from_preset().save_pretrained(tmp_path / "file")
+
+
+def _cli(argv, capsys):
+    rc = main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err.strip().splitlines()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--classes", "1", "-n", "0"], "--num-per-class"),
+    (["--classes", ",,"], "names no class"),
+    (["--classes", "1", "--cfg", "nan"], "cfg"),
+    (["--classes", "1", "--top-k", "-5"], "top_k"),
+    (["--classes", "1", "--schedule", "5"], "schedule"),
+    (["--classes", "1", "--seed", "99999999999999999999999"], "64 bits"),
+    (["--classes", "1", "--out", "{tmp}/grid.jpg"], "png"),
+    (["--classes", "1", "--out", "{tmp}/afile"], "not a directory"),
+    (["--classes", "1", "--out", "{tmp}/afile/sub"], "not a directory"),
+])
+def test_cli_sample_bad_input_fails_before_sampling(model_dir, tmp_path, capsys, monkeypatch, args, needle):
+    (tmp_path / "afile").write_text("x")
+    calls = []
+    monkeypatch.setattr(HMARPipeline, "generate", lambda self, *a, **k: calls.append(1))
+    args = [a.format(tmp=tmp_path) for a in args]
+    out = [] if "--out" in args else ["--out", str(tmp_path / "o")]
+    rc, _, err = _cli(["sample", "-c", str(model_dir), "--no-progress"] + out + args, capsys)
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and needle.lower() in err[0].lower(), err
+    assert not calls
+
+
+def test_cli_sample_classes_with_spaces_and_unconditional(model_dir, tmp_path, capsys):
+    rc, _, _ = _cli(["sample", "-c", str(model_dir), "--no-progress", "--classes", "-1, 2", "--out",
+                     str(tmp_path / "o")], capsys)
+    assert rc == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["0002_000.png", "grid.png", "uncond_000.png"]
+
+
+def test_cli_edit_class_minus_one_and_bad_options(model_dir, tmp_path, capsys):
+    from PIL import Image
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "in.png")
+    m = np.zeros((64, 64), np.uint8)
+    m[:, 32:] = 255
+    Image.fromarray(m).save(tmp_path / "m.png")
+    base = ["-c", str(model_dir), "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "m.png")]
+    (tmp_path / "afile").write_text("x")
+    for op, extra, needle in [("class", ["--class=-1"], "real class"),
+                              ("inpaint", ["--cfg", "nan"], "cfg"),
+                              ("inpaint", ["--max-pixels", "0"], "--max-pixels"),
+                              ("inpaint", ["--out", str(tmp_path / "afile" / "o.png")], "not a directory")]:
+        rc, _, err = _cli(["edit", op] + base + extra, capsys)
+        assert rc == 2 and len(err) == 1 and needle in err[0], err
+    rc, out, _ = _cli(["edit", "inpaint"] + base + ["--class=-1", "--out", str(tmp_path / "e.png")], capsys)
+    assert rc == 0 and "unconditional" in out
+
+
+def test_editing_argument_types(pipe):
+    img, mask = torch.rand(3, 64, 64), torch.ones(64, 64)
+    with pytest.raises(HMARError, match="seeds"):
+        pipe.inpaint(img, mask, seeds="0,1")
+    with pytest.raises(HMARError, match="pad"):
+        pipe.outpaint(img, pad=4)
+    with pytest.raises(HMARError, match="target_size"):
+        pipe.outpaint(img, target_size=100)
+    a = pipe.outpaint(img, pad=np.array([8, 8, 8, 8]), generator=0)[0]
+    assert np.array_equal(np.asarray(a), np.asarray(pipe.outpaint(img, pad=(8, 8, 8, 8), generator=0)[0]))
+
+
+def test_mask_checkpoint_and_class_names_mismatches(model_dir, tmp_path, capsys):
+    from hmar import VQVAE, tokenizer_config
+    torch.manual_seed(0)
+    for name in ("hmar-tiny", "nsp-tiny"):
+        torch.save(build_model(model_config(name)).state_dict(), tmp_path / f"{name}.pth")
+    torch.save(VQVAE(tokenizer_config("vqvae-tiny")).state_dict(), tmp_path / "vq.pth")
+    (tmp_path / "names.txt").write_text("a\nb\n")
+    f = {k: str(tmp_path / v) for k, v in dict(hmar="hmar-tiny.pth", nsp="nsp-tiny.pth", vq="vq.pth",
+                                                names="names.txt").items()}
+    for argv, needle in [
+        (["sample", "-c", f["hmar"], "--vqvae", f["vq"], "--mask-checkpoint", f["nsp"]], "assembled HMAR"),
+        (["sample", "-c", f["nsp"], "--vqvae", f["vq"], "--mask-checkpoint", f["nsp"]], "not a stage-2"),
+        (["sample", "-c", str(model_dir), "--mask-checkpoint", f["nsp"]], "model directory"),
+        (["convert", "-c", f["hmar"], "--vqvae", f["vq"], "--class-names", f["names"]], "2 names"),
+    ]:
+        rc, _, err = _cli(argv + ["--out", str(tmp_path / "o")], capsys)
+        assert rc == 2 and len(err) == 1 and needle in err[0], err
+
+
+def test_from_preset_is_seeded_and_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = HMARPipeline.from_preset("hmar-tiny", "vqvae-tiny", seed=1)
+    assert torch.equal(torch.rand(3), expected)
+    b = HMARPipeline.from_preset("hmar-tiny", "vqvae-tiny", seed=1)
+    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
