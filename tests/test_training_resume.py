@@ -26,12 +26,17 @@ def _cmd(tok, cache, out, *extra):
             "--keep-last", "2", *extra]
 
 
-def test_sigkill_then_resume_is_bit_identical(tmp_path):
+def _prepare(tmp_path):
+    """A random tokenizer, a token cache of 30 shape images, and the environment of the training processes."""
     make_shapes_folder(tmp_path / "d", 3, 10, 64)
     tok = make_random_tokenizer(tmp_path / "tok")
     cache = tokenize_folder(tmp_path / "d", tok, tmp_path / "c.safetensors", views=2, progress=False,
                             say=lambda m: None)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return tok, cache, dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def test_sigkill_then_resume_is_bit_identical(tmp_path):
+    tok, cache, env = _prepare(tmp_path)
     a_dir, b_dir = tmp_path / "A", tmp_path / "B"
     a = subprocess.Popen(_cmd(tok, cache, a_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     b = subprocess.Popen(_cmd(tok, cache, b_dir), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -82,11 +87,7 @@ def test_ctrl_c_saves_the_current_step_and_resume_continues_exactly(tmp_path):
     """Ctrl-C to the whole process group (trainer and data workers) mid-run, with no periodic checkpoint due:
     the run finishes its step, writes that step's checkpoint, exits 130 with a one-line note, and --resume
     ends bit-identical to an uninterrupted run; metrics.jsonl holds each step once."""
-    make_shapes_folder(tmp_path / "d", 3, 10, 64)
-    tok = make_random_tokenizer(tmp_path / "tok")
-    cache = tokenize_folder(tmp_path / "d", tok, tmp_path / "c.safetensors", views=2, progress=False,
-                            say=lambda m: None)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    tok, cache, env = _prepare(tmp_path)
     a_dir, b_dir = tmp_path / "A", tmp_path / "B"
     extra = ("--ckpt-every", "1000", "--workers", "1", "--log-every", "1")
     a = subprocess.Popen(_cmd(tok, cache, a_dir) + list(extra), env=env, stdout=subprocess.DEVNULL,

@@ -91,3 +91,15 @@ def stop_run(trainer: Any, stop: GracefulStop, bar: Any, saved: bool) -> None:
     trainer.log.close()
     cleanup(trainer.info)
     raise err
+
+
+def end_of_step(trainer: Any, stop: GracefulStop, bar: Any, ckpt_every: int, end_epoch: bool) -> bool:
+    """The end of a training step: the periodic checkpoint when it is due, then the stop if one was requested
+    (:func:`stop_run`). Returns whether a checkpoint was written."""
+    from .schedule import is_due
+    saved = is_due(ckpt_every, trainer.step, end_epoch)
+    if saved:
+        trainer.save_checkpoint()
+    if trainer.step < trainer.total and stop.requested(trainer.step):
+        stop_run(trainer, stop, bar, saved)
+    return saved

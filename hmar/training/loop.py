@@ -29,7 +29,7 @@ from .distributed import DistInfo, all_reduce_, all_reduce_max, cleanup, init_di
 from .fused_ce import linear_cross_entropy
 from .losses import (draw_masks, masked_ce, masked_coefficients, per_scale_stats, scale_loss_weights, split_scales,
                      token_loss_weights, weighted_ce, weighted_coefficients)
-from .interrupt import GracefulStop, stop_run
+from .interrupt import GracefulStop, end_of_step
 from .metrics import RunLogger, Throughput
 from .optim import apply_schedule, build_adamw, param_groups
 from .schedule import Schedule, TimeBudget, is_due
@@ -536,11 +536,7 @@ class Trainer:
                     if cfg.sample_every > 0 and self.step % cfg.sample_every == 0:
                         self.sample_grid(f"step_{self.step:08d}")
                         sampled = True
-                    if is_due(cfg.ckpt_every, self.step, end_epoch):
-                        self.save_checkpoint()
-                        saved = True
-                    if self.step < self.total and stop.requested(self.step):
-                        stop_run(self, stop, bar, saved)
+                    saved = end_of_step(self, stop, bar, cfg.ckpt_every, end_epoch)
                     if self.step >= self.total or end_epoch:
                         break
         bar.close()

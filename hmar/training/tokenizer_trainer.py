@@ -28,9 +28,9 @@ from .data import CorruptFiles, EpochBatches, EvalBatches, PaddedEval, build_ima
 from .distributed import DistInfo, all_reduce_, all_reduce_max, broadcast_, cleanup, init_distributed, seed_everything, wrap_model
 from .gan import PatchDiscriminator, PerceptualLoss, adaptive_weight, hinge_d_loss
 from .loop import amp_dtype_for, discard_run_dir
-from .interrupt import GracefulStop, stop_run
+from .interrupt import GracefulStop, end_of_step
 from .metrics import RunLogger, Throughput, psnr
-from .schedule import Schedule, TimeBudget, is_due
+from .schedule import Schedule, TimeBudget
 from .tokenizer_io import save_tokenizer
 
 USAGE_FRACTION = 0.08   # a code is "used" at a scale if its EMA hits >= 0.08 x the uniform share (official)
@@ -345,11 +345,7 @@ class TokenizerTrainer:
                         evaluated = True
                     if end_epoch:
                         self.epoch, self.batch = self.epoch + 1, 0
-                    if is_due(cfg.ckpt_every, self.step, end_epoch):
-                        self.save_checkpoint()
-                        saved = True
-                    if self.step < self.total and stop.requested(self.step):
-                        stop_run(self, stop, bar, saved)
+                    saved = end_of_step(self, stop, bar, cfg.ckpt_every, end_epoch)
                     if self.step >= self.total or end_epoch:
                         break
         bar.close()
