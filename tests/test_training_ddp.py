@@ -63,3 +63,35 @@ def test_two_processes_match_one(tmp_path):
         for k in w1:
             assert torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-6), (name, k)
     assert "2 process(es)" in (tmp_path / "ddp" / "log.txt").read_text()
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_one_checkpoint(tmp_path):
+    """SIGTERM to torchrun (what a cluster scheduler sends): it forwards SIGTERM to both ranks, which agree on a
+    step (an all-reduce every 10 steps), write one checkpoint there and stop; 1 process resumes from it."""
+    import signal
+    import time
+    make_shapes_folder(tmp_path / "d", 3, 8, 64)
+    tok = make_random_tokenizer(tmp_path / "tok")
+    cache = tokenize_folder(tmp_path / "d", tok, tmp_path / "c.safetensors", views=2, progress=False,
+                            say=lambda m: None)
+    run = tmp_path / "run"
+    args = ["-m", "hmar", "train", "--model", "hmar-tiny", "--tokenizer", str(tok), "--data", str(cache),
+            "--max-steps", "300", "--batch-size", "8", "--no-progress", "--sample-every", "-1", "--log-every", "1",
+            "--ckpt-every", "1000", "--out", str(run)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(_free_port()), *args], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not ((run / "metrics.jsonl").exists() and '"step": 12,' in (run / "metrics.jsonl").read_text()):
+        assert p.poll() is None and time.time() - t0 < 120, "the run ended before it was stopped"
+        time.sleep(0.01)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    notes = [l for l in err.splitlines() if l.startswith("stopped by SIGTERM after step")]
+    assert len(notes) == 1, err[-3000:]                    # said once (by rank 0), for both ranks
+    step = int(notes[0].split("after step ")[1].split(";")[0])
+    assert step % 10 == 0 and 12 <= step < 300
+    assert [c.name for c in (run / "checkpoints").glob("*.pt")] == [f"step_{step:08d}.pt"]
+    r = subprocess.run([sys.executable, *args, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and f"step {step}," in r.stderr, r.stderr[-3000:]
