@@ -59,6 +59,16 @@ def check_device(device: Union[str, torch.device]) -> torch.device:
     return dev
 
 
+def _edit_options(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """The editing functions' options, accepting ``guidance_scale=`` (the name ``__call__`` uses) for ``cfg=``."""
+    if "guidance_scale" in kwargs:
+        if "cfg" in kwargs:
+            raise HMARError("pass either guidance_scale= or cfg= (the same option), not both")
+        kwargs = dict(kwargs)
+        kwargs["cfg"] = kwargs.pop("guidance_scale")
+    return kwargs
+
+
 class HMARPipeline:
     """A transformer (HMAR, stage-1 or VAR) + its tokenizer + class names + sampling defaults."""
 
@@ -184,19 +194,19 @@ class HMARPipeline:
         """Regenerate the white part of ``mask`` (the image's size); ``class_label=None``: unconditional.
         Options and rules: :func:`hmar.editing.edit`. Returns PIL images (or an ``EditOutput``)."""
         from .editing import inpaint
-        return inpaint(self, image, mask, class_label, **kwargs)
+        return inpaint(self, image, mask, class_label, **_edit_options(kwargs))
 
     def outpaint(self, image: Any, pad: Optional[Sequence[int]] = None, target_size: Optional[Sequence[int]] = None,
                  class_label: Union[int, str, None] = None, **kwargs: Any):
         """Extend ``image`` by ``pad=(left, top, right, bottom)`` pixels or to ``target_size=(W, H)`` and
         generate the border (:func:`hmar.editing.outpaint`)."""
         from .editing import outpaint
-        return outpaint(self, image, pad, target_size, class_label, **kwargs)
+        return outpaint(self, image, pad, target_size, class_label, **_edit_options(kwargs))
 
     def class_edit(self, image: Any, region_mask: Any, new_class: Union[int, str], **kwargs: Any):
         """Regenerate the ``region_mask`` part of ``image`` as class ``new_class`` (:func:`hmar.editing.class_edit`)."""
         from .editing import class_edit
-        return class_edit(self, image, region_mask, new_class, **kwargs)
+        return class_edit(self, image, region_mask, new_class, **_edit_options(kwargs))
 
 
 def make_grid(images: Sequence["PIL.Image.Image"], ncols: int, pad: int = 2) -> "PIL.Image.Image":  # noqa: F821

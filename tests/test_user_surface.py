@@ -192,3 +192,17 @@ def test_from_preset_is_seeded_and_leaves_the_global_rng_alone():
     assert torch.equal(torch.rand(3), expected)
     b = HMARPipeline.from_preset("hmar-tiny", "vqvae-tiny", seed=1)
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+
+
+def test_edit_methods_take_guidance_scale_like_call():
+    pipe = HMARPipeline.from_preset("hmar-tiny", "vqvae-tiny")
+    img = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    mask = np.zeros((64, 64), bool)
+    mask[:, :32] = True
+    a = np.asarray(pipe.inpaint(img, mask, 1, guidance_scale=3.0)[0])
+    b = np.asarray(pipe.inpaint(img, mask, 1, cfg=3.0)[0])
+    assert (a == b).all()
+    with pytest.raises(HMARError, match="cfg"):            # it is the guidance option that gets the value
+        pipe.inpaint(img, mask, 1, guidance_scale=float("nan"))
+    with pytest.raises(HMARError, match="not both"):
+        pipe.inpaint(img, mask, 1, guidance_scale=3.0, cfg=3.0)
