@@ -58,6 +58,9 @@ def test_class_names_are_sorted_folder_names_and_splits(tmp_path):
     assert data.class_names == ["circle", "cross", "ring"]
     assert len(data.train) == 6 and len(data.val) == 3
     assert sorted(data.val.labels) == [0, 1, 2] and data.val.train is False
+    (tmp_path / "d" / "train" / "bird").mkdir()              # an empty class folder would shift "circle"..
+    with pytest.raises(HMARError, match="bird hold no images"):
+        build_data(str(tmp_path / "d"), 64, False, 0)
 
 
 def test_corrupt_file_is_replaced_deterministically(tmp_path):
@@ -160,6 +163,12 @@ def test_stage2_keeps_the_stage1_tokenizer_and_refuses_other_caches(tmp_path):
     with pytest.raises(HMARError, match="not the tokenizer of the stage-1 model"):
         Trainer(TrainConfig(data=str(tmp_path / "d"), tokenizer=str(t2), out=str(tmp_path / "s2"), **masked))
     Trainer(TrainConfig(data=str(c1), out=str(tmp_path / "s2"), **masked))
+    import shutil                                                   # same count of classes, other names
+    shutil.copytree(tmp_path / "d", tmp_path / "e")
+    first = sorted(p.name for p in (tmp_path / "e").iterdir() if p.is_dir())[0]
+    (tmp_path / "e" / first).rename(tmp_path / "e" / "aaa_other")
+    with pytest.raises(HMARError, match="same classes, same order"):
+        Trainer(TrainConfig(data=str(tmp_path / "e"), out=str(tmp_path / "s3"), **masked))
 
 
 @pytest.mark.parametrize("argv,needle", [

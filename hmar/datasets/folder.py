@@ -99,6 +99,16 @@ def list_images(folder: Path) -> List[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
 
 
+def refuse_empty_class_folders(root: Path, with_images: Sequence[str]) -> None:
+    """Where class ids are the sorted folder names, an empty folder would silently shift the ids of the classes
+    after it (and change them once it gets images): :class:`HMARError` naming it."""
+    empty = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
+                   and d.name not in with_images)
+    if empty:
+        raise HMARError(f"class folder(s) {', '.join(str(root / e) for e in empty)} hold no images: add images "
+                        "or remove the folder (class ids are the sorted folder names)")
+
+
 @dataclass
 class ImageFolder:
     """Files of a class-folder tree with their labels (``-1`` where the folder names no class)."""
@@ -127,6 +137,7 @@ def load_image_folder(root: Path, class_names: Optional[Sequence[str]] = None) -
     unresolved = [d for d in subdirs if folder_class_index(d, names) is None]
     if unresolved and names is None:
         names = list(subdirs)  # plain class-name folders: sorted order defines the index
+        refuse_empty_class_folders(root, subdirs)
     for d in subdirs:
         idx = folder_class_index(d, names)
         if idx is None:

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..datasets.folder import IMAGE_EXTENSIONS, list_images, load_image_folder, read_class_names, to_rgb
+from ..datasets.folder import (IMAGE_EXTENSIONS, list_images, load_image_folder, read_class_names,
+                               refuse_empty_class_folders, to_rgb)
 from ..errors import HMARError
 
 CACHE_FORMAT = "hmar-token-cache"
@@ -107,6 +108,8 @@ def index_folder(root: Path, class_names: Optional[Sequence[str]] = None) -> Tup
     if any(len(f.relative_to(root).parts) < 2 for f in files):
         raise HMARError(f"{root} has images outside class folders: put them in ROOT/<class name>/")
     folders = sorted({f.relative_to(root).parts[0] for f in files})
+    if class_names is None:
+        refuse_empty_class_folders(root, folders)
     names = list(class_names) if class_names is not None else folders
     if class_names is not None and read_class_names(root) is not None:
         return _mapped(root, names)

@@ -276,6 +276,11 @@ class Trainer:
             if model.config.num_classes != len(self.class_names):
                 raise HMARError(f"the stage-1 model has {model.config.num_classes} classes but {cfg.data} has "
                                 f"{len(self.class_names)}: train stage 2 on the same data as stage 1")
+            if init_names and list(init_names) != list(self.class_names):
+                diff = next(i for i, (a, b) in enumerate(zip(init_names, self.class_names)) if a != b)
+                raise HMARError(f"class {diff} of the stage-1 model is {init_names[diff]!r} but {cfg.data} calls it "
+                                f"{self.class_names[diff]!r}: train stage 2 on the same data (same classes, same "
+                                "order) as stage 1")
             if cfg.class_dropout is not None:
                 model.config.cond_drop_rate = cfg.class_dropout
             weighting = "uniform"
