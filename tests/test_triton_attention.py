@@ -121,21 +121,25 @@ def test_supports():
 # ---------------------------------------------------------------------------------------------
 # Kernel against the reference
 # ---------------------------------------------------------------------------------------------
-def _inputs(B, H, N, D, dtype, seed, strided=False):
+def _inputs(B, H, N, D, dtype, seed, strided=False, mag=1.0):
+    # mag multiplies q and k (not v): the logits grow as mag**2
     g = torch.Generator().manual_seed(seed)
     if strided:  # q, k, v as views of one packed [B, N, 3, H, D] projection, as in the model
-        qkv = torch.randn(B, N, 3, H, D, generator=g).to(dtype).to(DEVICE).requires_grad_()
+        qkv = torch.randn(B, N, 3, H, D, generator=g)
+        qkv[:, :, :2] *= mag
+        qkv = qkv.to(dtype).to(DEVICE).requires_grad_()
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
         if strided == "mixed":  # k with another layout than q and v: the kernel copies
             k = k.contiguous()
         return [x.detach().requires_grad_() for x in (q, k, v)]
-    return [torch.randn(B, H, N, D, generator=g).to(dtype).to(DEVICE).requires_grad_() for _ in range(3)]
+    return [(torch.randn(B, H, N, D, generator=g) * m).to(dtype).to(DEVICE).requires_grad_()
+            for m in (mag, mag, 1.0)]
 
 
-def _run_and_compare(lengths, pattern, B, H, D, dtype, seed=0, strided=False, scale=None):
+def _run_and_compare(lengths, pattern, B, H, D, dtype, seed=0, strided=False, scale=None, mag=1.0):
     N = sum(lengths)
     scale = D ** -0.5 * 1.5 if scale is None else scale
-    q, k, v = _inputs(B, H, N, D, dtype, seed, strided)
+    q, k, v = _inputs(B, H, N, D, dtype, seed, strided, mag)
     g = torch.Generator().manual_seed(seed + 1)
     do = torch.randn(B, H, N, D, generator=g).to(dtype).to(DEVICE)
 
@@ -208,6 +212,83 @@ def test_other_tile_shapes(pattern):
     bwd = tk.BwdConfig(16, 32, 32, 16, 4 if ON_GPU else 1, 2 if ON_GPU else 1)
     with tk.use_config(fwd, bwd):
         _run_and_compare((1, 4, 9, 16, 25, 36), pattern, 1, 2, 64, torch.float16, seed=3)
+
+
+_FIB = (1, 2, 3, 5, 8, 13, 21, 34, 55, 89)  # N = 231: many key tiles per query tile, ragged everywhere
+# (lengths, pattern, B, H, D, dtype, extra): schedules other than the model's, unscaled softmax, the
+# packed-qkv layout, large logits (max |logit| about 240-300 in fp16, about 100 in bf16: online-softmax
+# rescaling across many tiles) and the GPU's default tiles.
+MORE_CASES = {
+    "single-token": ((1,), "block_diagonal", 1, 1, 64, torch.bfloat16, {}),
+    "1-2-B3H3-d128": ((1, 2), "block_causal", 3, 3, 128, torch.float16, {}),
+    "1-2-3-5-unscaled": ((1, 2, 3, 5), "block_causal", 3, 3, 64, torch.float16, {"scale": 1.0}),
+    "2-3-7-B3-d128": ((2, 3, 7), "block_diagonal", 3, 1, 128, torch.bfloat16, {}),
+    "7scales-qkv": ((1, 2, 3, 4, 5, 6, 8), "block_causal", 1, 3, 64, torch.bfloat16, {"strided": True}),
+    "ragged-33": ((5, 33, 18), "block_diagonal", 3, 1, 64, torch.float16, {}),
+    "fib-diag": (_FIB, "block_diagonal", 1, 1, 64, torch.bfloat16, {}),
+    "fib-causal": (_FIB, "block_causal", 1, 1, 64, torch.bfloat16, {}),
+    "fib-causal-gpu-tiles": (_FIB, "block_causal", 1, 2, 64, torch.float16, {"tiles": "gpu"}),
+    "big-logits-diag": ((2, 3, 7, 20), "block_diagonal", 3, 1, 128, torch.float16, {"strided": True, "mag": 7.0}),
+    "big-logits-causal": ((2, 3, 7, 20), "block_causal", 3, 1, 128, torch.float16, {"strided": True, "mag": 7.0}),
+    "big-logits-bf16": ((1, 2, 3, 5, 17), "block_causal", 1, 3, 64, torch.bfloat16, {"mag": 4.0}),
+}
+
+
+@needs_triton
+# the interpreter evaluates exp2 of masked-out large logits before tl.where discards them (inf, never used)
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+@pytest.mark.parametrize("case", list(MORE_CASES))
+def test_more_schedules_layouts_and_magnitudes(case):
+    lengths, pattern, B, H, D, dtype, extra = MORE_CASES[case]
+    extra = dict(extra)
+    if extra.pop("tiles", None) == "gpu":  # the defaults for head dim 64 on the GPU (128-row tiles)
+        w, st = (4, 3) if ON_GPU else (1, 1)
+        with tk.use_config(tk.FwdConfig(128, 64, w, st), tk.BwdConfig(32, 128, 128, 32, w, st)):
+            _run_and_compare(lengths, pattern, B, H, D, dtype, seed=11, **extra)
+    else:
+        _run_and_compare(lengths, pattern, B, H, D, dtype, seed=11, **extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# Invalid input: a clear error, never a silent result
+# ---------------------------------------------------------------------------------------------
+@needs_triton
+@pytest.mark.parametrize("lengths", [(5, -2, 7), (12, -2)])
+def test_negative_lengths_are_rejected(lengths):
+    # they sum to N, so only an explicit check stops them; before it, attention(..., backend="triton")
+    # built a work list that reads past the rows of a head: silently wrong output (5,-2,7) or NaN (12,-2)
+    q = torch.zeros(1, 2, 10, 64, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="non-negative"):
+        attention(q, q, q, lengths=lengths, pattern="block_diagonal", backend="triton")
+    with pytest.raises(ValueError, match="non-negative"):
+        tk._backend(q, q, q, lengths, "block_causal", 1.0)
+    with pytest.raises(ValueError, match="non-negative"):
+        tk.triton_attention(q, q, q, lengths)
+
+
+@needs_triton
+def test_unsupported_inputs_are_clear_errors(monkeypatch):
+    q = torch.zeros(1, 2, 10, 64, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="head dim"):
+        attention(q[..., :48], q[..., :48], q[..., :48], lengths=(3, 7), backend="triton")
+    with pytest.raises(TypeError, match="fp16/bf16"):
+        attention(q.float(), q.float(), q.float(), lengths=(3, 7), backend="triton")
+    # CPU tensors outside the interpreter: an explicit error before any launch (Triton's own would be
+    # "0 active drivers" or "cpu tensor?")
+    monkeypatch.setattr(tk, "_INTERPRETED", False)
+    c = q.cpu()
+    with pytest.raises(ValueError, match="CUDA tensors required"):
+        attention(c, c, c, lengths=(3, 7), backend="triton")
+
+
+@needs_triton
+def test_double_backward_raises():
+    # the backward kernels have no derivative: a second-order term must raise, not vanish silently
+    q, k, v = _inputs(1, 2, 10, 64, torch.float16, 0)
+    out = attention(q, k, v, lengths=(3, 7), pattern="block_causal", scale=0.125, backend="triton")
+    (dq,) = torch.autograd.grad(out.square().sum(), (q,), create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        (dq.square().sum() + q.sum()).backward()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -218,9 +218,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lengths: Seq
     if pattern not in PATTERNS:
         raise ValueError(f"unknown attention pattern {pattern!r}; use one of {PATTERNS}")
     lengths = tuple(int(n) for n in lengths)
-    if sum(lengths) != q.shape[2]:
-        raise ValueError(f"attention: the scale lengths {lengths} sum to {sum(lengths)}, "
-                         f"but the sequence has {q.shape[2]} tokens")
+    if sum(lengths) != q.shape[2] or min(lengths, default=0) < 0:
+        raise ValueError(f"attention: the scale lengths {lengths} must be non-negative and sum to the "
+                         f"sequence length {q.shape[2]} (they sum to {sum(lengths)})")
     dev = q.device.type
     if torch.is_autocast_enabled(dev):
         # What autocast does to SDPA's inputs, done before the choice so every backend sees one dtype: under bf16

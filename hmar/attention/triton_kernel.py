@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 try:  # Triton is optional: without it this module registers nothing.
     import triton
@@ -683,6 +684,13 @@ def _check(q, k, v, lengths, pattern):
         raise ValueError(f"triton attention: head dim must be 64 or 128, got {q.shape[-1]}")
     if q.device != k.device or q.device != v.device:
         raise ValueError("triton attention: q, k, v must be on one device")
+    if not (q.is_cuda or (_INTERPRETED and q.device.type == "cpu")):
+        # without this, Triton fails later with an unrelated message ("0 active drivers" / "cpu tensor?")
+        raise ValueError(f"triton attention: CUDA tensors required (CPU tensors only under TRITON_INTERPRET=1), "
+                         f"got {q.device}")
+    if min(lengths, default=0) < 0:
+        # a negative length can still sum to N; its work list reads past the rows of a head (silently wrong or NaN)
+        raise ValueError(f"triton attention: scale lengths must be non-negative, got {lengths}")
 
 
 def _same_layout(q, k, v):
@@ -710,6 +718,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable  # the kernels have no derivative: a double backward raises instead of dropping terms
     def backward(ctx, do):
         q, k, v, o, stats = ctx.saved_tensors
         if do.dtype != q.dtype:
@@ -811,7 +820,7 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     if type(lengths) is not tuple:
         lengths = tuple(int(n) for n in lengths)
     _check(q, k, v, lengths, pattern)
-    if sum(lengths) != q.shape[2] or min(lengths, default=0) < 0:
+    if sum(lengths) != q.shape[2]:
         raise ValueError(f"triton attention: lengths {lengths} do not sum to N={q.shape[2]}")
     return _apply(q, k, v, lengths, pattern, float(scale))
 
