@@ -6,6 +6,7 @@ the official loss weighting and clipping.
     python benchmarks/bench_train.py --preset hmar-d16 --stage masked --batch 32 --json out.json
     python benchmarks/bench_train.py --preset hmar-d16 --compile --attention-backend triton
     python benchmarks/bench_train.py --preset hmar-d16 --matrix --attention-backend auto per_scale
+    python benchmarks/bench_train.py --preset hmar-d16 var-d16 --compare-compile   # eager vs compiled
     python benchmarks/bench_train.py --preset hmar-tiny --device cpu --steps 5   # smoke test
 
 One configuration = preset x stage x (eager | ``--compile``) x (``--chunked-ce`` | ``--no-chunked-ce``) x
@@ -153,6 +154,9 @@ def report(r: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> str:
 
 
 def variants(a: argparse.Namespace) -> List[Dict[str, Any]]:
+    if a.compare_compile:
+        return [dict(compile=c, chunked_ce=a.chunked_ce, attention_backend=b)
+                for b in a.attention_backend for c in (False, True)]
     if not a.matrix:
         return [dict(compile=a.compile, chunked_ce=a.chunked_ce, attention_backend=b) for b in a.attention_backend]
     return [dict(compile=c, chunked_ce=ce, attention_backend=b)
@@ -183,6 +187,8 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--matrix", action="store_true",
                    help="run {eager, compiled} x {plain CE, chunked CE} x the --attention-backend values per preset, "
                         "side by side, with speed ratios against the first (eager, plain CE)")
+    p.add_argument("--compare-compile", action="store_true",
+                   help="per preset and backend: eager, then compiled, side by side, with the compiled speed-up")
     p.add_argument("--model-override", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override model config fields, e.g. drop_path_rate=0 cond_drop_rate=0 (deterministic "
                         "losses) or num_heads=1 (head dim 64 for the Triton kernel on a tiny preset)")
@@ -206,6 +212,8 @@ def main(argv: List[str] | None = None) -> int:
                 print(f"{preset:>12} {a.stage:<10} batch {a.batch}  {v}: out of memory", flush=True)
                 release(dev, v["compile"])
                 continue
+            if a.compare_compile and not v["compile"]:
+                base = r                 # the eager run of this backend: the compiled one is compared with it
             base = base or (r if a.matrix else None)
             results.append(r)
             print(report(r, base), flush=True)

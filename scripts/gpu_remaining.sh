@@ -13,7 +13,8 @@ L=/tmp/logs/rem$CALL T0=$SECONDS
 mkdir -p "$L" "${OUT:=/tmp/out}"
 trap 'tar czf "$OUT/rem$CALL.tgz" -C /tmp/logs "rem$CALL"' EXIT
 NG=$(python3 -c "import torch; print(torch.cuda.device_count())")
-left() { echo $(( 570 - (SECONDS - T0) )); }
+LIMIT=$([ "$CALL" = 1 ] && echo 570 || echo 320)   # call 2 is kept short: the x2 call follows on the same lease
+left() { local s=$(( LIMIT - (SECONDS - T0) )); echo $(( s > 1 ? s : 1 )); }   # timeout 0 would mean none
 study() { CUDA_VISIBLE_DEVICES=0 PHASE=$1 OUT="$L/study" timeout "$2" bash scripts/gpu_fmnist_study.sh > /dev/null 2>&1
   echo "study $1: exit $?"; tail -3 "$L/study/log_$1.txt"; }
 bench_gpu() { [ "$NG" -ge 2 ] && echo 1 || echo 0; }
@@ -23,13 +24,18 @@ case $CALL in
   nvidia-smi > "$L/machine.txt" 2>&1
   if [ "$NG" -ge 2 ]; then study prep 420 & else study prep 420; fi
   CUDA_VISIBLE_DEVICES=$(bench_gpu) timeout "$(left)" python3 benchmarks/bench_sample.py --reps 3 \
-    --variants fp32-eager,fast --configs hmar-d16,var-d16,hmar-d16-512,var-d16-512,hmar-d30,var-d30,hmar-d30-512,var-d30-512 \
+    --variants fp32-eager,fast --configs hmar-d16,var-d16,hmar-d30,hmar-d16-512,hmar-d30-512,var-d30,var-d16-512,var-d30-512 \
     --json "$L/sample.json" > "$L/sample.log" 2>&1
   grep -E '^  (hmar|var)|ratio|x$' "$L/sample.log"; wait ;;
 2)
   if [ "$NG" -ge 2 ]; then study recon 150 & else study recon 150; fi
-  CUDA_VISIBLE_DEVICES=$(bench_gpu) timeout "$(left)" python3 $B --preset hmar-d16 hmar-d30 hmar-d16-512 var-d16 \
-    --compile --json "$L/train-compiled.json" > "$L/train-compiled.log" 2>&1
+  # eager and compiled side by side for hmar-d16; then the other goal configs compiled, each at its goal batch
+  export CUDA_VISIBLE_DEVICES=$(bench_gpu)
+  timeout "$(left)" python3 $B --preset hmar-d16 --compare-compile --json "$L/train-d16.json" > "$L/train-compiled.log" 2>&1
+  timeout "$(left)" python3 $B --preset hmar-d30 --batch 16 --compile --json "$L/train-d30.json" >> "$L/train-compiled.log" 2>&1
+  timeout "$(left)" python3 $B --preset hmar-d16-512 --batch 8 --compile --json "$L/train-d16-512.json" >> "$L/train-compiled.log" 2>&1
+  timeout "$(left)" python3 $B --preset var-d16 --compile --json "$L/train-var-d16.json" >> "$L/train-compiled.log" 2>&1
+  unset CUDA_VISIBLE_DEVICES
   grep -h 'img/s\|memory' "$L/train-compiled.log"; wait
   cp "$L/study/tokenizer.json" "$L/study/tokenizer_recon_metrics.json" "$OUT/" 2>/dev/null ;;
 esac

@@ -6,7 +6,8 @@
 # NVLink multicast stays off (the three variables below; bench_scaling.py passes them to its children too).
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-L=/tmp/x2logs; mkdir -p "$L" "${OUT:=/tmp/out}"
+L=/tmp/x2logs T0=$SECONDS; mkdir -p "$L" "${OUT:=/tmp/out}"
+left() { local s=$(( ${LIMIT:-560} - (SECONDS - T0) )); echo $(( s > 1 ? s : 1 )); }  # ends inside one 600 s call
 trap 'tar czf "$OUT/x2.tgz" -C /tmp x2logs' EXIT
 { nvidia-smi; nvidia-smi topo -m; python3 -c "import torch; print(torch.__version__, torch.cuda.device_count())"; } > "$L/machine.txt" 2>&1
 echo "== $(date -u +%T) world-size tests (NCCL) and every stage on 2 GPUs, side by side"
@@ -17,6 +18,7 @@ wait
 tail -3 "$L/world-size-tests.log"; cat "$L/stages.log"; cp /tmp/multi/*.log "$L/" 2>/dev/null
 echo "== $(date -u +%T) scaling"
 S=benchmarks/bench_scaling.py
-timeout 150 python3 $S --preset hmar-d16 --batch 32 --json "$L/scaling-d16.json" > "$L/scaling-d16.log" 2>&1
-timeout 200 python3 $S --preset hmar-d30 --batch 16 --json "$L/scaling-d30.json" > "$L/scaling-d30.log" 2>&1
+timeout "$(( $(left) < 150 ? $(left) : 150 ))" python3 $S --preset hmar-d16 --batch 32 --json "$L/scaling-d16.json" \
+  > "$L/scaling-d16.log" 2>&1
+timeout "$(left)" python3 $S --preset hmar-d30 --batch 16 --json "$L/scaling-d30.json" > "$L/scaling-d30.log" 2>&1
 tail -15 "$L"/scaling-*.log
