@@ -11,6 +11,11 @@ Variants: "fp32-eager" (what the official sampler does: fp32/TF32, eager), "bf16
     python benchmarks/bench_sample.py                         # the four issue configs
     python benchmarks/bench_sample.py --configs hmar-d16 --quick
     python benchmarks/bench_sample.py --device cpu --configs hmar-tiny --quick   # smoke test
+    python benchmarks/bench_sample.py --decode-only --configs hmar-d16,hmar-d16-512   # decoder variants alone
+
+``--decode-only`` times the tokenizer decode of the f_hat of random tokens per config (batch 16) in five variants side by
+side: fp32-eager (TF32), bf16-eager-cl (bf16 + channels_last, what ``bf16-eager`` samples with), fp32-compiled,
+bf16-compiled and bf16-compiled-cl (what ``fast`` samples with), each compared with fp32-eager (mean and max |diff| of the images).
 """
 from __future__ import annotations
 
@@ -45,15 +50,19 @@ def timed(fn, reps: int, device: torch.device) -> float:
     return statistics.median(ts)
 
 
-def build(name: str, device: torch.device):
+def build_tokenizer(name: str, device: torch.device) -> VQVAE:
+    """The tokenizer a config samples with: the official ch-160 VQ-VAE at its resolution (tiny: vqvae-tiny)."""
     cfg = model_config(name)
     with torch.device(device):
-        model = build_model(cfg).eval()
         if name.endswith("tiny"):
-            tok = VQVAE(tokenizer_config("vqvae-tiny")).eval()
-        else:
-            tok = VQVAE(tokenizer_config("vqvae-ch160", patch_nums=cfg.patch_nums)).eval()
-    return model, tok
+            return VQVAE(tokenizer_config("vqvae-tiny")).eval()
+        return VQVAE(tokenizer_config("vqvae-ch160", patch_nums=cfg.patch_nums)).eval()
+
+
+def build(name: str, device: torch.device):
+    with torch.device(device):
+        model = build_model(model_config(name)).eval()
+    return model, build_tokenizer(name, device)
 
 
 def bench_config(name: str, args, device: torch.device, on_result=lambda: None, results=None) -> dict:
@@ -101,6 +110,47 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
     return results
 
 
+DECODERS = {  # name: FastDecoder arguments (None: the tokenizer's own fp32 decode)
+    "fp32-eager": None,
+    "bf16-eager-cl": dict(dtype=torch.bfloat16, compile=False, channels_last=True),
+    "fp32-compiled": dict(dtype=torch.float32, compile=True, channels_last=False),
+    "bf16-compiled": dict(dtype=torch.bfloat16, compile=True, channels_last=False),
+    "bf16-compiled-cl": dict(dtype=torch.bfloat16, compile=True, channels_last=True),
+}
+
+
+def bench_decode(name: str, args, device: torch.device) -> dict:
+    """Decode time (ms) of every :data:`DECODERS` variant on one random f_hat, with its max |diff| to fp32."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    results = {}
+    ref = None
+    for variant, kw in DECODERS.items():
+        if kw is not None and kw["compile"] and (device.type != "cuda" or args.no_compile):
+            continue
+        torch.manual_seed(0)                                  # the same random weights in every variant
+        tok = build_tokenizer(name, device)
+        c = tok.config
+        g = torch.Generator(device=device).manual_seed(0)    # random tokens -> an f_hat of the codebook's scale
+        idx = [torch.randint(0, c.vocab_size, (args.batch, pn * pn), device=device, generator=g) for pn in c.patch_nums]
+        with torch.no_grad():
+            f_hat = tok.indices_to_fhat(idx)
+        dec = tok if kw is None else FastDecoder(tok, mode=args.compile_mode, **kw)
+        with torch.no_grad():
+            img = dec.fhat_to_img(f_hat)
+            ref = img if ref is None else ref
+            ms = timed(lambda: dec.fhat_to_img(f_hat), args.reps, device)
+        d = (img - ref).abs()
+        results[variant] = {"decode_ms": ms, "mean_abs_diff_vs_fp32": float(d.mean()),
+                            "max_abs_diff_vs_fp32": float(d.max())}
+        print(f"  {name:14s} decode {variant:17s} {ms:8.1f} ms  (|diff| vs fp32-eager: mean {float(d.mean()):.4f}, "
+              f"max {float(d.max()):.3f}; images in [-1, 1])", flush=True)
+        del tok, dec
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="hmar-d16,var-d16,hmar-d30,var-d30,hmar-d16-512,var-d16-512,hmar-d30-512,var-d30-512")
@@ -112,6 +162,7 @@ def main() -> None:
     ap.add_argument("--compile-mode", default=None,
                     help="torch.compile mode of the decoder (default: inductor's default; max-autotune-no-cudagraphs "
                          "spent over 4 minutes autotuning one decoder on the H200)")
+    ap.add_argument("--decode-only", action="store_true", help="time the decoder variants alone (see above)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
@@ -127,6 +178,11 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=2))
 
+    if args.decode_only:
+        for name in args.configs.split(","):
+            out["results"][name] = bench_decode(name, args, device)
+            save()
+        return
     for name in args.configs.split(","):
         out["results"][name] = bench_config(name, args, device, save, out["results"].setdefault(name, {}))
         save()

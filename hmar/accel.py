@@ -89,28 +89,30 @@ class GraphedModel:
 
 
 class FastDecoder(nn.Module):
-    """The tokenizer's decoder in bf16 + channels_last, optionally compiled; same interface as VQVAE
+    """The tokenizer's decoder in bf16 (``dtype``) + channels_last, optionally compiled; same interface as VQVAE
     for :func:`hmar.sampling.sample` (``quantize`` and ``fhat_to_img`` are what it uses).
+    ``channels_last=False`` keeps the default memory format (``bench_sample.py --decode-only`` compares both).
 
     ``mode`` is torch.compile's; the default (None) compiles in about a minute. ``"max-autotune-no-cudagraphs"``
     benchmarks every conv/matmul choice: on the H200 that took over 4 minutes for one 256 px decoder."""
 
     def __init__(self, tokenizer: nn.Module, dtype: torch.dtype = torch.bfloat16, compile: bool = True,
-                 mode: Optional[str] = None):
+                 mode: Optional[str] = None, channels_last: bool = True):
         super().__init__()
         self.tokenizer = tokenizer
         self.quantize = tokenizer.quantize
         self.config = tokenizer.config
         self.dtype = dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.post_quant_conv = tokenizer.post_quant_conv
-        self.dec = tokenizer.decoder.to(dtype=dtype, memory_format=torch.channels_last)
-        self.post_quant_conv.to(dtype=dtype, memory_format=torch.channels_last)
+        self.dec = tokenizer.decoder.to(dtype=dtype, memory_format=self.memory_format)
+        self.post_quant_conv.to(dtype=dtype, memory_format=self.memory_format)
         self._decode = self._decode_eager
         if compile:
             self._decode = torch.compile(self._decode_eager, mode=mode, dynamic=False)
 
     def _decode_eager(self, f_hat: torch.Tensor) -> torch.Tensor:
-        z = f_hat.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        z = f_hat.to(self.dtype).contiguous(memory_format=self.memory_format)
         return self.dec(self.post_quant_conv(z)).float().clamp(-1, 1)
 
     def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:

@@ -6,14 +6,17 @@
 # With 2 GPUs visible the two jobs of a call run side by side (study on GPU 0, the timed benchmark alone on
 # GPU 1); with one GPU they run one after the other. .carry/inc1 / inc2: the fp16 Inception split at 6,500,000
 # bytes (`head -c 6500000 inc16.safetensors > .carry/inc1/part.aa; tail -c +6500001 ... > .carry/inc2/part.ab`).
+# Ran 2026-11-29 on nvidia-h200-x2: call 1 in 6.3 min, call 2 in 5.4 min (its compiled training reached hmar-d16
+# only). What those calls left, on one H200 (nothing to carry, ~8 min):
+#   call 3: compiled training of hmar-d30 / hmar-d16-512 / var-d16, the decoder variants, sampling on an idle host
 set -u
-CALL=${1:?usage: gpu_remaining.sh 1|2}
+CALL=${1:?usage: gpu_remaining.sh 1|2|3}
 export PYTHONUNBUFFERED=1
 L=/tmp/logs/rem$CALL T0=$SECONDS
 mkdir -p "$L" "${OUT:=/tmp/out}"
 trap 'tar czf "$OUT/rem$CALL.tgz" -C /tmp/logs "rem$CALL"' EXIT
 NG=$(python3 -c "import torch; print(torch.cuda.device_count())")
-LIMIT=$([ "$CALL" = 1 ] && echo 570 || echo 320)   # call 2 is kept short: the x2 call follows on the same lease
+LIMIT=$([ "$CALL" = 2 ] && echo 320 || echo 570)   # call 2 is kept short: the x2 call follows on the same lease
 left() { local s=$(( LIMIT - (SECONDS - T0) )); echo $(( s > 1 ? s : 1 )); }   # timeout 0 would mean none
 study() { CUDA_VISIBLE_DEVICES=0 PHASE=$1 OUT="$L/study" timeout "$2" bash scripts/gpu_fmnist_study.sh > /dev/null 2>&1
   echo "study $1: exit $?"; tail -3 "$L/study/log_$1.txt"; }
@@ -38,4 +41,14 @@ case $CALL in
   unset CUDA_VISIBLE_DEVICES
   grep -h 'img/s\|memory' "$L/train-compiled.log"; wait
   cp "$L/study/tokenizer.json" "$L/study/tokenizer_recon_metrics.json" "$OUT/" 2>/dev/null ;;
+3)
+  nvidia-smi > "$L/machine.txt" 2>&1
+  timeout "$(left)" python3 benchmarks/bench_sample.py --decode-only --configs hmar-d16,hmar-d16-512 \
+    --json "$L/decode.json" > "$L/decode.log" 2>&1
+  timeout "$(left)" python3 benchmarks/bench_sample.py --reps 3 --variants fp32-eager,fast --configs hmar-d16,var-d16 \
+    --json "$L/sample-alone.json" > "$L/sample-alone.log" 2>&1
+  timeout "$(left)" python3 $B --preset hmar-d30 --batch 16 --compile --json "$L/train-d30.json" > "$L/train-compiled.log" 2>&1
+  timeout "$(left)" python3 $B --preset hmar-d16-512 --batch 8 --compile --json "$L/train-d16-512.json" >> "$L/train-compiled.log" 2>&1
+  timeout "$(left)" python3 $B --preset var-d16 --compile --json "$L/train-var-d16.json" >> "$L/train-compiled.log" 2>&1
+  cat "$L/decode.log" "$L/sample-alone.log"; grep -h 'img/s' "$L/train-compiled.log" ;;
 esac

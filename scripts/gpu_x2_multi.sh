@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The multi-GPU issue in one device call on nvidia-h200-x2 (about 9 minutes): NCCL world-size tests (checkpoints
+# The multi-GPU issue in one device call on nvidia-h200-x2 (5.8 min measured 2026-11-29): NCCL world-size tests (checkpoints
 # 2 -> 1 and 1 -> 2 GPUs, DDP and FSDP2, same loss curve), every training stage with DDP and FSDP2
 # (scripts/gpu_multi_stages.sh), torchrun generation against 1 process, then the scaling benchmarks.
-#   device run: OUT=$OUT bash scripts/gpu_x2_multi.sh      (kind nvidia-h200-x2; nothing to carry)
+#   device run: LIMIT=480 OUT=$OUT bash scripts/gpu_x2_multi.sh   (kind nvidia-h200-x2; nothing to carry; LIMIT:
+#   seconds after which the scaling runs are cut, default 560)
 # NVLink multicast stays off (the three variables below; bench_scaling.py passes them to its children too).
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1

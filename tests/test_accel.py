@@ -67,3 +67,41 @@ def test_bench_sample_runs_and_keeps_each_variant(tmp_path):
         assert set(r) == {"fp32-eager", "bf16-eager"}
         for v in r.values():
             assert v["tokens_ms"] > 0 and v["decode_ms"] > 0 and v["e2e_ms"] > 0
+
+
+def test_bench_sample_decode_only_compares_decoders_on_the_same_weights(tmp_path):
+    """``--decode-only``: every decoder variant decodes the same f_hat with the same weights, so the bf16 one
+    differs from fp32 by bf16 rounding only (a variant built with other random weights would differ by ~0.3)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "d.json"
+    p = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_sample.py"), "--device", "cpu", "--configs",
+                        "hmar-tiny", "--decode-only", "--quick", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    res = json.loads(out.read_text())["results"]["hmar-tiny"]
+    assert set(res) == {"fp32-eager", "bf16-eager-cl"}      # the compiled ones need CUDA
+    assert res["fp32-eager"]["max_abs_diff_vs_fp32"] == 0 and res["fp32-eager"]["decode_ms"] > 0
+    assert 0 < res["bf16-eager-cl"]["mean_abs_diff_vs_fp32"] < 0.03
+
+
+def test_fast_decoder_without_channels_last_matches_with():
+    """``channels_last`` only changes the memory layout: both bf16 decodes stay within bf16 rounding of fp32
+    (random weights amplify it: ~0.01 mean on images in [-1, 1], as in ``_check_bf16_decoder``)."""
+    import copy
+
+    from hmar.accel import FastDecoder
+    torch.manual_seed(0)
+    tok = VQVAE(tokenizer_config("vqvae-tiny")).eval()
+    f_hat = torch.randn(2, tok.config.z_channels, 8, 8) * 0.3
+    with torch.no_grad():
+        ref = tok.fhat_to_img(f_hat)
+        cl = FastDecoder(copy.deepcopy(tok), compile=False, channels_last=True)
+        plain = FastDecoder(copy.deepcopy(tok), compile=False, channels_last=False)
+        for fd in (cl, plain):
+            assert (fd.fhat_to_img(f_hat) - ref).abs().mean() < 0.03
+    assert plain.dec.conv_in.weight.is_contiguous() and plain.dec.conv_in.weight.dtype == torch.bfloat16
+    assert not cl.dec.conv_in.weight.is_contiguous()       # channels_last

@@ -259,6 +259,16 @@ def test_bench_train_matrix_smoke(tmp_path):
     assert max(r["loss"] for r in res) - min(r["loss"] for r in res) < 1e-4
 
 
+def test_bench_train_compare_compile_runs_eager_then_compiled(tmp_path):
+    out = tmp_path / "r.json"
+    text = _bench("--compare-compile", "--json", str(out))
+    res = json.loads(out.read_text())
+    assert [r["compile"] for r in res] == [False, True]
+    lines = [ln for ln in text.splitlines() if "img/s" in ln]
+    assert len(lines) == 2 and "x1.00 vs eager" in lines[0] and "compiled+" in lines[1]
+    assert abs(res[0]["loss"] - res[1]["loss"]) < 1e-4
+
+
 def _interpreter_works() -> bool:
     """Triton's CPU interpreter before 3.8 fails under numpy >= 2.5 ("only 0-dimensional arrays can be converted
     to Python scalars"; seen with the GPU machine's triton 3.6 + numpy 2.5.2). CI pins triton 3.8."""
@@ -279,6 +289,37 @@ def test_bench_train_triton_variants_under_the_interpreter(tmp_path):
     res = json.loads(out.read_text())
     assert len(res) == 4 and all(r["attention_resolved"] == "triton" for r in res)
     assert max(r["loss"] for r in res) - min(r["loss"] for r in res) < 1e-3
+
+
+# ------------------------------------------------------------------------------------ GPU
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_checkpoint_states_are_on_the_cpu():
+    """On one GPU (no process group) the state dicts are not offloaded and fused AdamW keeps its ``step`` counters
+    on the GPU: the checkpoint must still hold CPU tensors only, as a file written by several processes does
+    (found by the NCCL world-size tests on 2 H200s, 2026-11-29)."""
+    from hmar.training.checkpointing import get_states
+    cfg = model_config("hmar-tiny", **NO_DROP)
+    d = cfg.to_dict()
+    d["kind"] = "nsp"
+    m = build_model(ModelConfig.from_dict(d))
+    quant = MultiScaleQuantizer(m.config.vocab_size, m.config.z_channels, m.config.patch_nums)
+    st = prepare_training(m, quant, "next-scale", DistInfo(device=torch.device("cuda")), lr=1e-3)
+    assert st.optimizer.defaults.get("fused")
+    idx, labels, _ = _batch(m.config, 4)
+    train_step(st, idx.cuda(), labels.cuda(), None)
+    states = get_states(st.wrapped, [st.optimizer], DistInfo(device=torch.device("cuda")))
+    tensors = []
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            tensors.append(x)
+        elif isinstance(x, dict):
+            [walk(v) for v in x.values()]
+        elif isinstance(x, (list, tuple)):
+            [walk(v) for v in x]
+    walk(states)
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
+    assert any(t.dim() == 0 for t in tensors)          # the optimiser's step counters are among them
 
 
 # ------------------------------------------------------------------------------------ GPU (next session)

@@ -93,8 +93,21 @@ def get_states(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], in
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
     opts = _options(info)
     out = {"model": {k: v.detach().cpu().clone() for k, v in get_model_state_dict(model, options=opts).items()}}
-    out["optim"] = [get_optimizer_state_dict(model, o, options=opts) for o in optimizers]
+    out["optim"] = [_to_cpu(get_optimizer_state_dict(model, o, options=opts)) for o in optimizers]
     return out
+
+
+def _to_cpu(x: Any) -> Any:
+    """Every tensor in nested dicts / lists / tuples on the CPU. On one GPU the state dicts are not offloaded,
+    and fused AdamW keeps its ``step`` counters on the GPU: without this the file would hold CUDA tensors
+    (and differ in layout from a file written by several processes)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu()
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_cpu(v) for v in x)
+    return x
 
 
 def set_states(model: nn.Module, optimizers: Sequence[torch.optim.Optimizer], states: Dict[str, Any],
