@@ -308,16 +308,15 @@ def test_gpu_checkpoint_states_are_on_the_cpu():
     idx, labels, _ = _batch(m.config, 4)
     train_step(st, idx.cuda(), labels.cuda(), None)
     states = get_states(st.wrapped, [st.optimizer], DistInfo(device=torch.device("cuda")))
-    tensors = []
-
-    def walk(x):
+    tensors, todo = [], [states]
+    while todo:                                        # every tensor in the nested dicts / lists
+        x = todo.pop()
         if isinstance(x, torch.Tensor):
             tensors.append(x)
         elif isinstance(x, dict):
-            [walk(v) for v in x.values()]
+            todo.extend(x.values())
         elif isinstance(x, (list, tuple)):
-            [walk(v) for v in x]
-    walk(states)
+            todo.extend(x)
     assert tensors and all(t.device.type == "cpu" for t in tensors)
     assert any(t.dim() == 0 for t in tensors)          # the optimiser's step counters are among them
 
