@@ -22,6 +22,11 @@ study() { CUDA_VISIBLE_DEVICES=0 PHASE=$1 OUT="$L/study" timeout "$2" bash scrip
   echo "study $1: exit $?"; tail -3 "$L/study/log_$1.txt"; }
 bench_gpu() { [ "$NG" -ge 2 ] && echo 1 || echo 0; }
 B=benchmarks/bench_train.py
+compiled_goals() {  # the other goal configs compiled, each at its goal batch (appends to train-compiled.log)
+  timeout "$(left)" python3 $B --preset hmar-d30 --batch 16 --compile --json "$L/train-d30.json" >> "$L/train-compiled.log" 2>&1
+  timeout "$(left)" python3 $B --preset hmar-d16-512 --batch 8 --compile --json "$L/train-d16-512.json" >> "$L/train-compiled.log" 2>&1
+  timeout "$(left)" python3 $B --preset var-d16 --compile --json "$L/train-var-d16.json" >> "$L/train-compiled.log" 2>&1
+}
 case $CALL in
 1)
   nvidia-smi > "$L/machine.txt" 2>&1
@@ -35,9 +40,7 @@ case $CALL in
   # eager and compiled side by side for hmar-d16; then the other goal configs compiled, each at its goal batch
   export CUDA_VISIBLE_DEVICES=$(bench_gpu)
   timeout "$(left)" python3 $B --preset hmar-d16 --compare-compile --json "$L/train-d16.json" > "$L/train-compiled.log" 2>&1
-  timeout "$(left)" python3 $B --preset hmar-d30 --batch 16 --compile --json "$L/train-d30.json" >> "$L/train-compiled.log" 2>&1
-  timeout "$(left)" python3 $B --preset hmar-d16-512 --batch 8 --compile --json "$L/train-d16-512.json" >> "$L/train-compiled.log" 2>&1
-  timeout "$(left)" python3 $B --preset var-d16 --compile --json "$L/train-var-d16.json" >> "$L/train-compiled.log" 2>&1
+  compiled_goals
   unset CUDA_VISIBLE_DEVICES
   grep -h 'img/s\|memory' "$L/train-compiled.log"; wait
   cp "$L/study/tokenizer.json" "$L/study/tokenizer_recon_metrics.json" "$OUT/" 2>/dev/null ;;
@@ -47,8 +50,6 @@ case $CALL in
     --json "$L/decode.json" > "$L/decode.log" 2>&1
   timeout "$(left)" python3 benchmarks/bench_sample.py --reps 3 --variants fp32-eager,fast --configs hmar-d16,var-d16 \
     --json "$L/sample-alone.json" > "$L/sample-alone.log" 2>&1
-  timeout "$(left)" python3 $B --preset hmar-d30 --batch 16 --compile --json "$L/train-d30.json" > "$L/train-compiled.log" 2>&1
-  timeout "$(left)" python3 $B --preset hmar-d16-512 --batch 8 --compile --json "$L/train-d16-512.json" >> "$L/train-compiled.log" 2>&1
-  timeout "$(left)" python3 $B --preset var-d16 --compile --json "$L/train-var-d16.json" >> "$L/train-compiled.log" 2>&1
+  compiled_goals
   cat "$L/decode.log" "$L/sample-alone.log"; grep -h 'img/s' "$L/train-compiled.log" ;;
 esac

@@ -22,4 +22,4 @@ S=benchmarks/bench_scaling.py
 timeout "$(( $(left) < 150 ? $(left) : 150 ))" python3 $S --preset hmar-d16 --batch 32 --json "$L/scaling-d16.json" \
   > "$L/scaling-d16.log" 2>&1
 timeout "$(left)" python3 $S --preset hmar-d30 --batch 16 --json "$L/scaling-d30.json" > "$L/scaling-d30.log" 2>&1
-tail -15 "$L"/scaling-*.log
+tail -n 15 "$L"/scaling-*.log
