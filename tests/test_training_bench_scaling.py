@@ -1,5 +1,6 @@
 """Smoke run of benchmarks/bench_scaling.py on the CPU (gloo): 1 process, then 2 with DDP and with FSDP2,
-the table and the JSON, NVLink multicast switched off in every child."""
+the table and the JSON, NVLink multicast switched off in every child; a launch that dies by SIGABRT with no
+worker error (as gloo once did in CI) is launched again and recorded."""
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_scaling_cpu_smoke(tmp_path):
     out = tmp_path / "scaling.json"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["HMAR_BENCH_ABORT_ONCE"] = str(tmp_path / "aborted")    # rank 1 of the first multi-process launch aborts
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_scaling.py"), "--device", "cpu", "--preset",
                         "hmar-tiny", "--batch", "4", "--steps", "2", "--warmup", "1", "--json", str(out)],
                        env=env, capture_output=True, text=True, timeout=240)
@@ -30,3 +32,8 @@ def test_bench_scaling_cpu_smoke(tmp_path):
         assert x["scaling_efficiency"] > 0
     # DDP and FSDP train the same model on the same per-rank batches: the same loss
     assert rows[1]["loss"] == pytest.approx(rows[2]["loss"], rel=1e-4)
+    # the DDP configuration was launched twice: the first launch's abort is kept, with rank 0's result written
+    (first,) = rows[1]["retried_after"]
+    assert "SIGABRT" in first and "after rank 0 wrote its result" in first, first
+    assert "retried_after" not in rows[0] and "retried_after" not in rows[2]
+    assert "run again after a failed first launch" in r.stdout
