@@ -6,7 +6,12 @@ Reports, per config (batch 16, guidance 1.5, default schedules, random weights):
   e2e     -- both, as a user calls it
   peak    -- torch.cuda.max_memory_allocated during one end-to-end call (weights included)
 Variants: "fp32-eager" (what the official sampler does: fp32/TF32, eager), "bf16-eager", "fast"
-(bf16 + CUDA graphs + bf16 channels_last decoder, compiled).
+(what ``enable_fast_sampling()`` / ``hmar sample --fast`` runs: bf16 + CUDA graphs of every pass, AdaLN modulations
+computed once per call, bf16 channels_last compiled decoder in memory-bounded chunks), and variants of "fast" that
+change one thing, for side-by-side ratios: "fast-compiled" (the transformer passes torch.compile'd too: what
+``--compile`` adds; HMAR and stage-1 only), "fast-percall" (modulations recomputed in every pass and block, as
+before 2026-12-01), "fast-onecall" (the decoder in one call for the whole batch, as before 2026-12-01).
+``--profile`` adds a torch.profiler table of one "fast" end-to-end call per config (CUDA time per kernel).
 
     python benchmarks/bench_sample.py                         # the four issue configs
     python benchmarks/bench_sample.py --configs hmar-d16 --quick
@@ -33,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hmar import VQVAE, build_model, model_config, tokenizer_config  # noqa: E402
 from hmar.accel import FastDecoder, GraphedModel  # noqa: E402
 from hmar.sampling import sample  # noqa: E402
+from hmar.tokenizer import decode_chunk  # noqa: E402
 
 
 def timed(fn, reps: int, device: torch.device) -> float:
@@ -78,10 +84,16 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
             m, t = model, tok
         elif variant == "bf16-eager":
             m, t = model.to(torch.bfloat16), FastDecoder(tok, compile=False)
-        else:  # fast
+        else:  # fast and its one-change variants
+            if variant == "fast-compiled" and getattr(model, "kv_cache", False):
+                print(f"  {name:14s} {variant:13s} skipped: compiled passes are for models without a KV cache")
+                continue
+            if variant == "fast-percall":
+                model = PerPassCondition(model)
             m = model.to(torch.bfloat16)
-            m = GraphedModel(m) if device.type == "cuda" else m
-            t = FastDecoder(tok, compile=device.type == "cuda" and not args.no_compile, mode=args.compile_mode)
+            m = GraphedModel(m, compile=variant == "fast-compiled") if device.type == "cuda" else m
+            t = FastDecoder(tok, compile=device.type == "cuda" and not args.no_compile, mode=args.compile_mode,
+                            max_batch=args.batch if variant == "fast-onecall" else None)
         f_hat = {}
 
         def tokens():
@@ -100,9 +112,14 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
         r["e2e_ms"] = timed(e2e, args.reps, device)
         if device.type == "cuda":
             r["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        if hasattr(t, "max_batch"):
+            r["decode_chunk"] = t.max_batch or decode_chunk(t.config, args.batch, t.dtype.itemsize)
+        if args.profile and variant == "fast" and device.type == "cuda":
+            r["profile"] = profile_table(e2e)
+            print(r["profile"], flush=True)
         results[variant] = r
         on_result()   # a run stopped early (time limit) keeps what it measured
-        print(f"  {name:14s} {variant:10s} tokens {r['tokens_ms']:8.1f} ms  decode {r['decode_ms']:7.1f} ms  "
+        print(f"  {name:14s} {variant:13s} tokens {r['tokens_ms']:8.1f} ms  decode {r['decode_ms']:7.1f} ms  "
               f"e2e {r['e2e_ms']:8.1f} ms  peak {r.get('peak_gb', float('nan')):6.2f} GB", flush=True)
         del model, tok, m, t
         if device.type == "cuda":
@@ -110,12 +127,45 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
     return results
 
 
-DECODERS = {  # name: FastDecoder arguments (None: the tokenizer's own fp32 decode)
+class PerPassCondition:
+    """A model whose sampler input is the plain class condition, so every pass and block recomputes its AdaLN
+    modulation (the sampler before 2026-12-01): ``precompute_condition`` is the identity."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def precompute_condition(self, cond):
+        return cond
+
+    def to(self, *args, **kwargs):
+        self.model.to(*args, **kwargs)
+        return self
+
+
+def profile_table(fn, rows: int = 25) -> str:
+    """CUDA time per kernel of one call of ``fn`` (after it ran once), as torch.profiler's table."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows)
+
+
+DECODERS = {  # name: FastDecoder arguments (None: the tokenizer's own fp32 decode, in one call)
     "fp32-eager": None,
-    "bf16-eager-cl": dict(dtype=torch.bfloat16, compile=False, channels_last=True),
-    "fp32-compiled": dict(dtype=torch.float32, compile=True, channels_last=False),
-    "bf16-compiled": dict(dtype=torch.bfloat16, compile=True, channels_last=False),
-    "bf16-compiled-cl": dict(dtype=torch.bfloat16, compile=True, channels_last=True),
+    "bf16-eager-cl": dict(dtype=torch.bfloat16, compile=False, channels_last=True, max_batch=0),
+    "fp32-compiled": dict(dtype=torch.float32, compile=True, channels_last=False, max_batch=0),
+    "bf16-compiled": dict(dtype=torch.bfloat16, compile=True, channels_last=False, max_batch=0),
+    "bf16-compiled-cl": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=0),
+    # memory-bounded chunks (hmar.tokenizer.decode_chunk: 8 of 16 images at 256 px, 2 at 512 px in bf16)
+    "bf16-eager-cl-chunked": dict(dtype=torch.bfloat16, compile=False, channels_last=True, max_batch=None),
+    "bf16-compiled-chunked": dict(dtype=torch.bfloat16, compile=True, channels_last=False, max_batch=None),
+    "bf16-compiled-cl-chunked": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=None),
 }
 
 
@@ -125,7 +175,10 @@ def bench_decode(name: str, args, device: torch.device) -> dict:
     torch.backends.cudnn.allow_tf32 = True
     results = {}
     ref = None
-    for variant, kw in DECODERS.items():
+    for variant in args.decoders.split(","):
+        if variant not in DECODERS:
+            raise SystemExit(f"unknown decoder variant {variant!r}; known: {', '.join(DECODERS)}")
+        kw = DECODERS[variant]
         if kw is not None and kw["compile"] and (device.type != "cuda" or args.no_compile):
             continue
         torch.manual_seed(0)                                  # the same random weights in every variant
@@ -133,16 +186,29 @@ def bench_decode(name: str, args, device: torch.device) -> dict:
         c = tok.config
         g = torch.Generator(device=device).manual_seed(0)    # random tokens -> an f_hat of the codebook's scale
         idx = [torch.randint(0, c.vocab_size, (args.batch, pn * pn), device=device, generator=g) for pn in c.patch_nums]
+        if kw is not None:
+            kw = {**kw, "max_batch": kw["max_batch"] if kw["max_batch"] is None else args.batch}  # 0: one call
         dec = tok if kw is None else FastDecoder(tok, mode=args.compile_mode, **kw)
+        chunk = args.batch if kw is None or kw["max_batch"] else decode_chunk(c, args.batch, kw["dtype"].itemsize)
         with torch.no_grad():
             f_hat = tok.indices_to_fhat(idx)
-            img = dec.fhat_to_img(f_hat)
+            decode = lambda: dec.fhat_to_img(f_hat, max_batch=chunk)  # noqa: E731
+            img = decode()
             ref = img if ref is None else ref
-            ms = timed(lambda: dec.fhat_to_img(f_hat), args.reps, device)
+            ms = timed(decode, args.reps, device)
+            peak = None
+            if device.type == "cuda":    # what the decode itself adds on top of what is already allocated
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                decode()
+                torch.cuda.synchronize()
+                peak = (torch.cuda.max_memory_allocated() - base) / 1e9
         d = (img - ref).abs()
-        results[variant] = {"decode_ms": ms, "mean_abs_diff_vs_fp32": float(d.mean()),
-                            "max_abs_diff_vs_fp32": float(d.max())}
-        print(f"  {name:14s} decode {variant:17s} {ms:8.1f} ms  (|diff| vs fp32-eager: mean {float(d.mean()):.4f}, "
+        results[variant] = {"decode_ms": ms, "chunk": chunk, "decode_peak_gb": peak,
+                            "mean_abs_diff_vs_fp32": float(d.mean()), "max_abs_diff_vs_fp32": float(d.max())}
+        print(f"  {name:14s} decode {variant:25s} {ms:8.1f} ms  chunk {chunk:3d}  peak +"
+              f"{float('nan') if peak is None else peak:6.2f} GB  (|diff| vs fp32-eager: mean {float(d.mean()):.4f}, "
               f"max {float(d.max()):.3f}; images in [-1, 1])", flush=True)
         del tok, dec
         if device.type == "cuda":
@@ -162,6 +228,8 @@ def main() -> None:
                     help="torch.compile mode of the decoder (default: inductor's default; max-autotune-no-cudagraphs "
                          "spent over 4 minutes autotuning one decoder on the H200)")
     ap.add_argument("--decode-only", action="store_true", help="time the decoder variants alone (see above)")
+    ap.add_argument("--decoders", default=",".join(DECODERS), help="with --decode-only: which decoder variants")
+    ap.add_argument("--profile", action="store_true", help="CUDA: a torch.profiler table of one 'fast' call per config")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()

@@ -16,18 +16,44 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from .tokenizer import decode_chunk, decode_in_chunks
+
+
+def compile_blocks(model: nn.Module, mode: Optional[str] = None) -> nn.Module:
+    """``torch.compile`` every AdaLN block and head of ``model`` in place (regional compilation), with dynamic
+    shapes. Inductor fuses each block's elementwise work (LayerNorm + modulation, q/k normalisation, gating,
+    residuals, GELU), which eager runs as some twenty kernels per block. All blocks share one compiled code (the
+    model hands each block its own modulation rows: no per-block constant in the traced code), so the compile time
+    does not grow with depth, and one compile serves every scale and batch size (dynamo specialises sizes of 1,
+    so the one-token scale 0 gets its own). Returns ``model``.
+
+    Models with a KV cache (VAR) are refused: the cache's fill level is Python state that changes every scale."""
+    if getattr(model, "kv_cache", False):
+        raise ValueError("compiled blocks are for models without a KV cache (HMAR, stage 1); VAR's cache grows "
+                         "every scale: use GraphedModel(model) without compile for VAR")
+    from .model.blocks import AdaLNBlock, AdaLNHead
+    for m in model.modules():
+        if isinstance(m, (AdaLNBlock, AdaLNHead)):
+            m.compile(dynamic=True, mode=mode)
+    return model
+
 
 class GraphedModel:
     """A drop-in stand-in for an HMAR / VAR model inside :func:`hmar.sampling.sample` that replays
-    CUDA graphs of ``next_scale_logits`` / ``masked_logits`` (one graph per input shape)."""
+    CUDA graphs of ``next_scale_logits`` / ``masked_logits`` (one graph per input shape).
 
-    def __init__(self, model: nn.Module, warmup: int = 1):
+    ``compile=True`` first compiles the model's blocks in place (:func:`compile_blocks`; HMAR and stage-1 models),
+    so the graphs capture the compiled kernels; the first call then also compiles (once for all scales)."""
+
+    def __init__(self, model: nn.Module, warmup: int = 1, compile: bool = False, compile_mode: Optional[str] = None):
         if not model.device.type == "cuda":
             raise ValueError("GraphedModel needs a model on a CUDA device")
         self.model, self.warmup = model, warmup
         self.pool = torch.cuda.graph_pool_handle()
         self._graphs: Dict[Tuple, Tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._caches: Optional[List[Any]] = None
+        if compile:
+            compile_blocks(model, compile_mode)
         if hasattr(model, "masked_logits"):
             self.masked_logits = self._masked_logits
 
@@ -93,13 +119,17 @@ class FastDecoder(nn.Module):
     for :func:`hmar.sampling.sample` (``quantize`` and ``fhat_to_img`` are what it uses).
     ``channels_last=False`` keeps the default memory format (``bench_sample.py --decode-only`` compares both).
 
+    ``max_batch``: images per decoder call (default: :func:`hmar.tokenizer.decode_chunk`, which bounds the
+    activation memory; a 16-image batch decodes as 2 x 8 at 256 px and 8 x 2 at 512 px in bf16).
+
     ``mode`` is torch.compile's; the default (None) compiles in about a minute. ``"max-autotune-no-cudagraphs"``
     benchmarks every conv/matmul choice: on the H200 that took over 4 minutes for one 256 px decoder."""
 
     def __init__(self, tokenizer: nn.Module, dtype: torch.dtype = torch.bfloat16, compile: bool = True,
-                 mode: Optional[str] = None, channels_last: bool = True):
+                 mode: Optional[str] = None, channels_last: bool = True, max_batch: Optional[int] = None):
         super().__init__()
         self.tokenizer = tokenizer
+        self.max_batch = max_batch
         self.quantize = tokenizer.quantize
         self.config = tokenizer.config
         self.dtype = dtype
@@ -115,20 +145,39 @@ class FastDecoder(nn.Module):
         z = f_hat.to(self.dtype).contiguous(memory_format=self.memory_format)
         return self.dec(self.post_quant_conv(z)).float().clamp(-1, 1)
 
-    def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
-        return self._decode(f_hat)
+    def fhat_to_img(self, f_hat: torch.Tensor, max_batch: Optional[int] = None) -> torch.Tensor:
+        """Decode ``max_batch`` images at a time (default: ``max_batch`` given at construction, else
+        :func:`hmar.tokenizer.decode_chunk` for this dtype)."""
+        n = max_batch or self.max_batch or decode_chunk(self.config, f_hat.shape[0], self.dtype.itemsize)
+        return decode_in_chunks(self._decode, f_hat, n)
 
     def set_patch_nums(self, patch_nums) -> None:
         self.tokenizer.set_patch_nums(patch_nums)
 
+    # what editing asks of a tokenizer besides decoding: the (fp32) encoder and the quantiser, unchanged
+    @property
+    def patch_nums(self) -> Tuple[int, ...]:
+        return self.tokenizer.patch_nums
 
-def accelerate(pipe, dtype: torch.dtype = torch.bfloat16, graphs: bool = True, compile_decoder: bool = True):
-    """Make a CUDA :class:`~hmar.pipeline.HMARPipeline` fast in place: bf16 transformer with CUDA-graph
-    replay of its passes, bf16/channels_last (compiled) decoder. Returns the pipeline."""
+    def img_to_indices(self, img: torch.Tensor) -> List[torch.Tensor]:
+        return self.tokenizer.img_to_indices(img)
+
+    def indices_to_fhat(self, indices) -> torch.Tensor:
+        return self.tokenizer.indices_to_fhat(indices)
+
+    def indices_to_img(self, indices) -> torch.Tensor:
+        return self.fhat_to_img(self.indices_to_fhat(indices))
+
+
+def accelerate(pipe, dtype: torch.dtype = torch.bfloat16, graphs: bool = True, compile_decoder: bool = True,
+               compile_passes: bool = False):
+    """Make a CUDA :class:`~hmar.pipeline.HMARPipeline` fast in place: the transformer in ``dtype`` with CUDA-graph
+    replay of its passes (``compile_passes``: with its blocks compiled, :func:`compile_blocks`), and :class:`FastDecoder` (``dtype``,
+    channels_last, compiled, memory-bounded chunks). A CPU pipeline is returned unchanged. Returns the pipeline."""
     if pipe.device.type != "cuda":
         return pipe
     pipe.model.to(dtype)
     if graphs:
-        pipe.model = GraphedModel(pipe.model)
+        pipe.model = GraphedModel(pipe.model, compile=compile_passes)
     pipe.tokenizer = FastDecoder(pipe.tokenizer, dtype, compile_decoder)
     return pipe

@@ -109,8 +109,30 @@ class HMARPipeline:
 
     def save_pretrained(self, directory: Union[str, os.PathLike], dtype: Optional[torch.dtype] = None) -> Path:
         """Write the pipeline as ``config.json`` + safetensors files."""
-        return ckpt.save_pretrained(directory, self.model, self.tokenizer, class_names=self.class_names,
+        from .accel import FastDecoder, GraphedModel
+        model = self.model.model if isinstance(self.model, GraphedModel) else self.model
+        tok = self.tokenizer.tokenizer if isinstance(self.tokenizer, FastDecoder) else self.tokenizer
+        if tok.decoder.conv_in.weight.dtype != torch.float32:
+            raise HMARError("this pipeline's decoder was converted to low precision by enable_fast_sampling(): "
+                            "save from a pipeline loaded without it")
+        return ckpt.save_pretrained(directory, model, tok, class_names=self.class_names,
                                     sampling=self.sampling, dtype=dtype)
+
+    def enable_fast_sampling(self, compile: bool = False) -> "HMARPipeline":
+        """CUDA only, in place: bf16 transformer with CUDA-graph replay of every per-scale pass (``compile=True``:
+        of ``torch.compile``'d passes, HMAR and stage-1 models only), and a bf16 compiled decoder that decodes in
+        memory-bounded chunks (:mod:`hmar.accel`). The same seed samples the tokens of the eager bf16 model.
+        The first call of each batch size captures its graphs and compiles (about a minute); later calls replay."""
+        if self.device.type != "cuda":
+            raise HMARError(f"fast sampling needs a CUDA device, but the pipeline is on {self.device}: "
+                            "load it with device='cuda'")
+        if compile and getattr(self.model, "kv_cache", False):
+            raise HMARError("compile=True compiles HMAR and stage-1 passes; a VAR model (KV cache) takes "
+                            "enable_fast_sampling() without it")
+        from .accel import GraphedModel, accelerate
+        if not isinstance(self.model, GraphedModel):
+            accelerate(self, compile_passes=compile)
+        return self
 
     def to(self, device: Union[str, torch.device]) -> "HMARPipeline":
         self.model.to(device)

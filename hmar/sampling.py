@@ -159,8 +159,10 @@ def sample(model: nn.Module, tokenizer: nn.Module, labels: Union[Sequence[int], 
 
     use_cfg = cfg != 0
     null = torch.full_like(y, cfgm.num_classes)
-    cond_all = model.class_emb(torch.cat((y, null)))
-    cond = cond_all[:B]
+    cond_all = model.class_emb(torch.cat((y, null)))               # the start token's input
+    # every pass takes the AdaLN modulations computed here once (they depend on the class only)
+    ada_all = model.precompute_condition(cond_all) if hasattr(model, "precompute_condition") else cond_all
+    cond = ada_all[:B]
     caches = model.new_caches()
     size = cfgm.patch_nums[-1]
     f_hat = torch.zeros(B, cfgm.z_channels, size, size, device=device)
@@ -182,7 +184,7 @@ def sample(model: nn.Module, tokenizer: nn.Module, labels: Union[Sequence[int], 
         if not guided:
             x, c = x[:B], cond
         else:
-            c = cond_all
+            c = ada_all
         logits = model.next_scale_logits(x, c, caches)
         passes += 1
         if guided:
@@ -211,7 +213,7 @@ def sample(model: nn.Module, tokenizer: nn.Module, labels: Union[Sequence[int], 
                 x_cur = quant.current_scale_input(si, tok)
                 xm = model.embed_masked(si, x_small, x_cur, M)
                 if guide_masked and use_cfg and t != 0:
-                    lm = model.masked_logits(xm.repeat(2, 1, 1), cond_all)
+                    lm = model.masked_logits(xm.repeat(2, 1, 1), ada_all)
                     lm = (1 + t) * lm[:B] - t * lm[B:]
                 else:
                     lm = model.masked_logits(xm, cond)

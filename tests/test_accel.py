@@ -58,13 +58,14 @@ def test_bench_sample_runs_and_keeps_each_variant(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "s.json"
     p = subprocess.run([sys.executable, str(root / "benchmarks" / "bench_sample.py"), "--device", "cpu", "--configs",
-                        "hmar-tiny,var-tiny", "--variants", "fp32-eager,bf16-eager", "--quick", "--json", str(out)],
+                        "hmar-tiny,var-tiny", "--variants", "fp32-eager,bf16-eager,fast-percall", "--quick",
+                        "--json", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(out.read_text())["results"]
     assert set(res) == {"hmar-tiny", "var-tiny"}
     for r in res.values():
-        assert set(r) == {"fp32-eager", "bf16-eager"}
+        assert set(r) == {"fp32-eager", "bf16-eager", "fast-percall"}
         for v in r.values():
             assert v["tokens_ms"] > 0 and v["decode_ms"] > 0 and v["e2e_ms"] > 0
 
@@ -83,9 +84,12 @@ def test_bench_sample_decode_only_compares_decoders_on_the_same_weights(tmp_path
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(out.read_text())["results"]["hmar-tiny"]
-    assert set(res) == {"fp32-eager", "bf16-eager-cl"}      # the compiled ones need CUDA
+    assert set(res) == {"fp32-eager", "bf16-eager-cl", "bf16-eager-cl-chunked"}      # the compiled ones need CUDA
     assert res["fp32-eager"]["max_abs_diff_vs_fp32"] == 0 and res["fp32-eager"]["decode_ms"] > 0
     assert 0 < res["bf16-eager-cl"]["mean_abs_diff_vs_fp32"] < 0.03
+    assert res["bf16-eager-cl"]["chunk"] == 16                   # one call; 64 px images fit one chunk anyway
+    assert res["bf16-eager-cl-chunked"]["chunk"] == 16
+    assert abs(res["bf16-eager-cl-chunked"]["mean_abs_diff_vs_fp32"] - res["bf16-eager-cl"]["mean_abs_diff_vs_fp32"]) < 1e-3
 
 
 def test_fast_decoder_without_channels_last_matches_with():
@@ -105,3 +109,148 @@ def test_fast_decoder_without_channels_last_matches_with():
             assert (fd.fhat_to_img(f_hat) - ref).abs().mean() < 0.03
     assert plain.dec.conv_in.weight.is_contiguous() and plain.dec.conv_in.weight.dtype == torch.bfloat16
     assert not cl.dec.conv_in.weight.is_contiguous()       # channels_last
+
+
+# --------------------------------------------------------------------------- the fast path's parts, on the CPU
+def _nonzero_adaln(model):
+    """Random weights everywhere (VAR's init zeroes the AdaLN biases, which would hide a wrong slice)."""
+    g = torch.Generator().manual_seed(5)
+    for p in model.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+@torch.no_grad()
+def test_precomputed_condition_gives_bitwise_the_same_passes(tiny):
+    """Every pass takes the packed AdaLN modulations (computed once per sampling call) in place of the class
+    condition and returns exactly the same logits: HMAR's two branches, stage 1, and VAR through its KV cache."""
+    hmar, var, nsp, _ = tiny
+    g = torch.Generator().manual_seed(0)
+    for m in (hmar, var, nsp):
+        m = _nonzero_adaln(m)
+        cond = m.class_emb(torch.tensor([0, 3, m.num_classes]))
+        pre = m.precompute_condition(cond)
+        n_blocks = m.config.depth + (m.config.branch_depth if m.config.kind == "hmar" else 0)
+        heads = 2 if m.config.kind == "hmar" else 1
+        assert pre.shape == (3, 6 * n_blocks + 2 * heads, m.config.embed_dim)
+        x = torch.randn(3, 9, m.config.embed_dim, generator=g)
+        a, b = m.next_scale_logits(x, cond, m.new_caches()), m.next_scale_logits(x, pre, m.new_caches())
+        assert torch.equal(a, b)
+        if hasattr(m, "masked_logits"):
+            assert torch.equal(m.masked_logits(x, cond), m.masked_logits(x, pre))
+        # one block's slice is that block's own modulation (a wrong offset would pick another block's)
+        blk = (m.blocks if hasattr(m, "blocks") else m.mask_blocks)[-1]
+        assert torch.equal(pre[:, blk.mod_offset:blk.mod_offset + 6], blk.modulation(cond))
+
+
+def test_sampling_with_precomputed_condition_equals_per_pass_condition(tiny, monkeypatch):
+    """The sampler's once-per-call modulations change nothing: same tokens and f_hat as computing them in
+    every pass (the precomputation switched off), with guidance inside the masked passes too."""
+    hmar, var, _, tok = tiny
+    for m in (_nonzero_adaln(hmar), _nonzero_adaln(var)):
+        kw = dict(generator=4, cfg=2.0, top_k=0, top_p=0, guide_masked=True, decode=False)
+        fast = sample(m, tok, [1, 2, 3], **kw)
+        monkeypatch.setattr(type(m), "precompute_condition", lambda self, cond: cond)
+        slow = sample(m, tok, [1, 2, 3], **kw)
+        monkeypatch.undo()
+        assert all(torch.equal(a, b) for a, b in zip(fast.indices, slow.indices))
+        assert torch.equal(fast.f_hat, slow.f_hat)
+
+
+def test_decode_chunk_sizes():
+    """Images per decoder call: one full-resolution activation within 256 MiB, a divisor of the batch if one is
+    near that bound (equal chunks: one compiled shape)."""
+    from hmar.presets import PATCH_NUMS
+    from hmar.tokenizer import decode_chunk
+    c256 = tokenizer_config("vqvae-ch160")
+    c512 = tokenizer_config("vqvae-ch160", patch_nums=PATCH_NUMS[512])
+    # 160 channels x 256^2 x 2 bytes = 20 MiB per image in bf16 -> at most 12 -> 8 of 16; fp32: 6 -> 4
+    assert [decode_chunk(c256, 16, 2), decode_chunk(c256, 16, 4), decode_chunk(c256, 64, 2)] == [8, 4, 8]
+    assert [decode_chunk(c512, 16, 2), decode_chunk(c512, 16, 4)] == [2, 1]      # 80 MiB per image in bf16
+    assert decode_chunk(c256, 17, 2) == 12 and decode_chunk(c256, 5, 2) == 5 and decode_chunk(c256, 1, 4) == 1
+    assert decode_chunk(tokenizer_config("vqvae-tiny"), 256) == 256               # small images: one call
+
+
+@torch.no_grad()
+def test_chunked_decode_equals_one_call():
+    """Chunks change the result by conv-algorithm rounding only (each image decodes on its own), for the
+    tokenizer and for the bf16 FastDecoder."""
+    from hmar.accel import FastDecoder
+    torch.manual_seed(0)
+    tok = VQVAE(tokenizer_config("vqvae-tiny")).eval()
+    f_hat = torch.randn(7, tok.config.z_channels, 8, 8) * 0.3
+    whole = tok.fhat_to_img(f_hat, max_batch=7)
+    parts = tok.fhat_to_img(f_hat, max_batch=3)
+    torch.testing.assert_close(parts, whole, atol=1e-4, rtol=0)
+    torch.testing.assert_close(tok.fhat_to_img(f_hat[2:3]), whole[2:3], atol=1e-4, rtol=0)
+    fd = FastDecoder(tok, compile=False, max_batch=2)
+    d = (fd.fhat_to_img(f_hat) - fd.fhat_to_img(f_hat, max_batch=7)).abs()    # bf16 rounding (random weights)
+    assert d.mean() < 5e-3 and d.max() < 0.2, (d.mean().item(), d.max().item())
+    assert fd.patch_nums == tok.patch_nums and len(fd.img_to_indices(torch.zeros(1, 3, 64, 64))) == len(tok.patch_nums)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_blocks_equal_eager_at_every_scale_with_one_code_for_all_blocks():
+    """``compile_blocks`` (inductor, dynamic shapes; what ``GraphedModel(compile=True)`` captures): the eager
+    logits to fp32 rounding at every scale size, with one compiled block and one compiled head for all of them:
+    the number of graphs depends neither on the depth nor on the scale size (dynamo specialises sizes of 1, so
+    the one-token scale gets a second block and head graph)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from hmar.accel import compile_blocks
+    torch.manual_seed(0)
+    m = _nonzero_adaln(build_model(model_config("hmar-tiny", depth=3, branch_depth=1)).eval())   # 5 blocks, 2 heads
+    pre = m.precompute_condition(m.class_emb(torch.tensor([0, 1, 2])))
+    xs = {n: torch.randn(3, n, m.config.embed_dim) for n in (1, 4, 9, 16)}
+    want = {n: (m.next_scale_logits(x, pre), m.masked_logits(x, pre)) for n, x in xs.items()}
+    torch._dynamo.reset()
+    counters.clear()
+    compile_blocks(m)
+    graphs = []
+    for n, x in xs.items():
+        torch.testing.assert_close(m.next_scale_logits(x, pre), want[n][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m.masked_logits(x, pre), want[n][1], atol=1e-5, rtol=1e-5)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [2, 4, 4, 4], graphs
+    with pytest.raises(ValueError, match="KV cache"):
+        compile_blocks(build_model(model_config("var-tiny")))
+
+
+def test_fast_sampling_needs_cuda(tmp_path, capsys):
+    """``--fast`` / ``enable_fast_sampling`` on a CPU machine: one clear error before any model is loaded."""
+    from hmar.cli import main
+    from hmar.errors import HMARError
+    from hmar.pipeline import HMARPipeline
+    with pytest.raises(HMARError, match="CUDA"):
+        HMARPipeline.from_preset("hmar-tiny").enable_fast_sampling()
+    for flag in ("--fast", "--compile"):
+        assert main(["sample", flag, "--device", "cpu", "--out", str(tmp_path / "o")]) == 2
+        assert "use --device cuda" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@cuda
+@pytest.mark.parametrize("compile", [False, True])
+def test_pipeline_fast_sampling_matches_eager_bf16_and_still_edits(compile, tmp_path):
+    """``enable_fast_sampling`` on the GPU: the tokens of the eager bf16 model for the same seed, images that
+    stay within bf16 decoder rounding, editing through the fast tokenizer, and a clear refusal to save it."""
+    import numpy as np
+
+    from hmar.errors import HMARError
+    from hmar.pipeline import HMARPipeline
+    ref = HMARPipeline.from_preset("hmar-tiny", device="cuda")
+    ref.model.to(torch.bfloat16)
+    want = ref.generate([1, 2, 3], generator=0)
+    pipe = HMARPipeline.from_preset("hmar-tiny", device="cuda").enable_fast_sampling(compile=compile)
+    for _ in range(2):      # capture, then replay
+        got = pipe.generate([1, 2, 3], generator=0)
+        assert all(torch.equal(a, b) for a, b in zip(want.indices, got.indices))
+        assert (got.images - want.images).abs().mean() < 0.03
+    img = np.full((64, 64, 3), 128, np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 32:] = 255
+    assert len(pipe.inpaint(img, mask, seeds=[0])) == 1
+    with pytest.raises(HMARError, match="low precision"):
+        pipe.save_pretrained(tmp_path / "m")

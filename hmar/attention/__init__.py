@@ -218,7 +218,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lengths: Seq
     if pattern not in PATTERNS:
         raise ValueError(f"unknown attention pattern {pattern!r}; use one of {PATTERNS}")
     lengths = tuple(int(n) for n in lengths)
-    if sum(lengths) != q.shape[2] or min(lengths, default=0) < 0:
+    if sum(lengths) != q.shape[2] or any(n < 0 for n in lengths):   # (min(default=) breaks a compiled graph)
         raise ValueError(f"attention: the scale lengths {lengths} must be non-negative and sum to the "
                          f"sequence length {q.shape[2]} (they sum to {sum(lengths)})")
     dev = q.device.type

@@ -17,6 +17,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vqvae", default=None, help="official VQ-VAE file (vae_ch160v4096z32.pth) for official transformer files")
     p.add_argument("--mask-checkpoint", default=None, help="official stage-2 (masked) file to pair with a stage-1 checkpoint")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--fast", action="store_true",
+                   help="CUDA: bf16 transformer with CUDA-graph replay of every pass and a bf16 compiled decoder "
+                        "(about a minute of warm-up; BENCHMARKS.md section 3)")
+    p.add_argument("--compile", action="store_true",
+                   help="with --fast (implied): also torch.compile the transformer passes (HMAR and stage-1 models)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -69,11 +74,18 @@ def load_pipeline(args: argparse.Namespace, say=print):
     from ..pipeline import HMARPipeline, default_model_dir
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise HMARError(f"--device {args.device} asked for, but CUDA is not available here: use --device cpu")
+    fast = getattr(args, "fast", False) or getattr(args, "compile", False)
+    if fast and not args.device.startswith("cuda"):
+        raise HMARError(f"--fast/--compile speed up sampling on CUDA; --device is {args.device}: "
+                        "drop them or use --device cuda")
     if args.checkpoint is None:
         if default_model_dir() is not None:
-            return HMARPipeline.from_pretrained(None, device=args.device)
-        say("note: no trained default model is shipped in this build: sampling from a RANDOMLY INITIALISED "
-            "tiny model (hmar-tiny); the images are noise. Pass --checkpoint to use a trained model.")
-        return HMARPipeline.from_preset("hmar-tiny", "vqvae-tiny", device=args.device)
-    return HMARPipeline.from_pretrained(args.checkpoint, vqvae=args.vqvae, device=args.device,
-                                        mask_checkpoint=args.mask_checkpoint)
+            pipe = HMARPipeline.from_pretrained(None, device=args.device)
+        else:
+            say("note: no trained default model is shipped in this build: sampling from a RANDOMLY INITIALISED "
+                "tiny model (hmar-tiny); the images are noise. Pass --checkpoint to use a trained model.")
+            pipe = HMARPipeline.from_preset("hmar-tiny", "vqvae-tiny", device=args.device)
+    else:
+        pipe = HMARPipeline.from_pretrained(args.checkpoint, vqvae=args.vqvae, device=args.device,
+                                            mask_checkpoint=args.mask_checkpoint)
+    return pipe.enable_fast_sampling(compile=args.compile) if fast else pipe

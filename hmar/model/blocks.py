@@ -19,7 +19,7 @@ class DropPath(nn.Module):
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
+        if not self.training or self.p == 0.0:   # eval first: a compiled eval block must not depend on p
             return x
         keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)
         return x * keep / (1 - self.p)
@@ -112,9 +112,18 @@ class AdaLNBlock(nn.Module):
         self.ln = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
         self.drop_path = DropPath(drop_path)
 
+    chunks = 6           # modulation vectors per condition
+    mod_offset: Optional[int] = None   # where this block's modulation sits in a model's packed one
+
+    def modulation(self, cond: torch.Tensor) -> torch.Tensor:
+        """``ada_lin(cond)`` as ``[B, 6, C]`` (gamma1, gamma2, scale1, scale2, shift1, shift2)."""
+        return self.ada_lin(cond).view(-1, self.chunks, self.dim)
+
     def forward(self, x: torch.Tensor, cond: torch.Tensor, lengths: Sequence[int], pattern: str,
                 cache: Optional[KVCache] = None, backend: Optional[str] = None) -> torch.Tensor:
-        g1, g2, s1, s2, b1, b2 = self.ada_lin(cond).view(-1, 1, 6, self.dim).unbind(2)
+        """``cond``: the class condition ``[B, C]``, or this block's modulation ``[B, 6, C]`` computed before
+        (:func:`modulation_for`)."""
+        g1, g2, s1, s2, b1, b2 = (self.modulation(cond) if cond.dim() == 2 else cond)[:, None].unbind(2)
         x = x + self.drop_path(self.attn(self.ln(x) * (s1 + 1) + b1, lengths, pattern, cache, backend) * g1)
         x = x + self.drop_path(self.ffn(self.ln(x) * (s2 + 1) + b2) * g2)
         return x
@@ -129,6 +138,28 @@ class AdaLNHead(nn.Module):
         self.ada_lin = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.ln = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
 
+    chunks = 2
+    mod_offset: Optional[int] = None
+
+    def modulation(self, cond: torch.Tensor) -> torch.Tensor:
+        """``ada_lin(cond)`` as ``[B, 2, C]`` (scale, shift)."""
+        return self.ada_lin(cond).view(-1, self.chunks, self.dim)
+
     def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.ada_lin(cond).view(-1, 1, 2, self.dim).unbind(2)
+        """``cond``: the class condition ``[B, C]``, or this head's modulation ``[B, 2, C]``."""
+        scale, shift = (self.modulation(cond) if cond.dim() == 2 else cond)[:, None].unbind(2)
         return self.ln(x) * (scale + 1) + shift
+
+
+def modulation_for(module: nn.Module, cond: torch.Tensor) -> torch.Tensor:
+    """What ``module`` (an :class:`AdaLNBlock` or :class:`AdaLNHead`) takes as its condition.
+
+    ``cond`` is either the class condition ``[B, C]`` (passed on: the module computes its modulation, as in
+    training) or a packed ``[B, K, C]`` tensor of the modulations of every AdaLN module of a model
+    (``precompute_condition`` of the transformers), of which this module's ``chunks`` rows start at its
+    ``mod_offset``. The modulation depends on the class only, so sampling computes it once per call instead of
+    once per pass; slicing here, outside the module, keeps the module's code free of its offset, so one compiled
+    block serves every block (``hmar.accel.compile_blocks``)."""
+    if cond.dim() == 2:
+        return cond
+    return cond[:, module.mod_offset:module.mod_offset + module.chunks]

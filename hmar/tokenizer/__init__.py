@@ -55,9 +55,12 @@ class VQVAE(nn.Module):
         """Image in [-1, 1] -> list over scales of ``[B, pn*pn]`` code indices (row-major)."""
         return self.quantize.encode(self.encode_features(img))
 
-    def fhat_to_img(self, f_hat: torch.Tensor) -> torch.Tensor:
-        """Decode an accumulated latent ``f_hat`` to an image clamped to [-1, 1]."""
-        return self.decoder(self.post_quant_conv(f_hat)).clamp(-1, 1)
+    def fhat_to_img(self, f_hat: torch.Tensor, max_batch: Optional[int] = None) -> torch.Tensor:
+        """Decode an accumulated latent ``f_hat`` to an image clamped to [-1, 1], ``max_batch`` images at a time
+        (default: :func:`decode_chunk`'s choice, which bounds the decoder's activation memory; every image is
+        decoded on its own, so the chunking does not change the result)."""
+        return decode_in_chunks(lambda f: self.decoder(self.post_quant_conv(f)).clamp(-1, 1), f_hat,
+                                max_batch or decode_chunk(self.config, f_hat.shape[0], f_hat.element_size()))
 
     def indices_to_fhat(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
         """Sum of the per-scale contributions of ``indices`` (the accumulated reconstruction)."""
@@ -91,4 +94,27 @@ class VQVAE(nn.Module):
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
-__all__ = ["VQVAE", "TokenizerConfig", "MultiScaleQuantizer", "phi_index_table"]
+# the largest full-resolution activation of one decode chunk (the decoder keeps a few of them alive)
+DECODE_CHUNK_BYTES = 256 * 2 ** 20
+
+
+def decode_chunk(config: TokenizerConfig, batch: int, element_size: int = 4,
+                 budget: int = DECODE_CHUNK_BYTES) -> int:
+    """Images per decoder call for a batch of ``batch``: as many as keep one full-resolution activation
+    (``ch * ch_mult[0]`` channels at the image size) within ``budget`` bytes, preferring a divisor of ``batch``
+    (equal chunks: one shape for a compiled decoder). The official 256 px tokenizer in bf16: 8 of 16 images."""
+    res = config.patch_nums[-1] * config.downsample
+    per_image = config.ch * config.ch_mult[0] * res * res * element_size
+    limit = max(1, min(batch, budget // per_image))
+    divisor = max(d for d in range(1, limit + 1) if batch % d == 0)
+    return divisor if 2 * divisor >= limit else limit
+
+
+def decode_in_chunks(decode, f_hat: torch.Tensor, max_batch: int) -> torch.Tensor:
+    """``decode(f_hat)`` computed ``max_batch`` images at a time (one call when the batch fits)."""
+    if f_hat.shape[0] <= max_batch:
+        return decode(f_hat)
+    return torch.cat([decode(part) for part in f_hat.split(max_batch)])
+
+
+__all__ = ["VQVAE", "TokenizerConfig", "MultiScaleQuantizer", "phi_index_table", "decode_chunk", "decode_in_chunks"]
