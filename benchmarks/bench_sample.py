@@ -18,9 +18,12 @@ before 2026-12-01), "fast-onecall" (the decoder in one call for the whole batch,
     python benchmarks/bench_sample.py --device cpu --configs hmar-tiny --quick   # smoke test
     python benchmarks/bench_sample.py --decode-only --configs hmar-d16,hmar-d16-512   # decoder variants alone
 
-``--decode-only`` times the tokenizer decode of the f_hat of random tokens per config (batch 16) in five variants side by
-side: fp32-eager (TF32), bf16-eager-cl (bf16 + channels_last, what ``bf16-eager`` samples with), fp32-compiled,
-bf16-compiled and bf16-compiled-cl (what ``fast`` samples with), each compared with fp32-eager (mean and max |diff| of the images).
+``--decode-only`` times the tokenizer decode of the f_hat of random tokens per config (batch 16) in the variants of
+``DECODERS`` side by side (``--decoders`` picks some): fp32-eager (TF32), bf16-eager-cl (bf16 + channels_last), fp32- and
+bf16-compiled with and without channels_last, each in one call or in memory-bounded chunks (``-chunked``: what ``fast``
+samples with is bf16-compiled-cl-chunked), each compared with fp32-eager (mean and max |diff| of the images), with the
+memory the decode adds (CUDA: peak allocated above what was allocated before; CPU: the process's peak RSS, so run one
+variant per process there).
 """
 from __future__ import annotations
 
@@ -163,6 +166,7 @@ DECODERS = {  # name: FastDecoder arguments (None: the tokenizer's own fp32 deco
     "bf16-compiled": dict(dtype=torch.bfloat16, compile=True, channels_last=False, max_batch=0),
     "bf16-compiled-cl": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=0),
     # memory-bounded chunks (hmar.tokenizer.decode_chunk: 8 of 16 images at 256 px, 2 at 512 px in bf16)
+    "fp32-eager-chunked": dict(dtype=torch.float32, compile=False, channels_last=False, max_batch=None),
     "bf16-eager-cl-chunked": dict(dtype=torch.bfloat16, compile=False, channels_last=True, max_batch=None),
     "bf16-compiled-chunked": dict(dtype=torch.bfloat16, compile=True, channels_last=False, max_batch=None),
     "bf16-compiled-cl-chunked": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=None),
@@ -204,6 +208,9 @@ def bench_decode(name: str, args, device: torch.device) -> dict:
                 decode()
                 torch.cuda.synchronize()
                 peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+        if device.type == "cpu":         # the process's peak so far: meaningful with one variant per process
+            import resource
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9   # KiB on Linux
         d = (img - ref).abs()
         results[variant] = {"decode_ms": ms, "chunk": chunk, "decode_peak_gb": peak,
                             "mean_abs_diff_vs_fp32": float(d.mean()), "max_abs_diff_vs_fp32": float(d.max())}
@@ -214,6 +221,54 @@ def bench_decode(name: str, args, device: torch.device) -> dict:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return results
+
+
+def count_pass_ops(name: str, batch: int) -> dict:
+    """Per pass of a config, on the meta device (no weights, no time): the aten ops one eager pass dispatches
+    (inside a CUDA graph each is one kernel) with the class condition and with the precomputed modulations, and
+    the bytes of ``ada_lin`` weights (bf16) a pass reads only when it computes the modulations itself."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func not in (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.t.default,
+                            torch.ops.aten.transpose.int, torch.ops.aten.permute.default, torch.ops.aten.unbind.int,
+                            torch.ops.aten.slice.Tensor, torch.ops.aten.select.int, torch.ops.aten.expand.default,
+                            torch.ops.aten.unsqueeze.default, torch.ops.aten.detach.default, torch.ops.aten.split.Tensor):
+                self.n += 1          # views and metadata-only ops launch no kernel
+            return func(*args, **(kwargs or {}))
+
+    with torch.device("meta"):
+        model = build_model(model_config(name)).eval().to(torch.bfloat16)
+    cfg = model.config
+    rows = 2 * batch
+    cond = torch.zeros(rows, cfg.embed_dim, device="meta", dtype=torch.bfloat16)
+    pre = model.precompute_condition(cond)
+    out = {}
+    passes = [("next_scale", model.next_scale_logits, cfg.patch_nums[-1] ** 2)]
+    if hasattr(model, "masked_logits"):
+        passes.append(("masked", model.masked_logits, 16))
+    for kind, fn, n in passes:
+        x = torch.zeros(rows, n, cfg.embed_dim, device="meta", dtype=torch.bfloat16)
+        r = {}
+        for label, c in (("per_pass_condition", cond), ("precomputed", pre)):
+            with torch.no_grad(), Count() as counter:
+                fn(x, c)
+            r[label + "_ops"] = counter.n
+        blocks = [*model.base_blocks, *(model.ns_blocks if kind == "next_scale" else model.mask_blocks)] \
+            if cfg.kind == "hmar" else list(model.blocks)
+        heads = [model.ns_head_nm if kind == "next_scale" else model.mask_head_nm] if cfg.kind == "hmar" else [model.head_nm]
+        r["ada_lin_bytes_bf16"] = sum(p.numel() * 2 for m in (*blocks, *heads) for p in m.ada_lin.parameters())
+        r["tokens"] = n
+        out[kind] = r
+        print(f"  {name:14s} {kind:10s} pass ({rows} rows x {n} tokens): {r['per_pass_condition_ops']} ops -> "
+              f"{r['precomputed_ops']} with the modulations precomputed; ada_lin weights not read: "
+              f"{r['ada_lin_bytes_bf16'] / 1e6:.0f} MB per pass", flush=True)
+    return out
 
 
 def main() -> None:
@@ -230,6 +285,9 @@ def main() -> None:
     ap.add_argument("--decode-only", action="store_true", help="time the decoder variants alone (see above)")
     ap.add_argument("--decoders", default=",".join(DECODERS), help="with --decode-only: which decoder variants")
     ap.add_argument("--profile", action="store_true", help="CUDA: a torch.profiler table of one 'fast' call per config")
+    ap.add_argument("--count-ops", action="store_true",
+                    help="per config, on the meta device: ops per eager pass with and without the precomputed AdaLN "
+                         "modulations, and the ada_lin bytes a pass no longer reads (no timing)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
@@ -245,6 +303,11 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=2))
 
+    if args.count_ops:
+        for name in args.configs.split(","):
+            out["results"][name] = count_pass_ops(name, args.batch)
+            save()
+        return
     if args.decode_only:
         for name in args.configs.split(","):
             out["results"][name] = bench_decode(name, args, device)

@@ -222,7 +222,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lengths: Seq
         raise ValueError(f"attention: the scale lengths {lengths} must be non-negative and sum to the "
                          f"sequence length {q.shape[2]} (they sum to {sum(lengths)})")
     dev = q.device.type
-    if torch.is_autocast_enabled(dev):
+    if dev != "meta" and torch.is_autocast_enabled(dev):       # (autocast knows no meta device)
         # What autocast does to SDPA's inputs, done before the choice so every backend sees one dtype: under bf16
         # autocast the L2-normalised q (and, on CUDA, k) arrive in fp32 (norm/exp run in fp32), and the fused
         # kernel only takes one half dtype for q, k and v (it used to decline such calls: per-scale SDPA ran).

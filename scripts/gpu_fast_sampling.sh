@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The sampling fast path of 2026-12-01 on one H200: correctness first, then every change against the path it
+# replaces, side by side in one process (benchmarks/bench_sample.py). Nothing to carry; logs come back as
+# $OUT/fastN.tgz. Each call keeps inside its 600 s (a deadline per step); run call 2 while the machine is warm.
+#   call 1: the GPU tests of the fast path (graphed == eager tokens, enable_fast_sampling with and without
+#           compiled blocks, editing through it), then hmar-d16 in every variant with a profile of "fast",
+#           hmar-d16-512 and var-d16 in the variants that matter for the goals
+#   call 2: hmar-d30 and hmar-d30-512, then the decoder variants (chunked and not, peak memory of each)
+# Variants (bench_sample.py's docstring): fast = what `hmar sample --fast` runs; fast-compiled = --compile;
+# fast-percall / fast-onecall = fast with one change undone (per-pass AdaLN, one-call decode): their ratios to
+# fast measure each change. fp32-eager is the official sampler's way and the baseline of the >= 3x goal.
+set -u
+CALL=${1:?usage: gpu_fast_sampling.sh 1|2}
+export PYTHONUNBUFFERED=1
+L=/tmp/logs/fast$CALL T0=$SECONDS LIMIT=560
+mkdir -p "$L" "${OUT:=/tmp/out}"
+trap 'tar czf "$OUT/fast$CALL.tgz" -C /tmp/logs "fast$CALL"' EXIT
+left() { local s=$(( LIMIT - (SECONDS - T0) )); echo $(( s > 1 ? s : 1 )); }
+step() { echo "== $(date -u +%T) $*"; }
+S=benchmarks/bench_sample.py
+bench() {  # bench NAME CONFIGS VARIANTS [more args]
+  local name=$1 configs=$2 variants=$3; shift 3
+  step "sampling $name: $configs / $variants"
+  timeout "$(left)" python3 $S --reps 3 --configs "$configs" --variants "$variants" "$@" \
+    --json "$L/sample-$name.json" > "$L/sample-$name.log" 2>&1
+  grep -E '^  (hmar|var)|x$|x,' "$L/sample-$name.log"
+}
+case $CALL in
+1)
+  { nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"; } > "$L/machine.txt" 2>&1
+  step "GPU tests"
+  timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_accel.py > "$L/tests.log" 2>&1; echo "tests: exit $?"
+  tail -3 "$L/tests.log"
+  bench d16 hmar-d16 fp32-eager,fast,fast-compiled,fast-percall,fast-onecall --profile
+  bench d16-512 hmar-d16-512 fp32-eager,fast,fast-compiled
+  bench var-d16 var-d16 fast ;;
+2)
+  bench d30 hmar-d30,hmar-d30-512 fp32-eager,fast,fast-compiled
+  step decoders
+  timeout "$(left)" python3 $S --decode-only --configs hmar-d16,hmar-d16-512 \
+    --decoders fp32-eager,fp32-compiled,bf16-compiled,bf16-compiled-cl,bf16-compiled-chunked,bf16-compiled-cl-chunked \
+    --json "$L/decode.json" > "$L/decode.log" 2>&1
+  grep decode "$L/decode.log" ;;
+esac
+step "done in $(( SECONDS - T0 )) s"
