@@ -43,6 +43,8 @@ from hmar.accel import FastDecoder, GraphedModel  # noqa: E402
 from hmar.sampling import sample  # noqa: E402
 from hmar.tokenizer import decode_chunk  # noqa: E402
 
+from _profile import profile_table  # noqa: E402  (benchmarks/, this script's folder)
+
 
 def timed(fn, reps: int, device: torch.device) -> float:
     """Median wall time (ms) of ``fn`` over ``reps`` runs, after one warm-up."""
@@ -146,17 +148,6 @@ class PerPassCondition:
     def to(self, *args, **kwargs):
         self.model.to(*args, **kwargs)
         return self
-
-
-def profile_table(fn, rows: int = 25) -> str:
-    """CUDA time per kernel of one call of ``fn`` (after it ran once), as torch.profiler's table."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows)
 
 
 DECODERS = {  # name: FastDecoder arguments (None: the tokenizer's own fp32 decode, in one call)

@@ -77,7 +77,7 @@ def resolved_backend(backend: str, cfg: ModelConfig, batch: int, amp: Optional[t
 def bench(preset: str, stage: str, batch: int, steps: int, warmup: int, precision: str, fused: str, compile: bool,
           device: torch.device, chunked_ce: bool = True, attention_backend: str = "auto",
           compile_backend: str = "inductor", ce_chunk: Optional[int] = None,
-          overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+          overrides: Optional[Dict[str, Any]] = None, profile: bool = False) -> Dict[str, Any]:
     torch.manual_seed(0)
     model = build(preset, stage, device, overrides)
     cfg = model.config
@@ -125,6 +125,9 @@ def bench(preset: str, stage: str, batch: int, steps: int, warmup: int, precisio
            "device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__}
     if cuda:
         res["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+    if profile:   # where a step's time goes: the kernels of 3 steps, after the timed ones
+        from _profile import profile_table
+        res["profile"] = profile_table(lambda: train_step(st, idx, labels, mask), rows=30, calls=3)
     del st, model
     release(device, compile)
     return res
@@ -193,6 +196,8 @@ def main(argv: List[str] | None = None) -> int:
                    help="override model config fields, e.g. drop_path_rate=0 cond_drop_rate=0 (deterministic "
                         "losses) or num_heads=1 (head dim 64 for the Triton kernel on a tiny preset)")
     p.add_argument("--device", default="auto", help="torch device (default: cuda if available)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print (and keep in the JSON) a torch.profiler table of 3 steps per configuration")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results to this JSON file")
     a = p.parse_args(argv)
     dev = resolve_device(a.device)
@@ -206,7 +211,8 @@ def main(argv: List[str] | None = None) -> int:
         for v in variants(a):
             try:
                 r = bench(preset, a.stage, a.batch, a.steps, a.warmup, a.precision, a.fused, v["compile"], dev,
-                          v["chunked_ce"], v["attention_backend"], a.compile_backend, a.ce_chunk, overrides)
+                          v["chunked_ce"], v["attention_backend"], a.compile_backend, a.ce_chunk, overrides,
+                          a.profile)
             except torch.OutOfMemoryError as e:   # report it, keep measuring the other configurations
                 results.append(dict(preset=preset, stage=a.stage, batch=a.batch, **v, error=f"OOM: {e}"[:300]))
                 print(f"{preset:>12} {a.stage:<10} batch {a.batch}  {v}: out of memory", flush=True)
@@ -217,6 +223,8 @@ def main(argv: List[str] | None = None) -> int:
             base = base or (r if a.matrix else None)
             results.append(r)
             print(report(r, base), flush=True)
+            if "profile" in r:
+                print(r["profile"], flush=True)
             if a.json:   # after every configuration, so a run stopped early keeps what it measured
                 with open(a.json, "w") as f:
                     json.dump(results, f, indent=2)

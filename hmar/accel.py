@@ -122,14 +122,22 @@ class FastDecoder(nn.Module):
     ``max_batch``: images per decoder call (default: :func:`hmar.tokenizer.decode_chunk`, which bounds the
     activation memory; a 16-image batch decodes as 2 x 8 at 256 px and 8 x 2 at 512 px in bf16).
 
+    ``cudnn_benchmark`` (CUDA) switches on ``torch.backends.cudnn.benchmark`` for the process: the first call of
+    each shape times cuDNN's convolution algorithms and later calls use the fastest.
+
     ``mode`` is torch.compile's; the default (None) compiles in about a minute. ``"max-autotune-no-cudagraphs"``
     benchmarks every conv/matmul choice: on the H200 that took over 4 minutes for one 256 px decoder."""
 
     def __init__(self, tokenizer: nn.Module, dtype: torch.dtype = torch.bfloat16, compile: bool = True,
-                 mode: Optional[str] = None, channels_last: bool = True, max_batch: Optional[int] = None):
+                 mode: Optional[str] = None, channels_last: bool = True, max_batch: Optional[int] = None,
+                 cudnn_benchmark: bool = True):
         super().__init__()
         self.tokenizer = tokenizer
         self.max_batch = max_batch
+        if cudnn_benchmark and tokenizer.post_quant_conv.weight.is_cuda:
+            # the decoder's convolutions run at a few fixed shapes: let cuDNN time its algorithms once per shape
+            # (a process-wide setting, as torch.backends.cudnn.benchmark always is)
+            torch.backends.cudnn.benchmark = True
         self.quantize = tokenizer.quantize
         self.config = tokenizer.config
         self.dtype = dtype

@@ -54,11 +54,17 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> t
     """Set to -inf the logits outside the ``top_k`` largest and outside the smallest set whose
     probability mass reaches ``top_p`` (the most likely token always survives). 0 disables either."""
     V = logits.shape[-1]
-    if 0 < top_k < V:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+    use_k, use_p = 0 < top_k < V, 0.0 < top_p < 1.0
+    if not (use_k or use_p):
+        return logits
+    # one ascending sort serves both filters (the k-th largest value is in it: no separate topk)
+    sorted_logits, order = logits.sort(dim=-1)
+    if use_k:
+        kth = sorted_logits[..., V - top_k:V - top_k + 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if 0.0 < top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1)
+        # the dropped values are the smallest, at the front: the sorted row stays sorted
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    if use_p:
         drop = sorted_logits.softmax(-1).cumsum(-1) <= (1 - top_p)
         drop[..., -1] = False
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))

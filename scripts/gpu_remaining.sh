@@ -7,8 +7,9 @@
 # GPU 1); with one GPU they run one after the other. .carry/inc1 / inc2: the fp16 Inception split at 6,500,000
 # bytes (`head -c 6500000 inc16.safetensors > .carry/inc1/part.aa; tail -c +6500001 ... > .carry/inc2/part.ab`).
 # Ran 2026-11-29 on nvidia-h200-x2: call 1 in 6.3 min, call 2 in 5.4 min (its compiled training reached hmar-d16
-# only). What those calls left, on one H200 (nothing to carry, ~8 min):
-#   call 3: compiled training of hmar-d30 / hmar-d16-512 / var-d16, the decoder variants, sampling on an idle host
+# only). What those calls left, on one H200 (nothing to carry, ~6 min):
+#   call 3: compiled training of hmar-d30 / hmar-d16-512 / var-d16 (the decoder variants and sampling on an idle
+#           host moved to scripts/gpu_fast_sampling.sh, which measures the fast path of 2026-12-01 against the old)
 set -u
 CALL=${1:?usage: gpu_remaining.sh 1|2|3}
 export PYTHONUNBUFFERED=1
@@ -46,10 +47,9 @@ case $CALL in
   cp "$L/study/tokenizer.json" "$L/study/tokenizer_recon_metrics.json" "$OUT/" 2>/dev/null ;;
 3)
   nvidia-smi > "$L/machine.txt" 2>&1
-  timeout "$(left)" python3 benchmarks/bench_sample.py --decode-only --configs hmar-d16,hmar-d16-512 \
-    --json "$L/decode.json" > "$L/decode.log" 2>&1
-  timeout "$(left)" python3 benchmarks/bench_sample.py --reps 3 --variants fp32-eager,fast --configs hmar-d16,var-d16 \
-    --json "$L/sample-alone.json" > "$L/sample-alone.log" 2>&1
   compiled_goals
-  cat "$L/decode.log" "$L/sample-alone.log"; grep -h 'img/s' "$L/train-compiled.log" ;;
+  # where the compiled hmar-d16 step's 87 ms go (floor 38 ms): the kernels of 3 steps (never profiled before)
+  timeout "$(left)" python3 $B --preset hmar-d16 --compile --profile --steps 10 --warmup 3 \
+    --json "$L/train-d16-profile.json" > "$L/train-d16-profile.log" 2>&1
+  grep -h 'img/s' "$L/train-compiled.log" "$L/train-d16-profile.log" ;;
 esac

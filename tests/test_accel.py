@@ -84,11 +84,12 @@ def test_bench_sample_decode_only_compares_decoders_on_the_same_weights(tmp_path
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(out.read_text())["results"]["hmar-tiny"]
-    assert set(res) == {"fp32-eager", "bf16-eager-cl", "bf16-eager-cl-chunked"}      # the compiled ones need CUDA
+    assert set(res) == {"fp32-eager", "bf16-eager-cl", "fp32-eager-chunked", "bf16-eager-cl-chunked"}  # compiled: CUDA
     assert res["fp32-eager"]["max_abs_diff_vs_fp32"] == 0 and res["fp32-eager"]["decode_ms"] > 0
     assert 0 < res["bf16-eager-cl"]["mean_abs_diff_vs_fp32"] < 0.03
     assert res["bf16-eager-cl"]["chunk"] == 16                   # one call; 64 px images fit one chunk anyway
-    assert res["bf16-eager-cl-chunked"]["chunk"] == 16
+    assert res["bf16-eager-cl-chunked"]["chunk"] == 16 and res["fp32-eager-chunked"]["chunk"] == 16
+    assert res["fp32-eager-chunked"]["max_abs_diff_vs_fp32"] < 1e-4
     assert abs(res["bf16-eager-cl-chunked"]["mean_abs_diff_vs_fp32"] - res["bf16-eager-cl"]["mean_abs_diff_vs_fp32"]) < 1e-3
 
 

@@ -149,3 +149,30 @@ def test_unknown_backend_is_a_clear_error():
         attention(q, q, q, lengths=(1, 4), backend="nope")
     with pytest.raises(ValueError, match="sum to 4"):
         attention(q, q, q, lengths=(1, 3))
+
+
+def _filter_logits_two_pass(logits, top_k=0, top_p=0.0):
+    """The filter as it was until 2026-12-01 (topk, then a sort of the masked logits): the reference."""
+    V = logits.shape[-1]
+    if 0 < top_k < V:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0.0 < top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= (1 - top_p)
+        drop[..., -1] = False
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@pytest.mark.parametrize("top_k,top_p", [(0, 0.0), (900, 0.0), (0, 0.96), (900, 0.96), (1, 0.5), (4095, 0.999),
+                                         (50, 0.3), (4096, 0.9), (10, 1.0)])
+def test_one_sort_filter_equals_topk_then_sort(top_k, top_p):
+    """One sort for both filters keeps exactly the tokens that topk + a second sort kept (continuous logits,
+    as networks give, at several temperatures; exact ties at the top-p boundary are the only possible difference)."""
+    g = torch.Generator().manual_seed(top_k + int(top_p * 1000))
+    for scale in (0.1, 1.0, 8.0):
+        logits = torch.randn(6, 50, 4096, generator=g) * scale
+        got, want = filter_logits(logits, top_k, top_p), _filter_logits_two_pass(logits, top_k, top_p)
+        assert torch.equal(torch.isinf(got), torch.isinf(want))
+        assert torch.equal(got, want)
