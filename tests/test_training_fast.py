@@ -261,12 +261,16 @@ def test_bench_train_matrix_smoke(tmp_path):
 
 def test_bench_train_compare_compile_runs_eager_then_compiled(tmp_path):
     out = tmp_path / "r.json"
-    text = _bench("--compare-compile", "--json", str(out))
+    text = _bench("--compare-compile", "--profile", "--json", str(out))
     res = json.loads(out.read_text())
     assert [r["compile"] for r in res] == [False, True]
     lines = [ln for ln in text.splitlines() if "img/s" in ln]
     assert len(lines) == 2 and "x1.00 vs eager" in lines[0] and "compiled+" in lines[1]
     assert abs(res[0]["loss"] - res[1]["loss"]) < 1e-4
+    # --profile: the kernels of 3 steps per configuration, in the output and the JSON (the optimiser step among them)
+    for r in res:
+        assert "Self CPU" in r["profile"] and "AdamW" in r["profile"] and "aten::" in r["profile"]
+    assert text.count("Self CPU %") == 2
 
 
 def _interpreter_works() -> bool:
