@@ -8,8 +8,8 @@ Reports, per config (batch 16, guidance 1.5, default schedules, random weights):
 Variants: "fp32-eager" (what the official sampler does: fp32/TF32, eager), "bf16-eager", "fast"
 (what ``enable_fast_sampling()`` / ``hmar sample --fast`` runs: bf16 + CUDA graphs of every pass, AdaLN modulations
 computed once per call, bf16 channels_last compiled decoder in memory-bounded chunks), and variants of "fast" that
-change one thing, for side-by-side ratios: "fast-compiled" (the transformer passes torch.compile'd too: what
-``--compile`` adds; HMAR and stage-1 only), "fast-percall" (modulations recomputed in every pass and block, as
+change one thing, for side-by-side ratios: "fast-compiled" (the transformer blocks torch.compile'd too: what
+``--compile`` adds), "fast-percall" (modulations recomputed in every pass and block, as
 before 2026-12-01), "fast-onecall" (the decoder in one call for the whole batch, as before 2026-12-01).
 ``--profile`` adds a torch.profiler table of one "fast" end-to-end call per config (CUDA time per kernel).
 
@@ -90,9 +90,6 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
         elif variant == "bf16-eager":
             m, t = model.to(torch.bfloat16), FastDecoder(tok, compile=False)
         else:  # fast and its one-change variants
-            if variant == "fast-compiled" and getattr(model, "kv_cache", False):
-                print(f"  {name:14s} {variant:13s} skipped: compiled passes are for models without a KV cache")
-                continue
             if variant == "fast-percall":
                 model = PerPassCondition(model)
             m = model.to(torch.bfloat16)

@@ -25,12 +25,8 @@ def compile_blocks(model: nn.Module, mode: Optional[str] = None) -> nn.Module:
     residuals, GELU), which eager runs as some twenty kernels per block. All blocks share one compiled code (the
     model hands each block its own modulation rows: no per-block constant in the traced code), so the compile time
     does not grow with depth, and one compile serves every scale and batch size (dynamo specialises sizes of 1,
-    so the one-token scale 0 gets its own). Returns ``model``.
-
-    Models with a KV cache (VAR) are refused: the cache's fill level is Python state that changes every scale."""
-    if getattr(model, "kv_cache", False):
-        raise ValueError("compiled blocks are for models without a KV cache (HMAR, stage 1); VAR's cache grows "
-                         "every scale: use GraphedModel(model) without compile for VAR")
+    so the one-token scale 0 gets its own). VAR's KV cache works too: its fill level is traced as a symbol, plus
+    one graph for the last scale, where the cache is full. Returns ``model``."""
     from .model.blocks import AdaLNBlock, AdaLNHead
     for m in model.modules():
         if isinstance(m, (AdaLNBlock, AdaLNHead)):
@@ -42,8 +38,8 @@ class GraphedModel:
     """A drop-in stand-in for an HMAR / VAR model inside :func:`hmar.sampling.sample` that replays
     CUDA graphs of ``next_scale_logits`` / ``masked_logits`` (one graph per input shape).
 
-    ``compile=True`` first compiles the model's blocks in place (:func:`compile_blocks`; HMAR and stage-1 models),
-    so the graphs capture the compiled kernels; the first call then also compiles (once for all scales)."""
+    ``compile=True`` first compiles the model's blocks in place (:func:`compile_blocks`), so the graphs capture the
+    compiled kernels; the first call then also compiles (once for all scales)."""
 
     def __init__(self, model: nn.Module, warmup: int = 1, compile: bool = False, compile_mode: Optional[str] = None):
         if not model.device.type == "cuda":

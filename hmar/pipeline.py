@@ -120,15 +120,12 @@ class HMARPipeline:
 
     def enable_fast_sampling(self, compile: bool = False) -> "HMARPipeline":
         """CUDA only, in place: bf16 transformer with CUDA-graph replay of every per-scale pass (``compile=True``:
-        of ``torch.compile``'d passes, HMAR and stage-1 models only), and a bf16 compiled decoder that decodes in
-        memory-bounded chunks (:mod:`hmar.accel`). The same seed samples the tokens of the eager bf16 model.
+        with its blocks ``torch.compile``'d), and a bf16 compiled decoder that decodes in memory-bounded chunks
+        (:mod:`hmar.accel`). The same seed samples the tokens of the eager bf16 model.
         The first call of each batch size captures its graphs and compiles (about a minute); later calls replay."""
         if self.device.type != "cuda":
             raise HMARError(f"fast sampling needs a CUDA device, but the pipeline is on {self.device}: "
                             "load it with device='cuda'")
-        if compile and getattr(self.model, "kv_cache", False):
-            raise HMARError("compile=True compiles HMAR and stage-1 passes; a VAR model (KV cache) takes "
-                            "enable_fast_sampling() without it")
         from .accel import GraphedModel, accelerate
         if not isinstance(self.model, GraphedModel):
             accelerate(self, compile_passes=compile)

@@ -33,7 +33,7 @@ case $CALL in
   tail -3 "$L/tests.log"
   bench d16 hmar-d16 fp32-eager,fast,fast-compiled,fast-percall,fast-onecall --profile
   bench d16-512 hmar-d16-512 fp32-eager,fast,fast-compiled
-  bench var-d16 var-d16 fast ;;
+  bench var-d16 var-d16 fast,fast-compiled ;;
 2)
   bench d30 hmar-d30,hmar-d30-512 fp32-eager,fast,fast-compiled
   step decoders

@@ -215,8 +215,34 @@ def test_compiled_blocks_equal_eager_at_every_scale_with_one_code_for_all_blocks
         torch.testing.assert_close(m.masked_logits(x, pre), want[n][1], atol=1e-5, rtol=1e-5)
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs == [2, 4, 4, 4], graphs
-    with pytest.raises(ValueError, match="KV cache"):
-        compile_blocks(build_model(model_config("var-tiny")))
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_blocks_of_var_follow_its_kv_cache_with_a_bounded_number_of_graphs():
+    """VAR's blocks compiled: the KV cache's fill level is traced as a symbol, so 7 scales (and a second call)
+    need 5 graphs in all (block and head for the 1-token scale, block and head for the others, one block for the
+    last scale, where the cache is full); logits equal eager to fp32 rounding at every scale."""
+    from torch._dynamo.utils import counters
+
+    from hmar.accel import compile_blocks
+    torch.manual_seed(0)
+    m = _nonzero_adaln(build_model(model_config("var-tiny", patch_nums=(1, 2, 3, 4, 5, 6, 8))).eval())
+    pre = m.precompute_condition(m.class_emb(torch.tensor([0, 1, 2])))
+    xs = [torch.randn(3, pn * pn, m.config.embed_dim) for pn in m.config.patch_nums]
+
+    def run():
+        caches = m.new_caches()
+        return [m.next_scale_logits(x, pre, caches) for x in xs]
+
+    want = run()
+    torch._dynamo.reset()
+    counters.clear()
+    compile_blocks(m)
+    for _ in range(2):
+        for got, exp in zip(run(), want):
+            torch.testing.assert_close(got, exp, atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 5, dict(counters["stats"])
 
 
 def test_fast_sampling_needs_cuda(tmp_path, capsys):

@@ -21,7 +21,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="CUDA: bf16 transformer with CUDA-graph replay of every pass and a bf16 compiled decoder "
                         "(about a minute of warm-up; BENCHMARKS.md section 3)")
     p.add_argument("--compile", action="store_true",
-                   help="with --fast (implied): also torch.compile the transformer passes (HMAR and stage-1 models)")
+                   help="with --fast (implied): also torch.compile the transformer blocks")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
