@@ -24,9 +24,10 @@ def compile_blocks(model: nn.Module, mode: Optional[str] = None) -> nn.Module:
     shapes. Inductor fuses each block's elementwise work (LayerNorm + modulation, q/k normalisation, gating,
     residuals, GELU), which eager runs as about 35 kernels per block around its 4 GEMMs and attention. All blocks
     share one compiled code (the model hands each block its own modulation rows: no per-block constant in the
-    traced code), so the compile time does not grow with depth, and one compile serves every scale and batch size (dynamo specialises sizes of 1,
-    so the one-token scale 0 gets its own). VAR's KV cache works too: its fill level is traced as a symbol, plus
-    one graph for the last scale, where the cache is full. Returns ``model``."""
+    traced code), so the compile time does not grow with depth, and one compile serves every scale and batch
+    size (dynamo specialises sizes of 1, so the one-token scale 0 gets its own). VAR's KV cache works too: its
+    fill level is traced as a symbol, plus one graph for the last scale, where the cache is full. Returns
+    ``model``."""
     from .model.blocks import AdaLNBlock, AdaLNHead
     for m in model.modules():
         if isinstance(m, (AdaLNBlock, AdaLNHead)):
