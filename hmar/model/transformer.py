@@ -98,9 +98,7 @@ class _ScaleModel(nn.Module):
         first = cond[:, None] + self.pos_start
         return torch.cat((first, tokens), 1) + self.lvl_pos(0, 1 + tokens.shape[1])
 
-    def _adaln_modules(self) -> List[nn.Module]:
-        """Every AdaLN block and head, in the order of the packed modulation (:meth:`precompute_condition`)."""
-        raise NotImplementedError
+    # each model family lists its AdaLN blocks and heads, in the order of the packed modulation, as _adaln_modules()
 
     def _set_modulation_offsets(self) -> None:
         offset = 0
@@ -184,6 +182,7 @@ class ScaleTransformer(_ScaleModel):
         self._set_modulation_offsets()
 
     def _adaln_modules(self) -> List[nn.Module]:
+        """Every AdaLN block and head, in the order of the packed modulation (:meth:`precompute_condition`)."""
         return [*self.blocks, self.head_nm]
 
     @property
@@ -256,6 +255,7 @@ class HMAR(_ScaleModel):
         self._set_modulation_offsets()
 
     def _adaln_modules(self) -> List[nn.Module]:
+        """Every AdaLN block and head, in the order of the packed modulation (:meth:`precompute_condition`)."""
         return [*self.base_blocks, *self.ns_blocks, self.ns_head_nm, *self.mask_blocks, self.mask_head_nm]
 
     kv_cache = False
