@@ -70,12 +70,6 @@ def build_tokenizer(name: str, device: torch.device) -> VQVAE:
         return VQVAE(tokenizer_config("vqvae-ch160", patch_nums=cfg.patch_nums)).eval()
 
 
-def build(name: str, device: torch.device):
-    with torch.device(device):
-        model = build_model(model_config(name)).eval()
-    return model, build_tokenizer(name, device)
-
-
 def bench_config(name: str, args, device: torch.device, on_result=lambda: None, results=None) -> dict:
     """Every variant of one config; fills ``results`` (``{variant: figures}``) and calls ``on_result`` after each."""
     results = {} if results is None else results
@@ -83,7 +77,10 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
     kw = dict(cfg=1.5, top_k=900, top_p=0.96, generator=0)
     fast_decoder = None    # one compiled decoder serves every fast variant of this config (one compile, not one each)
     for variant in args.variants:
-        model, tok = build(name, device)
+        with torch.device(device):
+            model = build_model(model_config(name)).eval()
+        shared = variant.startswith("fast") and fast_decoder is not None
+        tok = None if shared else build_tokenizer(name, device)   # the fast variants after the first reuse its decoder
         if variant == "fp32-eager":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
