@@ -6,15 +6,19 @@
 #           compiled blocks, editing through it), then hmar-d16 in every variant with a profile of "fast",
 #           hmar-d16-512 and var-d16 in the variants that matter for the goals
 #   call 2: hmar-d30 and hmar-d30-512, then the decoder variants (chunked and not, peak memory of each)
+# Steps can also be named one by one (tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh does), with
+# LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
 # Variants (bench_sample.py's docstring): fast = what `hmar sample --fast` runs; fast-compiled = --compile;
 # fast-percall / fast-onecall = fast with one change undone (per-pass AdaLN, one-call decode): their ratios to
 # fast measure each change. fp32-eager is the official sampler's way and the baseline of the >= 3x goal.
 set -u
-CALL=${1:?usage: gpu_fast_sampling.sh 1|2}
+[ $# -ge 1 ] || { echo "usage: gpu_fast_sampling.sh 1|2|STEP..."; exit 2; }
+case $1 in 1) STEPS="tests d16 d16-512 var-d16" ;; 2) STEPS="d30 decoders" ;; *) STEPS="$*" ;; esac
+TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
-L=/tmp/logs/fast$CALL T0=$SECONDS LIMIT=560
+L=/tmp/logs/$TAG T0=$SECONDS LIMIT=${LIMIT:-560}
 mkdir -p "$L" "${OUT:=/tmp/out}"
-trap 'tar czf "$OUT/fast$CALL.tgz" -C /tmp/logs "fast$CALL"' EXIT
+trap 'tar czf "$OUT/$TAG.tgz" -C /tmp/logs "$TAG"' EXIT
 left() { local s=$(( LIMIT - (SECONDS - T0) )); echo $(( s > 1 ? s : 1 )); }
 step() { echo "== $(date -u +%T) $*"; }
 S=benchmarks/bench_sample.py
@@ -25,21 +29,25 @@ bench() {  # bench NAME CONFIGS VARIANTS [more args]
     --json "$L/sample-$name.json" > "$L/sample-$name.log" 2>&1
   grep -E '^  (hmar|var)|x$|x,' "$L/sample-$name.log"
 }
-case $CALL in
-1)
-  { nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"; } > "$L/machine.txt" 2>&1
-  step "GPU tests"
-  timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_accel.py > "$L/tests.log" 2>&1; echo "tests: exit $?"
-  tail -3 "$L/tests.log"
-  bench d16 hmar-d16 fp32-eager,fast,fast-compiled,fast-percall,fast-onecall --profile
-  bench d16-512 hmar-d16-512 fp32-eager,fast,fast-compiled
-  bench var-d16 var-d16 fast,fast-compiled ;;
-2)
-  bench d30 hmar-d30,hmar-d30-512 fp32-eager,fast,fast-compiled
-  step decoders
-  timeout "$(left)" python3 $S --decode-only --configs hmar-d16,hmar-d16-512 \
-    --decoders fp32-eager,fp32-compiled,bf16-compiled,bf16-compiled-cl,bf16-compiled-chunked,bf16-compiled-cl-chunked \
-    --json "$L/decode.json" > "$L/decode.log" 2>&1
-  grep decode "$L/decode.log" ;;
-esac
+{ nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"; } > "$L/machine.txt" 2>&1
+for s in $STEPS; do
+  case $s in
+    tests)
+      step "GPU tests"
+      timeout "$(( $(left) < 170 ? $(left) : 170 ))" python3 -m pytest -q -p no:cacheprovider tests/test_accel.py \
+        > "$L/tests.log" 2>&1; echo "tests: exit $?"
+      tail -3 "$L/tests.log" ;;
+    d16) bench d16 hmar-d16 fp32-eager,fast,fast-compiled,fast-percall,fast-onecall --profile ;;
+    d16-512) bench d16-512 hmar-d16-512 fp32-eager,fast,fast-compiled ;;
+    var-d16) bench var-d16 var-d16 fast,fast-compiled ;;
+    d30) bench d30 hmar-d30,hmar-d30-512 fp32-eager,fast,fast-compiled ;;
+    decoders)
+      step decoders
+      timeout "$(left)" python3 $S --decode-only --configs hmar-d16,hmar-d16-512 \
+        --decoders fp32-eager,fp32-compiled,bf16-compiled,bf16-compiled-cl,bf16-compiled-chunked,bf16-compiled-cl-chunked \
+        --json "$L/decode.json" > "$L/decode.log" 2>&1
+      grep decode "$L/decode.log" ;;
+    *) echo "unknown step $s"; exit 2 ;;
+  esac
+done
 step "done in $(( SECONDS - T0 )) s"

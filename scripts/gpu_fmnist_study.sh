@@ -31,6 +31,8 @@ T2=${T2:-50}                           # of which stage 2
 BS=${BS:-256}
 WORKERS=${WORKERS:-8}
 mkdir -p "$W" "$OUT"
+# every call keeps the Inception pieces it carried (.carry/inc/part.* or .carry/inc*/part.*): a later call may not
+for f in .carry/inc/part.* .carry/inc*/part.*; do [ -f "$f" ] && cp "$f" "$W/inc.$(basename "$f")"; done
 exec > >(tee -a "$OUT/log_$PHASE.txt") 2>&1
 date -u
 H="python3 -m hmar"
@@ -56,7 +58,6 @@ prep() {
 }
 
 train() {
-  [ -f .carry/inc/part.aa ] && cp .carry/inc/part.aa "$W/inc.part.aa"
   echo "== HMAR stage 1 ($((T - T2)) s) + stage 2 ($T2 s)"
   $H train --stage next-scale --model hmar-32 --tokenizer "$W/tok" --data "$W/cache.safetensors" --out "$W/hmar_s1" \
     --lr 1e-3 --warmup-steps 300 --epochs 100000 --time-budget $((T - T2)) --device "$DEV" "${common_train[@]}"
@@ -79,8 +80,7 @@ score() {  # score NAME FOLDER
     --inception "$W/inc16.safetensors" --batch-size 500 --device "$DEV" --out "$W/results/$1/metrics.json"
 }
 
-inception() {  # the fp16 Inception from the pieces the calls carried (.carry/inc/part.* or .carry/inc*/part.*)
-  for f in .carry/inc/part.* .carry/inc*/part.*; do [ -f "$f" ] && cp "$f" "$W/inc.$(basename "$f")"; done
+inception() {  # the fp16 Inception from the pieces the calls carried (copied to $W above)
   [ -f "$W/inc16.safetensors" ] || cat "$W"/inc.part.* > "$W/inc16.safetensors"
 }
 
