@@ -175,15 +175,16 @@ class FastDecoder(nn.Module):
 
 
 def accelerate(pipe, dtype: torch.dtype = torch.bfloat16, graphs: bool = True, compile_decoder: bool = True,
-               compile_passes: bool = False):
+               compile_passes: bool = False, decode_batch: Optional[int] = None):
     """Make a CUDA :class:`~hmar.pipeline.HMARPipeline` fast in place: the transformer in ``dtype`` with CUDA-graph
     replay of its passes (``compile_passes``: with its blocks compiled, :func:`compile_blocks`), and
     :class:`FastDecoder` (``dtype``, channels_last, compiled, memory-bounded chunks). A CPU pipeline is returned
-    unchanged. Returns the pipeline."""
+    unchanged. ``decode_batch``: the decoder's images per call (:class:`FastDecoder`'s ``max_batch``).
+    Returns the pipeline."""
     if pipe.device.type != "cuda":
         return pipe
     pipe.model.to(dtype)
     if graphs:
         pipe.model = GraphedModel(pipe.model, compile=compile_passes)
-    pipe.tokenizer = FastDecoder(pipe.tokenizer, dtype, compile_decoder)
+    pipe.tokenizer = FastDecoder(pipe.tokenizer, dtype, compile_decoder, max_batch=decode_batch)
     return pipe

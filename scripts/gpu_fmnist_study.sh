@@ -16,14 +16,14 @@
 #              PHASE=recon bash scripts/gpu_fmnist_study.sh        (the tokenizer's numbers alone, after prep,
 #                                                               once both Inception pieces are there: ~1 min)
 # Measured on one H200 (2026-11-29): prep 5.3 min, train 5.5 min, eval 5.7 min.
-# CPU dry run: PHASE=all DEV=cpu LIMIT=10 PER_CLASS=3 TOK_S=15 T=30 T2=10 BS=32 WORKERS=0 runs every phase small.
+# CPU dry run: PHASE=all DEV=cpu DATA_LIMIT=10 PER_CLASS=3 TOK_S=15 T=30 T2=10 BS=32 WORKERS=0 runs every phase small.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 PHASE=${PHASE:?set PHASE to prep, train, eval, recon or all}
 W=${W:-/tmp/study}
 OUT=${OUT:-out}
 DEV=${DEV:-cuda}
-LIMIT=${LIMIT:-}                       # images per class and split (dry runs)
+DATA_LIMIT=${DATA_LIMIT:-}             # images per class and split (dry runs only; unset for the study)
 PER_CLASS=${PER_CLASS:-1000}           # samples per class (10 classes: 10k)
 TOK_S=${TOK_S:-120}                    # tokenizer budget (s)
 T=${T:-150}                            # GPU-time budget of each generator (HMAR: stage 1 + stage 2 = T)
@@ -35,13 +35,14 @@ mkdir -p "$W" "$OUT"
 for f in .carry/inc/part.* .carry/inc*/part.*; do [ -f "$f" ] && cp "$f" "$W/inc.$(basename "$f")"; done
 exec > >(tee -a "$OUT/log_$PHASE.txt") 2>&1
 date -u
+[ -n "$DATA_LIMIT" ] && echo "WARNING: DATA_LIMIT=$DATA_LIMIT images per class and split: a dry run, not the study"
 H="python3 -m hmar"
 common_train=(--batch-size "$BS" --workers 2 --log-every 250 --sample-every -1 --eval-every 100000 --eval-batches 20
               --ckpt-every 100000 --no-progress --no-tensorboard)
 
 prep() {
   echo "== data"
-  $H data fashion-mnist --source .carry/fmnist --out "$W/fmnist" ${LIMIT:+--limit-per-class $LIMIT}
+  $H data fashion-mnist --source .carry/fmnist --out "$W/fmnist" ${DATA_LIMIT:+--limit-per-class $DATA_LIMIT}
   echo "== classifier"
   $H train-classifier --data "$W/fmnist" --out "$W/clf.safetensors" --epochs 3 --device "$DEV"
   echo "== tokenizer ($TOK_S s)"

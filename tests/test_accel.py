@@ -255,6 +255,9 @@ def test_fast_sampling_needs_cuda(tmp_path, capsys):
     for flag in ("--fast", "--compile"):
         assert main(["sample", flag, "--device", "cpu", "--out", str(tmp_path / "o")]) == 2
         assert "use --device cuda" in capsys.readouterr().err
+    for args in (["--decode-batch", "4"], ["--decode-batch", "0", "--fast"]):   # needs --fast, and >= 1
+        assert main(["sample", *args, "--device", "cpu", "--out", str(tmp_path / "o")]) == 2
+        assert "--decode-batch" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -272,7 +275,9 @@ def test_pipeline_fast_sampling_matches_eager_bf16_and_still_edits(compile, tmp_
     ref = HMARPipeline.from_preset("hmar-tiny", device="cuda")
     ref.model.to(torch.bfloat16)
     want = ref.generate([1, 2, 3], generator=0)
-    pipe = HMARPipeline.from_preset("hmar-tiny", device="cuda").enable_fast_sampling(compile=compile)
+    pipe = HMARPipeline.from_preset("hmar-tiny", device="cuda").enable_fast_sampling(
+        compile=compile, decode_batch=2 if compile else None)
+    assert pipe.tokenizer.max_batch == (2 if compile else None)      # 3 images decode as 2 + 1 with compile
     runs = [pipe.generate([1, 2, 3], generator=0) for _ in range(2)]      # capture (and compile), then replay
     assert all(torch.equal(a, b) for a, b in zip(runs[0].indices, runs[1].indices))
     if not compile:

@@ -1,9 +1,10 @@
 """Multi-scale residual quantiser: the algebra of f_hat, decoding, residuals, phi tables."""
+import pytest
 import torch
 import torch.nn.functional as F
 
 from hmar import VQVAE, tokenizer_config
-from hmar.tokenizer.quantizer import phi_index_table
+from hmar.tokenizer.quantizer import bicubic_up, phi_index_table
 
 
 def test_phi_tables_match_official():
@@ -83,3 +84,25 @@ def test_other_configs_build():
     for share in (0, 1):
         v = VQVAE(tokenizer_config("vqvae-tiny", share_quant_resi=share))
         assert v.indices_to_img(v.img_to_indices(torch.zeros(1, 3, 64, 64))).shape == (1, 3, 64, 64)
+
+
+@pytest.mark.parametrize("n,size", [(1, 16), (2, 16), (5, 16), (13, 16), (9, 32), (24, 32), (4, 7)])
+def test_bicubic_up_is_pytorch_bicubic(n, size):
+    """The matrix form of the bicubic resize equals F.interpolate: exactly in float64, to rounding in fp32."""
+    x = torch.randn(3, 4, n, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    ref = F.interpolate(x, (size, size), mode="bicubic")
+    assert (bicubic_up(x, size) - ref).abs().max() < 1e-12
+    x32 = x.float()
+    assert (bicubic_up(x32, size) - F.interpolate(x32, (size, size), mode="bicubic")).abs().max() < 2e-6
+    with torch.autocast("cpu", dtype=torch.bfloat16):      # autocast does not lower it to bf16
+        assert bicubic_up(x32, size).dtype == torch.float32
+
+
+def test_quantizer_upsampling_keeps_one_matrix_per_shape(tiny):
+    q = tiny[-1].quantize
+    h = torch.randn(2, q.z_channels, 3, 3)
+    size = q.patch_nums[-1]
+    ref = F.interpolate(h, (size, size), mode="bicubic")
+    assert (q._full(h, size) - ref).abs().max() < 2e-6
+    q._full(h * 2, size)
+    assert sum(k[:2] == (3, size) for k in q._bicubic) == 1

@@ -29,6 +29,27 @@ class Phi(nn.Conv2d):
         return h * (1 - self.ratio) + super().forward(h) * self.ratio
 
 
+def bicubic_matrix(n: int, size: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``[size, n]`` matrix ``A`` with ``A @ x @ A.T == F.interpolate(x, (size, size), mode="bicubic")`` for an
+    ``n x n`` map ``x`` (align_corners False). PyTorch's bicubic resize is separable (4 taps per axis, indices
+    clamped at the border), so one axis of it applied to the identity gives the whole operator."""
+    eye = torch.eye(n, device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32).view(n, 1, n, 1)
+    return F.interpolate(eye, size=(size, 1), mode="bicubic")[:, 0, :, 0].t().to(dtype).contiguous()
+
+
+def bicubic_up(h: torch.Tensor, size: int, matrix: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Bicubic resize of square maps ``[..., n, n] -> [..., size, size]`` as two small matrix products.
+
+    Equal to ``F.interpolate(h, (size, size), mode="bicubic")`` up to float rounding (about 1e-7 relative), and
+    much faster on CUDA, where PyTorch's kernel runs one thread per output pixel and loops over batch and
+    channels (a 16 x 16 output of 16 x 32 maps: 256 threads; 0.35 ms per call on the H200, 2026-12-01 profile).
+    ``matrix``: :func:`bicubic_matrix` of ``(n, size)`` when the caller keeps one. Autocast is off inside: the
+    products run in ``h``'s dtype (fp32 for the quantiser), as the interpolation kernel would."""
+    a = bicubic_matrix(h.shape[-1], size, h.device, h.dtype) if matrix is None else matrix
+    with torch.autocast(h.device.type, enabled=False):
+        return a @ h @ a.t()
+
+
 def phi_index_table(num_scales: int, num_phi: int) -> List[int]:
     """Which of ``num_phi`` shared phi convs serves each of ``num_scales`` scales.
 
@@ -82,6 +103,7 @@ class MultiScaleQuantizer(nn.Module):
         self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(self.patch_nums), vocab_size))
         self.quant_resi = _PhiList(z_channels, quant_resi, share_quant_resi, len(self.patch_nums))
         self.embedding = nn.Embedding(vocab_size, z_channels)
+        self._bicubic: dict = {}   # (n, size, device, dtype) -> bicubic_matrix, built on first use
 
     # ------------------------------------------------------------------ helpers
     def set_patch_nums(self, patch_nums: Sequence[int]) -> None:
@@ -93,7 +115,15 @@ class MultiScaleQuantizer(nn.Module):
             self.ema_vocab_hit_SV = self.ema_vocab_hit_SV.new_zeros(len(patch_nums), self.vocab_size)
 
     def _full(self, h: torch.Tensor, size: int) -> torch.Tensor:
-        return h if h.shape[-1] == size else F.interpolate(h, size=(size, size), mode="bicubic")
+        """Bicubic up-sampling of a code map to ``size x size`` (:func:`bicubic_up`; its matrices are kept)."""
+        n = h.shape[-1]
+        if n == size:
+            return h
+        key = (n, size, h.device, h.dtype)
+        a = self._bicubic.get(key)
+        if a is None:
+            a = self._bicubic[key] = bicubic_matrix(n, size, h.device, h.dtype)
+        return bicubic_up(h, size, a)
 
     @staticmethod
     def _area(f: torch.Tensor, pn: int) -> torch.Tensor:
