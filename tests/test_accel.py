@@ -295,5 +295,12 @@ def test_pipeline_fast_sampling_matches_eager_bf16_and_still_edits(compile, tmp_
     mask = np.zeros((64, 64), np.uint8)
     mask[:, 32:] = 255
     assert len(pipe.inpaint(img, mask, seeds=[0])) == 1
+    # the encoder waits on the host (sampling never uses it) and encodes on the GPU exactly as before
+    assert pipe.tokenizer.tokenizer.encoder.conv_in.weight.device.type == "cpu"
+    x = torch.rand(2, 3, 64, 64, device="cuda") * 2 - 1
+    got, exp = pipe.tokenizer.img_to_indices(x), ref.tokenizer.img_to_indices(x)   # fp32 both (cuDNN may differ)
+    assert [g.shape for g in got] == [e.shape for e in exp]
+    assert torch.cat([g == e for g, e in zip(got, exp)], 1).float().mean() > 0.99
+    assert pipe.tokenizer.tokenizer.encoder.conv_in.weight.device.type == "cpu"
     with pytest.raises(HMARError, match="low precision"):
         pipe.save_pretrained(tmp_path / "m")
