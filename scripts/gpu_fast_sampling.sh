@@ -41,10 +41,10 @@ for s in $STEPS; do
     d16-512) bench d16-512 hmar-d16-512 fp32-eager,fast,fast-compiled ;;
     var-d16) bench var-d16 var-d16 fast,fast-compiled ;;
     d30) bench d30 hmar-d30,hmar-d30-512 fp32-eager,fast,fast-compiled ;;
-    decoders)
+    decoders)  # the three that matter since 2026-12-01 (channels_last and fp32 compile: BENCHMARKS.md 3a)
       step decoders
       timeout "$(left)" python3 $S --decode-only --configs hmar-d16,hmar-d16-512 \
-        --decoders fp32-eager,fp32-compiled,bf16-compiled,bf16-compiled-cl,bf16-compiled-chunked,bf16-compiled-cl-chunked \
+        --decoders fp32-eager,bf16-compiled,bf16-compiled-cl-chunked \
         --json "$L/decode.json" > "$L/decode.log" 2>&1
       grep decode "$L/decode.log" ;;
     *) echo "unknown step $s"; exit 2 ;;

@@ -4,7 +4,7 @@
 # CHAINED ON ONE WARM MACHINE (the study's state lives in /tmp/study; send the next call within 30 s):
 #   call 1 (carry .carry/fmnist .carry/inc1): study prep  (~5.3 min), then GPU tests + hmar-d16 in every variant
 #   call 2 (carry .carry/inc2):               study train (~5.5 min), then hmar-d30 and hmar-d30-512
-#   call 3 (nothing to carry):                study eval  (~5.7 min), then decoders, hmar-d16-512, var-d16
+#   call 3 (nothing to carry):                study eval  (~5.7 min), then hmar-d16-512, var-d16, decoders
 # .carry/inc1 / .carry/inc2 are the fp16 Inception split at 6,500,000 bytes (scripts/gpu_fmnist_study.sh header).
 # The bench steps get what is left of the call's CALL_S seconds (default 555); logs come back as
 # $OUT/sessionN.tgz, the study's as $OUT/study_PHASE.tgz (and the tokenizer's weights as $OUT/study_*.safetensors).
@@ -28,6 +28,6 @@ echo "== $(date -u +%T) bench, $LEFT s left"
 case $CALL in
   1) STEPS="tests d16" ;;
   2) STEPS="d30" ;;
-  3) STEPS="decoders d16-512 var-d16" ;;
+  3) STEPS="d16-512 var-d16 decoders" ;;
 esac
 OUT=$OUT LIMIT=$LEFT TAG=session$CALL bash scripts/gpu_fast_sampling.sh $STEPS
