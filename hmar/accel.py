@@ -135,12 +135,13 @@ class FastDecoder(nn.Module):
         super().__init__()
         self.tokenizer = tokenizer
         self.max_batch = max_batch
+        on_cuda = tokenizer.post_quant_conv.weight.is_cuda
         self._encoding = (tokenizer.encoder, tokenizer.quant_conv)
-        self.offload_encoder = offload_encoder and tokenizer.post_quant_conv.weight.is_cuda
+        self.offload_encoder = offload_encoder and on_cuda
         if self.offload_encoder:
             for m in self._encoding:
                 m.to("cpu")
-        if cudnn_benchmark and tokenizer.post_quant_conv.weight.is_cuda:
+        if cudnn_benchmark and on_cuda:
             # the decoder's convolutions run at a few fixed shapes: let cuDNN time its algorithms once per shape
             # (a process-wide setting, as torch.backends.cudnn.benchmark always is)
             torch.backends.cudnn.benchmark = True

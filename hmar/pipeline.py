@@ -133,6 +133,8 @@ class HMARPipeline:
         from .accel import GraphedModel, accelerate
         if not isinstance(self.model, GraphedModel):
             accelerate(self, compile_passes=compile, decode_batch=decode_batch)
+        elif decode_batch is not None:           # already fast: only the decoder's batch can change
+            self.tokenizer.max_batch = decode_batch
         return self
 
     def to(self, device: Union[str, torch.device]) -> "HMARPipeline":

@@ -96,6 +96,7 @@ def test_bicubic_up_is_pytorch_bicubic(n, size):
     assert (bicubic_up(x32, size) - F.interpolate(x32, (size, size), mode="bicubic")).abs().max() < 2e-6
     with torch.autocast("cpu", dtype=torch.bfloat16):      # autocast does not lower it to bf16
         assert bicubic_up(x32, size).dtype == torch.float32
+    assert bicubic_up(torch.empty(2, 4, n, n, device="meta"), size).shape == (2, 4, size, size)   # shapes only
 
 
 def test_quantizer_upsampling_keeps_one_matrix_per_shape(tiny):

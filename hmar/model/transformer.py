@@ -114,6 +114,11 @@ class _ScaleModel(nn.Module):
         return torch.cat([m.modulation(cond) for m in self._adaln_modules()], 1)
 
     @staticmethod
+    def _norm_head(head: AdaLNHead, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """``head(x, ...)`` with ``cond`` or its slice of a packed modulation (:func:`modulation_for`)."""
+        return head(x, modulation_for(head, cond))
+
+    @staticmethod
     def _run(blocks: nn.ModuleList, x: torch.Tensor, cond: torch.Tensor, lengths: Sequence[int], pattern: str,
              caches: Optional[List[KVCache]] = None, backend: Optional[str] = None) -> torch.Tensor:
         for i, b in enumerate(blocks):
@@ -191,7 +196,7 @@ class ScaleTransformer(_ScaleModel):
         return self.config.kind == "var"
 
     def logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.head(self.head_nm(x, modulation_for(self.head_nm, cond))).float()
+        return self.head(self._norm_head(self.head_nm, x, cond)).float()
 
     def forward(self, labels: torch.Tensor, x_in: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         """Teacher-forced logits ``[B, L, V]`` from labels ``[B]`` and next-scale inputs ``[B, L-1, Cz]``."""
@@ -204,7 +209,7 @@ class ScaleTransformer(_ScaleModel):
         cond = self.class_cond(labels)
         x = self._embed_sequence(cond, self._word(x_in))
         x = self._run(self.blocks, x, cond, self.lengths, self.pattern, backend=backend)
-        return self.head_nm(x, modulation_for(self.head_nm, cond))
+        return self._norm_head(self.head_nm, x, cond)
 
     def output_head(self, masked: bool = False) -> nn.Linear:
         """The final ``Linear`` applied to :meth:`features`."""
@@ -272,7 +277,7 @@ class HMAR(_ScaleModel):
         x = self._embed_sequence(cond, self._word(x_in))
         x = self._run(self.base_blocks, x, cond, self.lengths, self.pattern, backend=backend)
         x = self._run(self.ns_blocks, x, cond, self.lengths, self.pattern, backend=backend)
-        return self.ns_head_nm(x, modulation_for(self.ns_head_nm, cond))
+        return self._norm_head(self.ns_head_nm, x, cond)
 
     def forward_masked(self, labels: torch.Tensor, x_ns: torch.Tensor, x_cur: torch.Tensor, mask: torch.Tensor,
                        backend: Optional[str] = None) -> torch.Tensor:
@@ -289,7 +294,7 @@ class HMAR(_ScaleModel):
         x = self._embed_sequence(cond, tok)
         x = self._run(self.base_blocks, x, cond, self.lengths, self.pattern, backend=backend)
         x = self._run(self.mask_blocks, x, cond, self.lengths, self.pattern, backend=backend)
-        return self.mask_head_nm(x, modulation_for(self.mask_head_nm, cond))
+        return self._norm_head(self.mask_head_nm, x, cond)
 
     def output_head(self, masked: bool = False) -> nn.Linear:
         """The final ``Linear`` of the next-scale (or the masked) branch."""
@@ -309,13 +314,13 @@ class HMAR(_ScaleModel):
         n = (x.shape[1],)
         x = self._run(self.base_blocks, x, cond, n, "dense")
         x = self._run(self.ns_blocks, x, cond, n, "dense")
-        return self.ns_head(self.ns_head_nm(x, modulation_for(self.ns_head_nm, cond))).float()
+        return self.ns_head(self._norm_head(self.ns_head_nm, x, cond)).float()
 
     def masked_logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         n = (x.shape[1],)
         x = self._run(self.base_blocks, x, cond, n, "dense")
         x = self._run(self.mask_blocks, x, cond, n, "dense")
-        return self.mask_head(self.mask_head_nm(x, modulation_for(self.mask_head_nm, cond))).float()
+        return self.mask_head(self._norm_head(self.mask_head_nm, x, cond)).float()
 
     def new_caches(self) -> None:
         return None

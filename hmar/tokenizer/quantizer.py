@@ -46,7 +46,10 @@ def bicubic_up(h: torch.Tensor, size: int, matrix: Optional[torch.Tensor] = None
     ``matrix``: :func:`bicubic_matrix` of ``(n, size)`` when the caller keeps one. Autocast is off inside: the
     products run in ``h``'s dtype (fp32 for the quantiser), as the interpolation kernel would."""
     a = bicubic_matrix(h.shape[-1], size, h.device, h.dtype) if matrix is None else matrix
-    with torch.autocast(h.device.type, enabled=False):
+    dev = h.device.type
+    if dev == "meta" or not torch.is_autocast_enabled(dev):      # (autocast knows no meta device)
+        return a @ h @ a.t()
+    with torch.autocast(dev, enabled=False):
         return a @ h @ a.t()
 
 
