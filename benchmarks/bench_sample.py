@@ -5,13 +5,20 @@ Reports, per config (batch 16, guidance 1.5, default schedules, random weights):
   decode  -- tokenizer decode of the final f_hat
   e2e     -- both, as a user calls it
   peak    -- torch.cuda.max_memory_allocated during one end-to-end call (weights included)
+  reserved -- torch.cuda.max_memory_reserved during that call, after empty_cache(): it also counts what the
+             CUDA graphs' private pools hold for their intermediates (which "peak" does not see: a replay
+             allocates nothing), so it is the honest figure for graphed variants (an upper bound: it also
+             holds the allocator's free cached blocks)
 Variants: "fp32-eager" (what the official sampler does: fp32/TF32, eager), "bf16-eager", "fast"
-(what ``enable_fast_sampling()`` / ``hmar sample --fast`` runs: bf16 + CUDA graphs of every pass, AdaLN modulations
-computed once per call, bf16 channels_last compiled decoder in memory-bounded chunks), and variants of "fast" that
-change one thing, for side-by-side ratios: "fast-compiled" (the transformer blocks torch.compile'd too: what
-``--compile`` adds), "fast-percall" (modulations recomputed in every pass and block, as
+(what ``enable_fast_sampling()`` / ``hmar sample --fast`` runs: bf16, the whole token loop replayed as one CUDA
+graph, AdaLN modulations computed once per call, bf16 channels_last compiled decoder in memory-bounded chunks), and
+variants of "fast" that change one thing, for side-by-side ratios: "fast-compiled" (the transformer blocks
+torch.compile'd too: what ``--compile`` adds), "fast-passgraphs" and "fast-compiled-passgraphs" (one graph per pass,
+sampling eager between them, as before 2026-12-02), "fast-percall" (modulations recomputed in every pass and block, as
 before 2026-12-01), "fast-onecall" (the decoder in one call for the whole batch, as before 2026-12-01).
-``--profile`` adds a torch.profiler table of one "fast" end-to-end call per config (CUDA time per kernel).
+``--profile`` adds a torch.profiler table of one token-part call (no decode) per config and profiled variant
+(``--profile-variants``, default "fast"; CUDA time per kernel, and its total beside the wall time: the gap is
+the time the GPU waited for the host).
 
     python benchmarks/bench_sample.py                         # the four issue configs
     python benchmarks/bench_sample.py --configs hmar-d16 --quick
@@ -91,7 +98,9 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
             if variant == "fast-percall":
                 model = PerPassCondition(model)
             m = model.to(torch.bfloat16)
-            m = GraphedModel(m, compile=variant == "fast-compiled") if device.type == "cuda" else m
+            if device.type == "cuda":
+                m = GraphedModel(m, compile=variant.startswith("fast-compiled"),
+                                 whole_loop=not variant.endswith("passgraphs"))
             if fast_decoder is None:
                 fast_decoder = FastDecoder(tok, compile=device.type == "cuda" and not args.no_compile,
                                            mode=args.compile_mode)
@@ -111,19 +120,24 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
         r = {"tokens_ms": timed(tokens, args.reps, device), "decode_ms": timed(decode, args.reps, device)}
         if device.type == "cuda":
             torch.cuda.synchronize()
+            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         r["e2e_ms"] = timed(e2e, args.reps, device)
         if device.type == "cuda":
             r["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            r["reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+            if isinstance(m, GraphedModel):
+                r["whole_loop"] = m.whole_loop   # False: the loop capture failed and fell back (a warning says why)
         if hasattr(t, "max_batch"):
             r["decode_chunk"] = t.max_batch or decode_chunk(t.config, args.batch, t.dtype.itemsize)
-        if args.profile and variant == "fast" and device.type == "cuda":
-            r["profile"] = profile_table(e2e)
+        if args.profile and variant in args.profile_variants.split(",") and device.type == "cuda":
+            r["profile"] = profile_table(tokens)
             print(r["profile"], flush=True)
         results[variant] = r
         on_result()   # a run stopped early (time limit) keeps what it measured
         print(f"  {name:14s} {variant:13s} tokens {r['tokens_ms']:8.1f} ms  decode {r['decode_ms']:7.1f} ms  "
-              f"e2e {r['e2e_ms']:8.1f} ms  peak {r.get('peak_gb', float('nan')):6.2f} GB", flush=True)
+              f"e2e {r['e2e_ms']:8.1f} ms  peak {r.get('peak_gb', float('nan')):6.2f} GB  "
+              f"reserved {r.get('reserved_gb', float('nan')):6.2f} GB", flush=True)
         del model, tok, m, t
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -273,7 +287,8 @@ def main() -> None:
                          "spent over 4 minutes autotuning one decoder on the H200)")
     ap.add_argument("--decode-only", action="store_true", help="time the decoder variants alone (see above)")
     ap.add_argument("--decoders", default=",".join(DECODERS), help="with --decode-only: which decoder variants")
-    ap.add_argument("--profile", action="store_true", help="CUDA: a torch.profiler table of one 'fast' call per config")
+    ap.add_argument("--profile", action="store_true", help="CUDA: a torch.profiler table of one token-part call")
+    ap.add_argument("--profile-variants", default="fast", help="with --profile: which variants (comma-separated)")
     ap.add_argument("--count-ops", action="store_true",
                     help="per config, on the meta device: ops per eager pass with and without the precomputed AdaLN "
                          "modulations, and the ada_lin bytes a pass no longer reads (no timing)")

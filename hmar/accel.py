@@ -1,10 +1,14 @@
-"""Fast sampling on CUDA: bf16 weights, CUDA-graph replay of every per-scale pass, a fast decoder.
+"""Fast sampling on CUDA: bf16 weights, CUDA-graph replay of the whole token loop, a fast decoder.
 
 HMAR's inference passes have static shapes (one scale's tokens, no growing cache), and VAR's do too
-with the preallocated :class:`~hmar.model.blocks.KVCache`; so each (pass kind, scale) is captured
-once as a CUDA graph and replayed, removing the per-kernel launch cost that dominates small scales.
-Token sampling (top-k/top-p/multinomial with the user's generator) stays eager, so seeds behave as
-in :func:`hmar.sampling.sample`. Use :func:`accelerate` on a pipeline, or wrap by hand::
+with the preallocated :class:`~hmar.model.blocks.KVCache`; and the sampler's loop
+(:func:`hmar.sampling.scale_loop`: passes, guidance, top-k/top-p, the draws, masked steps, the quantiser's
+f_hat updates) never waits for the GPU. So the whole loop of one batch size and set of sampling options is
+captured once as one CUDA graph and replayed: no kernel launch from Python at all after the first call.
+The draws use the user's generator: its state goes into the graph's generator before a replay and
+comes back after it, so a seed samples the tokens it samples eagerly. Calls the loop graph cannot serve
+(editing constraints, a per-pass callback) replay one graph per (pass kind, scale) instead, with eager
+sampling in between. Use :func:`accelerate` on a pipeline, or wrap by hand::
 
     fast = GraphedModel(model.to(torch.bfloat16))
     out = sample(fast, FastDecoder(tokenizer), labels, ...)
@@ -40,14 +44,21 @@ class GraphedModel:
     CUDA graphs of ``next_scale_logits`` / ``masked_logits`` (one graph per input shape).
 
     ``compile=True`` first compiles the model's blocks in place (:func:`compile_blocks`), so the graphs capture the
-    compiled kernels; the first call then also compiles (once for all scales)."""
+    compiled kernels; the first call then also compiles (once for all scales).
 
-    def __init__(self, model: nn.Module, warmup: int = 1, compile: bool = False, compile_mode: Optional[str] = None):
+    ``whole_loop=True`` (default): :func:`hmar.sampling.sample` hands its whole scale loop to :meth:`run_loop`,
+    which captures it as one graph per batch size and options. ``False``: one graph per pass, sampling eager
+    between them (what calls with constraints or a callback always get)."""
+
+    def __init__(self, model: nn.Module, warmup: int = 1, compile: bool = False, compile_mode: Optional[str] = None,
+                 whole_loop: bool = True):
         if not model.device.type == "cuda":
             raise ValueError("GraphedModel needs a model on a CUDA device")
-        self.model, self.warmup = model, warmup
+        self.model, self.warmup, self.whole_loop = model, warmup, whole_loop
         self.pool = torch.cuda.graph_pool_handle()
         self._graphs: Dict[Tuple, Tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._loops: Dict[Tuple, Tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Generator, Any]] = {}
+        self._loop_pool = torch.cuda.graph_pool_handle()
         self._caches: Optional[List[Any]] = None
         if compile:
             compile_blocks(model, compile_mode)
@@ -105,9 +116,54 @@ class GraphedModel:
     def _masked_logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self._run("mask", self.model.masked_logits, x, cond, None)
 
+    def run_loop(self, loop: Callable, y: torch.Tensor, gen: torch.Generator, key: Tuple) -> Any:
+        """Run ``loop(model, y, gen)`` (:func:`hmar.sampling.scale_loop` with its options bound; ``key`` names
+        them) as one CUDA graph: captured on the first call of each batch size and ``key``, replayed after.
+        Falls back to per-pass graphs (with a warning, once) if the capture fails, and uses them when
+        ``whole_loop`` is off or ``gen`` is not on the model's GPU."""
+        if not self.whole_loop or gen.device != self.model.device:
+            return loop(self, y, gen)
+        k = (tuple(y.shape), key)
+        entry = self._loops.get(k)
+        if entry is None:
+            try:
+                entry = self._loops[k] = self._capture_loop(loop, y, gen)
+            except Exception as e:  # noqa: BLE001  (an op the capture cannot take: keep working, say so)
+                import warnings
+                warnings.warn(f"hmar: the sampling loop could not be captured as one CUDA graph ({type(e).__name__}: "
+                              f"{e}); replaying one graph per pass instead")
+                self.whole_loop = False
+                torch.cuda.synchronize()
+                return loop(self, y, gen)
+        graph, sy, sgen, outs = entry
+        sy.copy_(y)
+        sgen.set_state(gen.get_state())      # the user's seed and offset, into the graph's generator
+        graph.replay()
+        gen.set_state(sgen.get_state())      # ... and the offset the draws advanced, back (as eager sampling does)
+        idx, f_hat, passes, bad = outs
+        return [t.clone() for t in idx], f_hat.clone(), passes, bad.clone()
+
+    def _capture_loop(self, loop: Callable, y: torch.Tensor, gen: torch.Generator):
+        sy = y.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):       # warm-up: compiles, fills the quantiser's caches, autotunes
+            for _ in range(self.warmup):
+                g = torch.Generator(device=gen.device)
+                g.set_state(gen.get_state())      # the user's generator does not advance
+                loop(self.model, sy, g)
+        torch.cuda.current_stream().wait_stream(side)
+        sgen = torch.Generator(device=gen.device)
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(sgen)
+        with torch.cuda.graph(graph, pool=self._loop_pool):
+            outs = loop(self.model, sy, sgen)
+        return graph, sy, sgen, outs
+
     def reset(self) -> None:
         """Drop every captured graph and cache (e.g. before changing the batch size)."""
         self._graphs.clear()
+        self._loops.clear()
         self._caches = None
 
 

@@ -78,8 +78,11 @@ def sample_from_logits(logits: torch.Tensor, generator: torch.Generator, top_k: 
         raise HMARError(f"temperature must be > 0, got {temperature}")
     probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
     flat = probs.reshape(-1, probs.shape[-1])
-    gdev = generator.device
-    tok = torch.multinomial(flat.to(gdev), 1, generator=generator).to(flat.device)
+    # one draw per row as torch.multinomial makes it (argmax of p / q, q ~ Exp(1); the same generator calls, so the
+    # same tokens for a seed), without its host-side validity checks: no GPU synchronisation, CUDA-graph safe
+    p = flat.to(generator.device)
+    q = torch.empty_like(p).exponential_(1, generator=generator)
+    tok = (p / q).argmax(-1, keepdim=True).to(flat.device)
     conf = flat.gather(1, tok)
     return tok.view(probs.shape[:-1]), conf.view(probs.shape[:-1])
 
@@ -145,6 +148,8 @@ def sample(model: nn.Module, tokenizer: nn.Module, labels: Union[Sequence[int], 
 
     ``schedule``: masked-step schedule (see :func:`hmar.presets.resolve_schedule`); ignored for models
     without a masked branch. Returns a :class:`SampleOutput` (images in [0, 1] if ``decode``).
+    Raises :class:`HMARError` when the model's logits are not finite (NaN / inf: broken weights, or an
+    overflow in low precision).
     """
     check_options(cfg, top_k, top_p, temperature)
     cfgm = model.config
@@ -156,13 +161,44 @@ def sample(model: nn.Module, tokenizer: nn.Module, labels: Union[Sequence[int], 
                         f"the model (vocab {cfgm.vocab_size}, {cfgm.z_channels} channels): pass the tokenizer it was trained with")
     has_mask = hasattr(model, "masked_logits")
     sched = resolve_schedule(schedule, cfgm.patch_nums) if has_mask else None
-    device = model.device
-    y = check_labels(labels, cfgm.num_classes, device)
-    B, S = y.shape[0], len(cfgm.patch_nums)
-    gen = make_generator(generator, device)
-    if constraints is not None and len(constraints) != S:
-        raise HMARError(f"constraints need one entry per scale ({S}), got {len(constraints)}")
+    y = check_labels(labels, cfgm.num_classes, model.device)
+    gen = make_generator(generator, model.device)
+    if constraints is not None and len(constraints) != len(cfgm.patch_nums):
+        raise HMARError(f"constraints need one entry per scale ({len(cfgm.patch_nums)}), got {len(constraints)}")
+    options = dict(cfg=float(cfg), top_k=int(top_k), top_p=float(top_p), temperature=float(temperature),
+                   sched=None if sched is None else tuple(map(tuple, sched)), guide_masked=bool(guide_masked))
 
+    def loop(m, y_, g):
+        return scale_loop(m, quant, y_, g, constraints=constraints, callback=callback, progress=progress,
+                          **options)
+
+    run_loop = getattr(model, "run_loop", None)        # a CUDA-graphed model replays the whole loop
+    if run_loop is not None and constraints is None and callback is None:
+        out_idx, f_hat, passes, bad = run_loop(loop, y, gen, key=(id(quant), *sorted(options.items())))
+    else:
+        out_idx, f_hat, passes, bad = loop(model, y, gen)
+    if bool(bad):
+        raise HMARError("the model produced non-finite logits (NaN or inf): its weights are broken, or it overflowed "
+                        "in low precision (try fp32)")
+    images = None
+    if decode:
+        images = (tokenizer.fhat_to_img(f_hat) + 1) / 2
+    return SampleOutput(out_idx, f_hat, images, passes)
+
+
+def scale_loop(model: nn.Module, quant: nn.Module, y: torch.Tensor, gen: torch.Generator, *, cfg: float,
+               top_k: int, top_p: float, temperature: float, sched, guide_masked: bool,
+               constraints: Optional[Sequence[Optional[Constraint]]] = None,
+               callback: Optional[Callable[[StepInfo], None]] = None, progress: bool = False
+               ) -> Tuple[List[torch.Tensor], torch.Tensor, int, torch.Tensor]:
+    """The per-scale loop of :func:`sample` on checked inputs (``y``: class ids with the null class for -1;
+    ``sched``: a resolved schedule, None without a masked branch). It never waits for the GPU (no host
+    synchronisation), so a CUDA graph can capture it whole (:meth:`hmar.accel.GraphedModel.run_loop`).
+    Returns (indices per scale, f_hat, passes per image, a bool tensor: some logits were not finite)."""
+    cfgm = model.config
+    has_mask = sched is not None and hasattr(model, "masked_logits")
+    device = y.device
+    B, S = y.shape[0], len(cfgm.patch_nums)
     use_cfg = cfg != 0
     null = torch.full_like(y, cfgm.num_classes)
     cond_all = model.class_emb(torch.cat((y, null)))               # the start token's input
@@ -172,6 +208,7 @@ def sample(model: nn.Module, tokenizer: nn.Module, labels: Union[Sequence[int], 
     caches = model.new_caches()
     size = cfgm.patch_nums[-1]
     f_hat = torch.zeros(B, cfgm.z_channels, size, size, device=device)
+    bad = torch.zeros((), dtype=torch.bool, device=device)
     x_small: Optional[torch.Tensor] = None
     out_idx: List[torch.Tensor] = []
     passes = 0
@@ -193,6 +230,7 @@ def sample(model: nn.Module, tokenizer: nn.Module, labels: Union[Sequence[int], 
             c = ada_all
         logits = model.next_scale_logits(x, c, caches)
         passes += 1
+        bad = bad | ~logits.isfinite().all()
         if guided:
             logits = (1 + t) * logits[:B] - t * logits[B:]
         tok, conf = sample_from_logits(logits, gen, top_k, top_p, temperature)
@@ -224,6 +262,7 @@ def sample(model: nn.Module, tokenizer: nn.Module, labels: Union[Sequence[int], 
                 else:
                     lm = model.masked_logits(xm, cond)
                 passes += 1
+                bad = bad | ~lm.isfinite().all()
                 new, newconf = sample_from_logits(lm, gen, top_k, top_p, temperature)
                 before = tok
                 tok = torch.where(M, new, tok)
@@ -234,7 +273,4 @@ def sample(model: nn.Module, tokenizer: nn.Module, labels: Union[Sequence[int], 
         out_idx.append(tok)
         f_hat, x_small = quant.add_scale(si, f_hat, quant.lookup(tok, pn))
 
-    images = None
-    if decode:
-        images = (tokenizer.fhat_to_img(f_hat) + 1) / 2
-    return SampleOutput(out_idx, f_hat, images, passes)
+    return out_idx, f_hat, passes, bad

@@ -6,11 +6,13 @@
 #           compiled blocks, editing through it), then hmar-d16 in every variant with a profile of "fast",
 #           hmar-d16-512 and var-d16 in the variants that matter for the goals
 #   call 2: hmar-d30 and hmar-d30-512, then the decoder variants (chunked and not, peak memory of each)
-# Steps can also be named one by one (tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh does), with
+# Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
+# does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
 # Variants (bench_sample.py's docstring): fast = what `hmar sample --fast` runs; fast-compiled = --compile;
-# fast-percall / fast-onecall = fast with one change undone (per-pass AdaLN, one-call decode): their ratios to
-# fast measure each change. fp32-eager is the official sampler's way and the baseline of the >= 3x goal.
+# fast-passgraphs / fast-compiled-passgraphs / fast-percall / fast-onecall = fast or fast-compiled with one change
+# undone (one graph per pass instead of the whole loop, per-pass AdaLN, one-call decode): their ratios to fast
+# measure each change. fp32-eager is the official sampler's way and the baseline of the >= 3x goal.
 set -u
 [ $# -ge 1 ] || { echo "usage: gpu_fast_sampling.sh 1|2|STEP..."; exit 2; }
 case $1 in 1) STEPS="tests d16 d16-512 var-d16" ;; 2) STEPS="d30 decoders" ;; *) STEPS="$*" ;; esac
@@ -22,6 +24,7 @@ trap 'tar czf "$OUT/$TAG.tgz" -C /tmp/logs "$TAG"' EXIT
 left() { local s=$(( LIMIT - (SECONDS - T0) )); echo $(( s > 1 ? s : 1 )); }
 step() { echo "== $(date -u +%T) $*"; }
 S=benchmarks/bench_sample.py
+QUICK="graphed_sampling or whole_loop or exponential_draw"
 bench() {  # bench NAME CONFIGS VARIANTS [more args]
   local name=$1 configs=$2 variants=$3; shift 3
   step "sampling $name: $configs / $variants"
@@ -32,12 +35,19 @@ bench() {  # bench NAME CONFIGS VARIANTS [more args]
 { nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"; } > "$L/machine.txt" 2>&1
 for s in $STEPS; do
   case $s in
+    quick-tests)
+      step "GPU tests: graphed sampling == eager"
+      timeout "$(( $(left) < 120 ? $(left) : 120 ))" python3 -m pytest -q -p no:cacheprovider tests/test_accel.py \
+        -k "$QUICK" > "$L/quick-tests.log" 2>&1; echo "quick tests: exit $?"
+      tail -3 "$L/quick-tests.log" ;;
     tests)
       step "GPU tests"
       timeout "$(( $(left) < 170 ? $(left) : 170 ))" python3 -m pytest -q -p no:cacheprovider tests/test_accel.py \
-        > "$L/tests.log" 2>&1; echo "tests: exit $?"
+        $( [[ " $STEPS " == *" quick-tests "* ]] && echo -k "not ($QUICK)" ) > "$L/tests.log" 2>&1
+      echo "tests: exit $?"
       tail -3 "$L/tests.log" ;;
-    d16) bench d16 hmar-d16 fp32-eager,fast,fast-compiled,fast-percall,fast-onecall --profile ;;
+    d16) bench d16 hmar-d16 fp32-eager,fast,fast-passgraphs,fast-compiled,fast-compiled-passgraphs \
+           --profile --profile-variants fast,fast-compiled ;;
     d16-512) bench d16-512 hmar-d16-512 fp32-eager,fast,fast-compiled ;;
     var-d16) bench var-d16 var-d16 fast,fast-compiled ;;
     d30) bench d30 hmar-d30,hmar-d30-512 fp32-eager,fast,fast-compiled ;;

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One device call of the 2026-12-01 GPU session: a phase of the Fashion-MNIST study (#5), then, in the time left
+# One device call of a GPU session (2026-12-01, 2026-12-02): a phase of the Fashion-MNIST study (#5), then, in the time left
 # of the call, steps of the sampling benchmark of the fast path (#6; scripts/gpu_fast_sampling.sh). Three calls
 # CHAINED ON ONE WARM MACHINE (the study's state lives in /tmp/study; send the next call within 30 s):
-#   call 1 (carry .carry/fmnist .carry/inc1): study prep  (~5.3 min), then GPU tests + hmar-d16 in every variant
+#   call 1 (carry .carry/fmnist .carry/inc1): study prep  (~5.3 min), then the graphed-sampling tests, hmar-d16 in
+#                                             every variant, the other GPU tests
 #   call 2 (carry .carry/inc2):               study train (~5.5 min), then hmar-d30 and hmar-d30-512
 #   call 3 (nothing to carry):                study eval  (~5.7 min), then hmar-d16-512, var-d16, decoders
 # .carry/inc1 / .carry/inc2 are the fp16 Inception split at 6,500,000 bytes (scripts/gpu_fmnist_study.sh header).
@@ -26,7 +27,7 @@ tar czf "$OUT/study_$PH.tgz" -C /tmp/logs study
 LEFT=$(( CALL_S - (SECONDS - T0) ))
 echo "== $(date -u +%T) bench, $LEFT s left"
 case $CALL in
-  1) STEPS="tests d16" ;;
+  1) STEPS="quick-tests d16 tests" ;;
   2) STEPS="d30" ;;
   3) STEPS="d16-512 var-d16 decoders" ;;
 esac

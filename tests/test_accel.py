@@ -18,7 +18,7 @@ def test_graphed_sampling_matches_eager(name):
     tok = VQVAE(tokenizer_config("vqvae-tiny")).cuda().eval()
     kw = dict(cfg=2.0, top_k=0, top_p=0, decode=False)
     eager = [sample(model, tok, [1, 2, 3], generator=s, **kw).indices for s in (0, 1)]
-    fast = GraphedModel(model)
+    fast = GraphedModel(model, whole_loop=False)       # one graph per pass (the whole loop: the next test)
     for _ in range(2):  # first call captures, second replays
         got = [sample(fast, tok, [1, 2, 3], generator=s, **kw).indices for s in (0, 1)]
         for e, g in zip(eager, got):
@@ -28,6 +28,48 @@ def test_graphed_sampling_matches_eager(name):
     b = sample(model, tok, [4], generator=3, **kw).indices
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     _check_bf16_decoder(tok, sample(fast, tok, [1, 2, 3], generator=0, decode=False).f_hat)
+
+
+@cuda
+@pytest.mark.parametrize("name", ["hmar-tiny", "var-tiny"])
+def test_whole_loop_graph_matches_eager(name):
+    """The whole token loop as one CUDA graph (``GraphedModel.run_loop``): the exact tokens of the eager bf16 model
+    for each seed (default top-k/top-p filters, guidance inside the masked steps on and off), a passed generator
+    advanced as eager sampling advances it, and one capture per batch size and options (no fallback)."""
+    from hmar.accel import GraphedModel
+    torch.manual_seed(0)
+    model = build_model(model_config(name)).cuda().eval().to(torch.bfloat16)
+    tok = VQVAE(tokenizer_config("vqvae-tiny")).cuda().eval()
+    fast = GraphedModel(model)
+    for kw in (dict(cfg=2.0), dict(cfg=1.5, guide_masked=True, top_k=50, top_p=0.9)):
+        for seed in (0, 1, 0):                            # capture, then replays with another and the same seed
+            want = sample(model, tok, [1, 2, 3], generator=seed, decode=False, **kw)
+            got = sample(fast, tok, [1, 2, 3], generator=seed, decode=False, **kw)
+            same = [torch.equal(a, b) for a, b in zip(want.indices, got.indices)]
+            assert all(same), (kw, seed, same)
+            torch.testing.assert_close(got.f_hat, want.f_hat)
+    assert fast.whole_loop and len(fast._loops) == 2     # one capture per set of options
+    g_e, g_f = (torch.Generator("cuda").manual_seed(7) for _ in range(2))
+    for _ in range(2):                                    # the second call continues the generator's stream
+        a = sample(model, tok, [4, 5], generator=g_e, decode=False).indices
+        b = sample(fast, tok, [4, 5], generator=g_f, decode=False).indices
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert torch.equal(g_e.get_state(), g_f.get_state())
+    out = [sample(fast, tok, [4, 5], generator=s, decode=False).indices[-1] for s in (0, 1)]
+    assert not torch.equal(*out)                          # the replay reads the seed (not one baked in at capture)
+
+
+@cuda
+def test_exponential_draw_is_multinomial_on_cuda():
+    """``sample_from_logits`` draws as torch.multinomial draws one sample (argmax p / Exp(1)): the same tokens for
+    the same CUDA generator state, so seeds of the synchronising ``multinomial`` carry over."""
+    from hmar.sampling import sample_from_logits
+    logits = torch.randn(4, 300, 512, device="cuda") * 3
+    for seed in range(3):
+        tok, _ = sample_from_logits(logits, torch.Generator("cuda").manual_seed(seed))
+        ref = torch.multinomial(logits.softmax(-1).reshape(-1, 512), 1,
+                                generator=torch.Generator("cuda").manual_seed(seed))
+        assert torch.equal(tok.reshape(-1, 1), ref)
 
 
 def _check_bf16_decoder(tok, f_hat):

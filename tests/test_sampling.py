@@ -193,3 +193,16 @@ def test_shipped_model_samples_the_stored_tokens_for_its_seed():
     for si, (got, want) in enumerate(zip(out.indices, ref["indices"])):
         assert got.tolist() == want, f"scale {si} differs"
     assert float(out.images.mean()) == pytest.approx(ref["image_mean"], abs=1e-4)
+
+
+def test_non_finite_logits_are_a_clear_error(tiny):
+    """The sampler never waits for the GPU inside its loop (so it can be captured as one CUDA graph); it collects
+    whether any pass gave NaN / inf logits and says so once at the end, for the next-scale and the masked branch."""
+    import copy
+    hmar, var, _, tok = tiny
+    for m, where in ((hmar, "ns_head"), (hmar, "mask_head"), (var, "head")):
+        broken = copy.deepcopy(m)
+        for p in getattr(broken, where).parameters():
+            p.data.fill_(float("nan"))
+        with pytest.raises(HMARError, match="non-finite logits"):
+            sample(broken, tok, [1, 2], generator=0, decode=False)
