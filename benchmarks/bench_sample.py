@@ -14,7 +14,7 @@ Variants: "fp32-eager" (what the official sampler does: fp32/TF32, eager), "bf16
 graph, AdaLN modulations computed once per call, bf16 channels_last compiled decoder in memory-bounded chunks), and
 variants of "fast" that change one thing, for side-by-side ratios: "fast-compiled" (the transformer blocks
 torch.compile'd too: what ``--compile`` adds), "fast-passgraphs" and "fast-compiled-passgraphs" (one graph per pass,
-sampling eager between them, as before 2026-12-02), "fast-percall" (modulations recomputed in every pass and block, as
+sampling eager between them: the fast path until the second GPU session of 2026-12-01), "fast-percall" (modulations recomputed in every pass and block, as
 before 2026-12-01), "fast-onecall" (the decoder in one call for the whole batch, as before 2026-12-01).
 ``--profile`` adds a torch.profiler table of one token-part call (no decode) per config and profiled variant
 (``--profile-variants``, default "fast"; CUDA time per kernel, and its total beside the wall time: the gap is
@@ -35,6 +35,7 @@ variant per process there).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -139,6 +140,7 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
               f"e2e {r['e2e_ms']:8.1f} ms  peak {r.get('peak_gb', float('nan')):6.2f} GB  "
               f"reserved {r.get('reserved_gb', float('nan')):6.2f} GB", flush=True)
         del model, tok, m, t
+        gc.collect()          # nothing of this variant (weights, graphs) may count in the next one's memory
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return results

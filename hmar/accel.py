@@ -62,8 +62,6 @@ class GraphedModel:
         self._caches: Optional[List[Any]] = None
         if compile:
             compile_blocks(model, compile_mode)
-        if hasattr(model, "masked_logits"):
-            self.masked_logits = self._masked_logits
 
     def __getattr__(self, name: str) -> Any:  # embeddings, config, class_emb, device, ...
         return getattr(self.model, name)
@@ -112,6 +110,15 @@ class GraphedModel:
 
     def next_scale_logits(self, x: torch.Tensor, cond: torch.Tensor, caches=None) -> torch.Tensor:
         return self._run("ns", self.model.next_scale_logits, x, cond, caches)
+
+    @property
+    def masked_logits(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The graphed masked pass; an AttributeError (so ``hasattr`` is False) for a model without a masked
+        branch, as the sampler expects. A property, not an attribute bound in ``__init__``: a bound method stored
+        on the instance would make a reference cycle, and the graphs' memory would wait for the cyclic GC."""
+        if not hasattr(self.model, "masked_logits"):
+            raise AttributeError("masked_logits")
+        return self._masked_logits
 
     def _masked_logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return self._run("mask", self.model.masked_logits, x, cond, None)
@@ -250,8 +257,9 @@ class FastDecoder(nn.Module):
 
 def accelerate(pipe, dtype: torch.dtype = torch.bfloat16, graphs: bool = True, compile_decoder: bool = True,
                compile_passes: bool = False, decode_batch: Optional[int] = None):
-    """Make a CUDA :class:`~hmar.pipeline.HMARPipeline` fast in place: the transformer in ``dtype`` with CUDA-graph
-    replay of its passes (``compile_passes``: with its blocks compiled, :func:`compile_blocks`), and
+    """Make a CUDA :class:`~hmar.pipeline.HMARPipeline` fast in place: the transformer in ``dtype`` in a
+    :class:`GraphedModel` (the token loop as one CUDA graph; ``compile_passes``: with its blocks compiled,
+    :func:`compile_blocks`), and
     :class:`FastDecoder` (``dtype``, channels_last, compiled, memory-bounded chunks). A CPU pipeline is returned
     unchanged. ``decode_batch``: the decoder's images per call (:class:`FastDecoder`'s ``max_batch``).
     Returns the pipeline."""

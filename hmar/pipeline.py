@@ -119,14 +119,17 @@ class HMARPipeline:
                                     sampling=self.sampling, dtype=dtype)
 
     def enable_fast_sampling(self, compile: bool = False, decode_batch: Optional[int] = None) -> "HMARPipeline":
-        """CUDA only, in place: bf16 transformer with CUDA-graph replay of every per-scale pass (``compile=True``:
-        with its blocks ``torch.compile``'d), and a bf16 compiled decoder that decodes in memory-bounded chunks
-        (:mod:`hmar.accel`). The same seed samples the tokens of the eager bf16 model.
+        """CUDA only, in place: bf16 transformer whose whole token loop replays as one CUDA graph per batch size and
+        set of options (edits: one graph per pass; ``compile=True``: with its blocks ``torch.compile``'d), and a bf16
+        compiled decoder that decodes in memory-bounded chunks (:mod:`hmar.accel`). The same seed samples the tokens
+        of the eager bf16 model.
         The first call of each batch size captures its graphs and compiles (about a minute); later calls replay.
 
-        ``decode_batch``: images per decoder call (default :func:`hmar.tokenizer.decode_chunk`: 8 at 256 px).
-        Measured on the H200 (hmar-d16, 16 images, BENCHMARKS.md section 3): 2 x 8 decode in 37.5 ms at 3.07 GB peak,
-        one call of 16 in 28.9 ms at 4.40 GB."""
+        ``decode_batch``: images per decoder call (default :func:`hmar.tokenizer.decode_chunk`: 8 at 256 px, 2 at
+        512 px).
+        Measured on the H200 (16 images, BENCHMARKS.md section 3a): at 256 px 2 x 8 decode in 33.1 ms with 0.68 GB of
+        activations, one call of 16 in 24.1 ms with 1.34 GB; at 512 px 8 x 2 in 119.6 ms (0.72 GB), 16 in 91.6 ms
+        (5.37 GB)."""
         if self.device.type != "cuda":
             raise HMARError(f"fast sampling needs a CUDA device, but the pipeline is on {self.device}: "
                             "load it with device='cuda'")

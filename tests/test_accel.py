@@ -346,3 +346,91 @@ def test_pipeline_fast_sampling_matches_eager_bf16_and_still_edits(compile, tmp_
     assert pipe.tokenizer.tokenizer.encoder.conv_in.weight.device.type == "cpu"
     with pytest.raises(HMARError, match="low precision"):
         pipe.save_pretrained(tmp_path / "m")
+
+
+def test_run_loop_plumbing_on_the_cpu(monkeypatch):
+    """``GraphedModel.run_loop``'s bookkeeping without a GPU: CUDA graphs are replaced by a stand-in whose replay
+    re-runs the captured loop with the graph's own generator. Checked: the user's generator state goes in before a
+    replay and comes back after it (same tokens as eager for each seed, and a passed generator continues as eager
+    sampling continues it), one capture per batch size and options, outputs cloned (a replay does not overwrite
+    what an earlier call returned). On the GPU, test_whole_loop_graph_matches_eager checks the real graphs."""
+    import contextlib
+
+    import hmar.accel as accel
+
+    class Graph:
+        def register_generator_state(self, g):
+            self.gen = g
+
+        def replay(self):
+            idx, f_hat, _, bad = self.run()
+            for a, b in zip(self.outs[0], idx):
+                a.copy_(b)
+            self.outs[1].copy_(f_hat)
+            self.outs[3].copy_(bad)
+
+    class Stream:
+        def wait_stream(self, s):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g, pool=None: contextlib.nullcontext())
+    for name in ("hmar-tiny", "var-tiny"):
+        torch.manual_seed(0)
+        model = build_model(model_config(name)).eval()
+        tok = VQVAE(tokenizer_config("vqvae-tiny")).eval()
+        monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cpu")))
+        fast = object.__new__(accel.GraphedModel)       # __init__ refuses a CPU model
+        fast.__dict__.update(model=model, warmup=1, whole_loop=True, _graphs={}, _loops={}, _caches=None,
+                             pool=None, _loop_pool=None)
+        capture = fast._capture_loop
+
+        def capture_and_remember(loop, y, gen, capture=capture):
+            graph, sy, sgen, outs = capture(loop, y, gen)
+            graph.run, graph.outs = (lambda: loop(model, sy, sgen)), outs
+            assert graph.gen is sgen
+            return graph, sy, sgen, outs
+
+        fast._capture_loop = capture_and_remember
+        first = None
+        for seed in (0, 1, 0):
+            want = sample(model, tok, [1, 2, 3], generator=seed, decode=False)
+            got = sample(fast, tok, [1, 2, 3], generator=seed, decode=False)
+            assert all(torch.equal(a, b) for a, b in zip(want.indices, got.indices)) and got.passes == want.passes
+            first = first or got
+        assert all(torch.equal(a, b) for a, b in zip(first.indices, want.indices))   # not overwritten by replays
+        g_e, g_f = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+        for _ in range(2):
+            a = sample(model, tok, [1, 2], generator=g_e, decode=False).indices
+            b = sample(fast, tok, [1, 2], generator=g_f, decode=False).indices
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+        assert torch.equal(g_e.get_state(), g_f.get_state())
+        assert len(fast._loops) == 2                        # batch 3 and batch 2, the same options
+        sample(fast, tok, [1, 2], generator=0, decode=False, cfg=3.0)
+        assert len(fast._loops) == 3
+
+
+@cuda
+def test_graphed_model_is_freed_without_the_cyclic_gc():
+    """Dropping the last reference to a GraphedModel frees its weights and graphs at once (no reference cycle:
+    the benchmark's per-variant memory figures rely on it), and a VAR model has no masked pass through it."""
+    import gc
+    import weakref
+
+    from hmar.accel import GraphedModel
+    tok = VQVAE(tokenizer_config("vqvae-tiny")).cuda().eval()
+    for name in ("hmar-tiny", "var-tiny"):
+        fast = GraphedModel(build_model(model_config(name)).cuda().eval().to(torch.bfloat16))
+        assert hasattr(fast, "masked_logits") == name.startswith("hmar")
+        sample(fast, tok, [1, 2], generator=0, decode=False)
+        gc.disable()
+        try:
+            ref = weakref.ref(fast)
+            del fast
+            assert ref() is None
+        finally:
+            gc.enable()

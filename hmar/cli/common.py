@@ -18,7 +18,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mask-checkpoint", default=None, help="official stage-2 (masked) file to pair with a stage-1 checkpoint")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--fast", action="store_true",
-                   help="CUDA: bf16 transformer with CUDA-graph replay of every pass and a bf16 compiled decoder "
+                   help="CUDA: bf16 transformer, the token loop replayed as one CUDA graph, a bf16 compiled decoder "
                         "(about a minute of warm-up; BENCHMARKS.md section 3)")
     p.add_argument("--compile", action="store_true",
                    help="with --fast (implied): also torch.compile the transformer blocks")
