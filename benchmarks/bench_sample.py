@@ -7,15 +7,25 @@ Reports, per config (batch 16, guidance 1.5, default schedules, random weights):
   peak    -- torch.cuda.max_memory_allocated during one end-to-end call (weights included)
   reserved -- torch.cuda.max_memory_reserved during that call, after empty_cache(): it also counts what the
              CUDA graphs' private pools hold for their intermediates (which "peak" does not see: a replay
-             allocates nothing), so it is the honest figure for graphed variants (an upper bound: it also
-             holds the allocator's free cached blocks)
-Variants: "fp32-eager" (what the official sampler does: fp32/TF32, eager), "bf16-eager", "fast"
-(what ``enable_fast_sampling()`` / ``hmar sample --fast`` runs: bf16, the whole token loop replayed as one CUDA
-graph, AdaLN modulations computed once per call, bf16 channels_last compiled decoder in memory-bounded chunks), and
-variants of "fast" that change one thing, for side-by-side ratios: "fast-compiled" (the transformer blocks
-torch.compile'd too: what ``--compile`` adds), "fast-passgraphs" and "fast-compiled-passgraphs" (one graph per pass,
-sampling eager between them: the fast path until the second GPU session of 2026-12-01), "fast-percall" (modulations recomputed in every pass and block, as
-before 2026-12-01), "fast-onecall" (the decoder in one call for the whole batch, as before 2026-12-01).
+             allocates nothing), but also the allocator's free cached blocks: an upper bound
+  pools   -- the memory the CUDA graphs' private pools hold (segments of a pool other than the default one, from
+             torch.cuda.memory_snapshot()); peak + pools is the graphed variants' memory need, counting the
+             graphs' few live outputs twice
+Variants:
+  fp32-eager     what the official sampler does: fp32 / TF32, eager
+  bf16-eager     bf16, eager
+  fast           what ``enable_fast_sampling()`` / ``hmar sample --fast`` runs: bf16, the whole token loop replayed as
+                 one CUDA graph, AdaLN modulations computed once per call, bf16 channels_last compiled decoder in
+                 memory-bounded chunks
+and variants of "fast" that change one thing, for side-by-side ratios:
+  fast-compiled              the transformer blocks torch.compile'd too (what ``--compile`` adds)
+  fast-passgraphs, fast-compiled-passgraphs
+                             one graph per pass, sampling eager between them (the fast path until the second GPU
+                             session of 2026-12-01)
+  fast-percall               AdaLN modulations recomputed in every pass and block (as before 2026-12-01)
+  fast-onecall, fast-compiled-onecall
+                             the decoder in one call for the whole batch (``--decode-batch 16``)
+  fast-compiled-gelu         fc1's bias + GELU in the GEMM epilogue (an experiment: ``GraphedModel(fused_gelu=True)``)
 ``--profile`` adds a torch.profiler table of one token-part call (no decode) per config and profiled variant
 (``--profile-variants``, default "fast"; CUDA time per kernel, and its total beside the wall time: the gap is
 the time the GPU waited for the host).
@@ -101,12 +111,12 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
             m = model.to(torch.bfloat16)
             if device.type == "cuda":
                 m = GraphedModel(m, compile=variant.startswith("fast-compiled"),
-                                 whole_loop=not variant.endswith("passgraphs"))
+                                 whole_loop=not variant.endswith("passgraphs"), fused_gelu=variant.endswith("-gelu"))
             if fast_decoder is None:
                 fast_decoder = FastDecoder(tok, compile=device.type == "cuda" and not args.no_compile,
                                            mode=args.compile_mode)
             t = fast_decoder
-            t.max_batch = args.batch if variant == "fast-onecall" else None
+            t.max_batch = args.batch if variant.endswith("-onecall") else None
         f_hat = {}
 
         def tokens():
@@ -127,6 +137,7 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
         if device.type == "cuda":
             r["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
             r["reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+            r["pools_gb"] = graph_pool_bytes() / 1e9
             if isinstance(m, GraphedModel):
                 r["whole_loop"] = m.whole_loop   # False: the loop capture failed and fell back (a warning says why)
         if hasattr(t, "max_batch"):
@@ -138,12 +149,23 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
         on_result()   # a run stopped early (time limit) keeps what it measured
         print(f"  {name:14s} {variant:13s} tokens {r['tokens_ms']:8.1f} ms  decode {r['decode_ms']:7.1f} ms  "
               f"e2e {r['e2e_ms']:8.1f} ms  peak {r.get('peak_gb', float('nan')):6.2f} GB  "
-              f"reserved {r.get('reserved_gb', float('nan')):6.2f} GB", flush=True)
+              f"reserved {r.get('reserved_gb', float('nan')):6.2f} GB  pools {r.get('pools_gb', float('nan')):5.2f} GB",
+              flush=True)
         del model, tok, m, t
         gc.collect()          # nothing of this variant (weights, graphs) may count in the next one's memory
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return results
+
+
+VARIANTS = ("fp32-eager", "bf16-eager", "fast", "fast-compiled", "fast-passgraphs", "fast-compiled-passgraphs",
+            "fast-percall", "fast-onecall", "fast-compiled-onecall", "fast-compiled-gelu")
+
+
+def graph_pool_bytes() -> int:
+    """Bytes of CUDA memory held by private pools (those of CUDA graphs; the default pool's id is (0, 0))."""
+    segments = torch.cuda.memory_snapshot()
+    return sum(seg["total_size"] for seg in segments if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
 
 
 class PerPassCondition:
@@ -298,6 +320,9 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     args.variants = args.variants.split(",")
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     if args.quick:
         args.reps = 2
     device = torch.device(args.device)

@@ -15,6 +15,7 @@ sampling in between. Use :func:`accelerate` on a pipeline, or wrap by hand::
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -47,17 +48,24 @@ class GraphedModel:
     compiled kernels; the first call then also compiles (once for all scales).
 
     ``whole_loop=True`` (default): :func:`hmar.sampling.sample` hands its whole scale loop to :meth:`run_loop`,
-    which captures it as one graph per batch size and options. ``False``: one graph per pass, sampling eager
-    between them (what calls with constraints or a callback always get)."""
+    which captures it as one graph per batch size and options, keeping the ``max_loops`` most recently used
+    (a UI that changes the guidance scale on every call would otherwise collect graphs without bound; a new
+    value costs one capture, about two eager calls). ``False``: one graph per pass, sampling eager between them
+    (what calls with constraints or a callback always get)."""
 
     def __init__(self, model: nn.Module, warmup: int = 1, compile: bool = False, compile_mode: Optional[str] = None,
-                 whole_loop: bool = True):
+                 whole_loop: bool = True, max_loops: int = 8, fused_gelu: bool = False):
         if not model.device.type == "cuda":
             raise ValueError("GraphedModel needs a model on a CUDA device")
-        self.model, self.warmup, self.whole_loop = model, warmup, whole_loop
+        self.model, self.warmup, self.whole_loop, self.max_loops = model, warmup, whole_loop, max_loops
+        if fused_gelu:          # an experiment, not yet measured on a GPU (hmar.model.blocks.FFN)
+            from .model.blocks import FFN
+            for m in model.modules():
+                if isinstance(m, FFN):
+                    m.fused_gelu = True
         self.pool = torch.cuda.graph_pool_handle()
         self._graphs: Dict[Tuple, Tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._loops: Dict[Tuple, Tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Generator, Any]] = {}
+        self._loops: "OrderedDict[Tuple, Tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Generator, Any]]" = OrderedDict()
         self._loop_pool = torch.cuda.graph_pool_handle()
         self._caches: Optional[List[Any]] = None
         if compile:
@@ -132,7 +140,11 @@ class GraphedModel:
             return loop(self, y, gen)
         k = (tuple(y.shape), key)
         entry = self._loops.get(k)
-        if entry is None:
+        if entry is not None:
+            self._loops.move_to_end(k)
+        else:
+            while len(self._loops) >= self.max_loops:
+                self._loops.popitem(last=False)          # the least recently used graph and its outputs go
             try:
                 entry = self._loops[k] = self._capture_loop(loop, y, gen)
             except Exception as e:  # noqa: BLE001  (an op the capture cannot take: keep working, say so)

@@ -355,6 +355,7 @@ def test_run_loop_plumbing_on_the_cpu(monkeypatch):
     sampling continues it), one capture per batch size and options, outputs cloned (a replay does not overwrite
     what an earlier call returned). On the GPU, test_whole_loop_graph_matches_eager checks the real graphs."""
     import contextlib
+    from collections import OrderedDict
 
     import hmar.accel as accel
 
@@ -385,8 +386,8 @@ def test_run_loop_plumbing_on_the_cpu(monkeypatch):
         tok = VQVAE(tokenizer_config("vqvae-tiny")).eval()
         monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cpu")))
         fast = object.__new__(accel.GraphedModel)       # __init__ refuses a CPU model
-        fast.__dict__.update(model=model, warmup=1, whole_loop=True, _graphs={}, _loops={}, _caches=None,
-                             pool=None, _loop_pool=None)
+        fast.__dict__.update(model=model, warmup=1, whole_loop=True, max_loops=3, _graphs={}, _loops=OrderedDict(),
+                             _caches=None, pool=None, _loop_pool=None)
         capture = fast._capture_loop
 
         def capture_and_remember(loop, y, gen, capture=capture):
@@ -412,6 +413,10 @@ def test_run_loop_plumbing_on_the_cpu(monkeypatch):
         assert len(fast._loops) == 2                        # batch 3 and batch 2, the same options
         sample(fast, tok, [1, 2], generator=0, decode=False, cfg=3.0)
         assert len(fast._loops) == 3
+        sample(fast, tok, [1, 2, 3], generator=0, decode=False)             # used again: now the most recent
+        sample(fast, tok, [1, 2], generator=0, decode=False, cfg=4.0)       # a fourth: the oldest (batch 2) goes
+        assert len(fast._loops) == 3 and [k[0][0] for k in fast._loops] == [2, 3, 2]
+        assert [dict(k[1][1:])["cfg"] for k in fast._loops] == [3.0, 1.5, 4.0]
 
 
 @cuda
@@ -434,3 +439,28 @@ def test_graphed_model_is_freed_without_the_cyclic_gc():
             assert ref() is None
         finally:
             gc.enable()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
+def test_fused_gelu_ffn_matches_the_plain_one(device):
+    """``FFN.fused_gelu`` (fc1's bias + GELU in the GEMM epilogue, CUDA only): the same function as
+    fc1 -> GELU(tanh) -> fc2 without autograd (fp32: to float rounding, which also tells the tanh GELU from the exact
+    one, 2e-4 apart here; bf16: within bf16 rounding, the epilogue works on the fp32 accumulator). With autograd
+    (training), and on the CPU (where ``_addmm_activation`` computes the exact GELU), it is the plain path, bitwise."""
+    from hmar.model.blocks import FFN
+    torch.manual_seed(0)
+    ffn = FFN(64, 256).to(device)
+    x = torch.randn(3, 7, 64, device=device)
+    want = ffn(x)
+    ffn.fused_gelu = True
+    assert torch.equal(ffn(x), want)                                  # grad enabled: the plain path
+    with torch.no_grad():
+        got = ffn(x)
+        if device == "cpu":
+            assert torch.equal(got, want)
+            return
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        xb, fb = x.bfloat16(), ffn.bfloat16()
+        got = fb(xb)
+        fb.fused_gelu = False
+        torch.testing.assert_close(got.float(), fb(xb).float(), atol=3e-2, rtol=3e-2)

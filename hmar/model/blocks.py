@@ -87,7 +87,14 @@ class SelfAttention(nn.Module):
 
 
 class FFN(nn.Module):
-    """fc1 -> GELU (tanh approximation) -> fc2."""
+    """fc1 -> GELU (tanh approximation) -> fc2.
+
+    ``fused_gelu`` (off by default; an experiment of the fast sampling path, ``GraphedModel(fused_gelu=True)``):
+    on CUDA without autograd, fc1's bias and GELU run in the GEMM's epilogue (``torch._addmm_activation``:
+    cuBLASLt's GELU-bias epilogue, tanh approximation, on the fp32 accumulator) instead of as a kernel of their own
+    over fc1's output. CUDA only: on the CPU that op computes the exact (erf) GELU, another function."""
+
+    fused_gelu = False
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -95,6 +102,9 @@ class FFN(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_gelu and x.is_cuda and not torch.is_grad_enabled():
+            h = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(), use_gelu=True)
+            return self.fc2(h.view(*x.shape[:-1], h.shape[-1]))
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
