@@ -41,8 +41,9 @@ def compile_blocks(model: nn.Module, mode: Optional[str] = None) -> nn.Module:
 
 
 class GraphedModel:
-    """A drop-in stand-in for an HMAR / VAR model inside :func:`hmar.sampling.sample` that replays
-    CUDA graphs of ``next_scale_logits`` / ``masked_logits`` (one graph per input shape).
+    """A drop-in stand-in for an HMAR / VAR model inside :func:`hmar.sampling.sample` that replays CUDA graphs:
+    of the whole sampling loop (:meth:`run_loop`), or of each pass (``next_scale_logits`` / ``masked_logits``, one
+    graph per input shape).
 
     ``compile=True`` first compiles the model's blocks in place (:func:`compile_blocks`), so the graphs capture the
     compiled kernels; the first call then also compiles (once for all scales).
@@ -163,6 +164,8 @@ class GraphedModel:
         return [t.clone() for t in idx], f_hat.clone(), passes, bad.clone()
 
     def _capture_loop(self, loop: Callable, y: torch.Tensor, gen: torch.Generator):
+        """One eager warm-up run of ``loop`` on a side stream, then its capture with a generator of its own
+        (registered with the graph, so a replay draws from whatever state :meth:`run_loop` puts into it)."""
         sy = y.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
