@@ -38,7 +38,8 @@ the time the GPU waited for the host).
 ``--decode-only`` times the tokenizer decode of the f_hat of random tokens per config (batch 16) in the variants of
 ``DECODERS`` side by side (``--decoders`` picks some): fp32-eager (TF32), bf16-eager-cl (bf16 + channels_last), fp32- and
 bf16-compiled with and without channels_last, each in one call or in memory-bounded chunks (``-chunked``: what ``fast``
-samples with is bf16-compiled-cl-chunked), each compared with fp32-eager (mean and max |diff| of the images), with the
+samples with is bf16-compiled-cl-chunked), the ``-subpixel`` ones with the up-sampling convs in sub-pixel form
+(``FastDecoder(subpixel=True)``, an experiment), each compared with fp32-eager (mean and max |diff| of the images), with the
 memory the decode adds (CUDA: peak allocated above what was allocated before; CPU: the process's peak RSS, so run one
 variant per process there).
 """
@@ -197,6 +198,11 @@ DECODERS = {  # name: FastDecoder arguments (None: the tokenizer's own fp32 deco
     "bf16-eager-cl-chunked": dict(dtype=torch.bfloat16, compile=False, channels_last=True, max_batch=None),
     "bf16-compiled-chunked": dict(dtype=torch.bfloat16, compile=True, channels_last=False, max_batch=None),
     "bf16-compiled-cl-chunked": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=None),
+    # the sub-pixel form of the up-sampling convs (FastDecoder(subpixel=True); an experiment)
+    "bf16-eager-cl-subpixel": dict(dtype=torch.bfloat16, compile=False, channels_last=True, max_batch=0, subpixel=True),
+    "bf16-compiled-subpixel": dict(dtype=torch.bfloat16, compile=True, channels_last=False, max_batch=0, subpixel=True),
+    "bf16-compiled-cl-subpixel-chunked": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=None,
+                                              subpixel=True),
 }
 
 

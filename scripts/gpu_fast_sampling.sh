@@ -4,7 +4,8 @@
 # keeps inside its LIMIT (a deadline per step); send call 2 while the machine is warm (it goes back after 30 s idle).
 #   call 1: the graphed-sampling equality tests, then hmar-d16 in every variant (profiles of the compiled ones),
 #           hmar-d16-512 and var-d16
-#   call 2: hmar-d30 and hmar-d30-512, then the rest of tests/test_accel.py (the compile-heavy ones)
+#   call 2: hmar-d30 and hmar-d30-512, then the decoder variants (sub-pixel up-sampling against plain)
+#   call 3: tests/test_accel.py whole (the compile-heavy tests at its end need about 4 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -14,8 +15,8 @@
 # undone (one graph per pass instead of the whole loop, per-pass AdaLN, one-call decode): their ratios to fast
 # measure each change. fp32-eager is the official sampler's way and the baseline of the >= 3x goal.
 set -u
-[ $# -ge 1 ] || { echo "usage: gpu_fast_sampling.sh 1|2|STEP..."; exit 2; }
-case $1 in 1) STEPS="quick-tests d16 d16-512 var-d16" ;; 2) STEPS="d30 tests" ;; *) STEPS="$*" ;; esac
+[ $# -ge 1 ] || { echo "usage: gpu_fast_sampling.sh 1|2|3|STEP..."; exit 2; }
+case $1 in 1) STEPS="quick-tests d16 d16-512 var-d16" ;; 2) STEPS="d30 decoders" ;; 3) STEPS="tests" ;; *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
 L=/tmp/logs/$TAG T0=$SECONDS LIMIT=${LIMIT:-560}
@@ -56,7 +57,7 @@ for s in $STEPS; do
     decoders)  # the three that matter since 2026-12-01 (channels_last and fp32 compile: BENCHMARKS.md 3a)
       step decoders
       timeout "$(left)" python3 $S --decode-only --configs hmar-d16,hmar-d16-512 \
-        --decoders fp32-eager,bf16-compiled,bf16-compiled-cl-chunked \
+        --decoders fp32-eager,bf16-compiled,bf16-compiled-subpixel,bf16-compiled-cl-chunked,bf16-compiled-cl-subpixel-chunked \
         --json "$L/decode.json" > "$L/decode.log" 2>&1
       grep decode "$L/decode.log" ;;
     *) echo "unknown step $s"; exit 2 ;;

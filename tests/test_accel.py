@@ -126,13 +126,16 @@ def test_bench_sample_decode_only_compares_decoders_on_the_same_weights(tmp_path
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(out.read_text())["results"]["hmar-tiny"]
-    assert set(res) == {"fp32-eager", "bf16-eager-cl", "fp32-eager-chunked", "bf16-eager-cl-chunked"}  # compiled: CUDA
+    assert set(res) == {"fp32-eager", "bf16-eager-cl", "fp32-eager-chunked", "bf16-eager-cl-chunked",
+                        "bf16-eager-cl-subpixel"}                                            # compiled: CUDA
     assert res["fp32-eager"]["max_abs_diff_vs_fp32"] == 0 and res["fp32-eager"]["decode_ms"] > 0
     assert 0 < res["bf16-eager-cl"]["mean_abs_diff_vs_fp32"] < 0.03
     assert res["bf16-eager-cl"]["chunk"] == 16                   # one call; 64 px images fit one chunk anyway
     assert res["bf16-eager-cl-chunked"]["chunk"] == 16 and res["fp32-eager-chunked"]["chunk"] == 16
     assert res["fp32-eager-chunked"]["max_abs_diff_vs_fp32"] < 1e-4
     assert abs(res["bf16-eager-cl-chunked"]["mean_abs_diff_vs_fp32"] - res["bf16-eager-cl"]["mean_abs_diff_vs_fp32"]) < 1e-3
+    # the sub-pixel up-sampling computes the same function: its bf16 decode is as close to fp32 as the plain one
+    assert abs(res["bf16-eager-cl-subpixel"]["mean_abs_diff_vs_fp32"] - res["bf16-eager-cl"]["mean_abs_diff_vs_fp32"]) < 2e-3
 
 
 def test_fast_decoder_without_channels_last_matches_with():
@@ -464,3 +467,32 @@ def test_fused_gelu_ffn_matches_the_plain_one(device):
         got = fb(xb)
         fb.fused_gelu = False
         torch.testing.assert_close(got.float(), fb(xb).float(), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_subpixel_upsample_is_nearest_x2_then_conv(dtype):
+    """``Upsample.fuse_subpixel``: one 2x2 conv on the low-resolution input, its four output phases interleaved, is
+    nearest x2 + the 3x3 conv (float64: to 1e-12; fp32, channels_last: to float rounding), odd sizes included; the
+    state dict keeps the official keys; a whole decoder with it decodes the same images (FastDecoder(subpixel=True))."""
+    import copy
+
+    from hmar.accel import FastDecoder
+    from hmar.tokenizer.autoencoder import Upsample
+    torch.manual_seed(0)
+    for c, h, w in ((6, 5, 7), (32, 4, 4)):
+        up = Upsample(c).to(dtype)
+        x = torch.randn(2, c, h, w, dtype=dtype)
+        want = up(x)
+        up.fuse_subpixel()
+        assert list(up.state_dict()) == ["conv.weight", "conv.bias"]
+        if dtype == torch.float64:
+            torch.testing.assert_close(up(x), want, atol=1e-12, rtol=0)
+        else:
+            up.to(memory_format=torch.channels_last)
+            torch.testing.assert_close(up(x.contiguous(memory_format=torch.channels_last)), want, atol=2e-6, rtol=1e-5)
+    tok = VQVAE(tokenizer_config("vqvae-tiny")).eval()
+    f_hat = torch.randn(2, tok.config.z_channels, 8, 8) * 0.3
+    with torch.no_grad():
+        ref = tok.fhat_to_img(f_hat)
+        got = FastDecoder(copy.deepcopy(tok), dtype=torch.float32, compile=False, subpixel=True).fhat_to_img(f_hat)
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
