@@ -52,7 +52,8 @@ class GraphedModel:
     which captures it as one graph per batch size and options, keeping the ``max_loops`` most recently used
     (a UI that changes the guidance scale on every call would otherwise collect graphs without bound; a new
     value costs one capture, about two eager calls). ``False``: one graph per pass, sampling eager between them
-    (what calls with constraints or a callback always get)."""
+    (what calls with constraints or a callback always get). Not thread-safe: replays share their static buffers,
+    so call it from one thread at a time (the web demo serialises its calls)."""
 
     def __init__(self, model: nn.Module, warmup: int = 1, compile: bool = False, compile_mode: Optional[str] = None,
                  whole_loop: bool = True, max_loops: int = 8, fused_gelu: bool = False):
