@@ -51,7 +51,7 @@ class GraphedModel:
     ``whole_loop=True`` (default): :func:`hmar.sampling.sample` hands its whole scale loop to :meth:`run_loop`,
     which captures it as one graph per batch size and options, keeping the ``max_loops`` most recently used
     (a UI that changes the guidance scale on every call would otherwise collect graphs without bound; a new
-    value costs one capture, about two eager calls). ``False``: one graph per pass, sampling eager between them
+    value costs one capture: an eager warm-up run, then the recording). ``False``: one graph per pass, sampling eager between them
     (what calls with constraints or a callback always get). Not thread-safe: replays share their static buffers,
     so call it from one thread at a time (the web demo serialises its calls)."""
 
