@@ -73,7 +73,8 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> t
 
 def sample_from_logits(logits: torch.Tensor, generator: torch.Generator, top_k: int = 0, top_p: float = 0.0,
                        temperature: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per position of ``logits`` ``[B, n, V]``; returns (tokens, their probabilities)."""
+    """Draw one token per position of ``logits`` ``[B, n, V]``; returns (tokens, their probabilities).
+    It does not check ``logits`` (non-finite ones give arbitrary tokens): :func:`sample` does, once per call."""
     if temperature <= 0:
         raise HMARError(f"temperature must be > 0, got {temperature}")
     probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
