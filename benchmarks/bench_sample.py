@@ -27,8 +27,8 @@ and variants of "fast" that change one thing, for side-by-side ratios:
                              the decoder in one call for the whole batch (``--decode-batch 16``)
   fast-compiled-gelu         fc1's bias + GELU in the GEMM epilogue (an experiment: ``GraphedModel(fused_gelu=True)``)
 ``--profile`` adds a torch.profiler table of one token-part call (no decode) per config and profiled variant
-(``--profile-variants``, default "fast"; CUDA time per kernel, and its total beside the wall time: the gap is
-the time the GPU waited for the host).
+(``--profile-variants``, default "fast"; CUDA time per kernel. Its "Self CUDA time total" against the variant's
+tokens time shows how long the GPU waited for the host).
 
     python benchmarks/bench_sample.py                         # the four issue configs
     python benchmarks/bench_sample.py --configs hmar-d16 --quick
@@ -39,9 +39,9 @@ the time the GPU waited for the host).
 ``DECODERS`` side by side (``--decoders`` picks some): fp32-eager (TF32), bf16-eager-cl (bf16 + channels_last), fp32- and
 bf16-compiled with and without channels_last, each in one call or in memory-bounded chunks (``-chunked``: what ``fast``
 samples with is bf16-compiled-cl-chunked), the ``-subpixel`` ones with the up-sampling convs in sub-pixel form
-(``FastDecoder(subpixel=True)``, an experiment), each compared with fp32-eager (mean and max |diff| of the images), with the
-memory the decode adds (CUDA: peak allocated above what was allocated before; CPU: the process's peak RSS, so run one
-variant per process there).
+(``FastDecoder(subpixel=True)``, an experiment), each compared with fp32-eager (mean and max |diff| of the images),
+with the memory the decode adds (CUDA: peak allocated above what was allocated before; CPU: the process's peak RSS,
+so run one variant per process there).
 """
 from __future__ import annotations
 

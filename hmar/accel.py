@@ -51,9 +51,9 @@ class GraphedModel:
     ``whole_loop=True`` (default): :func:`hmar.sampling.sample` hands its whole scale loop to :meth:`run_loop`,
     which captures it as one graph per batch size and options, keeping the ``max_loops`` most recently used
     (a UI that changes the guidance scale on every call would otherwise collect graphs without bound; a new
-    value costs one capture: an eager warm-up run, then the recording). ``False``: one graph per pass, sampling eager between them
-    (what calls with constraints or a callback always get). Not thread-safe: replays share their static buffers,
-    so call it from one thread at a time (the web demo serialises its calls)."""
+    value costs one capture: an eager warm-up run, then the recording). ``False``: one graph per pass, sampling
+    eager between them (what calls with constraints or a callback always get). Not thread-safe: replays share
+    their static buffers, so call it from one thread at a time (the web demo serialises its calls)."""
 
     def __init__(self, model: nn.Module, warmup: int = 1, compile: bool = False, compile_mode: Optional[str] = None,
                  whole_loop: bool = True, max_loops: int = 8, fused_gelu: bool = False):
@@ -67,7 +67,8 @@ class GraphedModel:
                     m.fused_gelu = True
         self.pool = torch.cuda.graph_pool_handle()
         self._graphs: Dict[Tuple, Tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        self._loops: "OrderedDict[Tuple, Tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Generator, Any]]" = OrderedDict()
+        # (batch shape, options) -> (graph, its label buffer, its generator, its outputs), least recently used first
+        self._loops: "OrderedDict[Tuple, Tuple[Any, ...]]" = OrderedDict()
         self._loop_pool = torch.cuda.graph_pool_handle()
         self._caches: Optional[List[Any]] = None
         if compile:
@@ -285,10 +286,9 @@ def accelerate(pipe, dtype: torch.dtype = torch.bfloat16, graphs: bool = True, c
                compile_passes: bool = False, decode_batch: Optional[int] = None):
     """Make a CUDA :class:`~hmar.pipeline.HMARPipeline` fast in place: the transformer in ``dtype`` in a
     :class:`GraphedModel` (the token loop as one CUDA graph; ``compile_passes``: with its blocks compiled,
-    :func:`compile_blocks`), and
-    :class:`FastDecoder` (``dtype``, channels_last, compiled, memory-bounded chunks). A CPU pipeline is returned
-    unchanged. ``decode_batch``: the decoder's images per call (:class:`FastDecoder`'s ``max_batch``).
-    Returns the pipeline."""
+    :func:`compile_blocks`), and :class:`FastDecoder` (``dtype``, channels_last, compiled, memory-bounded chunks).
+    A CPU pipeline is returned unchanged. ``decode_batch``: the decoder's images per call (:class:`FastDecoder`'s
+    ``max_batch``). Returns the pipeline."""
     if pipe.device.type != "cuda":
         return pipe
     pipe.model.to(dtype)

@@ -193,11 +193,10 @@ def scale_loop(model: nn.Module, quant: nn.Module, y: torch.Tensor, gen: torch.G
                callback: Optional[Callable[[StepInfo], None]] = None, progress: bool = False
                ) -> Tuple[List[torch.Tensor], torch.Tensor, int, torch.Tensor]:
     """The per-scale loop of :func:`sample` on checked inputs (``y``: class ids with the null class for -1;
-    ``sched``: a resolved schedule, None without a masked branch). It never waits for the GPU (no host
+    ``sched``: a resolved schedule; None for a model without a masked branch). It never waits for the GPU (no host
     synchronisation), so a CUDA graph can capture it whole (:meth:`hmar.accel.GraphedModel.run_loop`).
     Returns (indices per scale, f_hat, passes per image, a bool tensor: some logits were not finite)."""
     cfgm = model.config
-    has_mask = sched is not None and hasattr(model, "masked_logits")
     device = y.device
     B, S = y.shape[0], len(cfgm.patch_nums)
     use_cfg = cfg != 0
@@ -246,8 +245,8 @@ def scale_loop(model: nn.Module, quant: nn.Module, y: torch.Tensor, gen: torch.G
             callback(StepInfo(si, 0, "next_scale", draft, tok, None if keep is None else ~keep))
 
         # ---------------- masked refinement
-        steps = sched[si] if sched is not None else [n]
-        if has_mask and len(steps) > 1 and si > 0:
+        steps = sched[si] if sched is not None else [n]        # [n]: no masked pass
+        if len(steps) > 1 and si > 0:
             free = torch.ones(B, n, dtype=torch.bool, device=device) if keep is None else ~keep
             u = free.sum(1)                                     # tokens to generate per image
             remaining = [sum(steps[j + 1:]) for j in range(len(steps))]
