@@ -17,15 +17,16 @@ Variants:
   fast           what ``enable_fast_sampling()`` / ``hmar sample --fast`` runs: bf16, the whole token loop replayed as
                  one CUDA graph, AdaLN modulations computed once per call, bf16 channels_last compiled decoder in
                  memory-bounded chunks
-and variants of "fast" that change one thing, for side-by-side ratios:
-  fast-compiled              the transformer blocks torch.compile'd too (what ``--compile`` adds)
-  fast-passgraphs, fast-compiled-passgraphs
-                             one graph per pass, sampling eager between them (the fast path until the second GPU
-                             session of 2026-12-01)
-  fast-percall               AdaLN modulations recomputed in every pass and block (as before 2026-12-01)
-  fast-onecall, fast-compiled-onecall
-                             the decoder in one call for the whole batch (``--decode-batch 16``)
-  fast-compiled-gelu         fc1's bias + GELU in the GEMM epilogue (an experiment: ``GraphedModel(fused_gelu=True)``)
+and variants of "fast" with changes, named "fast-" + modifiers joined by "-" (e.g. fast-compiled-gelu-onecall),
+for side-by-side ratios:
+  compiled      the transformer blocks torch.compile'd too (what ``--compile`` adds)
+  passgraphs    one graph per pass, sampling eager between them (the fast path until the second GPU session of
+                2026-12-01)
+  percall       AdaLN modulations recomputed in every pass and block (as before 2026-12-01)
+  onecall       the decoder in one call for the whole batch (``--decode-batch 16``)
+  gelu          fc1's bias + GELU in the GEMM epilogue (an experiment: ``GraphedModel(fused_gelu=True)``)
+  sortdraw      the token draw as it was until 2026-12-02: a sort and the filters over all V logits, instead of
+                the draw over the top-k candidates of ``torch.topk`` (the same tokens for a seed)
 ``--profile`` adds a torch.profiler table of one token-part call (no decode) per config and profiled variant
 (``--profile-variants``, default "fast"; CUDA time per kernel. Its "Self CUDA time total" against the variant's
 tokens time shows how long the GPU waited for the host).
@@ -59,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hmar import VQVAE, build_model, model_config, tokenizer_config  # noqa: E402
 from hmar.accel import FastDecoder, GraphedModel  # noqa: E402
+import hmar.sampling  # noqa: E402
 from hmar.sampling import sample  # noqa: E402
 from hmar.tokenizer import decode_chunk  # noqa: E402
 
@@ -100,24 +102,27 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
             model = build_model(model_config(name)).eval()
         shared = variant.startswith("fast") and fast_decoder is not None
         tok = None if shared else build_tokenizer(name, device)   # the fast variants after the first reuse its decoder
+        # the draw of this variant (a module attribute that scale_loop looks up on every pass)
+        hmar.sampling.sample_from_logits = sort_draw if "sortdraw" in variant.split("-") else TOPK_DRAW
         if variant == "fp32-eager":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
             m, t = model, tok
         elif variant == "bf16-eager":
             m, t = model.to(torch.bfloat16), FastDecoder(tok, compile=False)
-        else:  # fast and its one-change variants
-            if variant == "fast-percall":
+        else:  # fast and its variants
+            mods = set(variant.split("-")[1:])
+            if "percall" in mods:
                 model = PerPassCondition(model)
             m = model.to(torch.bfloat16)
             if device.type == "cuda":
-                m = GraphedModel(m, compile=variant.startswith("fast-compiled"),
-                                 whole_loop=not variant.endswith("passgraphs"), fused_gelu=variant.endswith("-gelu"))
+                m = GraphedModel(m, compile="compiled" in mods, whole_loop="passgraphs" not in mods,
+                                 fused_gelu="gelu" in mods)
             if fast_decoder is None:
                 fast_decoder = FastDecoder(tok, compile=device.type == "cuda" and not args.no_compile,
                                            mode=args.compile_mode)
             t = fast_decoder
-            t.max_batch = args.batch if variant.endswith("-onecall") else None
+            t.max_batch = args.batch if "onecall" in mods else None
         f_hat = {}
 
         def tokens():
@@ -148,7 +153,7 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
             print(r["profile"], flush=True)
         results[variant] = r
         on_result()   # a run stopped early (time limit) keeps what it measured
-        print(f"  {name:14s} {variant:13s} tokens {r['tokens_ms']:8.1f} ms  decode {r['decode_ms']:7.1f} ms  "
+        print(f"  {name:14s} {variant:26s} tokens {r['tokens_ms']:8.1f} ms  decode {r['decode_ms']:7.1f} ms  "
               f"e2e {r['e2e_ms']:8.1f} ms  peak {r.get('peak_gb', float('nan')):6.2f} GB  "
               f"reserved {r.get('reserved_gb', float('nan')):6.2f} GB  pools {r.get('pools_gb', float('nan')):5.2f} GB",
               flush=True)
@@ -159,8 +164,23 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
     return results
 
 
-VARIANTS = ("fp32-eager", "bf16-eager", "fast", "fast-compiled", "fast-passgraphs", "fast-compiled-passgraphs",
-            "fast-percall", "fast-onecall", "fast-compiled-onecall", "fast-compiled-gelu")
+MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "gelu", "sortdraw")
+TOPK_DRAW = hmar.sampling.sample_from_logits
+
+
+def sort_draw(logits, generator, top_k=0, top_p=0.0, temperature=1.0):
+    """The token draw until 2026-12-02 (the "sortdraw" variants): filters and softmax over all V logits."""
+    probs = hmar.sampling.filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+    flat = probs.reshape(-1, probs.shape[-1])
+    q = torch.empty_like(flat).exponential_(1, generator=generator)
+    tok = (flat / q).argmax(-1, keepdim=True)
+    return tok.view(probs.shape[:-1]), flat.gather(1, tok).view(probs.shape[:-1])
+
+
+def check_variant(v: str) -> bool:
+    """fp32-eager, bf16-eager, fast, or fast-<modifier>[-<modifier>...] with modifiers from :data:`MODIFIERS`."""
+    parts = v.split("-")
+    return v in ("fp32-eager", "bf16-eager") or (parts[0] == "fast" and all(p in MODIFIERS for p in parts[1:]))
 
 
 def graph_pool_bytes() -> int:
@@ -326,9 +346,10 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args()
     args.variants = args.variants.split(",")
-    unknown = [v for v in args.variants if v not in VARIANTS]
+    unknown = [v for v in args.variants if not check_variant(v)]
     if unknown:
-        ap.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+        ap.error(f"unknown variant(s) {', '.join(unknown)}: use fp32-eager, bf16-eager, fast, or fast-<modifiers> "
+                 f"joined by '-' from {', '.join(MODIFIERS)}")
     if args.quick:
         args.reps = 2
     device = torch.device(args.device)

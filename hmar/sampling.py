@@ -71,20 +71,44 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 0.0) -> t
     return logits
 
 
+def _top_p_of_sorted(vals: torch.Tensor, top_p: float) -> torch.Tensor:
+    """:func:`filter_logits`'s top-p filter on logits sorted in descending order (a token goes when the mass of the
+    more likely ones reaches ``top_p``; the first always stays)."""
+    if not 0.0 < top_p < 1.0:
+        return vals
+    cum = vals.softmax(-1).cumsum(-1)
+    before = torch.cat((torch.zeros_like(cum[..., :1]), cum[..., :-1]), -1)   # the mass of the more likely tokens
+    return vals.masked_fill(before >= top_p, float("-inf"))
+
+
 def sample_from_logits(logits: torch.Tensor, generator: torch.Generator, top_k: int = 0, top_p: float = 0.0,
                        temperature: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per position of ``logits`` ``[B, n, V]``; returns (tokens, their probabilities).
-    It does not check ``logits`` (non-finite ones give arbitrary tokens): :func:`sample` does, once per call."""
+    """Draw one token per position of ``logits`` ``[B, n, V]``; returns (tokens, their probabilities after the
+    filters of :func:`filter_logits`). It does not check ``logits`` (non-finite ones give arbitrary tokens):
+    :func:`sample` does, once per call.
+
+    With ``0 < top_k < V`` only the ``top_k`` candidates of ``torch.topk`` are ever softmaxed and drawn from
+    (a ``[.., top_k]`` problem instead of a sort and half a dozen passes over ``[.., V]``); they are the tokens
+    :func:`filter_logits` keeps, except that exactly ``top_k`` survive a tie at the k-th value."""
     if temperature <= 0:
         raise HMARError(f"temperature must be > 0, got {temperature}")
-    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
+    V = logits.shape[-1]
+    if 0 < top_k < V:
+        vals, cand = logits.topk(top_k, dim=-1)            # descending; temperature keeps the order
+        probs = _top_p_of_sorted(vals.float() / temperature, top_p).softmax(-1)
+    else:
+        probs, cand = filter_logits(logits.float() / temperature, 0, top_p).softmax(-1), None
     flat = probs.reshape(-1, probs.shape[-1])
-    # one draw per row as torch.multinomial makes it (argmax of p / q, q ~ Exp(1); the same generator calls, so the
-    # same tokens for a seed), without its host-side validity checks: no GPU synchronisation, CUDA-graph safe
-    p = flat.to(generator.device)
-    q = torch.empty_like(p).exponential_(1, generator=generator)
-    tok = (p / q).argmax(-1, keepdim=True).to(flat.device)
-    conf = flat.gather(1, tok)
+    # one draw per row as torch.multinomial makes it over the V tokens (argmax of p / q, q ~ Exp(1); the same
+    # generator calls, so the same tokens for a seed), without its host-side validity checks: no GPU
+    # synchronisation, CUDA-graph safe. With top-k, the q of the candidates are picked out of the V drawn.
+    q = torch.empty(flat.shape[0], V, device=generator.device).exponential_(1, generator=generator).to(flat.device)
+    if cand is not None:
+        cand = cand.reshape(-1, top_k)
+        q = q.gather(1, cand)
+    j = (flat / q).argmax(-1, keepdim=True)
+    conf = flat.gather(1, j)
+    tok = j if cand is None else cand.gather(1, j)
     return tok.view(probs.shape[:-1]), conf.view(probs.shape[:-1])
 
 
@@ -232,7 +256,7 @@ def scale_loop(model: nn.Module, quant: nn.Module, y: torch.Tensor, gen: torch.G
         passes += 1
         bad = bad | ~logits.isfinite().all()
         if guided:
-            logits = (1 + t) * logits[:B] - t * logits[B:]
+            logits = torch.lerp(logits[B:], logits[:B], 1 + t)    # (1 + t) cond - t uncond, one kernel
         tok, conf = sample_from_logits(logits, gen, top_k, top_p, temperature)
         draft = tok
         keep = None
@@ -258,7 +282,7 @@ def scale_loop(model: nn.Module, quant: nn.Module, y: torch.Tensor, gen: torch.G
                 xm = model.embed_masked(si, x_small, x_cur, M)
                 if guide_masked and use_cfg and t != 0:
                     lm = model.masked_logits(xm.repeat(2, 1, 1), ada_all)
-                    lm = (1 + t) * lm[:B] - t * lm[B:]
+                    lm = torch.lerp(lm[B:], lm[:B], 1 + t)
                 else:
                     lm = model.masked_logits(xm, cond)
                 passes += 1

@@ -2,21 +2,21 @@
 # The sampling fast path on one H200: correctness first, then every change against the path it replaces, side by
 # side in one process (benchmarks/bench_sample.py). Nothing to carry; logs come back as $OUT/fastN.tgz. Each call
 # keeps inside its LIMIT (a deadline per step); send call 2 while the machine is warm (it goes back after 30 s idle).
-#   call 1: the graphed-sampling equality tests, then hmar-d16 in every variant (profiles of the compiled ones),
-#           hmar-d16-512 and var-d16
+#   call 1: the graphed-sampling equality tests (and the fused-GELU, sub-pixel and freed-graph ones), then hmar-d16
+#           and hmar-d16-512 in the variants of 2026-12-02 (the top-k draw against the sort draw, fused GELU,
+#           one-call decode), each with a profile of one compiled variant
 #   call 2: hmar-d30 and hmar-d30-512, then the decoder variants (sub-pixel up-sampling against plain)
 #   call 3: tests/test_accel.py whole (the compile-heavy tests at its end need about 4 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
-# Variants (bench_sample.py's docstring): fast = what `hmar sample --fast` runs; fast-compiled = --compile;
-# fast-compiled-onecall = --compile --decode-batch 16; fast-compiled-gelu = the fused-GELU experiment;
-# fast-passgraphs / fast-compiled-passgraphs / fast-percall / fast-onecall = fast or fast-compiled with one change
-# undone (one graph per pass instead of the whole loop, per-pass AdaLN, one-call decode): their ratios to fast
-# measure each change. fp32-eager is the official sampler's way and the baseline of the >= 3x goal.
+# Variants (bench_sample.py's docstring): fast = what `hmar sample --fast` runs; fast-compiled = --compile; modifiers
+# joined by '-': onecall = --decode-batch 16, gelu = the fused-GELU experiment, sortdraw = the draw until 2026-12-02
+# (a sort over all V logits instead of torch.topk's candidates), passgraphs / percall = a change of 2026-12-01 undone.
+# fp32-eager is the official sampler's way and the baseline of the >= 3x goal.
 set -u
 [ $# -ge 1 ] || { echo "usage: gpu_fast_sampling.sh 1|2|3|STEP..."; exit 2; }
-case $1 in 1) STEPS="quick-tests d16 d16-512 var-d16" ;; 2) STEPS="d30 decoders" ;; 3) STEPS="tests" ;; *) STEPS="$*" ;; esac
+case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) STEPS="tests" ;; *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
 L=/tmp/logs/$TAG T0=$SECONDS LIMIT=${LIMIT:-560}
@@ -25,7 +25,7 @@ trap 'tar czf "$OUT/$TAG.tgz" -C /tmp/logs "$TAG"' EXIT
 left() { local s=$(( LIMIT - (SECONDS - T0) )); echo $(( s > 1 ? s : 1 )); }
 step() { echo "== $(date -u +%T) $*"; }
 S=benchmarks/bench_sample.py
-QUICK="graphed_sampling or whole_loop or exponential_draw"
+QUICK="graphed_sampling or whole_loop or exponential_draw or freed or fused_gelu or subpixel"
 bench() {  # bench NAME CONFIGS VARIANTS [more args]
   local name=$1 configs=$2 variants=$3; shift 3
   step "sampling $name: $configs / $variants"
@@ -49,15 +49,16 @@ for s in $STEPS; do
         "${rest[@]}" > "$L/tests.log" 2>&1
       echo "tests: exit $?"
       tail -3 "$L/tests.log" ;;
-    d16) bench d16 hmar-d16 fp32-eager,fast,fast-compiled,fast-compiled-onecall,fast-compiled-gelu,fast-passgraphs \
-           --profile --profile-variants fast-compiled,fast-compiled-gelu ;;
-    d16-512) bench d16-512 hmar-d16-512 fp32-eager,fast,fast-compiled,fast-compiled-onecall ;;
-    var-d16) bench var-d16 var-d16 fast,fast-compiled ;;
-    d30) bench d30 hmar-d30,hmar-d30-512 fp32-eager,fast,fast-compiled,fast-compiled-onecall ;;
+    d16) bench d16 hmar-d16 fp32-eager,fast-compiled,fast-compiled-sortdraw,fast-compiled-gelu,fast-compiled-onecall,fast-compiled-gelu-onecall \
+           --profile --profile-variants fast-compiled-gelu ;;
+    d16-512) bench d16-512 hmar-d16-512 fp32-eager,fast-compiled,fast-compiled-sortdraw,fast-compiled-gelu-onecall \
+           --profile --profile-variants fast-compiled ;;
+    var-d16) bench var-d16 var-d16 fast-compiled,fast-compiled-sortdraw ;;
+    d30) bench d30 hmar-d30,hmar-d30-512 fp32-eager,fast-compiled,fast-compiled-gelu-onecall ;;
     decoders)  # the three that matter since 2026-12-01 (channels_last and fp32 compile: BENCHMARKS.md 3a)
       step decoders
       timeout "$(left)" python3 $S --decode-only --configs hmar-d16,hmar-d16-512 \
-        --decoders fp32-eager,bf16-compiled,bf16-compiled-subpixel,bf16-compiled-cl-chunked,bf16-compiled-cl-subpixel-chunked \
+        --decoders fp32-eager,bf16-compiled,bf16-compiled-subpixel \
         --json "$L/decode.json" > "$L/decode.log" 2>&1
       grep decode "$L/decode.log" ;;
     *) echo "unknown step $s"; exit 2 ;;

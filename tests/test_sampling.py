@@ -206,3 +206,22 @@ def test_non_finite_logits_are_a_clear_error(tiny):
             p.data.fill_(float("nan"))
         with pytest.raises(HMARError, match="non-finite logits"):
             sample(broken, tok, [1, 2], generator=0, decode=False)
+
+
+@pytest.mark.parametrize("top_k,top_p,temperature", [(900, 0.96, 1.0), (900, 0.0, 1.0), (50, 0.3, 0.7),
+                                                     (1, 0.5, 1.0), (4095, 0.999, 1.3), (0, 0.96, 1.0)])
+def test_topk_draw_equals_the_full_vocabulary_draw(top_k, top_p, temperature):
+    """The draw over the top_k candidates gives the tokens and probabilities of the draw over all V tokens of
+    softmax(filter_logits(...)) with the same generator state (the sampler before 2026-12-02), so seeds carry
+    over; continuous logits, where ties at the k-th value cannot happen."""
+    from hmar.sampling import sample_from_logits
+    g = torch.Generator().manual_seed(top_k)
+    for scale in (0.5, 3.0):
+        logits = torch.randn(5, 40, 4096, generator=g) * scale
+        tok, conf = sample_from_logits(logits, torch.Generator().manual_seed(7), top_k, top_p, temperature)
+        probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1).reshape(-1, 4096)
+        q = torch.empty_like(probs).exponential_(1, generator=torch.Generator().manual_seed(7))
+        want = (probs / q).argmax(-1)
+        assert torch.equal(tok.reshape(-1), want)
+        torch.testing.assert_close(conf.reshape(-1), probs.gather(1, want[:, None])[:, 0], rtol=1e-5, atol=1e-7)
+        assert (probs.gather(1, tok.reshape(-1, 1)) > 0).all()     # never a filtered token
