@@ -15,18 +15,24 @@ Variants:
   fp32-eager     what the official sampler does: fp32 / TF32, eager
   bf16-eager     bf16, eager
   fast           what ``enable_fast_sampling()`` / ``hmar sample --fast`` runs: bf16, the whole token loop replayed as
-                 one CUDA graph, AdaLN modulations computed once per call, bf16 channels_last compiled decoder in
-                 memory-bounded chunks
+                 one CUDA graph, AdaLN modulations computed once per call, fc1's bias + GELU in the GEMM epilogue, the
+                 draw over torch.topk's candidates, bf16 channels_last compiled decoder (16 images per call)
 and variants of "fast" with changes, named "fast-" + modifiers joined by "-" (e.g. fast-compiled-gelu-onecall),
 for side-by-side ratios:
   compiled      the transformer blocks torch.compile'd too (what ``--compile`` adds)
   passgraphs    one graph per pass, sampling eager between them (the fast path until the second GPU session of
                 2026-12-01)
   percall       AdaLN modulations recomputed in every pass and block (as before 2026-12-01)
-  onecall       the decoder in one call for the whole batch (``--decode-batch 16``)
-  gelu          fc1's bias + GELU in the GEMM epilogue (an experiment: ``GraphedModel(fused_gelu=True)``)
+  onecall       the decoder in one call for the whole batch (``--decode-batch 16``; the default since 2026-12-02
+                at batch 16)
+  chunked       the decoder in the memory-bounded chunks of the default until 2026-12-02 (decode_chunk's 256 MiB
+                budget: 2 x 8 images at 256 px, 8 x 2 at 512 px)
+  gelu          fc1's bias + GELU in the GEMM epilogue (``GraphedModel(fused_gelu=True)``; the default since
+                2026-12-02, when it was measured under this name)
+  nogelu        bias + GELU as a kernel of its own (``fused_gelu=False``, the default until 2026-12-02)
   sortdraw      the token draw as it was until 2026-12-02: a sort and the filters over all V logits, instead of
                 the draw over the top-k candidates of ``torch.topk`` (the same tokens for a seed)
+The fast path of 2026-12-01 is fast-chunked-nogelu-sortdraw (fast-compiled-chunked-nogelu-sortdraw with --compile).
 ``--profile`` adds a torch.profiler table of one token-part call (no decode) per config and profiled variant
 (``--profile-variants``, default "fast"; CUDA time per kernel. Its "Self CUDA time total" against the variant's
 tokens time shows how long the GPU waited for the host).
@@ -117,12 +123,13 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
             m = model.to(torch.bfloat16)
             if device.type == "cuda":
                 m = GraphedModel(m, compile="compiled" in mods, whole_loop="passgraphs" not in mods,
-                                 fused_gelu="gelu" in mods)
+                                 fused_gelu="nogelu" not in mods)
             if fast_decoder is None:
                 fast_decoder = FastDecoder(tok, compile=device.type == "cuda" and not args.no_compile,
                                            mode=args.compile_mode)
             t = fast_decoder
-            t.max_batch = args.batch if "onecall" in mods else None
+            t.max_batch = (args.batch if "onecall" in mods else
+                           decode_chunk(t.config, args.batch, t.dtype.itemsize) if "chunked" in mods else None)
         f_hat = {}
 
         def tokens():
@@ -164,7 +171,7 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
     return results
 
 
-MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "gelu", "sortdraw")
+MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", "nogelu", "sortdraw")
 TOPK_DRAW = hmar.sampling.sample_from_logits
 
 

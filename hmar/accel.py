@@ -23,6 +23,12 @@ import torch.nn as nn
 
 from .tokenizer import decode_chunk, decode_in_chunks
 
+FAST_DECODE_CHUNK_BYTES = 1536 * 2 ** 20
+""":class:`FastDecoder`'s default budget for :func:`~hmar.tokenizer.decode_chunk` (one full-resolution activation of
+a decoder call, in bytes): a batch of 16 decodes in one call at 256 and 512 px. The official 256 px tokenizer's default
+(256 MiB, 2 x 8 images) decoded 16 images in 35.8 ms inside the sampler on the H200, one call in 31.6 ms (with 0.8 GB
+more memory); at 512 px 147.8 against 119.6 ms (4.7 GB more; BENCHMARKS.md section 3)."""
+
 
 def compile_blocks(model: nn.Module, mode: Optional[str] = None) -> nn.Module:
     """``torch.compile`` every AdaLN block and head of ``model`` in place (regional compilation), with dynamic
@@ -53,14 +59,18 @@ class GraphedModel:
     (a UI that changes the guidance scale on every call would otherwise collect graphs without bound; a new
     value costs one capture: an eager warm-up run, then the recording). ``False``: one graph per pass, sampling
     eager between them (what calls with constraints or a callback always get). Not thread-safe: replays share
-    their static buffers, so call it from one thread at a time (the web demo serialises its calls)."""
+    their static buffers, so call it from one thread at a time (the web demo serialises its calls).
+
+    ``fused_gelu=True`` (default) sets :attr:`hmar.model.blocks.FFN.fused_gelu` on the model's FFNs: fc1's bias and
+    GELU run in the GEMM's epilogue in CUDA inference (the model's own eager no-grad passes too). On the H200 it
+    made the compiled hmar-d16 token loop 1.09x faster (35.1 to 32.3 ms, batch 16; BENCHMARKS.md section 3)."""
 
     def __init__(self, model: nn.Module, warmup: int = 1, compile: bool = False, compile_mode: Optional[str] = None,
-                 whole_loop: bool = True, max_loops: int = 8, fused_gelu: bool = False):
+                 whole_loop: bool = True, max_loops: int = 8, fused_gelu: bool = True):
         if not model.device.type == "cuda":
             raise ValueError("GraphedModel needs a model on a CUDA device")
         self.model, self.warmup, self.whole_loop, self.max_loops = model, warmup, whole_loop, max_loops
-        if fused_gelu:          # an experiment, not yet measured on a GPU (hmar.model.blocks.FFN)
+        if fused_gelu:          # fc1's bias + GELU in the GEMM epilogue (hmar.model.blocks.FFN), on the model itself
             from .model.blocks import FFN
             for m in model.modules():
                 if isinstance(m, FFN):
@@ -196,8 +206,8 @@ class FastDecoder(nn.Module):
     for :func:`hmar.sampling.sample` (``quantize`` and ``fhat_to_img`` are what it uses).
     ``channels_last=False`` keeps the default memory format (``bench_sample.py --decode-only`` compares both).
 
-    ``max_batch``: images per decoder call (default: :func:`hmar.tokenizer.decode_chunk`, which bounds the
-    activation memory; a 16-image batch decodes as 2 x 8 at 256 px and 8 x 2 at 512 px in bf16).
+    ``max_batch``: images per decoder call (default: :func:`hmar.tokenizer.decode_chunk` with the budget
+    :data:`FAST_DECODE_CHUNK_BYTES`, which decodes 16 images in one call at 256 and 512 px, 32 as 2 x 16 at 512 px).
 
     ``cudnn_benchmark`` (CUDA) switches on ``torch.backends.cudnn.benchmark`` for the process: the first call of
     each shape times cuDNN's convolution algorithms and later calls use the fastest.
@@ -252,8 +262,9 @@ class FastDecoder(nn.Module):
 
     def fhat_to_img(self, f_hat: torch.Tensor, max_batch: Optional[int] = None) -> torch.Tensor:
         """Decode ``max_batch`` images at a time (default: ``max_batch`` given at construction, else
-        :func:`hmar.tokenizer.decode_chunk` for this dtype)."""
-        n = max_batch or self.max_batch or decode_chunk(self.config, f_hat.shape[0], self.dtype.itemsize)
+        :func:`hmar.tokenizer.decode_chunk` for this dtype and :data:`FAST_DECODE_CHUNK_BYTES`)."""
+        n = max_batch or self.max_batch or decode_chunk(self.config, f_hat.shape[0], self.dtype.itemsize,
+                                                        FAST_DECODE_CHUNK_BYTES)
         return decode_in_chunks(self._decode, f_hat, n)
 
     def set_patch_nums(self, patch_nums) -> None:
@@ -286,7 +297,7 @@ def accelerate(pipe, dtype: torch.dtype = torch.bfloat16, graphs: bool = True, c
                compile_passes: bool = False, decode_batch: Optional[int] = None):
     """Make a CUDA :class:`~hmar.pipeline.HMARPipeline` fast in place: the transformer in ``dtype`` in a
     :class:`GraphedModel` (the token loop as one CUDA graph; ``compile_passes``: with its blocks compiled,
-    :func:`compile_blocks`), and :class:`FastDecoder` (``dtype``, channels_last, compiled, memory-bounded chunks).
+    :func:`compile_blocks`), and :class:`FastDecoder` (``dtype``, channels_last, compiled).
     A CPU pipeline is returned unchanged. ``decode_batch``: the decoder's images per call (:class:`FastDecoder`'s
     ``max_batch``). Returns the pipeline."""
     if pipe.device.type != "cuda":

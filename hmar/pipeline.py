@@ -121,15 +121,14 @@ class HMARPipeline:
     def enable_fast_sampling(self, compile: bool = False, decode_batch: Optional[int] = None) -> "HMARPipeline":
         """CUDA only, in place: bf16 transformer whose whole token loop replays as one CUDA graph per batch size and
         set of options (edits: one graph per pass; ``compile=True``: with its blocks ``torch.compile``'d), and a bf16
-        compiled decoder that decodes in memory-bounded chunks (:mod:`hmar.accel`). The same seed samples the tokens
+        compiled decoder (:mod:`hmar.accel`). The same seed samples the tokens
         of the eager bf16 model.
         The first call of each batch size captures its graphs and compiles (about a minute); later calls replay.
 
-        ``decode_batch``: images per decoder call (default :func:`hmar.tokenizer.decode_chunk`: 8 at 256 px, 2 at
-        512 px).
-        Measured on the H200 (16 images, BENCHMARKS.md section 3a): at 256 px 2 x 8 decode in 33.1 ms with 0.68 GB of
-        activations, one call of 16 in 24.1 ms with 1.34 GB; at 512 px 8 x 2 in 119.6 ms (0.72 GB), 16 in 91.6 ms
-        (5.37 GB)."""
+        ``decode_batch``: images per decoder call (default :data:`hmar.accel.FAST_DECODE_CHUNK_BYTES`'s choice: 16 in
+        one call at 256 and 512 px). Fewer take less memory and more time: on the H200 (16 images, the decoder
+        alone, BENCHMARKS.md section 3) one call took 22.6 ms with 1.34 GB of activations at 256 px and 88.3 ms
+        with 5.37 GB at 512 px; 2 x 8 at 256 px 33.1 ms with 0.68 GB, 8 x 2 at 512 px 119.6 ms with 0.72 GB."""
         if self.device.type != "cuda":
             raise HMARError(f"fast sampling needs a CUDA device, but the pipeline is on {self.device}: "
                             "load it with device='cuda'")

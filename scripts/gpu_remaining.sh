@@ -17,7 +17,7 @@ L=/tmp/logs/rem$CALL T0=$SECONDS
 mkdir -p "$L" "${OUT:=/tmp/out}"
 trap 'tar czf "$OUT/rem$CALL.tgz" -C /tmp/logs "rem$CALL"' EXIT
 NG=$(python3 -c "import torch; print(torch.cuda.device_count())")
-LIMIT=$([ "$CALL" = 2 ] && echo 320 || echo 570)   # call 2 is kept short: the x2 call follows on the same lease
+LIMIT=${LIMIT:-$([ "$CALL" = 2 ] && echo 320 || echo 570)}   # call 2 is kept short: the x2 call follows on the same lease
 left() { local s=$(( LIMIT - (SECONDS - T0) )); echo $(( s > 1 ? s : 1 )); }   # timeout 0 would mean none
 study() { CUDA_VISIBLE_DEVICES=0 PHASE=$1 OUT="$L/study" timeout "$2" bash scripts/gpu_fmnist_study.sh > /dev/null 2>&1
   echo "study $1: exit $?"; tail -3 "$L/study/log_$1.txt"; }

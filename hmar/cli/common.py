@@ -24,7 +24,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="with --fast (implied): also torch.compile the transformer blocks")
     p.add_argument("--decode-batch", type=int, default=None, metavar="N",
                    help="with --fast: images per decoder call (default: as many as keep one full-resolution "
-                        "activation within 256 MiB, 8 at 256 px in bf16); more is faster and takes more memory")
+                        "activation within 1.5 GiB, 16 at 256 and 512 px in bf16); fewer take less memory, more time")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

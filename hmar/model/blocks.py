@@ -89,10 +89,11 @@ class SelfAttention(nn.Module):
 class FFN(nn.Module):
     """fc1 -> GELU (tanh approximation) -> fc2.
 
-    ``fused_gelu`` (off by default; an experiment of the fast sampling path, ``GraphedModel(fused_gelu=True)``):
-    on CUDA without autograd, fc1's bias and GELU run in the GEMM's epilogue (``torch._addmm_activation``:
-    cuBLASLt's GELU-bias epilogue, tanh approximation, on the fp32 accumulator) instead of as a kernel of their own
-    over fc1's output. CUDA only: on the CPU that op computes the exact (erf) GELU, another function."""
+    ``fused_gelu`` (off by default; :class:`hmar.accel.GraphedModel` switches it on): on CUDA without autograd,
+    fc1's bias and GELU run in the GEMM's epilogue (``torch._addmm_activation``: cuBLASLt's GELU-bias epilogue, tanh
+    approximation, on the fp32 accumulator) instead of as a kernel of their own over fc1's output; torch.compile
+    keeps that op as a call into ATen. CUDA only: on the CPU that op computes the exact (erf) GELU, another
+    function."""
 
     fused_gelu = False
 
