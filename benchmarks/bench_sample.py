@@ -153,8 +153,8 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
             r["pools_gb"] = graph_pool_bytes() / 1e9
             if isinstance(m, GraphedModel):
                 r["whole_loop"] = m.whole_loop   # False: the loop capture failed and fell back (a warning says why)
-        if hasattr(t, "max_batch"):
-            r["decode_chunk"] = t.max_batch or decode_chunk(t.config, args.batch, t.dtype.itemsize)
+        if hasattr(t, "images_per_call"):
+            r["decode_chunk"] = t.images_per_call(args.batch)
         if args.profile and variant in args.profile_variants.split(",") and device.type == "cuda":
             r["profile"] = profile_table(tokens)
             print(r["profile"], flush=True)
@@ -220,7 +220,8 @@ DECODERS = {  # name: FastDecoder arguments (None: the tokenizer's own fp32 deco
     "fp32-compiled": dict(dtype=torch.float32, compile=True, channels_last=False, max_batch=0),
     "bf16-compiled": dict(dtype=torch.bfloat16, compile=True, channels_last=False, max_batch=0),
     "bf16-compiled-cl": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=0),
-    # memory-bounded chunks (hmar.tokenizer.decode_chunk: 8 of 16 images at 256 px, 2 at 512 px in bf16)
+    # memory-bounded chunks (hmar.tokenizer.decode_chunk's default budget, the fast decoder's default until
+    # 2026-12-02: 8 of 16 images at 256 px, 2 at 512 px in bf16)
     "fp32-eager-chunked": dict(dtype=torch.float32, compile=False, channels_last=False, max_batch=None),
     "bf16-eager-cl-chunked": dict(dtype=torch.bfloat16, compile=False, channels_last=True, max_batch=None),
     "bf16-compiled-chunked": dict(dtype=torch.bfloat16, compile=True, channels_last=False, max_batch=None),

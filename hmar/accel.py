@@ -263,9 +263,11 @@ class FastDecoder(nn.Module):
     def fhat_to_img(self, f_hat: torch.Tensor, max_batch: Optional[int] = None) -> torch.Tensor:
         """Decode ``max_batch`` images at a time (default: ``max_batch`` given at construction, else
         :func:`hmar.tokenizer.decode_chunk` for this dtype and :data:`FAST_DECODE_CHUNK_BYTES`)."""
-        n = max_batch or self.max_batch or decode_chunk(self.config, f_hat.shape[0], self.dtype.itemsize,
-                                                        FAST_DECODE_CHUNK_BYTES)
-        return decode_in_chunks(self._decode, f_hat, n)
+        return decode_in_chunks(self._decode, f_hat, max_batch or self.images_per_call(f_hat.shape[0]))
+
+    def images_per_call(self, batch: int) -> int:
+        """Images per decoder call for a batch of ``batch`` when no ``max_batch`` is passed to :meth:`fhat_to_img`."""
+        return self.max_batch or decode_chunk(self.config, batch, self.dtype.itemsize, FAST_DECODE_CHUNK_BYTES)
 
     def set_patch_nums(self, patch_nums) -> None:
         self.tokenizer.set_patch_nums(patch_nums)

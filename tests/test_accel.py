@@ -217,6 +217,21 @@ def test_decode_chunk_sizes():
     assert decode_chunk(tokenizer_config("vqvae-tiny"), 256) == 256               # small images: one call
 
 
+def test_fast_decoder_decodes_16_images_per_call_at_256_and_512_px():
+    """FastDecoder's default budget (FAST_DECODE_CHUNK_BYTES, 1.5 GiB of full-resolution activation): 16 images in
+    one call at 256 and 512 px (faster on the H200 than 2 x 8 / 8 x 2), 32 at 512 px as 2 x 16 and 20 as 2 x 10
+    (equal chunks: one compiled shape); ``max_batch`` wins."""
+    from types import SimpleNamespace
+
+    from hmar.accel import FastDecoder
+    from hmar.presets import PATCH_NUMS
+    for pn, batches in ((PATCH_NUMS[256], {16: 16, 64: 64, 100: 50}), (PATCH_NUMS[512], {16: 16, 32: 16, 20: 10})):
+        fd = SimpleNamespace(config=tokenizer_config("vqvae-ch160", patch_nums=pn), dtype=torch.bfloat16, max_batch=None)
+        assert {b: FastDecoder.images_per_call(fd, b) for b in batches} == batches
+        fd.max_batch = 4
+        assert FastDecoder.images_per_call(fd, 16) == 4
+
+
 @torch.no_grad()
 def test_chunked_decode_equals_one_call():
     """Chunks change the result by conv-algorithm rounding only (each image decodes on its own), for the
