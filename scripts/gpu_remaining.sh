@@ -10,8 +10,10 @@
 # only). What those calls left, on one H200 (nothing to carry, ~6 min):
 #   call 3: compiled training of hmar-d30 / hmar-d16-512 / var-d16 (the decoder variants and sampling on an idle
 #           host moved to scripts/gpu_fast_sampling.sh, which measures the fast path of 2026-12-01 against the old)
+#           (ran 2026-12-02 with LIMIT=320: hmar-d30 and hmar-d16-512 only, BENCHMARKS.md section 2d)
+#   call 4: what call 3 left: compiled var-d16 and the profile of the compiled hmar-d16 step (~5 min)
 set -u
-CALL=${1:?usage: gpu_remaining.sh 1|2|3}
+CALL=${1:?usage: gpu_remaining.sh 1|2|3|4}
 export PYTHONUNBUFFERED=1
 L=/tmp/logs/rem$CALL T0=$SECONDS
 mkdir -p "$L" "${OUT:=/tmp/out}"
@@ -27,6 +29,10 @@ compiled_goals() {  # the other goal configs compiled, each at its goal batch (a
   timeout "$(left)" python3 $B --preset hmar-d30 --batch 16 --compile --json "$L/train-d30.json" >> "$L/train-compiled.log" 2>&1
   timeout "$(left)" python3 $B --preset hmar-d16-512 --batch 8 --compile --json "$L/train-d16-512.json" >> "$L/train-compiled.log" 2>&1
   timeout "$(left)" python3 $B --preset var-d16 --compile --json "$L/train-var-d16.json" >> "$L/train-compiled.log" 2>&1
+}
+d16_profile() {  # where the compiled hmar-d16 step's 87 ms go (floor 38 ms): the kernels of 3 steps (never profiled)
+  timeout "$(left)" python3 $B --preset hmar-d16 --compile --profile --steps 10 --warmup 3 \
+    --json "$L/train-d16-profile.json" > "$L/train-d16-profile.log" 2>&1
 }
 case $CALL in
 1)
@@ -48,8 +54,11 @@ case $CALL in
 3)
   nvidia-smi > "$L/machine.txt" 2>&1
   compiled_goals
-  # where the compiled hmar-d16 step's 87 ms go (floor 38 ms): the kernels of 3 steps (never profiled before)
-  timeout "$(left)" python3 $B --preset hmar-d16 --compile --profile --steps 10 --warmup 3 \
-    --json "$L/train-d16-profile.json" > "$L/train-d16-profile.log" 2>&1
+  d16_profile
+  grep -h 'img/s' "$L/train-compiled.log" "$L/train-d16-profile.log" ;;
+4)
+  nvidia-smi > "$L/machine.txt" 2>&1
+  timeout "$(left)" python3 $B --preset var-d16 --compile --json "$L/train-var-d16.json" > "$L/train-compiled.log" 2>&1
+  d16_profile
   grep -h 'img/s' "$L/train-compiled.log" "$L/train-d16-profile.log" ;;
 esac
