@@ -6,7 +6,7 @@ with the preallocated :class:`~hmar.model.blocks.KVCache`; and the sampler's loo
 f_hat updates) never waits for the GPU. So the whole loop of one batch size and set of sampling options is
 captured once as one CUDA graph and replayed: no kernel launch from Python at all after the first call.
 The draws use the user's generator: its state goes into the graph's generator before a replay and
-comes back after it, so a seed samples the tokens it samples eagerly. Calls the loop graph cannot serve
+comes back after it, so a seed samples the tokens the wrapped model samples eagerly. Calls the loop graph cannot serve
 (editing constraints, a per-pass callback) replay one graph per (pass kind, scale) instead, with eager
 sampling in between. Use :func:`accelerate` on a pipeline, or wrap by hand::
 

@@ -122,7 +122,7 @@ class HMARPipeline:
         """CUDA only, in place: bf16 transformer whose whole token loop replays as one CUDA graph per batch size and
         set of options (edits: one graph per pass; ``compile=True``: with its blocks ``torch.compile``'d), and a bf16
         compiled decoder (:mod:`hmar.accel`). The same seed samples the tokens
-        of the eager bf16 model.
+        of the eager bf16 model with fc1's GELU in the GEMM epilogue (which the fast model switches on).
         The first call of each batch size captures its graphs and compiles (about a minute); later calls replay.
 
         ``decode_batch``: images per decoder call (default :data:`hmar.accel.FAST_DECODE_CHUNK_BYTES`'s choice: 16 in
