@@ -32,6 +32,8 @@ for side-by-side ratios:
   nogelu        bias + GELU as a kernel of its own (``fused_gelu=False``, the default until 2026-12-02)
   sortdraw      the token draw as it was until 2026-12-02: a sort and the filters over all V logits, instead of
                 the draw over the top-k candidates of ``torch.topk`` (the same tokens for a seed)
+  decgraph      the decoder's calls replayed as CUDA graphs in the loop graph's memory pool (an experiment:
+                ``accelerate(graph_decoder=True)``, ``FastDecoder(graphs=True)``)
 The fast path of 2026-12-01 is fast-chunked-nogelu-sortdraw (fast-compiled-chunked-nogelu-sortdraw with --compile).
 ``--profile`` adds a torch.profiler table of one token-part call (no decode) per config and profiled variant
 (``--profile-variants``, default "fast"; CUDA time per kernel. Its "Self CUDA time total" against the variant's
@@ -130,6 +132,10 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
             t = fast_decoder
             t.max_batch = (args.batch if "onecall" in mods else
                            decode_chunk(t.config, args.batch, t.dtype.itemsize) if "chunked" in mods else None)
+            # decoder graphs in the loop graph's pool (what accelerate(graph_decoder=True) sets up), fresh per variant
+            t.graphs = "decgraph" in mods and isinstance(m, GraphedModel)
+            t.pool = m._loop_pool if t.graphs else None
+            t._decode_graphs = {}
         f_hat = {}
 
         def tokens():
@@ -171,7 +177,7 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
     return results
 
 
-MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", "nogelu", "sortdraw")
+MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", "nogelu", "sortdraw", "decgraph")
 TOPK_DRAW = hmar.sampling.sample_from_logits
 
 

@@ -30,6 +30,16 @@ a decoder call, in bytes): a batch of 16 decodes in one call at 256 and 512 px. 
 more memory); at 512 px 147.8 against 119.6 ms (4.7 GB more; BENCHMARKS.md section 3)."""
 
 
+def _on_side_stream(fn: Callable[[], Any]) -> None:
+    """Run ``fn`` (a warm-up before a capture: compiling, autotuning, lazy allocations) on a side stream, ordered
+    after and before the current stream's work, as CUDA graph captures want their warm-up."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+
+
 def compile_blocks(model: nn.Module, mode: Optional[str] = None) -> nn.Module:
     """``torch.compile`` every AdaLN block and head of ``model`` in place (regional compilation), with dynamic
     shapes. Inductor fuses each block's elementwise work (LayerNorm + modulation, q/k normalisation, gating,
@@ -106,15 +116,14 @@ class GraphedModel:
         entry = self._graphs.get(key)
         if entry is None:
             sx, sc = x.clone(), cond.clone()
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+
+            def warm():
                 for _ in range(self.warmup):
                     fn(sx, sc, caches) if caches is not None else fn(sx, sc)
                     if caches:
                         for c in caches:
                             c.len = start
-            torch.cuda.current_stream().wait_stream(side)
+            _on_side_stream(warm)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
                 so = fn(sx, sc, caches) if caches is not None else fn(sx, sc)
@@ -179,14 +188,13 @@ class GraphedModel:
         """One eager warm-up run of ``loop`` on a side stream, then its capture with a generator of its own
         (registered with the graph, so a replay draws from whatever state :meth:`run_loop` puts into it)."""
         sy = y.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):       # warm-up: compiles, fills the quantiser's caches, autotunes
+
+        def warm():                         # compiles, fills the quantiser's caches, autotunes
             for _ in range(self.warmup):
                 g = torch.Generator(device=gen.device)
                 g.set_state(gen.get_state())      # the user's generator does not advance
                 loop(self.model, sy, g)
-        torch.cuda.current_stream().wait_stream(side)
+        _on_side_stream(warm)
         sgen = torch.Generator(device=gen.device)
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(sgen)
@@ -219,14 +227,22 @@ class FastDecoder(nn.Module):
     ``mode`` is torch.compile's; the default (None) compiles in about a minute. ``"max-autotune-no-cudagraphs"``
     benchmarks every conv/matmul choice: on the H200 that took over 4 minutes for one 256 px decoder.
 
-    ``subpixel`` (off by default; an experiment, not yet timed on a GPU): every nearest-x2 + 3x3 conv of the decoder
-    runs as one 2x2 conv on the low-resolution input whose four output phases are interleaved
+    ``subpixel`` (off: measured slower on the H200, BENCHMARKS.md section 3d): every nearest-x2 + 3x3 conv of the
+    decoder runs as one 2x2 conv on the low-resolution input whose four output phases are interleaved
     (:meth:`hmar.tokenizer.autoencoder.Upsample.fuse_subpixel`): the same function, 2.25x fewer FLOPs in those
-    convs (about 11 % of the official decoder's), and no 4x up-sampled tensor in memory."""
+    convs (about 11 % of the official decoder's), and no 4x up-sampled tensor in memory.
+
+    ``graphs`` (CUDA; off by default, an experiment not yet run on a GPU): each decoder call of a new input shape is
+    captured as a CUDA graph and replayed after (no kernel launch from Python), in the memory pool ``pool``:
+    :func:`accelerate` passes the loop graph's (:class:`GraphedModel`), so the decoder's activations reuse the memory
+    of the token loop's intermediates instead of adding to it. Sharing one pool is safe here because every replay's
+    outputs are cloned before anything else runs (the next replay of any graph may overwrite them). A capture that
+    fails falls back to eager calls, with a warning."""
 
     def __init__(self, tokenizer: nn.Module, dtype: torch.dtype = torch.bfloat16, compile: bool = True,
                  mode: Optional[str] = None, channels_last: bool = True, max_batch: Optional[int] = None,
-                 cudnn_benchmark: bool = True, offload_encoder: bool = True, subpixel: bool = False):
+                 cudnn_benchmark: bool = True, offload_encoder: bool = True, subpixel: bool = False,
+                 graphs: bool = False, pool: Optional[Tuple[int, int]] = None):
         super().__init__()
         self.tokenizer = tokenizer
         if subpixel:       # from the fp32 weights, before the conversion to ``dtype`` below (one rounding)
@@ -255,6 +271,9 @@ class FastDecoder(nn.Module):
         self._decode = self._decode_eager
         if compile:
             self._decode = torch.compile(self._decode_eager, mode=mode, dynamic=False)
+        self.graphs = graphs and on_cuda
+        self.pool = pool if pool is not None or not self.graphs else torch.cuda.graph_pool_handle()
+        self._decode_graphs: Dict[Tuple[int, ...], Tuple[Any, torch.Tensor, torch.Tensor]] = {}
 
     def _decode_eager(self, f_hat: torch.Tensor) -> torch.Tensor:
         z = f_hat.to(self.dtype).contiguous(memory_format=self.memory_format)
@@ -263,7 +282,33 @@ class FastDecoder(nn.Module):
     def fhat_to_img(self, f_hat: torch.Tensor, max_batch: Optional[int] = None) -> torch.Tensor:
         """Decode ``max_batch`` images at a time (default: ``max_batch`` given at construction, else
         :func:`hmar.tokenizer.decode_chunk` for this dtype and :data:`FAST_DECODE_CHUNK_BYTES`)."""
-        return decode_in_chunks(self._decode, f_hat, max_batch or self.images_per_call(f_hat.shape[0]))
+        decode = self._graphed_decode if self.graphs else self._decode
+        return decode_in_chunks(decode, f_hat, max_batch or self.images_per_call(f_hat.shape[0]))
+
+    @torch.no_grad()
+    def _graphed_decode(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """``self._decode(f_hat)`` replayed from a CUDA graph captured for its shape (see ``graphs``)."""
+        key = tuple(f_hat.shape)
+        entry = self._decode_graphs.get(key)
+        if entry is None:
+            sx = f_hat.clone()
+            try:
+                _on_side_stream(lambda: self._decode(sx))       # compiles, times cuDNN's algorithms
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    out = self._decode(sx)
+            except Exception as e:  # noqa: BLE001  (an op the capture cannot take: keep decoding, say so)
+                import warnings
+                warnings.warn(f"hmar: the decoder could not be captured as a CUDA graph ({type(e).__name__}: {e}); "
+                              "decoding without graphs instead")
+                self.graphs = False
+                torch.cuda.synchronize()
+                return self._decode(f_hat)
+            entry = self._decode_graphs[key] = (graph, sx, out)
+        graph, sx, out = entry
+        sx.copy_(f_hat)
+        graph.replay()
+        return out.clone()
 
     def images_per_call(self, batch: int) -> int:
         """Images per decoder call for a batch of ``batch`` when no ``max_batch`` is passed to :meth:`fhat_to_img`."""
@@ -296,16 +341,19 @@ class FastDecoder(nn.Module):
 
 
 def accelerate(pipe, dtype: torch.dtype = torch.bfloat16, graphs: bool = True, compile_decoder: bool = True,
-               compile_passes: bool = False, decode_batch: Optional[int] = None):
+               compile_passes: bool = False, decode_batch: Optional[int] = None, graph_decoder: bool = False):
     """Make a CUDA :class:`~hmar.pipeline.HMARPipeline` fast in place: the transformer in ``dtype`` in a
     :class:`GraphedModel` (the token loop as one CUDA graph; ``compile_passes``: with its blocks compiled,
     :func:`compile_blocks`), and :class:`FastDecoder` (``dtype``, channels_last, compiled).
     A CPU pipeline is returned unchanged. ``decode_batch``: the decoder's images per call (:class:`FastDecoder`'s
-    ``max_batch``). Returns the pipeline."""
+    ``max_batch``). ``graph_decoder`` (with ``graphs``; an experiment): the decoder's calls replay CUDA graphs in the
+    loop graph's memory pool (:class:`FastDecoder`'s ``graphs``). Returns the pipeline."""
     if pipe.device.type != "cuda":
         return pipe
     pipe.model.to(dtype)
     if graphs:
         pipe.model = GraphedModel(pipe.model, compile=compile_passes)
-    pipe.tokenizer = FastDecoder(pipe.tokenizer, dtype, compile_decoder, max_batch=decode_batch)
+    pool = pipe.model._loop_pool if graphs else None
+    pipe.tokenizer = FastDecoder(pipe.tokenizer, dtype, compile_decoder, max_batch=decode_batch,
+                                 graphs=graphs and graph_decoder, pool=pool)
     return pipe

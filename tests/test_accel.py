@@ -515,3 +515,95 @@ def test_subpixel_upsample_is_nearest_x2_then_conv(dtype):
         ref = tok.fhat_to_img(f_hat)
         got = FastDecoder(copy.deepcopy(tok), dtype=torch.float32, compile=False, subpixel=True).fhat_to_img(f_hat)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_decoder_graph_plumbing_on_the_cpu(monkeypatch):
+    """``FastDecoder(graphs=True)``'s bookkeeping without a GPU (CUDA graphs replaced by a stand-in whose replay
+    re-runs the captured call on the graph's static input): the images of eager decoding, one capture per input
+    shape (3 images as 2 + 1: two graphs), replays' outputs cloned (a later replay does not overwrite what an earlier
+    call returned), and a capture that fails falls back to eager decoding with a warning."""
+    import contextlib
+
+    from hmar.accel import FastDecoder
+    from hmar.tokenizer import decode_in_chunks
+
+    capturing = {}
+
+    class Graph:
+        def replay(self):
+            self.run()
+
+    @contextlib.contextmanager
+    def graph(g, pool=None):
+        capturing["g"] = g
+        try:
+            yield
+        finally:                                      # as torch.cuda.graph ends a capture that raised
+            capturing.pop("g")
+
+    class Stream:
+        def wait_stream(self, s):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    torch.manual_seed(0)
+    tok = VQVAE(tokenizer_config("vqvae-tiny")).eval()
+    fd = FastDecoder(tok, dtype=torch.float32, compile=False, max_batch=2)
+    real = fd._decode
+
+    def decode(x):
+        out = real(x)
+        if "g" in capturing:                          # the call being captured: its replay recomputes it
+            capturing["g"].run = lambda: out.copy_(real(x))
+        return out
+
+    fd._decode, fd.graphs, fd.pool = decode, True, None
+    f_a, f_b = (tok.indices_to_fhat([torch.randint(0, tok.config.vocab_size, (3, p * p)) for p in tok.patch_nums])
+                for _ in range(2))
+    with torch.no_grad():
+        want_a, want_b = (decode_in_chunks(fd._decode_eager, f, 2) for f in (f_a, f_b))   # the same 2 + 1 calls
+        got_a = fd.fhat_to_img(f_a)                   # captures (2, ...) and (1, ...)
+        got_b = fd.fhat_to_img(f_b)                   # replays both
+    assert sorted(k[0] for k in fd._decode_graphs) == [1, 2]
+    assert torch.equal(got_b, want_b) and torch.equal(got_a, want_a)   # got_a not overwritten by f_b's replays
+    assert not torch.equal(got_a, got_b)
+    fd.max_batch = 3                                  # one call: what it returns must not be the graph's own buffer
+    with torch.no_grad():
+        one_a, one_b = fd.fhat_to_img(f_a), fd.fhat_to_img(f_b)
+        torch.testing.assert_close(one_a, fd._decode_eager(f_a))     # (oneDNN may round a fresh buffer otherwise)
+        torch.testing.assert_close(one_b, fd._decode_eager(f_b))
+    assert len(fd._decode_graphs) == 3
+
+    def broken(x):
+        if "g" in capturing:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return real(x)
+
+    fd._decode, fd._decode_graphs, fd.max_batch = broken, {}, 2
+    with pytest.warns(UserWarning, match="could not be captured"), torch.no_grad():
+        assert torch.equal(fd.fhat_to_img(f_a), want_a)
+    assert fd.graphs is False
+
+
+@cuda
+def test_graphed_decoder_in_the_loop_pool_matches_the_plain_one():
+    """``accelerate(graph_decoder=True)`` on the GPU: the decoder's calls replay CUDA graphs in the loop graph's
+    pool. Images equal those of the same decoder without graphs (the same kernels), over calls with two seeds and
+    two batch sizes (whose returns stay intact), and the tokens are those of the pipeline without decoder graphs."""
+    from hmar.pipeline import HMARPipeline
+    runs = {}
+    for graphed in (False, True):
+        pipe = HMARPipeline.from_preset("hmar-tiny", device="cuda")
+        from hmar.accel import accelerate
+        accelerate(pipe, decode_batch=2, graph_decoder=graphed)
+        assert pipe.tokenizer.graphs is graphed and (not graphed or pipe.tokenizer.pool is pipe.model._loop_pool)
+        runs[graphed] = [pipe.generate(lab, generator=s) for lab, s in (([1, 2, 3], 0), ([4, 5], 1), ([1, 2, 3], 2))]
+        assert pipe.tokenizer.graphs is graphed      # no fallback
+    for a, b in zip(runs[False], runs[True]):
+        assert all(torch.equal(x, y) for x, y in zip(a.indices, b.indices))
+        torch.testing.assert_close(b.images, a.images, atol=1e-3, rtol=0)
