@@ -7,6 +7,8 @@
 #           one-call decode), each with a profile of one compiled variant
 #   call 2: hmar-d30 and hmar-d30-512, then the decoder variants (sub-pixel up-sampling against plain)
 #   call 3: tests/test_accel.py whole (the compile-heavy tests at its end need about 4 minutes)
+#   call 4 (written 2026-12-02 for the next session): the decoder as CUDA graphs in the loop graph's pool
+#           (its GPU test, then every config with and without it), then a profile of the hmar-d30 token loop
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -16,7 +18,8 @@
 # fp32-eager is the official sampler's way and the baseline of the >= 3x goal.
 set -u
 [ $# -ge 1 ] || { echo "usage: gpu_fast_sampling.sh 1|2|3|STEP..."; exit 2; }
-case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) STEPS="tests" ;; *) STEPS="$*" ;; esac
+case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) STEPS="tests" ;;
+  4) STEPS="decgraph-test decgraph d30-profile" ;; *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
 L=/tmp/logs/$TAG T0=$SECONDS LIMIT=${LIMIT:-560}
@@ -55,6 +58,13 @@ for s in $STEPS; do
            --profile --profile-variants fast-compiled ;;
     var-d16) bench var-d16 var-d16 fast-compiled,fast-compiled-sortdraw ;;
     d30) bench d30 hmar-d30,hmar-d30-512 fp32-eager,fast-compiled,fast-compiled-gelu-onecall ;;
+    decgraph-test)
+      step "GPU test: the graphed decoder in the loop pool"
+      timeout "$(( $(left) < 150 ? $(left) : 150 ))" python3 -m pytest -q -p no:cacheprovider tests/test_accel.py \
+        -k "graphed_decoder" > "$L/decgraph-test.log" 2>&1; echo "decgraph test: exit $?"
+      tail -3 "$L/decgraph-test.log" ;;
+    decgraph) bench decgraph hmar-d16,hmar-d16-512,hmar-d30,hmar-d30-512 fast-compiled,fast-compiled-decgraph ;;
+    d30-profile) bench d30-profile hmar-d30 fast-compiled --profile --profile-variants fast-compiled ;;
     decoders)  # the three that matter since 2026-12-01 (channels_last and fp32 compile: BENCHMARKS.md 3a)
       step decoders
       timeout "$(left)" python3 $S --decode-only --configs hmar-d16,hmar-d16-512 \
