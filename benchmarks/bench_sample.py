@@ -34,6 +34,8 @@ for side-by-side ratios:
                 the draw over the top-k candidates of ``torch.topk`` (the same tokens for a seed)
   decgraph      the decoder's calls replayed as CUDA graphs in the loop graph's memory pool (an experiment:
                 ``accelerate(graph_decoder=True)``, ``FastDecoder(graphs=True)``)
+  autotune      with compiled: the blocks compiled with mode="max-autotune-no-cudagraphs" (inductor times Triton
+                GEMM templates, which can take the elementwise work around them; minutes of compiling)
 The fast path of 2026-12-01 is fast-chunked-nogelu-sortdraw (fast-compiled-chunked-nogelu-sortdraw with --compile).
 ``--profile`` adds a torch.profiler table of one token-part call (no decode) per config and profiled variant
 (``--profile-variants``, default "fast"; CUDA time per kernel. Its "Self CUDA time total" against the variant's
@@ -125,7 +127,8 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
             m = model.to(torch.bfloat16)
             if device.type == "cuda":
                 m = GraphedModel(m, compile="compiled" in mods, whole_loop="passgraphs" not in mods,
-                                 fused_gelu="nogelu" not in mods)
+                                 fused_gelu="nogelu" not in mods,
+                                 compile_mode="max-autotune-no-cudagraphs" if "autotune" in mods else None)
             if fast_decoder is None:
                 fast_decoder = FastDecoder(tok, compile=device.type == "cuda" and not args.no_compile,
                                            mode=args.compile_mode)
@@ -177,7 +180,7 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
     return results
 
 
-MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", "nogelu", "sortdraw", "decgraph")
+MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", "nogelu", "sortdraw", "decgraph", "autotune")
 TOPK_DRAW = hmar.sampling.sample_from_logits
 
 
