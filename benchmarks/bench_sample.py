@@ -34,6 +34,8 @@ for side-by-side ratios:
                 the draw over the top-k candidates of ``torch.topk`` (the same tokens for a seed)
   decgraph      the decoder's calls replayed as CUDA graphs in the loop graph's memory pool (an experiment:
                 ``accelerate(graph_decoder=True)``, ``FastDecoder(graphs=True)``)
+  reserve       each CUDA graph capture first reserves its warm-up's peak memory as one block of its pool
+                (``GraphedModel(reserve_pool=True)``, an experiment: the pools otherwise grow scale by scale)
   autotune      with compiled: the blocks compiled with mode="max-autotune-no-cudagraphs" (inductor times Triton
                 GEMM templates, which can take the elementwise work around them; minutes of compiling)
 The fast path of 2026-12-01 is fast-chunked-nogelu-sortdraw (fast-compiled-chunked-nogelu-sortdraw with --compile).
@@ -127,7 +129,7 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
             m = model.to(torch.bfloat16)
             if device.type == "cuda":
                 m = GraphedModel(m, compile="compiled" in mods, whole_loop="passgraphs" not in mods,
-                                 fused_gelu="nogelu" not in mods,
+                                 fused_gelu="nogelu" not in mods, reserve_pool="reserve" in mods,
                                  compile_mode="max-autotune-no-cudagraphs" if "autotune" in mods else None)
             if fast_decoder is None:
                 fast_decoder = FastDecoder(tok, compile=device.type == "cuda" and not args.no_compile,
@@ -137,6 +139,7 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
                            decode_chunk(t.config, args.batch, t.dtype.itemsize) if "chunked" in mods else None)
             # decoder graphs in the loop graph's pool (what accelerate(graph_decoder=True) sets up), fresh per variant
             t.graphs = "decgraph" in mods and isinstance(m, GraphedModel)
+            t.reserve_pool = "reserve" in mods
             t.pool = m._loop_pool if t.graphs else None
             t._decode_graphs = {}
         f_hat = {}
@@ -180,7 +183,7 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
     return results
 
 
-MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", "nogelu", "sortdraw", "decgraph", "autotune")
+MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", "nogelu", "sortdraw", "decgraph", "reserve", "autotune")
 TOPK_DRAW = hmar.sampling.sample_from_logits
 
 

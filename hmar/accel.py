@@ -30,14 +30,33 @@ a decoder call, in bytes): a batch of 16 decodes in one call at 256 and 512 px. 
 more memory); at 512 px 147.8 against 119.6 ms (4.7 GB more; BENCHMARKS.md section 3)."""
 
 
-def _on_side_stream(fn: Callable[[], Any]) -> None:
+def _on_side_stream(fn: Callable[[], Any], measure: bool = False) -> int:
     """Run ``fn`` (a warm-up before a capture: compiling, autotuning, lazy allocations) on a side stream, ordered
-    after and before the current stream's work, as CUDA graph captures want their warm-up."""
+    after and before the current stream's work, as CUDA graph captures want their warm-up. ``measure``: return the
+    most memory it held at once beyond what was allocated before (bytes; this resets the process's peak-memory
+    statistics), else 0."""
+    if measure:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         fn()
     torch.cuda.current_stream().wait_stream(side)
+    if not measure:
+        return 0
+    torch.cuda.synchronize()
+    return max(0, torch.cuda.max_memory_allocated() - base)
+
+
+def _reserve(nbytes: int, device: torch.device) -> None:
+    """Inside a capture: allocate ``nbytes`` as one block of the graph's pool and free it at once. The capture's own
+    allocations then split that one segment (and coalesce back when freed) instead of each scale's passes adding
+    segments of their sizes: the pool stays near the warm-up's peak. Without it the pools measured 0.76-4.39 GB on the
+    H200, several times what a pass holds at once (BENCHMARKS.md section 3d)."""
+    if nbytes > 0:
+        torch.empty(nbytes, dtype=torch.uint8, device=device)
 
 
 def compile_blocks(model: nn.Module, mode: Optional[str] = None) -> nn.Module:
@@ -73,13 +92,18 @@ class GraphedModel:
 
     ``fused_gelu=True`` (default) sets :attr:`hmar.model.blocks.FFN.fused_gelu` on the model's FFNs: fc1's bias and
     GELU run in the GEMM's epilogue in CUDA inference (the model's own eager no-grad passes too). On the H200 it
-    made the compiled hmar-d16 token loop 1.09x faster (35.1 to 32.3 ms, batch 16; BENCHMARKS.md section 3)."""
+    made the compiled hmar-d16 token loop 1.09x faster (35.1 to 32.3 ms, batch 16; BENCHMARKS.md section 3d).
+
+    ``reserve_pool`` (off by default; an experiment not yet run on a GPU): the loop's capture starts by reserving,
+    as one block of its pool, the most memory its warm-up run held at once, so that the pool stays near that size
+    (see :func:`_reserve`). Measuring the warm-up resets the process's peak-memory statistics."""
 
     def __init__(self, model: nn.Module, warmup: int = 1, compile: bool = False, compile_mode: Optional[str] = None,
-                 whole_loop: bool = True, max_loops: int = 8, fused_gelu: bool = True):
+                 whole_loop: bool = True, max_loops: int = 8, fused_gelu: bool = True, reserve_pool: bool = False):
         if not model.device.type == "cuda":
             raise ValueError("GraphedModel needs a model on a CUDA device")
         self.model, self.warmup, self.whole_loop, self.max_loops = model, warmup, whole_loop, max_loops
+        self.reserve_pool = reserve_pool
         if fused_gelu:          # fc1's bias + GELU in the GEMM epilogue (hmar.model.blocks.FFN), on the model itself
             from .model.blocks import FFN
             for m in model.modules():
@@ -194,11 +218,12 @@ class GraphedModel:
                 g = torch.Generator(device=gen.device)
                 g.set_state(gen.get_state())      # the user's generator does not advance
                 loop(self.model, sy, g)
-        _on_side_stream(warm)
+        need = _on_side_stream(warm, measure=self.reserve_pool)
         sgen = torch.Generator(device=gen.device)
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(sgen)
         with torch.cuda.graph(graph, pool=self._loop_pool):
+            _reserve(need, y.device)
             outs = loop(self.model, sy, sgen)
         return graph, sy, sgen, outs
 
@@ -237,12 +262,14 @@ class FastDecoder(nn.Module):
     :func:`accelerate` passes the loop graph's (:class:`GraphedModel`), so the decoder's activations reuse the memory
     of the token loop's intermediates instead of adding to it. Sharing one pool is safe here because every replay's
     outputs are cloned before anything else runs (the next replay of any graph may overwrite them). A capture that
-    fails falls back to eager calls, with a warning."""
+    fails falls back to eager calls, with a warning. ``reserve_pool``: each capture first reserves its warm-up's
+    peak as one block of the pool, as :class:`GraphedModel`'s ``reserve_pool`` does (a block the loop's capture
+    reserved and freed serves the decoder's when it is large enough)."""
 
     def __init__(self, tokenizer: nn.Module, dtype: torch.dtype = torch.bfloat16, compile: bool = True,
                  mode: Optional[str] = None, channels_last: bool = True, max_batch: Optional[int] = None,
                  cudnn_benchmark: bool = True, offload_encoder: bool = True, subpixel: bool = False,
-                 graphs: bool = False, pool: Optional[Tuple[int, int]] = None):
+                 graphs: bool = False, pool: Optional[Tuple[int, int]] = None, reserve_pool: bool = False):
         super().__init__()
         self.tokenizer = tokenizer
         if subpixel:       # from the fp32 weights, before the conversion to ``dtype`` below (one rounding)
@@ -271,7 +298,7 @@ class FastDecoder(nn.Module):
         self._decode = self._decode_eager
         if compile:
             self._decode = torch.compile(self._decode_eager, mode=mode, dynamic=False)
-        self.graphs = graphs and on_cuda
+        self.graphs, self.reserve_pool = graphs and on_cuda, reserve_pool
         self.pool = pool if pool is not None or not self.graphs else torch.cuda.graph_pool_handle()
         self._decode_graphs: Dict[Tuple[int, ...], Tuple[Any, torch.Tensor, torch.Tensor]] = {}
 
@@ -293,9 +320,10 @@ class FastDecoder(nn.Module):
         if entry is None:
             sx = f_hat.clone()
             try:
-                _on_side_stream(lambda: self._decode(sx))       # compiles, times cuDNN's algorithms
+                need = _on_side_stream(lambda: self._decode(sx), self.reserve_pool)   # compiles, times cuDNN
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
+                    _reserve(need, sx.device)
                     out = self._decode(sx)
             except Exception as e:  # noqa: BLE001  (an op the capture cannot take: keep decoding, say so)
                 import warnings

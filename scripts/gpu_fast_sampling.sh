@@ -7,9 +7,10 @@
 #           one-call decode), each with a profile of one compiled variant
 #   call 2: hmar-d30 and hmar-d30-512, then the decoder variants (sub-pixel up-sampling against plain)
 #   call 3: tests/test_accel.py whole (the compile-heavy tests at its end need about 4 minutes)
-#   call 4 (written 2026-12-02 for the next session): the decoder as CUDA graphs in the loop graph's pool
-#           (its GPU test, then every config with and without it), a profile of the hmar-d30 token loop, then
-#           hmar-d16 with its blocks compiled in max-autotune mode against the default mode
+#   call 4 (written 2026-12-02 for the next session): the decoder as CUDA graphs in the loop graph's pool, and
+#           pools reserved at the warm-up's peak (the GPU test, then every config with and without each)
+#   call 5: a profile of the hmar-d30 token loop, then hmar-d16 with its blocks compiled in max-autotune mode
+#           against the default mode
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -20,7 +21,7 @@
 set -u
 [ $# -ge 1 ] || { echo "usage: gpu_fast_sampling.sh 1|2|3|STEP..."; exit 2; }
 case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) STEPS="tests" ;;
-  4) STEPS="decgraph-test decgraph d30-profile autotune" ;; *) STEPS="$*" ;; esac
+  4) STEPS="decgraph-test decgraph" ;; 5) STEPS="d30-profile autotune" ;; *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
 L=/tmp/logs/$TAG T0=$SECONDS LIMIT=${LIMIT:-560}
@@ -64,7 +65,8 @@ for s in $STEPS; do
       timeout "$(( $(left) < 150 ? $(left) : 150 ))" python3 -m pytest -q -p no:cacheprovider tests/test_accel.py \
         -k "graphed_decoder" > "$L/decgraph-test.log" 2>&1; echo "decgraph test: exit $?"
       tail -3 "$L/decgraph-test.log" ;;
-    decgraph) bench decgraph hmar-d16,hmar-d16-512,hmar-d30,hmar-d30-512 fast-compiled,fast-compiled-decgraph ;;
+    decgraph) bench decgraph hmar-d16,hmar-d16-512,hmar-d30,hmar-d30-512 \
+                fast-compiled,fast-compiled-decgraph,fast-compiled-reserve,fast-compiled-decgraph-reserve ;;
     d30-profile) bench d30-profile hmar-d30 fast-compiled --profile --profile-variants fast-compiled ;;
     autotune) bench autotune hmar-d16 fast-compiled,fast-compiled-autotune ;;   # last: its compile may not finish
     decoders)  # the three that matter since 2026-12-01 (channels_last and fp32 compile: BENCHMARKS.md 3a)

@@ -409,7 +409,7 @@ def test_run_loop_plumbing_on_the_cpu(monkeypatch):
         monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cpu")))
         fast = object.__new__(accel.GraphedModel)       # __init__ refuses a CPU model
         fast.__dict__.update(model=model, warmup=1, whole_loop=True, max_loops=3, _graphs={}, _loops=OrderedDict(),
-                             _caches=None, pool=None, _loop_pool=None)
+                             _caches=None, pool=None, _loop_pool=None, reserve_pool=False)
         capture = fast._capture_loop
 
         def capture_and_remember(loop, y, gen, capture=capture):
@@ -594,16 +594,77 @@ def test_decoder_graph_plumbing_on_the_cpu(monkeypatch):
 def test_graphed_decoder_in_the_loop_pool_matches_the_plain_one():
     """``accelerate(graph_decoder=True)`` on the GPU: the decoder's calls replay CUDA graphs in the loop graph's
     pool. Images equal those of the same decoder without graphs (the same kernels), over calls with two seeds and
-    two batch sizes (whose returns stay intact), and the tokens are those of the pipeline without decoder graphs."""
+    two batch sizes (whose returns stay intact), and the tokens are those of the pipeline without decoder graphs;
+    the same with the pools reserved at the warm-up's peak (``reserve_pool``)."""
+    from hmar.accel import accelerate
     from hmar.pipeline import HMARPipeline
     runs = {}
-    for graphed in (False, True):
+    for graphed, reserve in ((False, False), (True, False), (True, True)):
         pipe = HMARPipeline.from_preset("hmar-tiny", device="cuda")
-        from hmar.accel import accelerate
         accelerate(pipe, decode_batch=2, graph_decoder=graphed)
+        pipe.model.reserve_pool = pipe.tokenizer.reserve_pool = reserve
         assert pipe.tokenizer.graphs is graphed and (not graphed or pipe.tokenizer.pool is pipe.model._loop_pool)
-        runs[graphed] = [pipe.generate(lab, generator=s) for lab, s in (([1, 2, 3], 0), ([4, 5], 1), ([1, 2, 3], 2))]
-        assert pipe.tokenizer.graphs is graphed      # no fallback
-    for a, b in zip(runs[False], runs[True]):
-        assert all(torch.equal(x, y) for x, y in zip(a.indices, b.indices))
-        torch.testing.assert_close(b.images, a.images, atol=1e-3, rtol=0)
+        runs[graphed, reserve] = [pipe.generate(lab, generator=s)
+                                  for lab, s in (([1, 2, 3], 0), ([4, 5], 1), ([1, 2, 3], 2))]
+        assert pipe.tokenizer.graphs is graphed and pipe.model.whole_loop     # no fallback
+    for key in ((True, False), (True, True)):
+        for a, b in zip(runs[False, False], runs[key]):
+            assert all(torch.equal(x, y) for x, y in zip(a.indices, b.indices))
+            torch.testing.assert_close(b.images, a.images, atol=1e-3, rtol=0)
+
+
+def test_reserved_pool_plumbing_on_the_cpu(monkeypatch):
+    """``reserve_pool`` without a GPU (memory statistics and CUDA graphs replaced by stand-ins): the warm-up's peak
+    above what was allocated before is measured, and each capture (the loop's and the decoder's) reserves exactly
+    that as its first allocation, inside the graph; without ``reserve_pool`` nothing is measured, and the
+    reservation is of 0 bytes (no allocation)."""
+    import contextlib
+
+    import hmar.accel as accel
+    from hmar.accel import FastDecoder, GraphedModel
+
+    stats = {"alloc": 1000, "peak": 1000}
+    events = []
+
+    class Graph:
+        def register_generator_state(self, g):
+            pass
+
+        def replay(self):
+            events.append("replay")
+
+    @contextlib.contextmanager
+    def graph(g, pool=None):
+        events.append("begin")
+        yield
+        events.append("end")
+
+    class Stream:
+        def wait_stream(self, s):
+            pass
+
+    for name, fn in (("synchronize", lambda: None), ("memory_allocated", lambda: stats["alloc"]),
+                     ("reset_peak_memory_stats", lambda: stats.update(peak=stats["alloc"])),
+                     ("max_memory_allocated", lambda: stats["peak"]), ("Stream", Stream), ("current_stream", Stream),
+                     ("stream", lambda s: contextlib.nullcontext()), ("CUDAGraph", Graph), ("graph", graph)):
+        monkeypatch.setattr(torch.cuda, name, fn)
+    real_reserve = accel._reserve
+    monkeypatch.setattr(accel, "_reserve", lambda n, d: (events.append(("reserve", n)), real_reserve(n, d)))
+
+    def work(held):                                   # what a warm-up or a captured call does to the statistics
+        stats["peak"] = max(stats["peak"], stats["alloc"] + held)
+        events.append("run")
+
+    assert accel._on_side_stream(lambda: work(5000), measure=True) == 5000
+    assert accel._on_side_stream(lambda: work(7000)) == 0          # not measured: the statistics are not touched
+    for reserve in (True, False):
+        events.clear()
+        fast = object.__new__(GraphedModel)
+        fast.__dict__.update(model=None, warmup=1, reserve_pool=reserve, _loop_pool=None)
+        fast._capture_loop(lambda m, y, g: work(3000), torch.zeros(2), torch.Generator())
+        assert events == ["run", "begin", ("reserve", 3000 if reserve else 0), "run", "end"]   # 0: nothing
+        events.clear()
+        fd = FastDecoder(VQVAE(tokenizer_config("vqvae-tiny")).eval(), dtype=torch.float32, compile=False)
+        fd._decode, fd.graphs, fd.pool, fd.reserve_pool = (lambda x: (work(4000), x)[1]), True, None, reserve
+        fd.fhat_to_img(torch.zeros(1, 2))
+        assert events == ["run", "begin", ("reserve", 4000 if reserve else 0), "run", "end", "replay"]
