@@ -259,8 +259,9 @@ class FastDecoder(nn.Module):
 
     ``graphs`` (CUDA; off by default, an experiment not yet run on a GPU): each decoder call of a new input shape is
     captured as a CUDA graph and replayed after (no kernel launch from Python), in the memory pool ``pool``:
-    :func:`accelerate` passes the loop graph's (:class:`GraphedModel`), so the decoder's activations reuse the memory
-    of the token loop's intermediates instead of adding to it. Sharing one pool is safe here because every replay's
+    :func:`accelerate` passes the loop graph's (:class:`GraphedModel`), so the decoder's activations can reuse the
+    memory of the token loop's intermediates instead of adding to it (where the pool's free blocks are large enough:
+    see ``reserve_pool``). Sharing one pool is safe here because every replay's
     outputs are cloned before anything else runs (the next replay of any graph may overwrite them). A capture that
     fails falls back to eager calls, with a warning. ``reserve_pool``: each capture first reserves its warm-up's
     peak as one block of the pool, as :class:`GraphedModel`'s ``reserve_pool`` does (a block the loop's capture
