@@ -394,15 +394,43 @@ def main() -> None:
     for name in args.configs.split(","):
         out["results"][name] = bench_config(name, args, device, save, out["results"].setdefault(name, {}))
         save()
-    # side-by-side ratios
-    print("\nratios (same process):")
-    for name, r in out["results"].items():
-        if "fp32-eager" in r and "fast" in r:
-            print(f"  {name:14s} fast vs fp32-eager: e2e {r['fp32-eager']['e2e_ms'] / r['fast']['e2e_ms']:.2f}x")
-        other = name.replace("hmar", "var") if name.startswith("hmar") else None
-        if other in out["results"] and "fast" in r:
-            print(f"  {name:14s} HMAR fast vs VAR fast: e2e {out['results'][other]['fast']['e2e_ms'] / r['fast']['e2e_ms']:.2f}x, "
-                  f"tokens {out['results'][other]['fast']['tokens_ms'] / r['fast']['tokens_ms']:.2f}x")
+    print_ratios(out["results"])
+
+
+OFFICIAL = {  # the official HMAR sampler on the H200 (the performance issue's reference figures): ms, ms, ms, GB
+    "hmar-d16": dict(tokens=136, decode=53, e2e=189, peak=6.1), "hmar-d30": dict(tokens=404, decode=53, e2e=457, peak=13.9),
+    "hmar-d16-512": dict(tokens=345, decode=211, e2e=556, peak=17.9),
+    "hmar-d30-512": dict(tokens=1250, decode=211, e2e=1461, peak=25.8)}
+GOALS = {"hmar-d16": (30, 18), "hmar-d30": (120, 18), "hmar-d16-512": (70, 80), "hmar-d30-512": (380, 80)}
+"""The issue's sampling goals per config: (tokens within, decode within) in ms; end to end >= 3x the official
+sampler with at most half its peak memory."""
+
+
+def print_ratios(results: dict) -> None:
+    """Side by side: every variant against the first of its config (same process); HMAR against VAR of the same size
+    where both ran; and the goal configs against the official sampler's reference figures and the issue's goals."""
+    print("\nratios (same process; > 1: faster than the config's first variant):")
+    for name, r in results.items():
+        first, *rest = r
+        for v in rest:
+            print(f"  {name:14s} {v:26s} vs {first}: tokens {r[first]['tokens_ms'] / r[v]['tokens_ms']:.2f}x  "
+                  f"decode {r[first]['decode_ms'] / r[v]['decode_ms']:.2f}x  e2e {r[first]['e2e_ms'] / r[v]['e2e_ms']:.2f}x")
+    for name, r in results.items():
+        other = results.get(name.replace("hmar", "var")) if name.startswith("hmar") else None
+        for v in [v for v in r if other and v in other]:
+            print(f"  {name:14s} {v:26s} HMAR vs VAR: e2e {other[v]['e2e_ms'] / r[v]['e2e_ms']:.2f}x, "
+                  f"tokens {other[v]['tokens_ms'] / r[v]['tokens_ms']:.2f}x")
+    rows = [(n, v, x) for n, r in results.items() if n in OFFICIAL for v, x in r.items() if "peak_gb" in x]
+    if rows:
+        print("\nagainst the official sampler (reference figures) and the goals (tokens / decode within, e2e >= 3x, "
+              "peak <= 0.5 of the official; memory also with the graph pools):")
+    for name, v, x in rows:
+        o, (t_goal, d_goal) = OFFICIAL[name], GOALS[name]
+        e2e, mem, mem_pools = o["e2e"] / x["e2e_ms"], x["peak_gb"] / o["peak"], (x["peak_gb"] + x["pools_gb"]) / o["peak"]
+        ok = lambda c: "met" if c else "NOT met"  # noqa: E731
+        print(f"  {name:14s} {v:26s} e2e {e2e:.2f}x ({ok(e2e >= 3)})  tokens {x['tokens_ms']:.1f} / {t_goal} ms "
+              f"({ok(x['tokens_ms'] <= t_goal)})  decode {x['decode_ms']:.1f} / {d_goal} ms ({ok(x['decode_ms'] <= d_goal)})  "
+              f"peak {mem:.2f} ({ok(mem <= 0.5)}), with pools {mem_pools:.2f} ({ok(mem_pools <= 0.5)})")
 
 
 if __name__ == "__main__":

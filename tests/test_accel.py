@@ -668,3 +668,23 @@ def test_reserved_pool_plumbing_on_the_cpu(monkeypatch):
         fd._decode, fd.graphs, fd.pool, fd.reserve_pool = (lambda x: (work(4000), x)[1]), True, None, reserve
         fd.fhat_to_img(torch.zeros(1, 2))
         assert events == ["run", "begin", ("reserve", 4000 if reserve else 0), "run", "end", "replay"]
+
+
+def test_bench_sample_prints_the_goal_table(capsys, monkeypatch):
+    """``bench_sample.print_ratios`` on the figures of 2026-12-02's call 4 (hmar-d16): side-by-side ratios against
+    the first variant, and each variant against the official sampler's reference figures and the issue's goals."""
+    import importlib.util
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))             # its helpers sit beside it
+    spec = importlib.util.spec_from_file_location("bench_sample", root / "benchmarks" / "bench_sample.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    old = dict(tokens_ms=36.9, decode_ms=37.4, e2e_ms=69.14, peak_gb=1.95, pools_gb=1.07)
+    new = dict(tokens_ms=32.6, decode_ms=29.4, e2e_ms=55.53, peak_gb=2.58, pools_gb=0.76)
+    bench.print_ratios({"hmar-d16": {"old": old, "new": new}})
+    out = capsys.readouterr().out
+    assert "new                        vs old: tokens 1.13x  decode 1.27x  e2e 1.25x" in out
+    assert "old                        e2e 2.73x (NOT met)" in out and "peak 0.32 (met), with pools 0.50 (met)" in out
+    assert "new                        e2e 3.40x (met)  tokens 32.6 / 30 ms (NOT met)" in out
+    assert "peak 0.42 (met), with pools 0.55 (NOT met)" in out
