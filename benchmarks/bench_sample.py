@@ -39,6 +39,9 @@ for side-by-side ratios:
   autotune      with compiled: the blocks compiled with mode="max-autotune-no-cudagraphs" (inductor times Triton
                 GEMM templates, which can take the elementwise work around them; minutes of compiling)
 The fast path of 2026-12-01 is fast-chunked-nogelu-sortdraw (fast-compiled-chunked-nogelu-sortdraw with --compile).
+After the runs it prints every variant's ratios against the first variant of its config (same process), HMAR
+against VAR where both ran, and for the four goal configs each variant against the official sampler's reference
+figures (``OFFICIAL``) and the performance issue's goals (``GOALS``), met or not.
 ``--profile`` adds a torch.profiler table of one token-part call (no decode) per config and profiled variant
 (``--profile-variants``, default "fast"; CUDA time per kernel. Its "Self CUDA time total" against the variant's
 tokens time shows how long the GPU waited for the host).
