@@ -15,7 +15,8 @@ x the listed ``--attention-backend`` values side by side in one process (fresh m
 seed and data) and prints each one's speed relative to the first (eager, plain CE, first backend).
 
 Presets of the performance goals: ``hmar-d16`` (>= 500 img/s at batch 32), ``hmar-d30`` (>= 91 img/s),
-``hmar-d16-512`` (>= 129 img/s); ``var-d16`` for the VAR comparison. Prints images/s, ms/step, peak GPU memory
+``hmar-d16-512`` (>= 129 img/s); ``var-d16`` for the VAR comparison. At their goal batch each line ends with the
+ratio to the official VAR step's img/s (``OFFICIAL_IMG_S``, reference figures) and whether the goal is met. Prints images/s, ms/step, peak GPU memory
 and the final loss per configuration (with ``--model-override drop_path_rate=0 cond_drop_rate=0`` the losses of
 all variants must agree up to rounding: a cheap check that the fast paths compute the same thing);
 ``--json`` writes them to a file.
@@ -147,9 +148,25 @@ def variant_name(r: Dict[str, Any]) -> str:
             f"{r['attention_backend']}" + (f"({r['attention_resolved']})" if r["attention_backend"] == "auto" else ""))
 
 
+OFFICIAL_IMG_S = {  # preset: (batch, the official VAR step's img/s on the H200 (reference figures), goal ratio or None)
+    "hmar-d16": (32, 200.0, 2.5), "var-d16": (32, 200.0, None), "hmar-d30": (16, 45.5, 2.0),
+    "hmar-d16-512": (8, 51.6, 2.5)}
+
+
+def against_official(r: Dict[str, Any]) -> str:
+    """`` vs official VAR 1.84x (goal 2.5x: NOT met)`` for a goal preset at its goal batch (not the masked stage)."""
+    if r["preset"] not in OFFICIAL_IMG_S or r["stage"] == "masked" or r["batch"] != OFFICIAL_IMG_S[r["preset"]][0]:
+        return ""
+    _, ref, goal = OFFICIAL_IMG_S[r["preset"]]
+    x = r["img_per_s"] / ref
+    verdict = "" if goal is None else f" (goal {goal}x: {'met' if x >= goal else 'NOT met'})"
+    return f"  vs official VAR {x:.2f}x{verdict}"
+
+
 def report(r: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> str:
     mem = f", peak {r['peak_mem_gib']:6.2f} GiB" if "peak_mem_gib" in r else ""
     ratio = f"  x{base['ms_per_step'] / r['ms_per_step']:.2f} vs eager" if base is not None else ""
+    ratio += against_official(r)
     return (f"{r['preset']:>12} {r['stage']:<10} batch {r['batch']}  {variant_name(r):<40} "
             f"{r['img_per_s']:8.1f} img/s {r['ms_per_step']:9.2f} ms/step{mem}  loss {r['loss']:.5f}{ratio}  "
             f"({r['params_m']}M params, {r['trained_params_m']}M trained, {r['precision']}, fused AdamW "

@@ -357,3 +357,18 @@ def test_gpu_fast_path_follows_the_eager_plain_path(stage):
     ref = runs.pop("eager-plain-per_scale")
     for name, losses in runs.items():
         assert losses == pytest.approx(ref, rel=2e-2), (name, ref, losses)
+
+
+def test_bench_train_reports_against_the_official_figures(monkeypatch):
+    """A goal preset at its goal batch is compared with the official VAR step's img/s (reference figures) and its
+    goal, met or not (figures of BENCHMARKS.md sections 2c / 2d); other batches and the masked stage are not."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import bench_train
+    r = dict(preset="hmar-d30", stage="next-scale", batch=16, img_per_s=71.3)
+    assert bench_train.against_official(r) == "  vs official VAR 1.57x (goal 2.0x: NOT met)"
+    assert bench_train.against_official({**r, "preset": "hmar-d16-512", "batch": 8, "img_per_s": 130.0}) == \
+        "  vs official VAR 2.52x (goal 2.5x: met)"
+    assert bench_train.against_official({**r, "preset": "var-d16", "batch": 32, "img_per_s": 198.1}) == \
+        "  vs official VAR 0.99x"
+    assert bench_train.against_official({**r, "batch": 8}) == ""
+    assert bench_train.against_official({**r, "preset": "hmar-d16", "batch": 32, "stage": "masked"}) == ""
