@@ -309,9 +309,25 @@ class FastDecoder(nn.Module):
 
     def fhat_to_img(self, f_hat: torch.Tensor, max_batch: Optional[int] = None) -> torch.Tensor:
         """Decode ``max_batch`` images at a time (default: ``max_batch`` given at construction, else
-        :func:`hmar.tokenizer.decode_chunk` for this dtype and :data:`FAST_DECODE_CHUNK_BYTES`)."""
+        :func:`hmar.tokenizer.decode_chunk` for this dtype and :data:`FAST_DECODE_CHUNK_BYTES`).
+
+        If a call runs out of GPU memory, it decodes half as many images per call (and keeps that as this decoder's
+        ``max_batch``, with a warning), down to one: a smaller GPU than the default budget assumes still decodes."""
+        n = max_batch or self.images_per_call(f_hat.shape[0])
         decode = self._graphed_decode if self.graphs else self._decode
-        return decode_in_chunks(decode, f_hat, max_batch or self.images_per_call(f_hat.shape[0]))
+        try:
+            return decode_in_chunks(decode, f_hat, n)
+        except torch.OutOfMemoryError:
+            if n == 1:
+                raise
+        import warnings
+        warnings.warn(f"hmar: decoding {n} images per call ran out of GPU memory; decoding {n // 2} per call from "
+                      f"now on (decode_batch / --decode-batch sets it)")
+        self.max_batch = n // 2
+        self._decode_graphs.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return self.fhat_to_img(f_hat, self.max_batch)
 
     @torch.no_grad()
     def _graphed_decode(self, f_hat: torch.Tensor) -> torch.Tensor:

@@ -688,3 +688,34 @@ def test_bench_sample_prints_the_goal_table(capsys, monkeypatch):
     assert "old                        e2e 2.73x (NOT met)" in out and "peak 0.32 (met), with pools 0.50 (met)" in out
     assert "new                        e2e 3.40x (met)  tokens 32.6 / 30 ms (NOT met)" in out
     assert "peak 0.42 (met), with pools 0.55 (NOT met)" in out
+
+
+def test_fast_decoder_halves_its_batch_when_out_of_memory():
+    """A decoder call that runs out of GPU memory is retried with half as many images per call (kept as the
+    decoder's ``max_batch``, with a warning), down to one image, where the error propagates."""
+    from hmar.accel import FastDecoder
+    from hmar.tokenizer import decode_in_chunks
+    torch.manual_seed(0)
+    tok = VQVAE(tokenizer_config("vqvae-tiny")).eval()
+    fd = FastDecoder(tok, dtype=torch.float32, compile=False, max_batch=8)
+    real, sizes = fd._decode, []
+
+    def decode(x, limit=2):
+        sizes.append(x.shape[0])
+        if x.shape[0] > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+        return real(x)
+
+    fd._decode = decode
+    f_hat = tok.indices_to_fhat([torch.randint(0, tok.config.vocab_size, (6, p * p)) for p in tok.patch_nums])
+    with torch.no_grad(), pytest.warns(UserWarning, match="ran out of GPU memory"):
+        img = fd.fhat_to_img(f_hat)
+    assert sizes == [6, 4, 2, 2, 2] and fd.max_batch == 2           # 8 -> 6 images in one call, 4, then 3 x 2
+    with torch.no_grad():
+        assert torch.equal(img, decode_in_chunks(real, f_hat, 2))
+        sizes.clear()
+        fd.fhat_to_img(f_hat)
+    assert sizes == [2, 2, 2]                                          # later calls start at the smaller batch
+    fd._decode, fd.max_batch = (lambda x: decode(x, limit=0)), 4
+    with pytest.raises(torch.OutOfMemoryError), pytest.warns(UserWarning), torch.no_grad():
+        fd.fhat_to_img(f_hat)
