@@ -59,6 +59,28 @@ def _reserve(nbytes: int, device: torch.device) -> None:
         torch.empty(nbytes, dtype=torch.uint8, device=device)
 
 
+def _capture(warm: Callable[[], Any], run: Callable[[], Any], pool, device: torch.device, reserve: bool = False,
+             generator: Optional[torch.Generator] = None) -> Tuple[torch.cuda.CUDAGraph, Any]:
+    """``warm()`` on a side stream, then ``run()`` captured as a CUDA graph in ``pool``, first reserving the warm-up's
+    peak as one pool block when ``reserve`` (:func:`_reserve`); ``generator`` is registered with the graph (a replay
+    draws from whatever state it holds then). Returns (graph, what ``run`` returned: the graph's static outputs)."""
+    need = _on_side_stream(warm, measure=reserve)
+    graph = torch.cuda.CUDAGraph()
+    if generator is not None:
+        graph.register_generator_state(generator)
+    with torch.cuda.graph(graph, pool=pool):
+        _reserve(need, device)
+        out = run()
+    return graph, out
+
+
+def _capture_failed(what: str, e: Exception, instead: str) -> None:
+    """Say that ``what`` could not be captured (an op a capture cannot take) and what runs ``instead``."""
+    import warnings
+    warnings.warn(f"hmar: {what} could not be captured as a CUDA graph ({type(e).__name__}: {e}); {instead}")
+    torch.cuda.synchronize()
+
+
 def compile_blocks(model: nn.Module, mode: Optional[str] = None) -> nn.Module:
     """``torch.compile`` every AdaLN block and head of ``model`` in place (regional compilation), with dynamic
     shapes. Inductor fuses each block's elementwise work (LayerNorm + modulation, q/k normalisation, gating,
@@ -140,17 +162,14 @@ class GraphedModel:
         entry = self._graphs.get(key)
         if entry is None:
             sx, sc = x.clone(), cond.clone()
+            call = (lambda: fn(sx, sc, caches)) if caches is not None else (lambda: fn(sx, sc))
 
             def warm():
                 for _ in range(self.warmup):
-                    fn(sx, sc, caches) if caches is not None else fn(sx, sc)
-                    if caches:
-                        for c in caches:
-                            c.len = start
-            _on_side_stream(warm)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                so = fn(sx, sc, caches) if caches is not None else fn(sx, sc)
+                    call()
+                    for c in caches or ():
+                        c.len = start
+            graph, so = _capture(warm, call, self.pool, x.device)
             entry = self._graphs[key] = (graph, sx, sc, so)
         else:
             if caches:  # replaying advances the cache exactly as the captured call did
@@ -194,11 +213,8 @@ class GraphedModel:
             try:
                 entry = self._loops[k] = self._capture_loop(loop, y, gen)
             except Exception as e:  # noqa: BLE001  (an op the capture cannot take: keep working, say so)
-                import warnings
-                warnings.warn(f"hmar: the sampling loop could not be captured as one CUDA graph ({type(e).__name__}: "
-                              f"{e}); replaying one graph per pass instead")
+                _capture_failed("the sampling loop", e, "replaying one graph per pass instead")
                 self.whole_loop = False
-                torch.cuda.synchronize()
                 return loop(self, y, gen)
         graph, sy, sgen, outs = entry
         sy.copy_(y)
@@ -218,13 +234,9 @@ class GraphedModel:
                 g = torch.Generator(device=gen.device)
                 g.set_state(gen.get_state())      # the user's generator does not advance
                 loop(self.model, sy, g)
-        need = _on_side_stream(warm, measure=self.reserve_pool)
         sgen = torch.Generator(device=gen.device)
-        graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(sgen)
-        with torch.cuda.graph(graph, pool=self._loop_pool):
-            _reserve(need, y.device)
-            outs = loop(self.model, sy, sgen)
+        graph, outs = _capture(warm, lambda: loop(self.model, sy, sgen), self._loop_pool, y.device,
+                               self.reserve_pool, sgen)
         return graph, sy, sgen, outs
 
     def reset(self) -> None:
@@ -300,7 +312,7 @@ class FastDecoder(nn.Module):
         if compile:
             self._decode = torch.compile(self._decode_eager, mode=mode, dynamic=False)
         self.graphs, self.reserve_pool = graphs and on_cuda, reserve_pool
-        self.pool = pool if pool is not None or not self.graphs else torch.cuda.graph_pool_handle()
+        self.pool = pool if pool is not None or not self.graphs else torch.cuda.graph_pool_handle()   # one per decoder
         self._decode_graphs: Dict[Tuple[int, ...], Tuple[Any, torch.Tensor, torch.Tensor]] = {}
 
     def _decode_eager(self, f_hat: torch.Tensor) -> torch.Tensor:
@@ -336,18 +348,12 @@ class FastDecoder(nn.Module):
         entry = self._decode_graphs.get(key)
         if entry is None:
             sx = f_hat.clone()
-            try:
-                need = _on_side_stream(lambda: self._decode(sx), self.reserve_pool)   # compiles, times cuDNN
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
-                    _reserve(need, sx.device)
-                    out = self._decode(sx)
+            try:   # the warm-up compiles and times cuDNN's algorithms
+                graph, out = _capture(lambda: self._decode(sx), lambda: self._decode(sx), self.pool, sx.device,
+                                      self.reserve_pool)
             except Exception as e:  # noqa: BLE001  (an op the capture cannot take: keep decoding, say so)
-                import warnings
-                warnings.warn(f"hmar: the decoder could not be captured as a CUDA graph ({type(e).__name__}: {e}); "
-                              "decoding without graphs instead")
+                _capture_failed("the decoder", e, "decoding without graphs instead")
                 self.graphs = False
-                torch.cuda.synchronize()
                 return self._decode(f_hat)
             entry = self._decode_graphs[key] = (graph, sx, out)
         graph, sx, out = entry
