@@ -127,8 +127,8 @@ class HMARPipeline:
 
         ``decode_batch``: images per decoder call (default :data:`hmar.accel.FAST_DECODE_CHUNK_BYTES`'s choice: 16 in
         one call at 256 and 512 px). Fewer take less memory and more time: on the H200 (16 images, the decoder
-        alone, BENCHMARKS.md sections 3d and 3a) one call took 22.6 ms with 1.34 GB of activations at 256 px and 88.3 ms
-        with 5.37 GB at 512 px; 2 x 8 at 256 px 33.1 ms with 0.68 GB, 8 x 2 at 512 px 119.6 ms with 0.72 GB."""
+        alone, side by side, BENCHMARKS.md section 3a) one call took 24.1 ms with 1.34 GB of activations at 256 px and
+        91.6 ms with 5.37 GB at 512 px; 2 x 8 at 256 px 33.1 ms with 0.68 GB, 8 x 2 at 512 px 119.6 ms with 0.72 GB."""
         if self.device.type != "cuda":
             raise HMARError(f"fast sampling needs a CUDA device, but the pipeline is on {self.device}: "
                             "load it with device='cuda'")
