@@ -25,9 +25,9 @@ from .tokenizer import decode_chunk, decode_in_chunks
 
 FAST_DECODE_CHUNK_BYTES = 1536 * 2 ** 20
 """:class:`FastDecoder`'s default budget for :func:`~hmar.tokenizer.decode_chunk` (one full-resolution activation of
-a decoder call, in bytes): a batch of 16 decodes in one call at 256 and 512 px. With the official 256 px tokenizer, the budget until 2026-12-02
-(256 MiB, 2 x 8 images) decoded 16 images in 35.8 ms inside the sampler on the H200, one call in 31.6 ms (with 0.8 GB
-more memory); at 512 px 147.8 against 119.8 ms (4.7 GB more; BENCHMARKS.md section 3d)."""
+a decoder call, in bytes): a batch of 16 decodes in one call at 256 and 512 px. With the official tokenizer, the budget
+until 2026-12-02 (256 MiB: 2 x 8 images at 256 px) decoded 16 images in 35.8 ms inside the sampler on the H200, one
+call in 31.6 ms (with 0.8 GB more memory); at 512 px 147.8 against 119.8 ms (4.7 GB more; BENCHMARKS.md section 3d)."""
 
 
 def _on_side_stream(fn: Callable[[], Any], measure: bool = False) -> int:
