@@ -16,7 +16,8 @@ Variants:
   bf16-eager     bf16, eager
   fast           what ``enable_fast_sampling()`` / ``hmar sample --fast`` runs: bf16, the whole token loop replayed as
                  one CUDA graph, AdaLN modulations computed once per call, fc1's bias + GELU in the GEMM epilogue, the
-                 draw over torch.topk's candidates, bf16 channels_last compiled decoder (16 images per call)
+                 draw over torch.topk's candidates, bf16 channels_last compiled decoder (16 images per call) whose
+                 calls replay CUDA graphs in the loop graph's memory pool, each capture reserving its warm-up's peak
 and variants of "fast" with changes, named "fast-" + modifiers joined by "-" (e.g. fast-compiled-gelu-onecall),
 for side-by-side ratios:
   compiled      the transformer blocks torch.compile'd too (what ``--compile`` adds)
@@ -32,13 +33,17 @@ for side-by-side ratios:
   nogelu        bias + GELU as a kernel of its own (``fused_gelu=False``, the default until 2026-12-02)
   sortdraw      the token draw as it was until 2026-12-02: a sort and the filters over all V logits, instead of
                 the draw over the top-k candidates of ``torch.topk`` (the same tokens for a seed)
-  decgraph      the decoder's calls replayed as CUDA graphs in the loop graph's memory pool (an experiment:
-                ``accelerate(graph_decoder=True)``, ``FastDecoder(graphs=True)``)
+  decgraph      the decoder's calls replayed as CUDA graphs in the loop graph's memory pool
+                (``accelerate(graph_decoder=True)``, ``FastDecoder(graphs=True)``; the default since the second
+                session of 2026-12-02, when it was measured under this name)
+  nodecgraph    the decoder's calls launched from Python (the default until then)
   reserve       each CUDA graph capture first reserves its warm-up's peak memory as one block of its pool
-                (``GraphedModel(reserve_pool=True)``, an experiment: the pools otherwise grow scale by scale)
+                (``reserve_pool=True``; the default since the second session of 2026-12-02, measured under this name)
+  noreserve     no reservation (the default until then: the pools grow allocation by allocation)
   autotune      with compiled: the blocks compiled with mode="max-autotune-no-cudagraphs" (inductor times Triton
                 GEMM templates, which can take the elementwise work around them; minutes of compiling)
-The fast path of 2026-12-01 is fast-chunked-nogelu-sortdraw (fast-compiled-chunked-nogelu-sortdraw with --compile).
+The fast path of 2026-12-01 is fast-chunked-nogelu-sortdraw-nodecgraph-noreserve (with --compile: fast-compiled-...);
+that of the first session of 2026-12-02 is fast-nodecgraph-noreserve.
 After the runs it prints every variant's ratios against the first variant of its config (same process), HMAR
 against VAR where both ran, and for the four goal configs each variant against the official sampler's reference
 figures (``OFFICIAL``) and the performance issue's goals (``GOALS``), met or not.
@@ -132,7 +137,7 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
             m = model.to(torch.bfloat16)
             if device.type == "cuda":
                 m = GraphedModel(m, compile="compiled" in mods, whole_loop="passgraphs" not in mods,
-                                 fused_gelu="nogelu" not in mods, reserve_pool="reserve" in mods,
+                                 fused_gelu="nogelu" not in mods, reserve_pool="noreserve" not in mods,
                                  compile_mode="max-autotune-no-cudagraphs" if "autotune" in mods else None)
             if fast_decoder is None:
                 fast_decoder = FastDecoder(tok, compile=device.type == "cuda" and not args.no_compile,
@@ -141,8 +146,8 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
             t.max_batch = (args.batch if "onecall" in mods else
                            decode_chunk(t.config, args.batch, t.dtype.itemsize) if "chunked" in mods else None)
             # decoder graphs in the loop graph's pool (what accelerate(graph_decoder=True) sets up), fresh per variant
-            t.graphs = "decgraph" in mods and isinstance(m, GraphedModel)
-            t.reserve_pool = "reserve" in mods
+            t.graphs = "nodecgraph" not in mods and isinstance(m, GraphedModel)
+            t.reserve_pool = "noreserve" not in mods
             t.pool = m._loop_pool if t.graphs else None
             t._decode_graphs = {}
         f_hat = {}
@@ -159,6 +164,10 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
         r = {"tokens_ms": timed(tokens, args.reps, device), "decode_ms": timed(decode, args.reps, device)}
         if device.type == "cuda":
             torch.cuda.synchronize()
+            # what an earlier variant left in reference cycles must not count here: the last fast variant of the
+            # previous config (its decoder's graphs keep the loop graph's pool alive) added its pools to the first
+            # variant of the next one in the runs of the second session of 2026-12-02 (BENCHMARKS.md section 3e)
+            gc.collect()
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         r["e2e_ms"] = timed(e2e, args.reps, device)
@@ -186,7 +195,8 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
     return results
 
 
-MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", "nogelu", "sortdraw", "decgraph", "reserve", "autotune")
+MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", "nogelu", "sortdraw",
+             "decgraph", "nodecgraph", "reserve", "noreserve", "autotune")
 TOPK_DRAW = hmar.sampling.sample_from_logits
 
 

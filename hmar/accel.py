@@ -116,12 +116,14 @@ class GraphedModel:
     GELU run in the GEMM's epilogue in CUDA inference (the model's own eager no-grad passes too). On the H200 it
     made the compiled hmar-d16 token loop 1.09x faster (35.1 to 32.3 ms, batch 16; BENCHMARKS.md section 3d).
 
-    ``reserve_pool`` (off by default; an experiment not yet run on a GPU): the loop's capture starts by reserving,
-    as one block of its pool, the most memory its warm-up run held at once, so that the pool stays near that size
-    (see :func:`_reserve`). Measuring the warm-up resets the process's peak-memory statistics."""
+    ``reserve_pool=True`` (default): the loop's capture starts by reserving, as one block of its pool, the most
+    memory its warm-up run held at once, so that the pool stays near that size (see :func:`_reserve`), and a
+    decoder graph captured in the same pool (:func:`accelerate`) reuses that block. Measuring the warm-up resets
+    the process's peak-memory statistics. On the H200, with the decoder graphs, it left the token time unchanged
+    (0.99-1.01x) and the memory need (peak + pools) equal or lower in the four configs (BENCHMARKS.md section 3e)."""
 
     def __init__(self, model: nn.Module, warmup: int = 1, compile: bool = False, compile_mode: Optional[str] = None,
-                 whole_loop: bool = True, max_loops: int = 8, fused_gelu: bool = True, reserve_pool: bool = False):
+                 whole_loop: bool = True, max_loops: int = 8, fused_gelu: bool = True, reserve_pool: bool = True):
         if not model.device.type == "cuda":
             raise ValueError("GraphedModel needs a model on a CUDA device")
         self.model, self.warmup, self.whole_loop, self.max_loops = model, warmup, whole_loop, max_loops
@@ -269,11 +271,13 @@ class FastDecoder(nn.Module):
     (:meth:`hmar.tokenizer.autoencoder.Upsample.fuse_subpixel`): the same function, 2.25x fewer FLOPs in those
     convs (about 11 % of the official decoder's), and no 4x up-sampled tensor in memory.
 
-    ``graphs`` (CUDA; off by default, an experiment not yet run on a GPU): each decoder call of a new input shape is
+    ``graphs`` (CUDA; off by default here, on in :func:`accelerate`): each decoder call of a new input shape is
     captured as a CUDA graph and replayed after (no kernel launch from Python), in the memory pool ``pool``:
     :func:`accelerate` passes the loop graph's (:class:`GraphedModel`), so the decoder's activations can reuse the
     memory of the token loop's intermediates instead of adding to it (where the pool's free blocks are large enough:
-    see ``reserve_pool``). Sharing one pool is safe here because every replay's
+    see ``reserve_pool``). On the H200 (batch 16) decoding took 21.5 ms instead of 28.4 at 256 px and 88.2 instead
+    of 118.9 at 512 px, and the peak allocated memory of a sampling call halved (BENCHMARKS.md section 3e). Sharing
+    one pool is safe here because every replay's
     outputs are cloned before anything else runs (the next replay of any graph may overwrite them). A capture that
     fails falls back to eager calls, with a warning. ``reserve_pool``: each capture first reserves its warm-up's
     peak as one block of the pool, as :class:`GraphedModel`'s ``reserve_pool`` does (a block the loop's capture
@@ -282,7 +286,7 @@ class FastDecoder(nn.Module):
     def __init__(self, tokenizer: nn.Module, dtype: torch.dtype = torch.bfloat16, compile: bool = True,
                  mode: Optional[str] = None, channels_last: bool = True, max_batch: Optional[int] = None,
                  cudnn_benchmark: bool = True, offload_encoder: bool = True, subpixel: bool = False,
-                 graphs: bool = False, pool: Optional[Tuple[int, int]] = None, reserve_pool: bool = False):
+                 graphs: bool = False, pool: Optional[Tuple[int, int]] = None, reserve_pool: bool = True):
         super().__init__()
         self.tokenizer = tokenizer
         if subpixel:       # from the fp32 weights, before the conversion to ``dtype`` below (one rounding)
@@ -392,19 +396,21 @@ class FastDecoder(nn.Module):
 
 
 def accelerate(pipe, dtype: torch.dtype = torch.bfloat16, graphs: bool = True, compile_decoder: bool = True,
-               compile_passes: bool = False, decode_batch: Optional[int] = None, graph_decoder: bool = False):
+               compile_passes: bool = False, decode_batch: Optional[int] = None, graph_decoder: bool = True,
+               reserve_pool: bool = True):
     """Make a CUDA :class:`~hmar.pipeline.HMARPipeline` fast in place: the transformer in ``dtype`` in a
     :class:`GraphedModel` (the token loop as one CUDA graph; ``compile_passes``: with its blocks compiled,
     :func:`compile_blocks`), and :class:`FastDecoder` (``dtype``, channels_last, compiled).
     A CPU pipeline is returned unchanged. ``decode_batch``: the decoder's images per call (:class:`FastDecoder`'s
-    ``max_batch``). ``graph_decoder`` (with ``graphs``; an experiment): the decoder's calls replay CUDA graphs in the
-    loop graph's memory pool (:class:`FastDecoder`'s ``graphs``). Returns the pipeline."""
+    ``max_batch``). ``graph_decoder`` (with ``graphs``): the decoder's calls replay CUDA graphs in the loop graph's
+    memory pool (:class:`FastDecoder`'s ``graphs``). ``reserve_pool``: each capture first reserves its warm-up's
+    peak as one block of the pool (:class:`GraphedModel`'s ``reserve_pool``). Returns the pipeline."""
     if pipe.device.type != "cuda":
         return pipe
     pipe.model.to(dtype)
     if graphs:
-        pipe.model = GraphedModel(pipe.model, compile=compile_passes)
+        pipe.model = GraphedModel(pipe.model, compile=compile_passes, reserve_pool=reserve_pool)
     pool = pipe.model._loop_pool if graphs else None
     pipe.tokenizer = FastDecoder(pipe.tokenizer, dtype, compile_decoder, max_batch=decode_batch,
-                                 graphs=graphs and graph_decoder, pool=pool)
+                                 graphs=graphs and graph_decoder, pool=pool, reserve_pool=reserve_pool)
     return pipe

@@ -7,8 +7,9 @@
 #           one-call decode), each with a profile of one compiled variant
 #   call 2: hmar-d30 and hmar-d30-512, then the decoder variants (sub-pixel up-sampling against plain)
 #   call 3: tests/test_accel.py whole (the compile-heavy tests at its end need about 4 minutes)
-#   call 4 (written 2026-12-02 for the next session): the decoder as CUDA graphs in the loop graph's pool, and
-#           pools reserved at the warm-up's peak (the GPU test, then every config with and without each)
+#   call 4: the decoder as CUDA graphs in the loop graph's pool, and pools reserved at the warm-up's peak (the GPU
+#           test, then every config with and without each; ran in the second session of 2026-12-02 as
+#           fast-compiled{,-decgraph,-reserve,-decgraph-reserve}, the names before both became the default)
 #   call 5: a profile of the hmar-d30 token loop, then hmar-d16 with its blocks compiled in max-autotune mode
 #           against the default mode
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
@@ -66,7 +67,7 @@ for s in $STEPS; do
         -k "graphed_decoder" > "$L/decgraph-test.log" 2>&1; echo "decgraph test: exit $?"
       tail -3 "$L/decgraph-test.log" ;;
     decgraph) bench decgraph hmar-d16,hmar-d16-512,hmar-d30,hmar-d30-512 \
-                fast-compiled,fast-compiled-decgraph,fast-compiled-reserve,fast-compiled-decgraph-reserve ;;
+                fast-compiled-nodecgraph-noreserve,fast-compiled-noreserve,fast-compiled-nodecgraph,fast-compiled ;;
     d30-profile) bench d30-profile hmar-d30 fast-compiled --profile --profile-variants fast-compiled ;;
     autotune) bench autotune hmar-d16 fast-compiled,fast-compiled-autotune ;;   # last: its compile may not finish
     decoders)  # the three that matter since 2026-12-01 (channels_last and fp32 compile: BENCHMARKS.md 3a)

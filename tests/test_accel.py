@@ -562,7 +562,7 @@ def test_decoder_graph_plumbing_on_the_cpu(monkeypatch):
             capturing["g"].run = lambda: out.copy_(real(x))
         return out
 
-    fd._decode, fd.graphs, fd.pool = decode, True, None
+    fd._decode, fd.graphs, fd.pool, fd.reserve_pool = decode, True, None, False   # reserving: its own test below
     f_a, f_b = (tok.indices_to_fhat([torch.randint(0, tok.config.vocab_size, (3, p * p)) for p in tok.patch_nums])
                 for _ in range(2))
     with torch.no_grad():
@@ -592,8 +592,8 @@ def test_decoder_graph_plumbing_on_the_cpu(monkeypatch):
 
 @cuda
 def test_graphed_decoder_in_the_loop_pool_matches_the_plain_one():
-    """``accelerate(graph_decoder=True)`` on the GPU: the decoder's calls replay CUDA graphs in the loop graph's
-    pool. Images equal those of the same decoder without graphs (the same kernels), over calls with two seeds and
+    """``accelerate(graph_decoder=True)`` (the default) on the GPU: the decoder's calls replay CUDA graphs in the
+    loop graph's pool. Images equal those of the same decoder without graphs (the same kernels), over calls with two seeds and
     two batch sizes (whose returns stay intact), and the tokens are those of the pipeline without decoder graphs;
     the same with the pools reserved at the warm-up's peak (``reserve_pool``)."""
     from hmar.accel import accelerate
@@ -601,12 +601,14 @@ def test_graphed_decoder_in_the_loop_pool_matches_the_plain_one():
     runs = {}
     for graphed, reserve in ((False, False), (True, False), (True, True)):
         pipe = HMARPipeline.from_preset("hmar-tiny", device="cuda")
-        accelerate(pipe, decode_batch=2, graph_decoder=graphed)
-        pipe.model.reserve_pool = pipe.tokenizer.reserve_pool = reserve
+        accelerate(pipe, decode_batch=2, graph_decoder=graphed, reserve_pool=reserve)
+        assert pipe.model.reserve_pool is reserve and pipe.tokenizer.reserve_pool is reserve
         assert pipe.tokenizer.graphs is graphed and (not graphed or pipe.tokenizer.pool is pipe.model._loop_pool)
         runs[graphed, reserve] = [pipe.generate(lab, generator=s)
                                   for lab, s in (([1, 2, 3], 0), ([4, 5], 1), ([1, 2, 3], 2))]
         assert pipe.tokenizer.graphs is graphed and pipe.model.whole_loop     # no fallback
+    default = accelerate(HMARPipeline.from_preset("hmar-tiny", device="cuda"))   # what --fast gets: both on
+    assert default.tokenizer.graphs and default.model.reserve_pool and default.tokenizer.reserve_pool
     for key in ((True, False), (True, True)):
         for a, b in zip(runs[False, False], runs[key]):
             assert all(torch.equal(x, y) for x, y in zip(a.indices, b.indices))

@@ -129,7 +129,7 @@ def _inputs(B, H, N, D, dtype, seed, strided=False, mag=1.0):
         qkv[:, :, :2] *= mag
         qkv = qkv.to(dtype).to(DEVICE).requires_grad_()
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
-        if strided == "mixed":  # k with another layout than q and v: the kernel copies
+        if strided == "mixed":  # k with another layout than q and v (each tensor has its own strides)
             k = k.contiguous()
         return [x.detach().requires_grad_() for x in (q, k, v)]
     return [(torch.randn(B, H, N, D, generator=g) * m).to(dtype).to(DEVICE).requires_grad_()
@@ -202,6 +202,72 @@ def test_mixed_layouts_and_noncontiguous_grad():
     attention(qf, kf, vf, lengths=lengths, pattern="block_diagonal", scale=0.2, backend="reference").sum().backward()
     for a, b in ((q, qf), (k, kf), (v, vf)):
         assert (a.grad.float() - b.grad).abs().max().item() <= 1e-2 * max(1.0, b.grad.abs().max().item())
+
+
+@needs_triton
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_the_model_layouts_reach_the_kernels_uncopied(pattern, monkeypatch):
+    # as in the model: q normalised ([B, N, H, D] storage), k in a third layout, v a view of the packed
+    # qkv projection, dO the transpose of the gradient of out.transpose(1, 2).reshape(B, N, H * D)
+    lengths, B, H, D = (1, 4, 9, 16), 2, 3, 64
+    N = sum(lengths)
+    g = torch.Generator().manual_seed(7)
+    qkv = torch.randn(B, N, 3, H, D, generator=g).to(torch.float16).to(DEVICE)
+    q = torch.nn.functional.normalize(qkv[:, :, 0].float(), dim=-1).half().transpose(1, 2).requires_grad_()
+    k = qkv[:, :, 1].transpose(1, 2).contiguous().requires_grad_()
+    v = qkv[:, :, 2].transpose(1, 2).detach().requires_grad_()
+    assert len({q.stride(), k.stride(), v.stride()}) == 3
+    w = torch.randn(B, N, H * D, generator=g).to(torch.float16).to(DEVICE)
+    launched = {}
+    for name in ("_launch_fwd", "_launch_bwd", "_launch_delta"):
+        def spy(*args, _name=name, _fn=getattr(tk, name)):
+            launched[_name] = [a.data_ptr() for a in args if isinstance(a, torch.Tensor)]
+            return _fn(*args)
+        monkeypatch.setattr(tk, name, spy)
+
+    out = attention(q, k, v, lengths=lengths, pattern=pattern, scale=0.2, backend="triton")
+    y = out.transpose(1, 2).reshape(B, N, H * D)
+    assert y.data_ptr() == out.data_ptr() and out.transpose(1, 2).is_contiguous()  # a view, no copy
+    (y.float() * w.float()).sum().backward()
+    ptrs = [t.data_ptr() for t in (q, k, v)]
+    assert launched["_launch_fwd"][:4] == ptrs + [out.data_ptr()]
+    assert launched["_launch_bwd"][:3] == ptrs
+    assert launched["_launch_delta"][0] == out.data_ptr()
+
+    qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
+    ref = attention(qf, kf, vf, lengths=lengths, pattern=pattern, scale=0.2, backend="reference")
+    (ref.transpose(1, 2).reshape(B, N, H * D) * w.float()).sum().backward()
+    for name, a, b in (("out", out, ref), ("dq", q.grad, qf.grad), ("dk", k.grad, kf.grad), ("dv", v.grad, vf.grad)):
+        err = (a.float() - b).abs().max().item()
+        assert err <= 1e-2 * max(1.0, b.abs().max().item()), f"{name}: max |err| {err:.3e}"
+
+
+@needs_triton
+def test_compiled_calls_equal_eager():
+    # under torch.compile the kernels run behind the custom ops hmar::block_sparse_attn_fwd/bwd, whose
+    # fake implementations must give the layouts the real ones return ([B, N, H, D]-stored output)
+    B, H, D, lengths = 2, 2, 64, (1, 4, 9, 16)
+    N = sum(lengths)
+    g = torch.Generator().manual_seed(2)
+    qkv0 = torch.randn(B, N, 3 * H * D, generator=g).to(DEVICE)
+    w = torch.randn(H * D, H * D, generator=g).to(DEVICE)
+
+    def loss(qkv):
+        q, k, v = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+        q, k = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
+        o = attention(q.half(), k.half(), v.half(), lengths=lengths, pattern="block_causal", scale=2.0,
+                      backend="triton")
+        return (o.transpose(1, 2).reshape(B, N, H * D).float() @ w).square().mean()
+
+    results = []
+    for fn in (loss, torch.compile(loss, backend="aot_eager", fullgraph=True)):
+        qkv = qkv0.clone().requires_grad_()
+        value = fn(qkv)
+        value.backward()
+        results.append((value.detach(), qkv.grad))
+    torch._dynamo.reset()
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=0, atol=0)
 
 
 @needs_triton

@@ -43,9 +43,11 @@ to use the defaults). Triton's own ``triton.autotune`` is not used because the w
 on the tile size, which ``triton.autotune`` would only choose inside the launch. Under
 ``TRITON_INTERPRET=1`` (CPU) small 16x16 tiles are used so tests stay fast.
 
-Layouts: ``q, k, v`` may be strided views (e.g. of one packed qkv projection) as long as the three
-share one stride tuple with a contiguous last dim; otherwise they are copied to contiguous. The
-output, ``dO`` (made contiguous if needed) and the gradients are contiguous ``[B, H, N, D]``. The
+Layouts: ``q, k, v`` and ``dO`` may each be any strided ``[B, H, N, D]`` view with a contiguous last
+dim (e.g. of one packed qkv projection, or normalised q/k beside a strided v); only a tensor whose
+last dim is not contiguous is copied. The output is stored as ``[B, N, H, D]`` and returned as its
+``[B, H, N, D]`` transpose, so the ``out.transpose(1, 2).reshape(B, N, H * D)`` that follows every
+attention layer is free; the gradients are contiguous ``[B, H, N, D]``. The
 per-call host work is one dictionary lookup for the cached plan (configuration, work list,
 bounds), a few allocations and three launches (forward; delta and backward).
 
@@ -365,7 +367,8 @@ if _HAS_TRITON:
         return acc, l_i, m_i
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, O, LSE, TAB, BND, sb, sh, sn, H, N, qk_scale,
+    def _fwd_kernel(Q, K, V, O, LSE, TAB, BND, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+                    H, N, qk_scale,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
                     UPCAST: tl.constexpr):
         bh = tl.program_id(0)
@@ -383,11 +386,11 @@ if _HAS_TRITON:
         offs_m = os_ + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, HEAD_D)
         m_ok = offs_m < oe_
-        in_off = b * sb + h * sh  # q, k, v share one layout (last dim contiguous)
-        q_base = Q + in_off
-        k_base = K + in_off
-        v_base = V + in_off
-        q = tl.load(q_base + offs_m[:, None] * sn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        # each of q, k, v, o has its own strides (last dim contiguous): no layout copies around the call
+        q_base = Q + b * sqb + h * sqh
+        k_base = K + b * skb + h * skh
+        v_base = V + b * svb + h * svh
+        q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
         lo = tl.load(BND + offs_m, mask=m_ok, other=0)
         hi = tl.load(BND + N + offs_m, mask=m_ok, other=0)
 
@@ -395,29 +398,34 @@ if _HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         # finite start: a row that has seen only masked keys so far keeps alpha = 1, p = 0
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sn, sn, lo, hi, p0, p1, p3,
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, lo, hi, p0, p1, p3,
                                    qk_scale, BLOCK_N, HEAD_D, True, UPCAST)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sn, sn, lo, hi, p1, p2, p3,
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, lo, hi, p1, p2, p3,
                                    qk_scale, BLOCK_N, HEAD_D, False, UPCAST)
-        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, sn, sn, lo, hi, p2, p3, p3,
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, lo, hi, p2, p3, p3,
                                    qk_scale, BLOCK_N, HEAD_D, True, UPCAST)
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         out = acc / l_safe[:, None]
-        o_base = O + bh.to(tl.int64) * N * HEAD_D  # O is contiguous [B, H, N, D]
-        tl.store(o_base + offs_m[:, None] * HEAD_D + offs_d[None, :], out.to(O.dtype.element_ty),
+        o_base = O + b * sob + h * soh
+        tl.store(o_base + offs_m[:, None] * son + offs_d[None, :], out.to(O.dtype.element_ty),
                  mask=m_ok[:, None])
         tl.store(LSE + bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_safe), mask=m_ok)
 
     @triton.jit
-    def _bwd_delta_kernel(O, DO, DELTA, M, BLOCK: tl.constexpr, HEAD_D: tl.constexpr):
-        # O and dO are contiguous, seen as [M = B*H*N, D]
-        offs_m = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    def _bwd_delta_kernel(O, DO, DELTA, sob, soh, son, sdb, sdh, sdn, H, N,
+                          BLOCK: tl.constexpr, HEAD_D: tl.constexpr):
+        # delta[b, h, n] = <o, dO> of row n: O and dO strided [B, H, N, D], DELTA contiguous [B, H, N]
+        bh = tl.program_id(0)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        offs_m = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         offs_d = tl.arange(0, HEAD_D)
-        ok = offs_m < M
-        ptrs = offs_m[:, None] * HEAD_D + offs_d[None, :]
-        o = tl.load(O + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
-        do = tl.load(DO + ptrs, mask=ok[:, None], other=0.0).to(tl.float32)
-        tl.store(DELTA + offs_m, tl.sum(o * do, 1), mask=ok)
+        ok = offs_m < N
+        o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :],
+                    mask=ok[:, None], other=0.0).to(tl.float32)
+        do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :],
+                     mask=ok[:, None], other=0.0).to(tl.float32)
+        tl.store(DELTA + bh.to(tl.int64) * N + offs_m, tl.sum(o * do, 1), mask=ok)
 
     @triton.jit
     def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, dl_base, sqn, sdn, clo, chi,
@@ -477,7 +485,8 @@ if _HAS_TRITON:
         return dq
 
     @triton.jit
-    def _bwd_kernel(Q, K, V, DO, G, LSE, DELTA, TAB, BND, sb, sh, sn, H, N, qk_scale,
+    def _bwd_kernel(Q, K, V, DO, G, LSE, DELTA, TAB, BND, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+                    sdb, sdh, sdn, H, N, qk_scale,
                     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
                     BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, HEAD_D: tl.constexpr,
                     UPCAST: tl.constexpr):
@@ -496,12 +505,12 @@ if _HAS_TRITON:
 
         offs_d = tl.arange(0, HEAD_D)
         sm_scale = qk_scale * 0.6931471805599453  # undo the log2(e) folded into qk_scale
-        in_off = b * sb + h * sh  # q, k, v share one layout (last dim contiguous)
-        q_base = Q + in_off
-        k_base = K + in_off
-        v_base = V + in_off
+        # q, k, v and dO each have their own strides (last dim contiguous)
+        q_base = Q + b * sqb + h * sqh
+        k_base = K + b * skb + h * skh
+        v_base = V + b * svb + h * svh
         row0 = bh.to(tl.int64) * N
-        do_base = DO + row0 * HEAD_D  # dO is contiguous [B, H, N, D]
+        do_base = DO + b * sdb + h * sdh
         lse_base = LSE + row0
         dl_base = DELTA + row0
         # G is one contiguous [3, B, H, N, D] buffer: dq, dk, dv
@@ -514,17 +523,17 @@ if _HAS_TRITON:
             # ---- dK, dV for key rows [os_, oe_), over the query rows that see them ----
             offs_n = os_ + tl.arange(0, BLOCK_N1)
             n_ok = offs_n < oe_
-            k = tl.load(k_base + offs_n[:, None] * sn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * sn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+            k = tl.load(k_base + offs_n[:, None] * skn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
+            v = tl.load(v_base + offs_n[:, None] * svn + offs_d[None, :], mask=n_ok[:, None], other=0.0)
             clo = tl.load(BND + 2 * N + offs_n, mask=n_ok, other=0)
             chi = tl.load(BND + 3 * N + offs_n, mask=n_ok, other=0)
             dk = tl.zeros([BLOCK_N1, HEAD_D], dtype=tl.float32)
             dv = tl.zeros([BLOCK_N1, HEAD_D], dtype=tl.float32)
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, dl_base, sn, HEAD_D, clo, chi,
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, dl_base, sqn, sdn, clo, chi,
                                  p0, p1, p3, qk_scale, BLOCK_M1, HEAD_D, True, UPCAST)
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, dl_base, sn, HEAD_D, clo, chi,
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, dl_base, sqn, sdn, clo, chi,
                                  p1, p2, p3, qk_scale, BLOCK_M1, HEAD_D, False, UPCAST)
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, dl_base, sn, HEAD_D, clo, chi,
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, dl_base, sqn, sdn, clo, chi,
                                  p2, p3, p3, qk_scale, BLOCK_M1, HEAD_D, True, UPCAST)
             g_ptrs = offs_n[:, None] * HEAD_D + offs_d[None, :]
             tl.store(DV + g_ptrs, dv.to(G.dtype.element_ty), mask=n_ok[:, None])
@@ -533,18 +542,18 @@ if _HAS_TRITON:
             # ---- dQ for query rows [os_, oe_), over the key rows they see ----
             offs_m = os_ + tl.arange(0, BLOCK_M2)
             m_ok = offs_m < oe_
-            q = tl.load(q_base + offs_m[:, None] * sn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * HEAD_D + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+            q = tl.load(q_base + offs_m[:, None] * sqn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sdn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
             lse = tl.load(lse_base + offs_m, mask=m_ok, other=0.0)
             dl = tl.load(dl_base + offs_m, mask=m_ok, other=0.0)
             lo = tl.load(BND + offs_m, mask=m_ok, other=0)
             hi = tl.load(BND + N + offs_m, mask=m_ok, other=0)
             dq = tl.zeros([BLOCK_M2, HEAD_D], dtype=tl.float32)
-            dq = _dq_inner(dq, q, do, lse, dl, k_base, v_base, sn, sn, lo, hi, p0, p1, p3, qk_scale,
+            dq = _dq_inner(dq, q, do, lse, dl, k_base, v_base, skn, svn, lo, hi, p0, p1, p3, qk_scale,
                            BLOCK_N2, HEAD_D, True, UPCAST)
-            dq = _dq_inner(dq, q, do, lse, dl, k_base, v_base, sn, sn, lo, hi, p1, p2, p3, qk_scale,
+            dq = _dq_inner(dq, q, do, lse, dl, k_base, v_base, skn, svn, lo, hi, p1, p2, p3, qk_scale,
                            BLOCK_N2, HEAD_D, False, UPCAST)
-            dq = _dq_inner(dq, q, do, lse, dl, k_base, v_base, sn, sn, lo, hi, p2, p3, p3, qk_scale,
+            dq = _dq_inner(dq, q, do, lse, dl, k_base, v_base, skn, svn, lo, hi, p2, p3, p3, qk_scale,
                            BLOCK_N2, HEAD_D, True, UPCAST)
             tl.store(DQ + offs_m[:, None] * HEAD_D + offs_d[None, :],
                      (dq * sm_scale).to(G.dtype.element_ty), mask=m_ok[:, None])
@@ -557,31 +566,40 @@ def _upcast(q: torch.Tensor) -> bool:
     return _INTERPRETED and q.dtype == torch.bfloat16
 
 
-def _launch_fwd(q, k, v, o, lse, tab, bnd, scale, cfg: FwdConfig):
-    """q, k, v share strides (last one 1); o and lse are contiguous."""
+def _strides(*ts):
+    """The (batch, head, position) strides of each [B, H, N, D] tensor, one flat tuple."""
+    return tuple(st for t in ts for st in t.stride()[:3])
+
+
+def _new_out(q):
+    """An empty [B, H, N, D] output stored as [B, N, H, D]: ``out.transpose(1, 2).reshape(B, N, H * D)``,
+    which every attention layer does next, is then a view instead of a copy."""
     B, H, N, D = q.shape
-    sb, sh, sn, _ = q.stride()
+    return torch.empty((B, N, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+
+
+def _launch_fwd(q, k, v, o, lse, tab, bnd, scale, cfg: FwdConfig):
+    """q, k, v, o strided [B, H, N, D] (last dim contiguous); lse contiguous [B, H, N]."""
+    B, H, N, D = q.shape
     _fwd_kernel[(B * H, tab.shape[0])](
-        q, k, v, o, lse, tab, bnd, sb, sh, sn, H, N, scale * _LOG2E,
+        q, k, v, o, lse, tab, bnd, *_strides(q, k, v, o), H, N, scale * _LOG2E,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D, UPCAST=_upcast(q),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _launch_delta(o, do, delta):
-    """o, do contiguous [B, H, N, D]; delta contiguous [B, H, N] fp32."""
-    D = o.shape[-1]
-    M = o.numel() // D
+    """o, do strided [B, H, N, D] (last dim contiguous); delta contiguous [B, H, N] fp32."""
+    B, H, N, D = o.shape
     block = 16 if _INTERPRETED else 64
-    _bwd_delta_kernel[(triton.cdiv(M, block),)](o, do, delta, M, BLOCK=block, HEAD_D=D,
-                                                 num_warps=1 if _INTERPRETED else 4)
+    _bwd_delta_kernel[(B * H, triton.cdiv(N, block))](o, do, delta, *_strides(o, do), H, N, BLOCK=block,
+                                                       HEAD_D=D, num_warps=1 if _INTERPRETED else 4)
 
 
 def _launch_bwd(q, k, v, do, g, lse, delta, tab, bnd, scale, cfg: BwdConfig):
-    """q, k, v share strides; do contiguous; g is the contiguous [3, B, H, N, D] dq/dk/dv buffer."""
+    """q, k, v, do strided (last dim contiguous); g is the contiguous [3, B, H, N, D] dq/dk/dv buffer."""
     B, H, N, D = q.shape
-    sb, sh, sn, _ = q.stride()
     _bwd_kernel[(B * H, tab.shape[0])](
-        q, k, v, do, g, lse, delta, tab, bnd, sb, sh, sn, H, N, scale * _LOG2E,
+        q, k, v, do, g, lse, delta, tab, bnd, *_strides(q, k, v, do), H, N, scale * _LOG2E,
         BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
         HEAD_D=D, UPCAST=_upcast(q), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -634,7 +652,7 @@ def _fwd_plan(q, k, v, lengths, pattern, scale):
     elif not _autotune_enabled():
         cfg = _DEFAULT_FWD[D]
     else:
-        o = torch.empty(q.shape, dtype=q.dtype, device=dev)
+        o = _new_out(q)
         lse = torch.empty(q.shape[:3], dtype=torch.float32, device=dev)
         cfg = _pick(_FWD_CANDIDATES[D], lambda c: _launch_fwd(
             q, k, v, o, lse, _fwd_table(lengths, pattern, c, dev), bnd, scale, c)) or _DEFAULT_FWD[D]
@@ -693,21 +711,18 @@ def _check(q, k, v, lengths, pattern):
         raise ValueError(f"triton attention: scale lengths must be non-negative, got {lengths}")
 
 
-def _same_layout(q, k, v):
-    """q, k, v with one common stride tuple and a contiguous last dim (copies only if needed)."""
-    st = q.stride()
-    if st[3] == 1 and k.stride() == st and v.stride() == st:
-        return q, k, v
-    return q.contiguous(), k.contiguous(), v.contiguous()
+def _dense_rows(*ts):
+    """The tensors with a contiguous last dim, which is all the kernels need (each is copied only if not)."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in ts)
 
 
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, lengths, pattern, scale):
-        q, k, v = _same_layout(q, k, v)
+        q, k, v = _dense_rows(q, k, v)
         cfg, tab, bnd = _fwd_plan(q, k, v, lengths, pattern, scale)
         B, H, N, D = q.shape
-        o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+        o = _new_out(q)
         # row statistics: [0] = base-2 log-sum-exp (written now), [1] = delta (written by the
         # backward); one allocation instead of two
         stats = torch.empty((2, B, H, N), dtype=torch.float32, device=q.device)
@@ -721,9 +736,7 @@ class _BlockSparseAttention(torch.autograd.Function):
     @once_differentiable  # the kernels have no derivative: a double backward raises instead of dropping terms
     def backward(ctx, do):
         q, k, v, o, stats = ctx.saved_tensors
-        if do.dtype != q.dtype:
-            do = do.to(q.dtype)
-        do = do.contiguous()
+        (do,) = _dense_rows(do.to(q.dtype))
         # dq, dk, dv in one allocation, returned as three (contiguous) views
         g = torch.empty((3,) + tuple(q.shape), dtype=q.dtype, device=q.device)
         if g.numel():
@@ -744,10 +757,10 @@ class _BlockSparseAttention(torch.autograd.Function):
 # time they run the same plans and kernels as the eager path (autotuning included). Eager calls keep using the
 # autograd.Function (no custom-op dispatch overhead on the host-bound small sizes).
 def _fwd_impl(q, k, v, lengths, pattern, scale):
-    q, k, v = _same_layout(q, k, v)
+    q, k, v = _dense_rows(q, k, v)
     cfg, tab, bnd = _fwd_plan(q, k, v, lengths, pattern, scale)
     B, H, N, D = q.shape
-    o = torch.empty((B, H, N, D), dtype=q.dtype, device=q.device)
+    o = _new_out(q)
     lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
     if o.numel():
         _launch_fwd(q, k, v, o, lse, tab, bnd, scale, cfg)
@@ -755,9 +768,8 @@ def _fwd_impl(q, k, v, lengths, pattern, scale):
 
 
 def _bwd_impl(q, k, v, o, lse, do, lengths, pattern, scale):
-    q, k, v = _same_layout(q, k, v)
-    do = do.to(q.dtype).contiguous()
-    o, lse = o.contiguous(), lse.contiguous()
+    q, k, v, o, do = _dense_rows(q, k, v, o, do.to(q.dtype))
+    lse = lse.contiguous()
     g = torch.empty((3,) + tuple(q.shape), dtype=q.dtype, device=q.device)
     if g.numel():
         delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
@@ -780,8 +792,7 @@ def _register_ops() -> None:
 
     @_op_fwd.register_fake
     def _(q, k, v, lengths, pattern, scale):
-        B, H, N, D = q.shape
-        return q.new_empty((B, H, N, D)), q.new_empty((B, H, N), dtype=torch.float32)
+        return _new_out(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
     @custom_op("hmar::block_sparse_attn_bwd", mutates_args=())
     def _op_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
