@@ -40,6 +40,9 @@ for side-by-side ratios:
   reserve       each CUDA graph capture first reserves its warm-up's peak memory as one block of its pool
                 (``reserve_pool=True``; the default since the second session of 2026-12-02, measured under this name)
   noreserve     no reservation (the default until then: the pools grow allocation by allocation)
+  qknorm        every attention call through the Triton kernel with the q/k L2 normalisation inside it
+                (``hmar.attention.FUSED_QK_NORM``, an experiment; otherwise cuDNN / flash SDPA per pass after the
+                normalisation ops)
   autotune      with compiled: the blocks compiled with mode="max-autotune-no-cudagraphs" (inductor times Triton
                 GEMM templates, which can take the elementwise work around them; minutes of compiling)
 The fast path of 2026-12-01 is fast-chunked-nogelu-sortdraw-nodecgraph-noreserve (with --compile: fast-compiled-...);
@@ -80,6 +83,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hmar import VQVAE, build_model, model_config, tokenizer_config  # noqa: E402
 from hmar.accel import FastDecoder, GraphedModel  # noqa: E402
+import hmar.attention  # noqa: E402
 import hmar.sampling  # noqa: E402
 from hmar.sampling import sample  # noqa: E402
 from hmar.tokenizer import decode_chunk  # noqa: E402
@@ -124,6 +128,8 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
         tok = None if shared else build_tokenizer(name, device)   # the fast variants after the first reuse its decoder
         # the draw of this variant (a module attribute that scale_loop looks up on every pass)
         hmar.sampling.sample_from_logits = sort_draw if "sortdraw" in variant.split("-") else TOPK_DRAW
+        # the q/k normalisation inside the Triton kernel (a module switch that attention() reads on every call)
+        hmar.attention.FUSED_QK_NORM = "qknorm" in variant.split("-")
         if variant == "fp32-eager":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -192,11 +198,12 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
         gc.collect()          # nothing of this variant (weights, graphs) may count in the next one's memory
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    hmar.attention.FUSED_QK_NORM = False   # (the default again for whatever runs next in this process)
     return results
 
 
 MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", "nogelu", "sortdraw",
-             "decgraph", "nodecgraph", "reserve", "noreserve", "autotune")
+             "decgraph", "nodecgraph", "reserve", "noreserve", "qknorm", "autotune")
 TOPK_DRAW = hmar.sampling.sample_from_logits
 
 

@@ -7,12 +7,16 @@ the official loss weighting and clipping.
     python benchmarks/bench_train.py --preset hmar-d16 --compile --attention-backend triton
     python benchmarks/bench_train.py --preset hmar-d16 --matrix --attention-backend auto per_scale
     python benchmarks/bench_train.py --preset hmar-d16 var-d16 --compare-compile   # eager vs compiled
+    python benchmarks/bench_train.py --preset hmar-d16 --compile --qk-norm both   # q/k normalisation in the kernels
     python benchmarks/bench_train.py --preset hmar-tiny --device cpu --steps 5   # smoke test
 
 One configuration = preset x stage x (eager | ``--compile``) x (``--chunked-ce`` | ``--no-chunked-ce``) x
 attention backend. ``--matrix`` runs, per preset, every combination of {eager, compiled} x {plain CE, chunked CE}
 x the listed ``--attention-backend`` values side by side in one process (fresh model and optimiser each, same
 seed and data) and prints each one's speed relative to the first (eager, plain CE, first backend).
+``--qk-norm both`` runs every configuration with the L2 normalisation of q and k as ops of their own (``unfused``,
+the default) and then inside the attention kernels (``fused``: :data:`hmar.attention.FUSED_QK_NORM`, an experiment),
+side by side, the second compared with the first.
 
 Presets of the performance goals: ``hmar-d16`` (>= 500 img/s at batch 32), ``hmar-d30`` (>= 91 img/s),
 ``hmar-d16-512`` (>= 129 img/s); ``var-d16`` for the VAR comparison. At their goal batch each line ends with the
@@ -36,6 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import hmar.attention  # noqa: E402  (FUSED_QK_NORM: --qk-norm)
 from hmar.attention import TRAINING_BACKENDS, choose_backend  # noqa: E402
 from hmar.model import HMAR, build_model, init_weights  # noqa: E402
 from hmar.presets import ModelConfig, model_config  # noqa: E402
@@ -78,7 +83,18 @@ def resolved_backend(backend: str, cfg: ModelConfig, batch: int, amp: Optional[t
 def bench(preset: str, stage: str, batch: int, steps: int, warmup: int, precision: str, fused: str, compile: bool,
           device: torch.device, chunked_ce: bool = True, attention_backend: str = "auto",
           compile_backend: str = "inductor", ce_chunk: Optional[int] = None,
-          overrides: Optional[Dict[str, Any]] = None, profile: bool = False) -> Dict[str, Any]:
+          overrides: Optional[Dict[str, Any]] = None, profile: bool = False,
+          fused_qk_norm: bool = False) -> Dict[str, Any]:
+    saved, hmar.attention.FUSED_QK_NORM = hmar.attention.FUSED_QK_NORM, fused_qk_norm
+    try:
+        return _bench(preset, stage, batch, steps, warmup, precision, fused, compile, device, chunked_ce,
+                      attention_backend, compile_backend, ce_chunk, overrides, profile)
+    finally:
+        hmar.attention.FUSED_QK_NORM = saved
+
+
+def _bench(preset, stage, batch, steps, warmup, precision, fused, compile, device, chunked_ce, attention_backend,
+           compile_backend, ce_chunk, overrides, profile) -> Dict[str, Any]:
     torch.manual_seed(0)
     model = build(preset, stage, device, overrides)
     cfg = model.config
@@ -118,6 +134,7 @@ def bench(preset: str, stage: str, batch: int, steps: int, warmup: int, precisio
            "precision": str(st.amp_dtype).replace("torch.", "") if st.amp_dtype else "fp32",
            "fused_adamw": bool(st.optimizer.defaults.get("fused")), "compile": compile,
            "compile_backend": compile_backend if compile else None, "chunked_ce": chunked_ce,
+           "fused_qk_norm": hmar.attention.FUSED_QK_NORM,
            "attention_backend": os.environ.get("HMAR_ATTN_BACKEND") or attention_backend,
            "attention_resolved": resolved_backend(os.environ.get("HMAR_ATTN_BACKEND") or attention_backend, cfg,
                                                   batch, st.amp_dtype, device),
@@ -145,7 +162,8 @@ def release(device: torch.device, compiled: bool) -> None:
 
 def variant_name(r: Dict[str, Any]) -> str:
     return (f"{'compiled' if r['compile'] else 'eager'}+{'chunked' if r['chunked_ce'] else 'plain'}-CE+"
-            f"{r['attention_backend']}" + (f"({r['attention_resolved']})" if r["attention_backend"] == "auto" else ""))
+            f"{r['attention_backend']}" + (f"({r['attention_resolved']})" if r["attention_backend"] == "auto" else "")
+            + ("+fused-qk-norm" if r.get("fused_qk_norm") else ""))
 
 
 OFFICIAL_IMG_S = {  # preset: (batch, the official VAR step's img/s on the H200 (reference figures), goal ratio or None)
@@ -163,9 +181,9 @@ def against_official(r: Dict[str, Any]) -> str:
     return f"  vs official VAR {x:.2f}x{verdict}"
 
 
-def report(r: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> str:
+def report(r: Dict[str, Any], base: Optional[Dict[str, Any]] = None, base_name: str = "eager") -> str:
     mem = f", peak {r['peak_mem_gib']:6.2f} GiB" if "peak_mem_gib" in r else ""
-    ratio = f"  x{base['ms_per_step'] / r['ms_per_step']:.2f} vs eager" if base is not None else ""
+    ratio = f"  x{base['ms_per_step'] / r['ms_per_step']:.2f} vs {base_name}" if base is not None else ""
     ratio += against_official(r)
     return (f"{r['preset']:>12} {r['stage']:<10} batch {r['batch']}  {variant_name(r):<40} "
             f"{r['img_per_s']:8.1f} img/s {r['ms_per_step']:9.2f} ms/step{mem}  loss {r['loss']:.5f}{ratio}  "
@@ -174,6 +192,12 @@ def report(r: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> str:
 
 
 def variants(a: argparse.Namespace) -> List[Dict[str, Any]]:
+    """The configurations to run, in order (``--qk-norm both``: each unfused, then fused)."""
+    norms = {"unfused": (False,), "fused": (True,), "both": (False, True)}[a.qk_norm]
+    return [dict(v, fused_qk_norm=n) for v in _variants(a) for n in norms]
+
+
+def _variants(a: argparse.Namespace) -> List[Dict[str, Any]]:
     if a.compare_compile:
         return [dict(compile=c, chunked_ce=a.chunked_ce, attention_backend=b)
                 for b in a.attention_backend for c in (False, True)]
@@ -215,6 +239,9 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="torch device (default: cuda if available)")
     p.add_argument("--profile", action="store_true",
                    help="also print (and keep in the JSON) a torch.profiler table of 3 steps per configuration")
+    p.add_argument("--qk-norm", default="unfused", choices=["unfused", "fused", "both"],
+                   help="the L2 normalisation of q and k as ops of their own (default), inside the attention "
+                        "kernels (hmar.attention.FUSED_QK_NORM), or both side by side")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results to this JSON file")
     a = p.parse_args(argv)
     dev = resolve_device(a.device)
@@ -224,22 +251,27 @@ def main(argv: List[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     results = []
     for preset in a.preset:
-        base = None
+        base = unfused = None
         for v in variants(a):
             try:
                 r = bench(preset, a.stage, a.batch, a.steps, a.warmup, a.precision, a.fused, v["compile"], dev,
                           v["chunked_ce"], v["attention_backend"], a.compile_backend, a.ce_chunk, overrides,
-                          a.profile)
+                          a.profile, v["fused_qk_norm"])
             except torch.OutOfMemoryError as e:   # report it, keep measuring the other configurations
                 results.append(dict(preset=preset, stage=a.stage, batch=a.batch, **v, error=f"OOM: {e}"[:300]))
                 print(f"{preset:>12} {a.stage:<10} batch {a.batch}  {v}: out of memory", flush=True)
                 release(dev, v["compile"])
                 continue
-            if a.compare_compile and not v["compile"]:
-                base = r                 # the eager run of this backend: the compiled one is compared with it
-            base = base or (r if a.matrix else None)
-            results.append(r)
-            print(report(r, base), flush=True)
+            if a.qk_norm == "both":      # the fused run against the unfused one just before it
+                unfused = r if not v["fused_qk_norm"] else unfused
+                results.append(r)
+                print(report(r, unfused if v["fused_qk_norm"] else None, "unfused"), flush=True)
+            else:
+                if a.compare_compile and not v["compile"]:
+                    base = r             # the eager run of this backend: the compiled one is compared with it
+                base = base or (r if a.matrix else None)
+                results.append(r)
+                print(report(r, base), flush=True)
             if "profile" in r:
                 print(r["profile"], flush=True)
             if a.json:   # after every configuration, so a run stopped early keeps what it measured

@@ -12,6 +12,9 @@
 #           fast-compiled{,-decgraph,-reserve,-decgraph-reserve}, the names before both became the default)
 #   call 5: a profile of the hmar-d30 token loop, then hmar-d16 with its blocks compiled in max-autotune mode
 #           against the default mode
+#   call 6 (written in the second session of 2026-12-02 for the next one): the q/k L2 normalisation inside the
+#           Triton attention kernel (hmar.attention.FUSED_QK_NORM): its GPU tests, compiled hmar-d16 training
+#           unfused vs fused side by side, then hmar-d16 and hmar-d30 sampling with and without it (~8 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -22,7 +25,8 @@
 set -u
 [ $# -ge 1 ] || { echo "usage: gpu_fast_sampling.sh 1|2|3|STEP..."; exit 2; }
 case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) STEPS="tests" ;;
-  4) STEPS="decgraph-test decgraph" ;; 5) STEPS="d30-profile autotune" ;; *) STEPS="$*" ;; esac
+  4) STEPS="decgraph-test decgraph" ;; 5) STEPS="d30-profile autotune" ;;
+  6) STEPS="qknorm-tests qknorm-train qknorm-sample" ;; *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
 L=/tmp/logs/$TAG T0=$SECONDS LIMIT=${LIMIT:-560}
@@ -68,6 +72,17 @@ for s in $STEPS; do
       tail -3 "$L/decgraph-test.log" ;;
     decgraph) bench decgraph hmar-d16,hmar-d16-512,hmar-d30,hmar-d30-512 \
                 fast-compiled-nodecgraph-noreserve,fast-compiled-noreserve,fast-compiled-nodecgraph,fast-compiled ;;
+    qknorm-tests)
+      step "GPU tests: the q/k normalisation inside the kernels"
+      timeout "$(( $(left) < 150 ? $(left) : 150 ))" python3 -m pytest -q -p no:cacheprovider \
+        tests/test_triton_attention.py -k "qk_norm" > "$L/qknorm-tests.log" 2>&1; echo "qknorm tests: exit $?"
+      tail -3 "$L/qknorm-tests.log" ;;
+    qknorm-train)
+      step "compiled hmar-d16 training, q/k normalisation unfused vs fused"
+      timeout "$(( $(left) < 260 ? $(left) : 260 ))" python3 benchmarks/bench_train.py --preset hmar-d16 --batch 32 \
+        --compile --qk-norm both --json "$L/train-qknorm.json" > "$L/train-qknorm.log" 2>&1
+      grep img/s "$L/train-qknorm.log" ;;
+    qknorm-sample) bench qknorm-sample hmar-d16,hmar-d30 fast-compiled,fast-compiled-qknorm ;;
     d30-profile) bench d30-profile hmar-d30 fast-compiled --profile --profile-variants fast-compiled ;;
     autotune) bench autotune hmar-d16 fast-compiled,fast-compiled-autotune ;;   # last: its compile may not finish
     decoders)  # the three that matter since 2026-12-01 (channels_last and fp32 compile: BENCHMARKS.md 3a)

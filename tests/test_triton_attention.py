@@ -316,6 +316,146 @@ def test_more_schedules_layouts_and_magnitudes(case):
 
 
 # ---------------------------------------------------------------------------------------------
+# The L2-normalised attention (qk_norm) inside the kernels
+# ---------------------------------------------------------------------------------------------
+def _qk_norm_case(lengths, pattern, B, H, D, dtype, seed=0, strided=False, zero_rows=False):
+    """Fused qk_norm attention against the fp32 reference of F.normalize(q) * s, F.normalize(k): out and the
+    gradients of q, k, v and the head scale s."""
+    N = sum(lengths)
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = _inputs(B, H, N, D, dtype, seed, strided)
+    with torch.no_grad():   # rows of very different norms (the kernels must not assume normalised input)
+        q.mul_((torch.rand(B, H, N, 1, generator=g) * 4 + 0.1).to(dtype).to(DEVICE))
+        k.mul_((torch.rand(B, H, N, 1, generator=g) * 4 + 0.1).to(dtype).to(DEVICE))
+        if zero_rows:       # below F.normalize's eps: divided by eps, no projection in the gradient
+            q[0, -1, 1] = 0
+            k[-1, 0, N - 2] = 0
+    s = (torch.rand(1, H, 1, 1, generator=g) * 8 + 1).to(DEVICE).requires_grad_()
+    do = torch.randn(B, H, N, D, generator=g).to(dtype).to(DEVICE)
+    out = tk.triton_attention(q, k, v, lengths, pattern, scale=0.5, qk_norm=s)
+    grads = torch.autograd.grad(out, (q, k, v, s), do)
+
+    qf, kf, vf = (x.detach().float().requires_grad_() for x in (q, k, v))
+    sf = s.detach().clone().requires_grad_()
+    ref = attention(*tk_free_l2(qf, kf, sf), vf, lengths=lengths, pattern=pattern, scale=0.5, backend="reference")
+    refs = torch.autograd.grad(ref, (qf, kf, vf, sf), do.float())
+    tol = 1e-2 if dtype == torch.float16 else 3e-2
+    for name, a, b in zip(("out", "dq", "dk", "dv", "ds"), (out, *grads), (ref, *refs)):
+        assert a.shape == b.shape, name
+        a = a.float()
+        assert torch.isfinite(a).all(), f"{name}: non-finite values"
+        err = (a - b).abs().max().item()
+        mag = max(1.0, b.abs().max().item())
+        assert err <= tol * mag, f"{name}: max |err| {err:.3e} > {tol} * {mag:.2f} ({lengths}, {pattern}, {dtype})"
+
+
+def tk_free_l2(q, k, s):
+    from hmar.attention import l2_normalize_qk
+    return l2_normalize_qk(q, k, s)
+
+
+QK_NORM_CASES = {
+    "6scales-fp16": ((1, 4, 9, 16, 25, 36), "block_diagonal", 2, 2, 64, torch.float16, {}),
+    "6scales-bf16-causal": ((1, 4, 9, 16, 25, 36), "block_causal", 2, 2, 64, torch.bfloat16, {}),
+    "ragged-qkv-causal": ((5, 11, 7, 19, 40), "block_causal", 1, 3, 64, torch.float16, {"strided": True}),
+    "d128-diag": ((1, 2, 3, 5, 17), "block_diagonal", 1, 2, 128, torch.bfloat16, {}),
+    "zero-rows": ((3, 7, 12), "block_causal", 2, 2, 64, torch.bfloat16, {"zero_rows": True}),
+}
+
+
+@needs_triton
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("case", list(QK_NORM_CASES))
+def test_qk_norm_inside_the_kernels_matches_the_reference(case):
+    lengths, pattern, B, H, D, dtype, extra = QK_NORM_CASES[case]
+    _qk_norm_case(lengths, pattern, B, H, D, dtype, seed=4, **extra)
+
+
+@needs_triton
+def test_qk_norm_switch_of_attention(monkeypatch):
+    import hmar.attention as A
+    B, H, N, D, lengths = 2, 2, 14, 64, (1, 4, 9)
+    q, k, v = _inputs(B, H, N, D, torch.float16, 9)
+    s = torch.full((1, H, 1, 1), 3.0, dtype=torch.float16, device=DEVICE)   # as in a half model
+    # off (the default): exactly the normalisation ops, then the backend
+    monkeypatch.setattr(A, "FUSED_QK_NORM", False)
+    for backend in ("reference", "triton"):
+        want = attention(*A.l2_normalize_qk(q, k, s), v, lengths=lengths, pattern="block_causal", backend=backend)
+        got = attention(q, k, v, lengths=lengths, pattern="block_causal", backend=backend, qk_norm=s)
+        assert torch.equal(got, want)
+    # on: the kernels normalise (the dense pattern too, as one block-diagonal block), other backends unchanged
+    monkeypatch.setattr(A, "FUSED_QK_NORM", True)
+    calls = []
+    fused = A._QK_NORM_BACKENDS["triton"]
+    monkeypatch.setitem(A._QK_NORM_BACKENDS, "triton", lambda *a: (calls.append(a[3:5]), fused(*a))[1])
+    for pattern, n_lengths in (("block_causal", lengths), ("dense", (N,))):
+        got = attention(q, k, v, lengths=lengths if pattern != "dense" else (N,), pattern=pattern, backend="triton",
+                        qk_norm=s)
+        ref = attention(*A.l2_normalize_qk(q.float(), k.float(), s.float()), v.float(), lengths=n_lengths,
+                        pattern=pattern, backend="reference")
+        assert calls[-1] == (n_lengths, "block_causal" if pattern != "dense" else "block_diagonal")
+        assert (got.float() - ref).abs().max().item() < 1e-2
+    n = len(calls)
+    want = attention(*A.l2_normalize_qk(q, k, s), v, lengths=lengths, pattern="block_causal", backend="reference")
+    assert torch.equal(attention(q, k, v, lengths=lengths, pattern="block_causal", backend="reference", qk_norm=s),
+                       want) and len(calls) == n
+
+
+@needs_triton
+def test_qk_norm_compiled_equals_eager():
+    B, H, D, lengths = 2, 2, 64, (1, 4, 9, 16)
+    N = sum(lengths)
+    g = torch.Generator().manual_seed(5)
+    qkv0 = torch.randn(B, N, 3 * H * D, generator=g).to(DEVICE)
+    s0 = torch.rand(1, H, 1, 1, generator=g).to(DEVICE) + 1
+
+    def loss(qkv, s):
+        q, k, v = qkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+        o = tk.triton_attention(q.half(), k.half(), v.half(), lengths, "block_diagonal", scale=2.0, qk_norm=s)
+        return o.float().square().mean()
+
+    results = []
+    for fn in (loss, torch.compile(loss, backend="aot_eager", fullgraph=True)):
+        qkv, s = qkv0.clone().requires_grad_(), s0.clone().requires_grad_()
+        value = fn(qkv, s)
+        value.backward()
+        results.append((value.detach(), qkv.grad, s.grad))
+    torch._dynamo.reset()
+    for a, b in zip(results[1], results[0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_triton
+def test_qk_norm_in_the_model_equals_the_unfused_model(monkeypatch):
+    # a block stack with head dim 64 through the Triton backend, with and without FUSED_QK_NORM: the same loss and
+    # gradients (head-scale parameters included) up to half-precision rounding
+    import hmar.attention as A
+    from hmar import build_model, model_config
+    torch.manual_seed(0)
+    model = build_model(model_config("hmar-tiny", embed_dim=128, num_heads=2)).to(DEVICE).half()
+    cfg = model.config
+    labels = torch.tensor([1, 2], device=DEVICE)
+    x = torch.randn(2, cfg.seq_len - 1, cfg.z_channels, device=DEVICE).half()
+    runs, calls = [], []
+    fused_fn = A._QK_NORM_BACKENDS["triton"]
+    monkeypatch.setitem(A._QK_NORM_BACKENDS, "triton", lambda *a: (calls.append(1), fused_fn(*a))[1])
+    for fused in (False, True):
+        monkeypatch.setattr(A, "FUSED_QK_NORM", fused)
+        model.zero_grad()
+        loss = model(labels, x, backend="triton").float().square().mean()
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad.float().clone() for n, p in model.named_parameters()
+                                     if p.grad is not None}))
+    assert len(calls) == cfg.depth   # every block's attention went through the kernels' normalisation, once
+    (la, ga), (lb, gb) = runs
+    torch.testing.assert_close(lb, la, rtol=2e-3, atol=0)
+    assert ga.keys() == gb.keys() and any("scale_mul" in n for n in ga)
+    for n in ga:
+        err = (gb[n] - ga[n]).abs().max().item()
+        assert err <= 2e-2 * max(ga[n].abs().max().item(), 1e-3), (n, err)
+
+
+# ---------------------------------------------------------------------------------------------
 # Invalid input: a clear error, never a silent result
 # ---------------------------------------------------------------------------------------------
 @needs_triton

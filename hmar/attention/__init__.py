@@ -18,6 +18,12 @@ Backends (``q, k, v`` are ``[B, H, N, D]``):
 
 ``backend=None`` picks automatically (see :func:`choose_backend`); ``HMAR_ATTN_BACKEND`` in the
 environment overrides the automatic choice.
+
+``qk_norm`` (one scale per head): attention of ``F.normalize(q) * qk_norm`` and ``F.normalize(k)``, HMAR's and VAR's
+L2-normalised attention. By default the normalisation runs as its own ops before the backend
+(:func:`l2_normalize_qk`, the model's numerics). With :data:`FUSED_QK_NORM` (an experiment, off by default; also
+``HMAR_FUSED_QK_NORM=1``) a backend that can do it inside its kernels does (the Triton kernel reads q and k raw and
+normalises them in its prologue and gradient epilogue), for every call it supports, the dense pattern included.
 """
 from __future__ import annotations
 
@@ -35,14 +41,30 @@ BackendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Tuple[int, ...],
 _BACKENDS: Dict[str, BackendFn] = {}
 # A backend may declare when it can run; the automatic choice asks it.
 _SUPPORTS: Dict[str, Callable[[torch.Tensor, Tuple[int, ...], str], bool]] = {}
+# Backends that normalise q and k themselves: fn(q, k, v, lengths, pattern, scale, qk_norm)
+_QK_NORM_BACKENDS: Dict[str, Callable[..., torch.Tensor]] = {}
+
+FUSED_QK_NORM: bool = os.environ.get("HMAR_FUSED_QK_NORM", "0").lower() in ("1", "true", "on", "yes")
+"""Run ``qk_norm`` inside the kernels of a backend that can (see the module docstring). An experiment: off."""
 
 
 def register_backend(name: str, fn: BackendFn,
-                     supports: Optional[Callable[[torch.Tensor, Tuple[int, ...], str], bool]] = None) -> None:
-    """Register an attention backend under ``name`` (``supports(q, lengths, pattern)`` gates auto-choice)."""
+                     supports: Optional[Callable[[torch.Tensor, Tuple[int, ...], str], bool]] = None,
+                     qk_norm_fn: Optional[Callable[..., torch.Tensor]] = None) -> None:
+    """Register an attention backend under ``name`` (``supports(q, lengths, pattern)`` gates auto-choice;
+    ``qk_norm_fn(q, k, v, lengths, pattern, scale, qk_norm)``: the same attention with the L2 normalisation of q
+    and k done inside, for :data:`FUSED_QK_NORM`)."""
     _BACKENDS[name] = fn
     if supports is not None:
         _SUPPORTS[name] = supports
+    if qk_norm_fn is not None:
+        _QK_NORM_BACKENDS[name] = qk_norm_fn
+
+
+def l2_normalize_qk(q: torch.Tensor, k: torch.Tensor, qk_norm: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``F.normalize(q, dim=-1) * qk_norm`` and ``F.normalize(k, dim=-1)``: the attention inputs of HMAR and VAR
+    (``qk_norm``: the per-head temperature, broadcast against ``[B, H, N, D]``, e.g. ``[1, H, 1, 1]``)."""
+    return F.normalize(q, dim=-1) * qk_norm, F.normalize(k, dim=-1)
 
 
 def available_backends() -> Tuple[str, ...]:
@@ -209,11 +231,30 @@ def check_backend(name: Optional[str], device: torch.device | str) -> Optional[s
     return name
 
 
+def _fused_qk_norm_call(q, k, v, lengths, pattern, scale, backend, qk_norm):
+    """The attention through a backend that normalises q and k itself (:data:`FUSED_QK_NORM`), or None where no
+    such backend supports the call. The dense pattern runs as one block of the block-diagonal one."""
+    if pattern == "dense":
+        pattern, lengths = "block_diagonal", (q.shape[2],)
+    name = backend
+    if name is None:
+        forced = os.environ.get("HMAR_ATTN_BACKEND")
+        name = forced if forced and forced != "auto" else "triton"
+    _maybe_load_triton()
+    fn, sup = _QK_NORM_BACKENDS.get(name), _SUPPORTS.get(name)
+    if fn is None or (sup is not None and not sup(q, lengths, pattern)):
+        return None
+    return fn(q, k, v, lengths, pattern, scale, qk_norm)
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lengths: Sequence[int],
-              pattern: Pattern = "block_diagonal", scale: float = 1.0, backend: Optional[str] = None) -> torch.Tensor:
+              pattern: Pattern = "block_diagonal", scale: float = 1.0, backend: Optional[str] = None,
+              qk_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention of ``q, k, v`` (``[B, H, N, D]``) over blocks of sizes ``lengths`` with ``pattern``.
 
-    ``scale`` multiplies ``q @ k^T`` before the softmax. Returns ``[B, H, N, D]``.
+    ``scale`` multiplies ``q @ k^T`` before the softmax. ``qk_norm`` (one scale per head, broadcast against
+    ``[B, H, N, D]``): attention of the L2-normalised q times ``qk_norm`` and the L2-normalised k (see the module
+    docstring). Returns ``[B, H, N, D]``.
     """
     if pattern not in PATTERNS:
         raise ValueError(f"unknown attention pattern {pattern!r}; use one of {PATTERNS}")
@@ -222,11 +263,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lengths: Seq
         raise ValueError(f"attention: the scale lengths {lengths} must be non-negative and sum to the "
                          f"sequence length {q.shape[2]} (they sum to {sum(lengths)})")
     dev = q.device.type
-    if dev != "meta" and torch.is_autocast_enabled(dev):       # (autocast knows no meta device)
+    dt = torch.get_autocast_dtype(dev) if dev != "meta" and torch.is_autocast_enabled(dev) else None
+    if qk_norm is not None and FUSED_QK_NORM:
+        out = _fused_qk_norm_call(*((q, k, v) if dt is None else (q.to(dt), k.to(dt), v.to(dt))),
+                                  lengths, pattern, scale, backend, qk_norm)
+        if out is not None:
+            return out
+    if qk_norm is not None:
+        q, k = l2_normalize_qk(q, k, qk_norm)
+    if dt is not None:       # (autocast knows no meta device)
         # What autocast does to SDPA's inputs, done before the choice so every backend sees one dtype: under bf16
         # autocast the L2-normalised q (and, on CUDA, k) arrive in fp32 (norm/exp run in fp32), and the fused
         # kernel only takes one half dtype for q, k and v (it used to decline such calls: per-scale SDPA ran).
-        dt = torch.get_autocast_dtype(dev)
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
     name = backend or choose_backend(q, lengths, pattern)
     if name not in _BACKENDS:
@@ -238,4 +286,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lengths: Seq
 
 
 __all__ = ["attention", "block_mask", "register_backend", "available_backends", "choose_backend", "check_backend",
-           "prefers_masked_sdpa", "PATTERNS", "TRAINING_BACKENDS", "SMALL_DENSE_SCORES"]
+           "l2_normalize_qk", "prefers_masked_sdpa", "PATTERNS", "TRAINING_BACKENDS", "SMALL_DENSE_SCORES",
+           "FUSED_QK_NORM"]

@@ -51,6 +51,14 @@ attention layer is free; the gradients are contiguous ``[B, H, N, D]``. The
 per-call host work is one dictionary lookup for the cached plan (configuration, work list,
 bounds), a few allocations and three launches (forward; delta and backward).
 
+L2-normalised attention (``qk_norm``, one scale ``s_h`` per head; :data:`hmar.attention.FUSED_QK_NORM`): the
+attention of ``F.normalize(q) * s_h`` and ``F.normalize(k)`` from the raw q and k. ``_rownorm_kernel`` writes the
+row norms of q and k (fp32 ``[2, B, H, N]``, kept for the backward); the scores are the raw dot products times
+``s_h / max(|q|, eps)`` per row and ``1 / max(|k|, eps)`` per column; the backward's dK and dQ products use the
+normalised tiles (bounded, so tiny rows cannot overflow), and its epilogue maps the gradients of the normalised q
+and k to those of the raw ones (``_normalize_grad``, F.normalize's derivative) and writes ``<u, dq_hat>`` per row
+for the head scale's gradient. ``QK_NORM`` is a compile-time flag: without it the kernels are unchanged.
+
 Only language features present in Triton 3.6 are used (plain pointer arithmetic, ``tl.dot`` with
 an accumulator, ``tl.trans``, ``tl.exp2``, ``tl.where``, runtime ``if`` on a loaded scalar).
 """
@@ -337,8 +345,46 @@ if _HAS_TRITON:
         return tl.dot(a, b, acc)
 
     @triton.jit
-    def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, lo, hi, start, end, kmax, qk_scale,
-                   BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr):
+    def _inv_norm(n_base, offs, ok, MASKED: tl.constexpr):
+        # 1 / max(||x||, eps) of rows ``offs`` from the stored row norms, as F.normalize divides
+        if MASKED:
+            n = tl.load(n_base + offs, mask=ok, other=1.0)
+        else:
+            n = tl.load(n_base + offs)
+        return 1.0 / tl.maximum(n, 1e-12)
+
+    @triton.jit
+    def _normalize_grad(x, g, n, scale):
+        # the gradient through ``F.normalize(x) * scale`` of the gradient ``g`` at its output, rows ``x`` with norms
+        # ``n``: scale / max(n, eps) * (g - u <u, g>), u = x / max(n, eps) (no projection below eps, as
+        # F.normalize's clamp); also returns <u, g> per row (the scale's gradient, summed over rows outside)
+        inv = 1.0 / tl.maximum(n, 1e-12)
+        u = x.to(tl.float32) * inv[:, None]
+        c = tl.sum(u * g, 1)
+        proj = tl.where(n >= 1e-12, c, 0.0)
+        return (scale * inv)[:, None] * (g - u * proj[:, None]), c
+
+    @triton.jit
+    def _rownorm_kernel(Q, K, NRM, sqb, sqh, sqn, skb, skh, skn, H, N, BLOCK: tl.constexpr, HEAD_D: tl.constexpr):
+        # NRM[0, b, h, n] = ||q[b, h, n]||, NRM[1, b, h, n] = ||k[b, h, n]|| (fp32, contiguous [2, B, H, N])
+        bh = tl.program_id(0)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        offs_m = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, HEAD_D)
+        ok = offs_m < N
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=ok[:, None],
+                    other=0.0).to(tl.float32)
+        k = tl.load(K + b * skb + h * skh + offs_m[:, None] * skn + offs_d[None, :], mask=ok[:, None],
+                    other=0.0).to(tl.float32)
+        row = bh.to(tl.int64) * N + offs_m
+        tl.store(NRM + row, tl.sqrt(tl.sum(q * q, 1)), mask=ok)
+        tl.store(NRM + tl.num_programs(0).to(tl.int64) * N + row, tl.sqrt(tl.sum(k * k, 1)), mask=ok)
+
+    @triton.jit
+    def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, lo, hi, start, end, kmax, qk_scale, nk_base, fq,
+                   BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
+                   QK_NORM: tl.constexpr):
         offs_d = tl.arange(0, HEAD_D)
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -350,6 +396,8 @@ if _HAS_TRITON:
             else:
                 k = tl.load(k_ptrs)
             s = _dot(q, tl.trans(k), UPCAST) * qk_scale
+            if QK_NORM:  # scores of the L2-normalised q (times its head scale) and k: row and column factors
+                s = s * (fq[:, None] * _inv_norm(nk_base, offs_n, n_ok, MASKED)[None, :])
             if MASKED:
                 ok = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
                 s = tl.where(ok, s, float("-inf"))
@@ -367,10 +415,10 @@ if _HAS_TRITON:
         return acc, l_i, m_i
 
     @triton.jit
-    def _fwd_kernel(Q, K, V, O, LSE, TAB, BND, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
+    def _fwd_kernel(Q, K, V, O, LSE, TAB, BND, NRM, HS, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son,
                     H, N, qk_scale,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
-                    UPCAST: tl.constexpr):
+                    UPCAST: tl.constexpr, QK_NORM: tl.constexpr):
         bh = tl.program_id(0)
         t = tl.program_id(1)
         b = (bh // H).to(tl.int64)
@@ -398,12 +446,19 @@ if _HAS_TRITON:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         # finite start: a row that has seen only masked keys so far keeps alpha = 1, p = 0
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+        # QK_NORM: q, k are raw; NRM holds their row norms ([2, B, H, N]) and HS the per-head scale of q
+        nrm_row = NRM + bh.to(tl.int64) * N
+        nk_base = nrm_row + tl.num_programs(0).to(tl.int64) * N
+        if QK_NORM:
+            fq = _inv_norm(nrm_row, offs_m, m_ok, True) * tl.load(HS + h)
+        else:
+            fq = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, lo, hi, p0, p1, p3,
-                                   qk_scale, BLOCK_N, HEAD_D, True, UPCAST)
+                                   qk_scale, nk_base, fq, BLOCK_N, HEAD_D, True, UPCAST, QK_NORM)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, lo, hi, p1, p2, p3,
-                                   qk_scale, BLOCK_N, HEAD_D, False, UPCAST)
+                                   qk_scale, nk_base, fq, BLOCK_N, HEAD_D, False, UPCAST, QK_NORM)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, lo, hi, p2, p3, p3,
-                                   qk_scale, BLOCK_N, HEAD_D, True, UPCAST)
+                                   qk_scale, nk_base, fq, BLOCK_N, HEAD_D, True, UPCAST, QK_NORM)
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         out = acc / l_safe[:, None]
         o_base = O + b * sob + h * soh
@@ -429,8 +484,9 @@ if _HAS_TRITON:
 
     @triton.jit
     def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, dl_base, sqn, sdn, clo, chi,
-                    start, end, qmax, qk_scale,
-                    BLOCK_M1: tl.constexpr, HEAD_D: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr):
+                    start, end, qmax, qk_scale, nq_base, hsc, rk,
+                    BLOCK_M1: tl.constexpr, HEAD_D: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
+                    QK_NORM: tl.constexpr):
         offs_d = tl.arange(0, HEAD_D)
         for m0 in range(start, end, BLOCK_M1):
             offs_m = m0 + tl.arange(0, BLOCK_M1)
@@ -444,6 +500,9 @@ if _HAS_TRITON:
                 q = tl.load(q_ptrs)
                 lse = tl.load(lse_base + offs_m)
             s_t = _dot(k, tl.trans(q), UPCAST) * qk_scale          # [BLOCK_N1, BLOCK_M1]
+            if QK_NORM:
+                fq = _inv_norm(nq_base, offs_m, m_ok, MASKED) * hsc
+                s_t = s_t * (rk[:, None] * fq[None, :])
             p_t = tl.exp2(s_t - lse[None, :])
             if MASKED:
                 ok = (offs_m[None, :] >= clo[:, None]) & (offs_m[None, :] < chi[:, None])
@@ -456,12 +515,15 @@ if _HAS_TRITON:
             dv = _dot_acc(p_t.to(do.dtype), do, dv, UPCAST)
             dp_t = _dot(v, tl.trans(do), UPCAST)
             ds_t = p_t * (dp_t - dl[None, :])
+            if QK_NORM:  # dk_hat = dS^T q_hat, q_hat the normalised q tile (bounded: no overflow for tiny rows)
+                q = (q.to(tl.float32) * fq[:, None]).to(k.dtype)
             dk = _dot_acc(ds_t.to(q.dtype), q, dk, UPCAST)
         return dk, dv
 
     @triton.jit
-    def _dq_inner(dq, q, do, lse, dl, k_base, v_base, skn, svn, lo, hi, start, end, kmax, qk_scale,
-                  BLOCK_N2: tl.constexpr, HEAD_D: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr):
+    def _dq_inner(dq, q, do, lse, dl, k_base, v_base, skn, svn, lo, hi, start, end, kmax, qk_scale, nk_base, fq,
+                  BLOCK_N2: tl.constexpr, HEAD_D: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
+                  QK_NORM: tl.constexpr):
         offs_d = tl.arange(0, HEAD_D)
         for n0 in range(start, end, BLOCK_N2):
             offs_n = n0 + tl.arange(0, BLOCK_N2)
@@ -475,21 +537,26 @@ if _HAS_TRITON:
                 k = tl.load(k_ptrs)
                 v = tl.load(v_ptrs)
             s = _dot(q, tl.trans(k), UPCAST) * qk_scale             # [BLOCK_M2, BLOCK_N2]
+            if QK_NORM:
+                rk = _inv_norm(nk_base, offs_n, n_ok, MASKED)
+                s = s * (fq[:, None] * rk[None, :])
             p = tl.exp2(s - lse[:, None])
             if MASKED:
                 ok = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
                 p = tl.where(ok, p, 0.0)
             dp = _dot(do, tl.trans(v), UPCAST)
             ds = p * (dp - dl[:, None])
+            if QK_NORM:  # dq_hat = dS k_hat, k_hat the normalised k tile
+                k = (k.to(tl.float32) * rk[:, None]).to(v.dtype)
             dq = _dot_acc(ds.to(k.dtype), k, dq, UPCAST)
         return dq
 
     @triton.jit
-    def _bwd_kernel(Q, K, V, DO, G, LSE, DELTA, TAB, BND, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
+    def _bwd_kernel(Q, K, V, DO, G, LSE, DELTA, TAB, BND, NRM, HS, DHS, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
                     sdb, sdh, sdn, H, N, qk_scale,
                     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
                     BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, HEAD_D: tl.constexpr,
-                    UPCAST: tl.constexpr):
+                    UPCAST: tl.constexpr, QK_NORM: tl.constexpr):
         bh = tl.program_id(0)
         t = tl.program_id(1)
         b = (bh // H).to(tl.int64)
@@ -518,6 +585,13 @@ if _HAS_TRITON:
         DQ = G + row0 * HEAD_D
         DK = DQ + plane
         DV = DK + plane
+        # QK_NORM: row norms of q and k ([2, B, H, N]), q's head scale; DHS gets <u, dq_hat> per query row
+        nq_base = NRM + row0
+        nk_base = nq_base + tl.num_programs(0).to(tl.int64) * N
+        if QK_NORM:
+            hsc = tl.load(HS + h)
+        else:
+            hsc = 0.0
 
         if kind == 0:
             # ---- dK, dV for key rows [os_, oe_), over the query rows that see them ----
@@ -529,15 +603,23 @@ if _HAS_TRITON:
             chi = tl.load(BND + 3 * N + offs_n, mask=n_ok, other=0)
             dk = tl.zeros([BLOCK_N1, HEAD_D], dtype=tl.float32)
             dv = tl.zeros([BLOCK_N1, HEAD_D], dtype=tl.float32)
+            if QK_NORM:
+                rk = _inv_norm(nk_base, offs_n, n_ok, True)
+            else:
+                rk = tl.zeros([BLOCK_N1], dtype=tl.float32)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, dl_base, sqn, sdn, clo, chi,
-                                 p0, p1, p3, qk_scale, BLOCK_M1, HEAD_D, True, UPCAST)
+                                 p0, p1, p3, qk_scale, nq_base, hsc, rk, BLOCK_M1, HEAD_D, True, UPCAST, QK_NORM)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, dl_base, sqn, sdn, clo, chi,
-                                 p1, p2, p3, qk_scale, BLOCK_M1, HEAD_D, False, UPCAST)
+                                 p1, p2, p3, qk_scale, nq_base, hsc, rk, BLOCK_M1, HEAD_D, False, UPCAST, QK_NORM)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, dl_base, sqn, sdn, clo, chi,
-                                 p2, p3, p3, qk_scale, BLOCK_M1, HEAD_D, True, UPCAST)
+                                 p2, p3, p3, qk_scale, nq_base, hsc, rk, BLOCK_M1, HEAD_D, True, UPCAST, QK_NORM)
             g_ptrs = offs_n[:, None] * HEAD_D + offs_d[None, :]
             tl.store(DV + g_ptrs, dv.to(G.dtype.element_ty), mask=n_ok[:, None])
-            tl.store(DK + g_ptrs, (dk * sm_scale).to(G.dtype.element_ty), mask=n_ok[:, None])
+            dk = dk * sm_scale
+            if QK_NORM:  # through k's normalisation: dk_hat -> dk_raw
+                nk = tl.load(nk_base + offs_n, mask=n_ok, other=1.0)
+                dk, _ = _normalize_grad(k, dk, nk, 1.0)
+            tl.store(DK + g_ptrs, dk.to(G.dtype.element_ty), mask=n_ok[:, None])
         else:
             # ---- dQ for query rows [os_, oe_), over the key rows they see ----
             offs_m = os_ + tl.arange(0, BLOCK_M2)
@@ -549,14 +631,22 @@ if _HAS_TRITON:
             lo = tl.load(BND + offs_m, mask=m_ok, other=0)
             hi = tl.load(BND + N + offs_m, mask=m_ok, other=0)
             dq = tl.zeros([BLOCK_M2, HEAD_D], dtype=tl.float32)
+            if QK_NORM:
+                nq = tl.load(nq_base + offs_m, mask=m_ok, other=1.0)
+                fq = hsc / tl.maximum(nq, 1e-12)
+            else:
+                fq = tl.zeros([BLOCK_M2], dtype=tl.float32)
             dq = _dq_inner(dq, q, do, lse, dl, k_base, v_base, skn, svn, lo, hi, p0, p1, p3, qk_scale,
-                           BLOCK_N2, HEAD_D, True, UPCAST)
+                           nk_base, fq, BLOCK_N2, HEAD_D, True, UPCAST, QK_NORM)
             dq = _dq_inner(dq, q, do, lse, dl, k_base, v_base, skn, svn, lo, hi, p1, p2, p3, qk_scale,
-                           BLOCK_N2, HEAD_D, False, UPCAST)
+                           nk_base, fq, BLOCK_N2, HEAD_D, False, UPCAST, QK_NORM)
             dq = _dq_inner(dq, q, do, lse, dl, k_base, v_base, skn, svn, lo, hi, p2, p3, p3, qk_scale,
-                           BLOCK_N2, HEAD_D, True, UPCAST)
-            tl.store(DQ + offs_m[:, None] * HEAD_D + offs_d[None, :],
-                     (dq * sm_scale).to(G.dtype.element_ty), mask=m_ok[:, None])
+                           nk_base, fq, BLOCK_N2, HEAD_D, True, UPCAST, QK_NORM)
+            dq = dq * sm_scale
+            if QK_NORM:  # through q's normalisation and head scale: dq_hat -> dq_raw, and <u, dq_hat> per row
+                dq, c = _normalize_grad(q, dq, nq, hsc)
+                tl.store(DHS + row0 + offs_m, c, mask=m_ok)
+            tl.store(DQ + offs_m[:, None] * HEAD_D + offs_d[None, :], dq.to(G.dtype.element_ty), mask=m_ok[:, None])
 
 
 # --------------------------------------------------------------------------------------------
@@ -578,13 +668,27 @@ def _new_out(q):
     return torch.empty((B, N, H, D), dtype=q.dtype, device=q.device).transpose(1, 2)
 
 
-def _launch_fwd(q, k, v, o, lse, tab, bnd, scale, cfg: FwdConfig):
-    """q, k, v, o strided [B, H, N, D] (last dim contiguous); lse contiguous [B, H, N]."""
+def _launch_fwd(q, k, v, o, lse, tab, bnd, scale, cfg: FwdConfig, nrm=None, hs=None):
+    """q, k, v, o strided [B, H, N, D] (last dim contiguous); lse contiguous [B, H, N]. With ``nrm`` (the row norms
+    of q and k, :func:`_launch_rownorm`) and ``hs`` (q's per-head scale, fp32 [H]): attention of the L2-normalised
+    q (times ``hs``) and k."""
     B, H, N, D = q.shape
     _fwd_kernel[(B * H, tab.shape[0])](
-        q, k, v, o, lse, tab, bnd, *_strides(q, k, v, o), H, N, scale * _LOG2E,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D, UPCAST=_upcast(q),
+        q, k, v, o, lse, tab, bnd, lse if nrm is None else nrm, lse if hs is None else hs,
+        *_strides(q, k, v, o), H, N, scale * _LOG2E,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D, UPCAST=_upcast(q), QK_NORM=nrm is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _launch_rownorm(q, k):
+    """The L2 norms of the rows of q and k (strided [B, H, N, D]): one fp32 [2, B, H, N] tensor."""
+    B, H, N, D = q.shape
+    nrm = torch.empty((2, B, H, N), dtype=torch.float32, device=q.device)
+    block = 16 if _INTERPRETED else 64
+    if nrm.numel():
+        _rownorm_kernel[(B * H, triton.cdiv(N, block))](q, k, nrm, *_strides(q, k), H, N, BLOCK=block, HEAD_D=D,
+                                                         num_warps=1 if _INTERPRETED else 4)
+    return nrm
 
 
 def _launch_delta(o, do, delta):
@@ -595,13 +699,16 @@ def _launch_delta(o, do, delta):
                                                        HEAD_D=D, num_warps=1 if _INTERPRETED else 4)
 
 
-def _launch_bwd(q, k, v, do, g, lse, delta, tab, bnd, scale, cfg: BwdConfig):
-    """q, k, v, do strided (last dim contiguous); g is the contiguous [3, B, H, N, D] dq/dk/dv buffer."""
+def _launch_bwd(q, k, v, do, g, lse, delta, tab, bnd, scale, cfg: BwdConfig, nrm=None, hs=None, dhs=None):
+    """q, k, v, do strided (last dim contiguous); g is the contiguous [3, B, H, N, D] dq/dk/dv buffer. With
+    ``nrm``/``hs`` (as :func:`_launch_fwd`): g gets the gradients of the raw q and k, and ``dhs`` (fp32 [B, H, N])
+    the per-row terms of the head scale's gradient."""
     B, H, N, D = q.shape
     _bwd_kernel[(B * H, tab.shape[0])](
-        q, k, v, do, g, lse, delta, tab, bnd, *_strides(q, k, v, do), H, N, scale * _LOG2E,
+        q, k, v, do, g, lse, delta, tab, bnd, lse if nrm is None else nrm, lse if hs is None else hs,
+        lse if dhs is None else dhs, *_strides(q, k, v, do), H, N, scale * _LOG2E,
         BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
-        HEAD_D=D, UPCAST=_upcast(q), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        HEAD_D=D, UPCAST=_upcast(q), QK_NORM=nrm is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 # --------------------------------------------------------------------------------------------
@@ -716,35 +823,50 @@ def _dense_rows(*ts):
     return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in ts)
 
 
+def _fwd_impl(q, k, v, hs, lengths, pattern, scale):
+    """The forward launches: ``(o, lse, nrm)``, ``nrm`` the row norms of q and k when ``hs`` (q's per-head scale,
+    fp32 ``[H]``) asks for the L2-normalised attention, else an empty tensor."""
+    q, k, v = _dense_rows(q, k, v)
+    cfg, tab, bnd = _fwd_plan(q, k, v, lengths, pattern, scale)
+    B, H, N, D = q.shape
+    o = _new_out(q)
+    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
+    nrm = lse.new_empty(0) if hs is None else _launch_rownorm(q, k)
+    if o.numel():
+        _launch_fwd(q, k, v, o, lse, tab, bnd, scale, cfg, None if hs is None else nrm, hs)
+    return o, lse, nrm
+
+
+def _bwd_impl(q, k, v, o, lse, nrm, hs, do, lengths, pattern, scale):
+    """The backward launches: ``(g, dhs)``, g the contiguous ``[3, B, H, N, D]`` dq/dk/dv buffer and dhs the
+    gradient of ``hs`` (fp32 ``[H]``; an empty tensor without ``hs``)."""
+    q, k, v, o, do = _dense_rows(q, k, v, o, do.to(q.dtype))
+    lse = lse.contiguous()
+    g = torch.empty((3,) + tuple(q.shape), dtype=q.dtype, device=q.device)
+    rows = lse.new_zeros(lse.shape if hs is not None else 0)   # <u, dq_hat> per query row, summed below
+    if g.numel():
+        delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+        _launch_delta(o, do, delta)
+        cfg, tab = _bwd_plan(q, k, v, do, lse, delta, lengths, pattern, scale)
+        _launch_bwd(q, k, v, do, g, lse, delta, tab, _bounds_tensor(lengths, pattern, q.device), scale, cfg,
+                    None if hs is None else nrm, hs, None if hs is None else rows)
+    return g, (rows if hs is None else rows.sum((0, 2)))
+
+
 class _BlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, lengths, pattern, scale):
-        q, k, v = _dense_rows(q, k, v)
-        cfg, tab, bnd = _fwd_plan(q, k, v, lengths, pattern, scale)
-        B, H, N, D = q.shape
-        o = _new_out(q)
-        # row statistics: [0] = base-2 log-sum-exp (written now), [1] = delta (written by the
-        # backward); one allocation instead of two
-        stats = torch.empty((2, B, H, N), dtype=torch.float32, device=q.device)
-        if o.numel():
-            _launch_fwd(q, k, v, o, stats[0], tab, bnd, scale, cfg)
-        ctx.save_for_backward(q, k, v, o, stats)
-        ctx.lengths, ctx.pattern, ctx.scale, ctx.bnd = lengths, pattern, scale, bnd
+    def forward(ctx, q, k, v, hs, lengths, pattern, scale):
+        o, lse, nrm = _fwd_impl(q, k, v, hs, lengths, pattern, scale)
+        ctx.save_for_backward(q, k, v, o, lse, nrm, hs)
+        ctx.lengths, ctx.pattern, ctx.scale = lengths, pattern, scale
         return o
 
     @staticmethod
     @once_differentiable  # the kernels have no derivative: a double backward raises instead of dropping terms
     def backward(ctx, do):
-        q, k, v, o, stats = ctx.saved_tensors
-        (do,) = _dense_rows(do.to(q.dtype))
-        # dq, dk, dv in one allocation, returned as three (contiguous) views
-        g = torch.empty((3,) + tuple(q.shape), dtype=q.dtype, device=q.device)
-        if g.numel():
-            lse, delta = stats[0], stats[1]
-            _launch_delta(o, do, delta)
-            cfg, tab = _bwd_plan(q, k, v, do, lse, delta, ctx.lengths, ctx.pattern, ctx.scale)
-            _launch_bwd(q, k, v, do, g, lse, delta, tab, ctx.bnd, ctx.scale, cfg)
-        return g[0], g[1], g[2], None, None, None
+        q, k, v, o, lse, nrm, hs = ctx.saved_tensors
+        g, dhs = _bwd_impl(q, k, v, o, lse, nrm, hs, do, ctx.lengths, ctx.pattern, ctx.scale)
+        return g[0], g[1], g[2], None if hs is None else dhs, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -756,29 +878,6 @@ class _BlockSparseAttention(torch.autograd.Function):
 # formula. The compiler sees two opaque calls per attention layer and compiles everything around them; at run
 # time they run the same plans and kernels as the eager path (autotuning included). Eager calls keep using the
 # autograd.Function (no custom-op dispatch overhead on the host-bound small sizes).
-def _fwd_impl(q, k, v, lengths, pattern, scale):
-    q, k, v = _dense_rows(q, k, v)
-    cfg, tab, bnd = _fwd_plan(q, k, v, lengths, pattern, scale)
-    B, H, N, D = q.shape
-    o = _new_out(q)
-    lse = torch.empty((B, H, N), dtype=torch.float32, device=q.device)
-    if o.numel():
-        _launch_fwd(q, k, v, o, lse, tab, bnd, scale, cfg)
-    return o, lse
-
-
-def _bwd_impl(q, k, v, o, lse, do, lengths, pattern, scale):
-    q, k, v, o, do = _dense_rows(q, k, v, o, do.to(q.dtype))
-    lse = lse.contiguous()
-    g = torch.empty((3,) + tuple(q.shape), dtype=q.dtype, device=q.device)
-    if g.numel():
-        delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
-        _launch_delta(o, do, delta)
-        cfg, tab = _bwd_plan(q, k, v, do, lse, delta, lengths, pattern, scale)
-        _launch_bwd(q, k, v, do, g, lse, delta, tab, _bounds_tensor(lengths, pattern, q.device), scale, cfg)
-    return g
-
-
 def _register_ops() -> None:
     from torch.library import custom_op, register_autograd
 
@@ -786,46 +885,63 @@ def _register_ops() -> None:
         return  # module re-imported (tests reload it under the interpreter): the ops call module globals
 
     @custom_op("hmar::block_sparse_attn_fwd", mutates_args=())
-    def _op_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: List[int], pattern: str,
-                scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-        return _fwd_impl(q, k, v, tuple(lengths), pattern, scale)
+    def _op_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hs: Optional[torch.Tensor], lengths: List[int],
+                pattern: str, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _fwd_impl(q, k, v, hs, tuple(lengths), pattern, scale)
 
     @_op_fwd.register_fake
-    def _(q, k, v, lengths, pattern, scale):
-        return _new_out(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    def _(q, k, v, hs, lengths, pattern, scale):
+        nrm = q.new_empty((2,) + tuple(q.shape[:3]) if hs is not None else (0,), dtype=torch.float32)
+        return _new_out(q), q.new_empty(q.shape[:3], dtype=torch.float32), nrm
 
     @custom_op("hmar::block_sparse_attn_bwd", mutates_args=())
     def _op_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-                do: torch.Tensor, lengths: List[int], pattern: str, scale: float) -> torch.Tensor:
-        return _bwd_impl(q, k, v, o, lse, do, tuple(lengths), pattern, scale)
+                nrm: torch.Tensor, hs: Optional[torch.Tensor], do: torch.Tensor, lengths: List[int], pattern: str,
+                scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _bwd_impl(q, k, v, o, lse, nrm, hs, do, tuple(lengths), pattern, scale)
 
     @_op_bwd.register_fake
-    def _(q, k, v, o, lse, do, lengths, pattern, scale):
-        return q.new_empty((3,) + tuple(q.shape))
+    def _(q, k, v, o, lse, nrm, hs, do, lengths, pattern, scale):
+        return q.new_empty((3,) + tuple(q.shape)), q.new_empty(q.shape[1] if hs is not None else 0,
+                                                              dtype=torch.float32)
 
     def setup_context(ctx, inputs, output):
-        q, k, v, lengths, pattern, scale = inputs
-        o, lse = output
-        ctx.save_for_backward(q, k, v, o, lse)
+        q, k, v, hs, lengths, pattern, scale = inputs
+        o, lse, nrm = output
+        ctx.save_for_backward(q, k, v, o, lse, nrm, hs)
         ctx.lengths, ctx.pattern, ctx.scale = list(lengths), pattern, scale
 
-    def backward(ctx, do, dlse):
-        q, k, v, o, lse = ctx.saved_tensors
-        g = torch.ops.hmar.block_sparse_attn_bwd(q, k, v, o, lse, do, ctx.lengths, ctx.pattern, ctx.scale)
-        return g[0], g[1], g[2], None, None, None
+    def backward(ctx, do, dlse, dnrm):
+        q, k, v, o, lse, nrm, hs = ctx.saved_tensors
+        g, dhs = torch.ops.hmar.block_sparse_attn_bwd(q, k, v, o, lse, nrm, hs, do, ctx.lengths, ctx.pattern,
+                                                      ctx.scale)
+        return g[0], g[1], g[2], None if hs is None else dhs, None, None, None
 
     register_autograd("hmar::block_sparse_attn_fwd", backward, setup_context=setup_context)
 
 
-def _apply(q, k, v, lengths, pattern, scale):
+def _apply(q, k, v, hs, lengths, pattern, scale):
     if torch.compiler.is_compiling():
-        return torch.ops.hmar.block_sparse_attn_fwd(q, k, v, list(lengths), pattern, scale)[0]
-    return _BlockSparseAttention.apply(q, k, v, lengths, pattern, scale)
+        return torch.ops.hmar.block_sparse_attn_fwd(q, k, v, hs, list(lengths), pattern, scale)[0]
+    return _BlockSparseAttention.apply(q, k, v, hs, lengths, pattern, scale)
+
+
+def _head_scale(qk_norm, q):
+    """``qk_norm`` (one value per head, any shape with H elements, e.g. the model's ``[1, H, 1, 1]``) as fp32 [H]."""
+    if qk_norm.numel() != q.shape[1]:
+        raise ValueError(f"triton attention: qk_norm needs one scale per head ({q.shape[1]}), got shape "
+                         f"{tuple(qk_norm.shape)}")
+    return qk_norm.reshape(q.shape[1]).float()
 
 
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: Sequence[int],
-                     pattern: str = "block_diagonal", scale: float = 1.0) -> torch.Tensor:
-    """Block-sparse attention of ``q, k, v`` (``[B, H, N, D]``) over blocks ``lengths``."""
+                     pattern: str = "block_diagonal", scale: float = 1.0,
+                     qk_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Block-sparse attention of ``q, k, v`` (``[B, H, N, D]``) over blocks ``lengths``.
+
+    ``qk_norm`` (one scale per head): attention of ``F.normalize(q, dim=-1) * qk_norm`` and ``F.normalize(k,
+    dim=-1)`` with the normalisation inside the kernels (q and k are read raw; no normalised copies), gradients
+    for q, k, v and ``qk_norm``."""
     if not _HAS_TRITON:
         raise RuntimeError("triton attention: Triton is not installed")
     if type(lengths) is not tuple:
@@ -833,7 +949,8 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     _check(q, k, v, lengths, pattern)
     if sum(lengths) != q.shape[2]:
         raise ValueError(f"triton attention: lengths {lengths} do not sum to N={q.shape[2]}")
-    return _apply(q, k, v, lengths, pattern, float(scale))
+    hs = None if qk_norm is None else _head_scale(qk_norm, q)
+    return _apply(q, k, v, hs, lengths, pattern, float(scale))
 
 
 def supports(q: torch.Tensor, lengths: Sequence[int], pattern: str) -> bool:
@@ -850,7 +967,12 @@ def supports(q: torch.Tensor, lengths: Sequence[int], pattern: str) -> bool:
 def _backend(q, k, v, lengths, pattern, scale):
     # hmar.attention.attention has already made lengths a tuple of ints summing to N
     _check(q, k, v, lengths, pattern)
-    return _apply(q, k, v, lengths, pattern, float(scale))
+    return _apply(q, k, v, None, lengths, pattern, float(scale))
+
+
+def _qk_norm_backend(q, k, v, lengths, pattern, scale, qk_norm):
+    _check(q, k, v, lengths, pattern)
+    return _apply(q, k, v, _head_scale(qk_norm, q), lengths, pattern, float(scale))
 
 
 if _HAS_TRITON:
@@ -858,7 +980,7 @@ if _HAS_TRITON:
 
     _register_ops()
 
-    register_backend("triton", _backend, supports)
+    register_backend("triton", _backend, supports, qk_norm_fn=_qk_norm_backend)
 
 __all__ = ["triton_attention", "supports", "FwdConfig", "BwdConfig", "use_config",
            "build_fwd_worklist", "build_bwd_worklist"]

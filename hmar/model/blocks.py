@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..attention import attention
+from ..attention import attention, l2_normalize_qk
 
 
 class DropPath(nn.Module):
@@ -75,14 +75,16 @@ class SelfAttention(nn.Module):
         B, L, C = x.shape
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if self.l2_norm:
-            q = F.normalize(q, dim=-1) * self.scale_mul_1H11.clamp(max=self.max_scale_mul).exp()
-            k = F.normalize(k, dim=-1)
+        # the per-head temperature of the L2-normalised attention (the normalisation itself: l2_normalize_qk)
+        qk_norm = self.scale_mul_1H11.clamp(max=self.max_scale_mul).exp() if self.l2_norm else None
         if cache is not None:  # VAR inference: queries of this scale see every cached scale
+            if qk_norm is not None:
+                q, k = l2_normalize_qk(q, k, qk_norm)
             k, v = cache.append(k, v)
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         else:
-            out = attention(q, k, v, lengths=lengths, pattern=pattern, scale=self.scale, backend=backend)
+            out = attention(q, k, v, lengths=lengths, pattern=pattern, scale=self.scale, backend=backend,
+                            qk_norm=qk_norm)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 
