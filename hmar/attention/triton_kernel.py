@@ -52,7 +52,7 @@ per-call host work is one dictionary lookup for the cached plan (configuration, 
 bounds), a few allocations and three launches (forward; delta and backward).
 
 L2-normalised attention (``qk_norm``, one scale ``s_h`` per head; :data:`hmar.attention.FUSED_QK_NORM`): the
-attention of ``F.normalize(q) * s_h`` and ``F.normalize(k)`` from the raw q and k. ``_rownorm_kernel`` writes the
+attention of ``F.normalize(q) * s_h`` and ``F.normalize(k)`` from the raw q and k. ``_rows_kernel`` writes the
 row norms of q and k (fp32 ``[2, B, H, N]``, kept for the backward); the scores are the raw dot products times
 ``s_h / max(|q|, eps)`` per row and ``1 / max(|k|, eps)`` per column; the backward's dK and dQ products use the
 normalised tiles (bounded, so tiny rows cannot overflow), and its epilogue maps the gradients of the normalised q
@@ -365,23 +365,6 @@ if _HAS_TRITON:
         return (scale * inv)[:, None] * (g - u * proj[:, None]), c
 
     @triton.jit
-    def _rownorm_kernel(Q, K, NRM, sqb, sqh, sqn, skb, skh, skn, H, N, BLOCK: tl.constexpr, HEAD_D: tl.constexpr):
-        # NRM[0, b, h, n] = ||q[b, h, n]||, NRM[1, b, h, n] = ||k[b, h, n]|| (fp32, contiguous [2, B, H, N])
-        bh = tl.program_id(0)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        offs_m = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        offs_d = tl.arange(0, HEAD_D)
-        ok = offs_m < N
-        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=ok[:, None],
-                    other=0.0).to(tl.float32)
-        k = tl.load(K + b * skb + h * skh + offs_m[:, None] * skn + offs_d[None, :], mask=ok[:, None],
-                    other=0.0).to(tl.float32)
-        row = bh.to(tl.int64) * N + offs_m
-        tl.store(NRM + row, tl.sqrt(tl.sum(q * q, 1)), mask=ok)
-        tl.store(NRM + tl.num_programs(0).to(tl.int64) * N + row, tl.sqrt(tl.sum(k * k, 1)), mask=ok)
-
-    @triton.jit
     def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, lo, hi, start, end, kmax, qk_scale, nk_base, fq,
                    BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
                    QK_NORM: tl.constexpr):
@@ -467,20 +450,27 @@ if _HAS_TRITON:
         tl.store(LSE + bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_safe), mask=m_ok)
 
     @triton.jit
-    def _bwd_delta_kernel(O, DO, DELTA, sob, soh, son, sdb, sdh, sdn, H, N,
-                          BLOCK: tl.constexpr, HEAD_D: tl.constexpr):
-        # delta[b, h, n] = <o, dO> of row n: O and dO strided [B, H, N, D], DELTA contiguous [B, H, N]
+    def _rows_kernel(X, Y, OUT, sxb, sxh, sxn, syb, syh, syn, H, N, BLOCK: tl.constexpr, HEAD_D: tl.constexpr,
+                     NORMS: tl.constexpr):
+        # per row n of two strided [B, H, N, D] tensors, into fp32 OUT (contiguous [B, H, N] planes):
+        #   NORMS=False: OUT[b, h, n] = <x, y> (the backward's delta = <o, dO>)
+        #   NORMS=True:  OUT[0, b, h, n] = ||x||, OUT[1, b, h, n] = ||y|| (the row norms of q and k)
         bh = tl.program_id(0)
         b = (bh // H).to(tl.int64)
         h = (bh % H).to(tl.int64)
         offs_m = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         offs_d = tl.arange(0, HEAD_D)
         ok = offs_m < N
-        o = tl.load(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :],
+        x = tl.load(X + b * sxb + h * sxh + offs_m[:, None] * sxn + offs_d[None, :],
                     mask=ok[:, None], other=0.0).to(tl.float32)
-        do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdn + offs_d[None, :],
-                     mask=ok[:, None], other=0.0).to(tl.float32)
-        tl.store(DELTA + bh.to(tl.int64) * N + offs_m, tl.sum(o * do, 1), mask=ok)
+        y = tl.load(Y + b * syb + h * syh + offs_m[:, None] * syn + offs_d[None, :],
+                    mask=ok[:, None], other=0.0).to(tl.float32)
+        row = bh.to(tl.int64) * N + offs_m
+        if NORMS:
+            tl.store(OUT + row, tl.sqrt(tl.sum(x * x, 1)), mask=ok)
+            tl.store(OUT + tl.num_programs(0).to(tl.int64) * N + row, tl.sqrt(tl.sum(y * y, 1)), mask=ok)
+        else:
+            tl.store(OUT + row, tl.sum(x * y, 1), mask=ok)
 
     @triton.jit
     def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, dl_base, sqn, sdn, clo, chi,
@@ -680,23 +670,25 @@ def _launch_fwd(q, k, v, o, lse, tab, bnd, scale, cfg: FwdConfig, nrm=None, hs=N
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def _launch_rows(x, y, out, norms: bool):
+    """:func:`_rows_kernel` over strided [B, H, N, D] ``x``, ``y`` into fp32 ``out``."""
+    B, H, N, D = x.shape
+    block = 16 if _INTERPRETED else 64
+    if out.numel():
+        _rows_kernel[(B * H, triton.cdiv(N, block))](x, y, out, *_strides(x, y), H, N, BLOCK=block, HEAD_D=D,
+                                                      NORMS=norms, num_warps=1 if _INTERPRETED else 4)
+
+
 def _launch_rownorm(q, k):
     """The L2 norms of the rows of q and k (strided [B, H, N, D]): one fp32 [2, B, H, N] tensor."""
-    B, H, N, D = q.shape
-    nrm = torch.empty((2, B, H, N), dtype=torch.float32, device=q.device)
-    block = 16 if _INTERPRETED else 64
-    if nrm.numel():
-        _rownorm_kernel[(B * H, triton.cdiv(N, block))](q, k, nrm, *_strides(q, k), H, N, BLOCK=block, HEAD_D=D,
-                                                         num_warps=1 if _INTERPRETED else 4)
+    nrm = torch.empty((2,) + tuple(q.shape[:3]), dtype=torch.float32, device=q.device)
+    _launch_rows(q, k, nrm, True)
     return nrm
 
 
 def _launch_delta(o, do, delta):
     """o, do strided [B, H, N, D] (last dim contiguous); delta contiguous [B, H, N] fp32."""
-    B, H, N, D = o.shape
-    block = 16 if _INTERPRETED else 64
-    _bwd_delta_kernel[(B * H, triton.cdiv(N, block))](o, do, delta, *_strides(o, do), H, N, BLOCK=block,
-                                                       HEAD_D=D, num_warps=1 if _INTERPRETED else 4)
+    _launch_rows(o, do, delta, False)
 
 
 def _launch_bwd(q, k, v, do, g, lse, delta, tab, bnd, scale, cfg: BwdConfig, nrm=None, hs=None, dhs=None):
