@@ -10,6 +10,14 @@ a slice of the batch (one image, at most four heads).
     python benchmarks/bench_attention.py                 # full grid, bf16 and fp16
     python benchmarks/bench_attention.py --quick         # B=4, H=16, bf16 only
     python benchmarks/bench_attention.py --json out.json
+    python benchmarks/bench_attention.py --layout qkv --qk-norm --N 680 2240 --B 16 32 --H 16   # as in the model
+
+``--layout qkv``: q, k, v as views of one packed ``[B, N, 3, H, D]`` projection, as the model makes them (the
+kernel reads each with its own strides; the default ``contiguous`` gives each its own ``[B, H, N, D]`` tensor).
+``--qk-norm``: every backend computes HMAR's L2-normalised attention, ``F.normalize(q) * s`` and
+``F.normalize(k)`` (``attention(..., qk_norm=s)``), the normalisation ops and their backward included in its
+time, and a first column ``triton+qknorm`` does the normalisation inside the kernels
+(:data:`hmar.attention.FUSED_QK_NORM`); the speed-ups are then the first column's over the others.
 
 Goals (H200): triton fwd+bwd >= 1.2x faster than per_scale, and >= 1.5x faster than the official
 HMAR kernel (reference figures, fp16 fwd+bwd: N=2240 B=16 H=16 4.38 ms; N=9451 B=4 H=16 14.6 ms;
@@ -28,6 +36,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import hmar.attention  # noqa: E402
 from hmar.attention import attention, available_backends  # noqa: E402
 
 SCHEDULES = {
@@ -51,17 +60,27 @@ def _free():
     torch.cuda.empty_cache()
 
 
-def _time_backend(name, q, k, v, do, lengths, pattern, scale):
-    def fwd():
-        return attention(q, k, v, lengths=lengths, pattern=pattern, scale=scale, backend=name)
+def _time_backend(name, q, k, v, do, lengths, pattern, scale, qk_norm=None):
+    """(forward, backward, forward + backward) ms of one backend. ``name`` "triton+qknorm": the Triton kernel with
+    the q/k normalisation inside it; with ``qk_norm`` the others normalise first (its gradient is computed too)."""
+    fused = name == "triton+qknorm"
+    backend = "triton" if fused else name
+    inputs = (q, k, v) if qk_norm is None else (q, k, v, qk_norm)
 
-    out = fwd()  # warm-up (and autotuning for triton)
-    torch.autograd.grad(out, (q, k, v), do)
-    t_fwd = _bench(fwd)
-    out = fwd()
-    t_bwd = _bench(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
-    out = None
-    t_all = _bench(lambda: torch.autograd.grad(fwd(), (q, k, v), do))
+    def fwd():
+        return attention(q, k, v, lengths=lengths, pattern=pattern, scale=scale, backend=backend, qk_norm=qk_norm)
+
+    saved, hmar.attention.FUSED_QK_NORM = hmar.attention.FUSED_QK_NORM, fused
+    try:
+        out = fwd()  # warm-up (and autotuning for triton)
+        torch.autograd.grad(out, inputs, do)
+        t_fwd = _bench(fwd)
+        out = fwd()
+        t_bwd = _bench(lambda: torch.autograd.grad(out, inputs, do, retain_graph=True))
+        out = None
+        t_all = _bench(lambda: torch.autograd.grad(fwd(), inputs, do))
+    finally:
+        hmar.attention.FUSED_QK_NORM = saved
     return t_fwd, t_bwd, t_all
 
 
@@ -70,21 +89,28 @@ def _tuned(q, lengths, pattern):
     try:
         from hmar.attention import triton_kernel as tk
         key = tk._tune_key(q, tuple(lengths), pattern)
-        f, b = tk._TUNED_FWD.get(key), tk._TUNED_BWD.get(key)
-        return {"fwd": list(vars(f).values()) if f else None, "bwd": list(vars(b).values()) if b else None}
+        f, b = tk._FWD_PLANS.get(key), tk._BWD_PLANS.get(key)
+        return {"fwd": list(vars(f[0]).values()) if f else None, "bwd": list(vars(b[0]).values()) if b else None}
     except Exception:  # noqa: BLE001
         return None
 
 
-def _check_error(q, k, v, do, lengths, pattern, scale):
-    """Max |triton - fp32| / max(1, max|fp32|) on one image and at most four heads."""
+def _check_error(q, k, v, do, lengths, pattern, scale, qk_norm=None):
+    """Max |triton - fp32| / max(1, max|fp32|) on one image and at most four heads (with ``qk_norm``: of the
+    triton+qknorm column, the normalisation inside the kernels)."""
     hs = min(4, q.shape[1])
     qs, ks, vs = (x.detach()[:1, :hs].clone().requires_grad_() for x in (q, k, v))
     dos = do[:1, :hs]
-    out = attention(qs, ks, vs, lengths=lengths, pattern=pattern, scale=scale, backend="triton")
+    s = None if qk_norm is None else qk_norm[:, :hs]
+    saved, hmar.attention.FUSED_QK_NORM = hmar.attention.FUSED_QK_NORM, s is not None
+    try:
+        out = attention(qs, ks, vs, lengths=lengths, pattern=pattern, scale=scale, backend="triton", qk_norm=s)
+    finally:
+        hmar.attention.FUSED_QK_NORM = saved
     g = torch.autograd.grad(out, (qs, ks, vs), dos)
     qf, kf, vf = (x.detach().float().requires_grad_() for x in (qs, ks, vs))
-    ref = attention(qf, kf, vf, lengths=lengths, pattern=pattern, scale=scale, backend="per_scale")
+    ref = attention(qf, kf, vf, lengths=lengths, pattern=pattern, scale=scale, backend="per_scale",
+                    qk_norm=None if s is None else s.detach().float())
     gr = torch.autograd.grad(ref, (qf, kf, vf), dos.float())
     errs = {}
     for name, a, b in zip(("out", "dq", "dk", "dv"), (out,) + tuple(g), (ref,) + tuple(gr)):
@@ -105,8 +131,9 @@ def run(args):
           f"autotune={os.environ.get('HMAR_TRITON_AUTOTUNE', '1')}")
 
     Ns = [680, 2240, 9451]
-    Bs = [4] if args.quick else [4, 16]
-    Hs = [16] if args.quick else [16, 30]
+    Bs = args.B or ([4] if args.quick else [4, 16])
+    Hs = args.H or ([16] if args.quick else [16, 30])
+    names = (("triton+qknorm",) if args.qk_norm else ()) + BACKENDS
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     dts = ["bf16"] if args.quick else args.dtypes
     patterns = args.patterns
@@ -115,9 +142,12 @@ def run(args):
     D = 64
     scale = D ** -0.5
     results = []
-    hdr = (f"{'pattern':<14} {'dt':<4} {'N':>5} {'B':>3} {'H':>3} | "
-           f"{'fwd tri':>8} {'psc':>7} {'ref':>7} | {'bwd tri':>8} {'psc':>7} {'ref':>7} | "
-           f"{'f+b tri':>8} {'psc':>7} {'ref':>7} | {'x psc':>6} {'x ref':>6} {'x off':>6} | maxerr")
+    short = {"triton+qknorm": "tri+qkn", "triton": "tri", "per_scale": "psc", "reference": "ref"}
+    cols = " | ".join(" ".join(f"{(part + ' ' if i == 0 else '') + short[n]:>{8 if i == 0 else 7}}"
+                               for i, n in enumerate(names)) for part in ("fwd", "bwd", "f+b"))
+    hdr = (f"{'pattern':<14} {'dt':<4} {'N':>5} {'B':>3} {'H':>3} | {cols} | "
+           + " ".join(f"{'x ' + short[n]:>6}" for n in names[1:]) + f" {'x off':>6} | maxerr"
+           + (f"   (layout {args.layout}{', L2-normalised q/k: every column includes the normalisation' if args.qk_norm else ''})"))
     print(hdr)
     print("-" * len(hdr))
     for pattern in patterns:
@@ -127,22 +157,31 @@ def run(args):
                 lengths = SCHEDULES[N]
                 for B in Bs:
                     for H in Hs:
-                        row = dict(pattern=pattern, dtype=dt_name, N=N, B=B, H=H, D=D)
+                        row = dict(pattern=pattern, dtype=dt_name, N=N, B=B, H=H, D=D, layout=args.layout,
+                                   qk_norm=args.qk_norm)
                         try:
                             g = torch.Generator(device="cuda").manual_seed(0)
-                            q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=dtype, generator=g)
-                                       .requires_grad_() for _ in range(3))
+                            if args.layout == "qkv":   # views of one packed projection, as in the model
+                                qkv = torch.randn(B, N, 3, H, D, device="cuda", dtype=dtype, generator=g)
+                                q, k, v = (qkv[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))
+                            else:
+                                q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=dtype, generator=g)
+                                           .requires_grad_() for _ in range(3))
                             do = torch.randn(B, H, N, D, device="cuda", dtype=dtype, generator=g)
+                            # the per-head temperature in the inputs' dtype (as in a half model; under autocast
+                            # attention() casts the normalised q instead)
+                            s = (torch.full((1, H, 1, 1), 4.0, device="cuda", dtype=dtype).requires_grad_()
+                                 if args.qk_norm else None)
                         except torch.cuda.OutOfMemoryError:
                             print(f"{pattern:<14} {dt_name:<4} {N:>5} {B:>3} {H:>3} | inputs do not fit")
                             _free()
                             continue
-                        for name in BACKENDS:
+                        for name in names:
                             if name == "reference" and args.no_reference:
                                 row[name] = None
                                 continue
                             try:
-                                row[name] = _time_backend(name, q, k, v, do, lengths, pattern, scale)
+                                row[name] = _time_backend(name, q, k, v, do, lengths, pattern, scale, s)
                             except torch.cuda.OutOfMemoryError:
                                 row[name] = "OOM"
                             except Exception as e:  # noqa: BLE001 - report and go on
@@ -150,13 +189,13 @@ def run(args):
                             _free()
                         row["triton_cfg"] = _tuned(q, lengths, pattern)
                         try:
-                            row["err"] = _check_error(q, k, v, do, lengths, pattern, scale)
+                            row["err"] = _check_error(q, k, v, do, lengths, pattern, scale, s)
                         except Exception as e:  # noqa: BLE001
                             row["err"] = f"error: {type(e).__name__}: {e}"[:200]
                         del q, k, v, do
                         _free()
                         results.append(row)
-                        print(_fmt(row), flush=True)
+                        print(_fmt(row, names), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
@@ -172,20 +211,20 @@ def _ms(x, i):
     return "OOM" if x == "OOM" else "err"
 
 
-def _fmt(row):
-    t, p, r = row["triton"], row["per_scale"], row["reference"]
-    cols = []
-    for i in range(3):
-        cols.append(f"{_ms(t, i):>8} {_ms(p, i):>7} {_ms(r, i):>7}")
-    x_p = f"{p[2] / t[2]:.2f}" if isinstance(t, tuple) and isinstance(p, tuple) else "-"
-    x_r = f"{r[2] / t[2]:.2f}" if isinstance(t, tuple) and isinstance(r, tuple) else "-"
+def _fmt(row, names=BACKENDS):
+    """One table row: forward, backward and forward + backward of every backend in ``names``, then the first's
+    speed-up (forward + backward) over each other one and over the official kernel's reference figure."""
+    t = row[names[0]]
+    cols = [" ".join(f"{_ms(row[n], i):>{8 if j == 0 else 7}}" for j, n in enumerate(names)) for i in range(3)]
+    xs = [f"{row[n][2] / t[2]:.2f}" if isinstance(t, tuple) and isinstance(row[n], tuple) else "-"
+          for n in names[1:]]
     off = OFFICIAL_FWDBWD_MS.get((row["N"], row["B"], row["H"]))
     x_o = f"{off / t[2]:.2f}" if off and isinstance(t, tuple) and row["pattern"] == "block_diagonal" else "-"
     err = row.get("err")
     err_s = (f"{max(err.values()):.1e}" if isinstance(err, dict) else str(err))
     s = (f"{row['pattern']:<14} {row['dtype']:<4} {row['N']:>5} {row['B']:>3} {row['H']:>3} | "
-         + " | ".join(cols) + f" | {x_p:>6} {x_r:>6} {x_o:>6} | {err_s}")
-    for name in BACKENDS:
+         + " | ".join(cols) + " | " + " ".join(f"{x:>6}" for x in xs) + f" {x_o:>6} | {err_s}")
+    for name in names:
         if isinstance(row[name], str) and row[name] != "OOM":
             s += f"\n    {name}: {row[name]}"
     return s
@@ -200,6 +239,12 @@ def main(argv=None):
                     choices=["block_diagonal", "block_causal"])
     ap.add_argument("--N", nargs="+", type=int, choices=sorted(SCHEDULES), help="restrict N")
     ap.add_argument("--no-reference", action="store_true", help="skip the masked-SDPA baseline")
+    ap.add_argument("--B", nargs="+", type=int, help="batch sizes (default: 4 16; --quick: 4)")
+    ap.add_argument("--H", nargs="+", type=int, help="head counts (default: 16 30; --quick: 16)")
+    ap.add_argument("--layout", default="contiguous", choices=["contiguous", "qkv"],
+                    help="q, k, v as tensors of their own (default) or as views of one packed qkv projection")
+    ap.add_argument("--qk-norm", action="store_true",
+                    help="L2-normalised q/k (HMAR's attention) in every column, and the fused triton+qknorm first")
     args = ap.parse_args(argv)
     t0 = time.time()
     rc = run(args)

@@ -13,8 +13,10 @@
 #   call 5: a profile of the hmar-d30 token loop, then hmar-d16 with its blocks compiled in max-autotune mode
 #           against the default mode
 #   call 6 (written in the second session of 2026-12-02 for the next one): the q/k L2 normalisation inside the
-#           Triton attention kernel (hmar.attention.FUSED_QK_NORM): its GPU tests, compiled hmar-d16 training
-#           unfused vs fused side by side, then hmar-d16 and hmar-d30 sampling with and without it (~8 minutes)
+#           Triton attention kernel (hmar.attention.FUSED_QK_NORM): its GPU tests, the attention alone at the
+#           training shapes of d16, d30 and d16-512 (q, k, v as views of the packed projection, every column with
+#           the normalisation), compiled hmar-d16 training unfused vs fused side by side, then hmar-d16 and
+#           hmar-d30 sampling with and without it (~9 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -26,7 +28,7 @@ set -u
 [ $# -ge 1 ] || { echo "usage: gpu_fast_sampling.sh 1|2|3|STEP..."; exit 2; }
 case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) STEPS="tests" ;;
   4) STEPS="decgraph-test decgraph" ;; 5) STEPS="d30-profile autotune" ;;
-  6) STEPS="qknorm-tests qknorm-train qknorm-sample" ;; *) STEPS="$*" ;; esac
+  6) STEPS="qknorm-tests qknorm-attn qknorm-train qknorm-sample" ;; *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
 L=/tmp/logs/$TAG T0=$SECONDS LIMIT=${LIMIT:-560}
@@ -77,6 +79,14 @@ for s in $STEPS; do
       timeout "$(( $(left) < 150 ? $(left) : 150 ))" python3 -m pytest -q -p no:cacheprovider \
         tests/test_triton_attention.py -k "qk_norm" > "$L/qknorm-tests.log" 2>&1; echo "qknorm tests: exit $?"
       tail -3 "$L/qknorm-tests.log" ;;
+    qknorm-attn)
+      step "attention alone with the L2-normalised q/k, the model's layout"
+      for shape in "680 32 16" "680 16 30" "2240 8 16"; do set -- $shape
+        timeout "$(( $(left) < 90 ? $(left) : 90 ))" python3 benchmarks/bench_attention.py --layout qkv --qk-norm \
+          --N "$1" --B "$2" --H "$3" --dtypes bf16 --patterns block_diagonal --json "$L/attn-qknorm-$1-$2-$3.json" \
+          >> "$L/attn-qknorm.log" 2>&1
+      done
+      grep -E "^(pattern|block)" "$L/attn-qknorm.log" ;;
     qknorm-train)
       step "compiled hmar-d16 training, q/k normalisation unfused vs fused"
       timeout "$(( $(left) < 260 ? $(left) : 260 ))" python3 benchmarks/bench_train.py --preset hmar-d16 --batch 32 \

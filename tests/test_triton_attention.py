@@ -436,6 +436,39 @@ def test_qk_norm_in_the_model_equals_the_unfused_model(monkeypatch):
         assert err <= 2e-2 * max(ga[n].abs().max().item(), 1e-3), (n, err)
 
 
+@needs_triton
+def test_bench_attention_columns_with_qk_norm(monkeypatch):
+    # benchmarks/bench_attention.py --qk-norm: the fused column and the others time the same function (each its
+    # normalisation included), the switch is restored, and the row prints every column and the speed-ups
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    ba = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ba)
+    import hmar.attention as A
+    seen = []
+    monkeypatch.setattr(ba, "_bench", lambda fn: (seen.append((A.FUSED_QK_NORM, fn())), 2.0)[1])
+    lengths, B, H, D = (1, 4, 9), 1, 2, 64
+    q, k, v = _inputs(B, H, sum(lengths), D, torch.float16, 3, strided=True)
+    do = torch.ones(B, H, sum(lengths), D, dtype=torch.float16, device=DEVICE)
+    s = torch.full((1, H, 1, 1), 4.0, dtype=torch.float16, device=DEVICE, requires_grad=True)
+    names = ("triton+qknorm",) + ba.BACKENDS
+    row = dict(pattern="block_diagonal", dtype="fp16", N=sum(lengths), B=B, H=H, D=D)
+    for i, name in enumerate(names):
+        row[name] = ba._time_backend(name, q, k, v, do, lengths, "block_diagonal", 0.125, s)
+        assert row[name] == (2.0, 2.0, 2.0) and A.FUSED_QK_NORM is False
+        assert [f for f, _ in seen[3 * i:3 * i + 3]] == [name == "triton+qknorm"] * 3
+    outs = [seen[3 * i][1] for i in range(len(names))]   # each backend's forward output
+    for o in outs[1:]:
+        assert (o.float() - outs[0].float()).abs().max().item() < 1e-2
+    row["triton+qknorm"], row["per_scale"] = (1.0, 1.0, 1.0), (3.0, 3.0, 3.0)
+    row["err"] = ba._check_error(q, k, v, do, lengths, "block_diagonal", 0.125, s)
+    assert max(row["err"].values()) < 1e-2
+    line = ba._fmt(row, names)
+    assert line.split("|")[-2].split() == ["2.00", "3.00", "2.00", "-"]   # x tri, x psc, x ref, x off
+
+
 # ---------------------------------------------------------------------------------------------
 # Invalid input: a clear error, never a silent result
 # ---------------------------------------------------------------------------------------------
