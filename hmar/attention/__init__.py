@@ -286,5 +286,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lengths: Seq
 
 
 __all__ = ["attention", "block_mask", "register_backend", "available_backends", "choose_backend", "check_backend",
-           "l2_normalize_qk", "prefers_masked_sdpa", "PATTERNS", "TRAINING_BACKENDS", "SMALL_DENSE_SCORES",
-           "FUSED_QK_NORM"]
+           "l2_normalize_qk", "prefers_masked_sdpa", "PATTERNS", "TRAINING_BACKENDS", "SMALL_DENSE_SCORES"]
+# (FUSED_QK_NORM is a switch: set it as hmar.attention.FUSED_QK_NORM, not on an imported copy)
