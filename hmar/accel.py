@@ -281,7 +281,8 @@ class FastDecoder(nn.Module):
     outputs are cloned before anything else runs (the next replay of any graph may overwrite them). A capture that
     fails falls back to eager calls, with a warning. ``reserve_pool``: each capture first reserves its warm-up's
     peak as one block of the pool, as :class:`GraphedModel`'s ``reserve_pool`` does (a block the loop's capture
-    reserved and freed serves the decoder's when it is large enough)."""
+    reserved and freed serves the decoder's when it is large enough). With graphs, as :class:`GraphedModel`, it is
+    not thread-safe: replays share their static buffers, so decode from one thread at a time."""
 
     def __init__(self, tokenizer: nn.Module, dtype: torch.dtype = torch.bfloat16, compile: bool = True,
                  mode: Optional[str] = None, channels_last: bool = True, max_batch: Optional[int] = None,
