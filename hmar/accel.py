@@ -54,7 +54,7 @@ def _reserve(nbytes: int, device: torch.device) -> None:
     """Inside a capture: allocate ``nbytes`` as one block of the graph's pool and free it at once. The capture's own
     allocations then split that one segment (and coalesce back when freed) instead of each scale's passes adding
     segments of their sizes: the pool stays near the warm-up's peak. Without it the pools measured 0.76-4.39 GB on the
-    H200, several times what a pass holds at once (BENCHMARKS.md section 3d)."""
+    H200, several times what a pass holds at once (BENCHMARKS.md section 3d); with it 0.62-2.79 GB (section 3e)."""
     if nbytes > 0:
         torch.empty(nbytes, dtype=torch.uint8, device=device)
 
