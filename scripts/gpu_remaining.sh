@@ -12,8 +12,12 @@
 #           host moved to scripts/gpu_fast_sampling.sh, which measures the fast path of 2026-12-01 against the old)
 #           (ran 2026-12-02 with LIMIT=320: hmar-d30 and hmar-d16-512 only, BENCHMARKS.md section 2d)
 #   call 4: what call 3 left: compiled var-d16 and the profile of the compiled hmar-d16 step (~5 min)
+#           (ran in the second session of 2026-12-02, BENCHMARKS.md section 2e)
+#   call 5 (written then for the next session): compiled hmar-d30 at batch 16 with the strided attention layouts
+#           (its compile did not fit in that session's call) and the compiled masked stage (stage 2) of hmar-d16,
+#           never measured compiled (~7 min)
 set -u
-CALL=${1:?usage: gpu_remaining.sh 1|2|3|4}
+CALL=${1:?usage: gpu_remaining.sh 1|2|3|4|5}
 export PYTHONUNBUFFERED=1
 L=/tmp/logs/rem$CALL T0=$SECONDS
 mkdir -p "$L" "${OUT:=/tmp/out}"
@@ -61,4 +65,11 @@ case $CALL in
   timeout "$(left)" python3 $B --preset var-d16 --compile --json "$L/train-var-d16.json" > "$L/train-compiled.log" 2>&1
   d16_profile
   grep -h 'img/s' "$L/train-compiled.log" "$L/train-d16-profile.log" ;;
+5)
+  nvidia-smi > "$L/machine.txt" 2>&1
+  timeout "$(( $(left) < 330 ? $(left) : 330 ))" python3 $B --preset hmar-d30 --batch 16 --compile --steps 15 \
+    --warmup 4 --json "$L/train-d30.json" > "$L/train-compiled.log" 2>&1
+  timeout "$(left)" python3 $B --preset hmar-d16 --stage masked --batch 32 --compile --json "$L/train-d16-masked.json" \
+    >> "$L/train-compiled.log" 2>&1
+  grep -h 'img/s' "$L/train-compiled.log" ;;
 esac
