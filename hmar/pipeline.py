@@ -121,7 +121,8 @@ class HMARPipeline:
     def enable_fast_sampling(self, compile: bool = False, decode_batch: Optional[int] = None) -> "HMARPipeline":
         """CUDA only, in place: bf16 transformer whose whole token loop replays as one CUDA graph per batch size and
         set of options (edits: one graph per pass; ``compile=True``: with its blocks ``torch.compile``'d), and a bf16
-        compiled decoder (:mod:`hmar.accel`). The same seed samples the tokens
+        compiled decoder whose calls replay as CUDA graphs in the loop graph's memory pool (:mod:`hmar.accel`). The
+        same seed samples the tokens
         of the eager bf16 model with fc1's GELU in the GEMM epilogue (which the fast model switches on).
         The first call of each batch size captures its graphs and compiles (about a minute); later calls replay.
 
