@@ -48,6 +48,12 @@ OFFICIAL_FWDBWD_MS = {  # fp16, from the spec (section 11(c) / brief), pattern b
     (2240, 16, 16): 4.38, (9451, 4, 16): 14.6, (680, 16, 16): 0.73,
 }
 BACKENDS = ("triton", "per_scale", "reference")
+SHORT = {"triton+qknorm": "tri+qkn", "triton": "tri", "per_scale": "psc", "reference": "ref"}   # column labels
+
+
+def _width(names, j):
+    """Width of column ``j`` of a timing group (the first carries the group's label, e.g. "f+b tri")."""
+    return max(8, 4 + len(SHORT[names[0]])) if j == 0 else 7
 
 
 def _bench(fn):
@@ -142,11 +148,10 @@ def run(args):
     D = 64
     scale = D ** -0.5
     results = []
-    short = {"triton+qknorm": "tri+qkn", "triton": "tri", "per_scale": "psc", "reference": "ref"}
-    cols = " | ".join(" ".join(f"{(part + ' ' if i == 0 else '') + short[n]:>{8 if i == 0 else 7}}"
-                               for i, n in enumerate(names)) for part in ("fwd", "bwd", "f+b"))
+    cols = " | ".join(" ".join(f"{(part + ' ' if j == 0 else '') + SHORT[n]:>{_width(names, j)}}"
+                               for j, n in enumerate(names)) for part in ("fwd", "bwd", "f+b"))
     hdr = (f"{'pattern':<14} {'dt':<4} {'N':>5} {'B':>3} {'H':>3} | {cols} | "
-           + " ".join(f"{'x ' + short[n]:>6}" for n in names[1:]) + f" {'x off':>6} | maxerr"
+           + " ".join(f"{'x ' + SHORT[n]:>6}" for n in names[1:]) + f" {'x off':>6} | maxerr"
            + (f"   (layout {args.layout}{', L2-normalised q/k: every column includes the normalisation' if args.qk_norm else ''})"))
     print(hdr)
     print("-" * len(hdr))
@@ -215,7 +220,7 @@ def _fmt(row, names=BACKENDS):
     """One table row: forward, backward and forward + backward of every backend in ``names``, then the first's
     speed-up (forward + backward) over each other one and over the official kernel's reference figure."""
     t = row[names[0]]
-    cols = [" ".join(f"{_ms(row[n], i):>{8 if j == 0 else 7}}" for j, n in enumerate(names)) for i in range(3)]
+    cols = [" ".join(f"{_ms(row[n], i):>{_width(names, j)}}" for j, n in enumerate(names)) for i in range(3)]
     xs = [f"{row[n][2] / t[2]:.2f}" if isinstance(t, tuple) and isinstance(row[n], tuple) else "-"
           for n in names[1:]]
     off = OFFICIAL_FWDBWD_MS.get((row["N"], row["B"], row["H"]))
