@@ -121,6 +121,7 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
     labels = [i % model_config(name).num_classes for i in range(args.batch)]
     kw = dict(cfg=1.5, top_k=900, top_p=0.96, generator=0)
     fast_decoder = None    # one compiled decoder serves every fast variant of this config (one compile, not one each)
+    fused_qk_norm = hmar.attention.FUSED_QK_NORM   # restored after the variants, which set it each
     for variant in args.variants:
         with torch.device(device):
             model = build_model(model_config(name)).eval()
@@ -198,7 +199,7 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
         gc.collect()          # nothing of this variant (weights, graphs) may count in the next one's memory
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    hmar.attention.FUSED_QK_NORM = False   # (the default again for whatever runs next in this process)
+    hmar.attention.FUSED_QK_NORM = fused_qk_norm
     return results
 
 

@@ -182,6 +182,12 @@ def prefers_masked_sdpa(shape: Sequence[int], pattern: str) -> bool:
 TRAINING_BACKENDS = ("auto", "reference", "per_scale", "triton")
 
 
+def _forced_backend() -> Optional[str]:
+    """The backend ``HMAR_ATTN_BACKEND`` forces, or None (unset or ``auto``)."""
+    forced = os.environ.get("HMAR_ATTN_BACKEND")
+    return forced if forced and forced != "auto" else None
+
+
 def choose_backend(q: torch.Tensor, lengths: Sequence[int], pattern: Pattern) -> str:
     """Automatic backend (``HMAR_ATTN_BACKEND`` in the environment overrides it).
 
@@ -192,8 +198,8 @@ def choose_backend(q: torch.Tensor, lengths: Sequence[int], pattern: Pattern) ->
       up to N=2240 (1.6-5x); at N=9451 block-causal is dominated by the dense lower-triangle tiles and the two are
       at parity (0.99-1.14x), so the kernel is kept there too. Else ``"per_scale"`` (FlashAttention per block).
     """
-    forced = os.environ.get("HMAR_ATTN_BACKEND")
-    if forced and forced != "auto":
+    forced = _forced_backend()
+    if forced:
         return forced
     if pattern == "dense":
         return "reference"
@@ -236,10 +242,7 @@ def _fused_qk_norm_call(q, k, v, lengths, pattern, scale, backend, qk_norm):
     such backend supports the call. The dense pattern runs as one block of the block-diagonal one."""
     if pattern == "dense":
         pattern, lengths = "block_diagonal", (q.shape[2],)
-    name = backend
-    if name is None:
-        forced = os.environ.get("HMAR_ATTN_BACKEND")
-        name = forced if forced and forced != "auto" else "triton"
+    name = backend or _forced_backend() or "triton"
     _maybe_load_triton()
     fn, sup = _QK_NORM_BACKENDS.get(name), _SUPPORTS.get(name)
     if fn is None or (sup is not None and not sup(q, lengths, pattern)):

@@ -956,15 +956,10 @@ def supports(q: torch.Tensor, lengths: Sequence[int], pattern: str) -> bool:
     return sum(int(n) for n in lengths) == q.shape[2]
 
 
-def _backend(q, k, v, lengths, pattern, scale):
+def _backend(q, k, v, lengths, pattern, scale, qk_norm=None):
     # hmar.attention.attention has already made lengths a tuple of ints summing to N
     _check(q, k, v, lengths, pattern)
-    return _apply(q, k, v, None, lengths, pattern, float(scale))
-
-
-def _qk_norm_backend(q, k, v, lengths, pattern, scale, qk_norm):
-    _check(q, k, v, lengths, pattern)
-    return _apply(q, k, v, _head_scale(qk_norm, q), lengths, pattern, float(scale))
+    return _apply(q, k, v, None if qk_norm is None else _head_scale(qk_norm, q), lengths, pattern, float(scale))
 
 
 if _HAS_TRITON:
@@ -972,7 +967,7 @@ if _HAS_TRITON:
 
     _register_ops()
 
-    register_backend("triton", _backend, supports, qk_norm_fn=_qk_norm_backend)
+    register_backend("triton", _backend, supports, qk_norm_fn=_backend)
 
 __all__ = ["triton_attention", "supports", "FwdConfig", "BwdConfig", "use_config",
            "build_fwd_worklist", "build_bwd_worklist"]
