@@ -17,6 +17,11 @@
 #           training shapes of d16, d30 and d16-512 (q, k, v as views of the packed projection, every column with
 #           the normalisation), compiled hmar-d16 training unfused vs fused side by side, then hmar-d16 and
 #           hmar-d30 sampling with and without it (~9 minutes)
+#           (ran 2026-12-02, third session: its model GPU test failed on a criterion between two fp16 runs, since
+#           rewritten against an fp32 model; the rest in BENCHMARKS.md 1c, 2f, 3f)
+#   call 7 (third session of 2026-12-02): that GPU test again, then the sampling configs call 6 left (hmar-d16-512,
+#           hmar-d30-512) with and without it, hmar-d30 again in the reverse order (is 1.11x an order effect?), and
+#           compiled hmar-d16-512 training unfused vs fused (~9 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -28,7 +33,8 @@ set -u
 [ $# -ge 1 ] || { echo "usage: gpu_fast_sampling.sh 1|2|3|STEP..."; exit 2; }
 case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) STEPS="tests" ;;
   4) STEPS="decgraph-test decgraph" ;; 5) STEPS="d30-profile autotune" ;;
-  6) STEPS="qknorm-tests qknorm-attn qknorm-train qknorm-sample" ;; *) STEPS="$*" ;; esac
+  6) STEPS="qknorm-tests qknorm-attn qknorm-train qknorm-sample" ;;
+  7) STEPS="qknorm-tests qknorm-sample-512 qknorm-sample-d30-reversed qknorm-train-512" ;; *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
 L=/tmp/logs/$TAG T0=$SECONDS LIMIT=${LIMIT:-560}
@@ -93,6 +99,13 @@ for s in $STEPS; do
         --compile --qk-norm both --json "$L/train-qknorm.json" > "$L/train-qknorm.log" 2>&1
       grep img/s "$L/train-qknorm.log" ;;
     qknorm-sample) bench qknorm-sample hmar-d16,hmar-d30 fast-compiled,fast-compiled-qknorm ;;
+    qknorm-sample-512) bench qknorm-sample-512 hmar-d16-512,hmar-d30-512 fast-compiled,fast-compiled-qknorm ;;
+    qknorm-sample-d30-reversed) bench qknorm-sample-d30-reversed hmar-d30 fast-compiled-qknorm,fast-compiled ;;
+    qknorm-train-512)
+      step "compiled hmar-d16-512 training, q/k normalisation unfused vs fused"
+      timeout "$(left)" python3 benchmarks/bench_train.py --preset hmar-d16-512 --batch 8 --compile --steps 15 \
+        --warmup 4 --qk-norm both --json "$L/train-qknorm-512.json" > "$L/train-qknorm-512.log" 2>&1
+      grep img/s "$L/train-qknorm-512.log" ;;
     d30-profile) bench d30-profile hmar-d30 fast-compiled --profile --profile-variants fast-compiled ;;
     autotune) bench autotune hmar-d16 fast-compiled,fast-compiled-autotune ;;   # last: its compile may not finish
     decoders)  # the three that matter since 2026-12-01 (channels_last and fp32 compile: BENCHMARKS.md 3a)

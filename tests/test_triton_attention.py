@@ -408,32 +408,43 @@ def test_qk_norm_switch_of_attention(monkeypatch):
 
 @needs_triton
 def test_qk_norm_in_the_model_equals_the_unfused_model(monkeypatch):
-    # a block stack with head dim 64 through the Triton backend, with and without FUSED_QK_NORM: the same loss and
-    # gradients (head-scale parameters included) up to half-precision rounding
+    # a block stack with head dim 64 through the Triton backend in half precision, with and without FUSED_QK_NORM,
+    # each against the same model in fp32 through the reference backend: the fused loss and gradients (head-scale
+    # parameters included) are as close to the fp32 ones as the unfused are (on the H200 both differ from each other
+    # by half-precision rounding that adds up through the stack, e.g. 7% of the start token's small gradient)
+    import copy
     import hmar.attention as A
     from hmar import build_model, model_config
     torch.manual_seed(0)
-    model = build_model(model_config("hmar-tiny", embed_dim=128, num_heads=2)).to(DEVICE).half()
+    model = build_model(model_config("hmar-tiny", embed_dim=128, num_heads=2)).to(DEVICE)
+    exact = copy.deepcopy(model)
+    model.half()
     cfg = model.config
     labels = torch.tensor([1, 2], device=DEVICE)
-    x = torch.randn(2, cfg.seq_len - 1, cfg.z_channels, device=DEVICE).half()
+    x = torch.randn(2, cfg.seq_len - 1, cfg.z_channels, device=DEVICE)
+
+    def run(m, backend):
+        m.zero_grad()
+        loss = m(labels, x.to(next(m.parameters()).dtype), backend=backend).float().square().mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.float().clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    ref_loss, ref = run(exact, "reference")
     runs, calls = [], []
     fused_fn = A._QK_NORM_BACKENDS["triton"]
     monkeypatch.setitem(A._QK_NORM_BACKENDS, "triton", lambda *a: (calls.append(1), fused_fn(*a))[1])
     for fused in (False, True):
         monkeypatch.setattr(A, "FUSED_QK_NORM", fused)
-        model.zero_grad()
-        loss = model(labels, x, backend="triton").float().square().mean()
-        loss.backward()
-        runs.append((loss.detach(), {n: p.grad.float().clone() for n, p in model.named_parameters()
-                                     if p.grad is not None}))
+        runs.append(run(model, "triton"))
     assert len(calls) == cfg.depth   # every block's attention went through the kernels' normalisation, once
     (la, ga), (lb, gb) = runs
-    torch.testing.assert_close(lb, la, rtol=2e-3, atol=0)
-    assert ga.keys() == gb.keys() and any("scale_mul" in n for n in ga)
+    torch.testing.assert_close(lb, ref_loss, rtol=2e-3, atol=0)
+    torch.testing.assert_close(la, ref_loss, rtol=2e-3, atol=0)
+    assert ga.keys() == gb.keys() == ref.keys() and any("scale_mul" in n for n in ga)
     for n in ga:
-        err = (gb[n] - ga[n]).abs().max().item()
-        assert err <= 2e-2 * max(ga[n].abs().max().item(), 1e-3), (n, err)
+        scale = max(ref[n].abs().max().item(), 1e-3)
+        unfused, fused = ((g[n] - ref[n]).abs().max().item() for g in (ga, gb))
+        assert fused <= max(2 * unfused, 1e-2 * scale), (n, fused, unfused, scale)
 
 
 @needs_triton
