@@ -41,8 +41,10 @@ for side-by-side ratios:
                 (``reserve_pool=True``; the default since the second session of 2026-12-02, measured under this name)
   noreserve     no reservation (the default until then: the pools grow allocation by allocation)
   qknorm        every attention call through the Triton kernel with the q/k L2 normalisation inside it
-                (``hmar.attention.FUSED_QK_NORM``, an experiment; otherwise cuDNN / flash SDPA per pass after the
-                normalisation ops)
+                (``GraphedModel(fused_qk_norm=True)``; the third session of 2026-12-02 measured it under this name
+                as the global switch ``hmar.attention.FUSED_QK_NORM``, which then also covered the eager passes)
+  noqknorm      the normalisation as ops of its own, then cuDNN / flash SDPA per pass (``fused_qk_norm=False``).
+                Neither: ``GraphedModel``'s choice (fused from ``hmar.accel.FUSED_QK_NORM_MIN_HEADS`` heads on)
   autotune      with compiled: the blocks compiled with mode="max-autotune-no-cudagraphs" (inductor times Triton
                 GEMM templates, which can take the elementwise work around them; minutes of compiling)
 The fast path of 2026-12-01 is fast-chunked-nogelu-sortdraw-nodecgraph-noreserve (with --compile: fast-compiled-...);
@@ -121,7 +123,6 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
     labels = [i % model_config(name).num_classes for i in range(args.batch)]
     kw = dict(cfg=1.5, top_k=900, top_p=0.96, generator=0)
     fast_decoder = None    # one compiled decoder serves every fast variant of this config (one compile, not one each)
-    fused_qk_norm = hmar.attention.FUSED_QK_NORM   # restored after the variants, which set it each
     for variant in args.variants:
         with torch.device(device):
             model = build_model(model_config(name)).eval()
@@ -129,8 +130,6 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
         tok = None if shared else build_tokenizer(name, device)   # the fast variants after the first reuse its decoder
         # the draw of this variant (a module attribute that scale_loop looks up on every pass)
         hmar.sampling.sample_from_logits = sort_draw if "sortdraw" in variant.split("-") else TOPK_DRAW
-        # the q/k normalisation inside the Triton kernel (a module switch that attention() reads on every call)
-        hmar.attention.FUSED_QK_NORM = "qknorm" in variant.split("-")
         if variant == "fp32-eager":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -145,7 +144,8 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
             if device.type == "cuda":
                 m = GraphedModel(m, compile="compiled" in mods, whole_loop="passgraphs" not in mods,
                                  fused_gelu="nogelu" not in mods, reserve_pool="noreserve" not in mods,
-                                 compile_mode="max-autotune-no-cudagraphs" if "autotune" in mods else None)
+                                 compile_mode="max-autotune-no-cudagraphs" if "autotune" in mods else None,
+                                 fused_qk_norm=True if "qknorm" in mods else False if "noqknorm" in mods else None)
             if fast_decoder is None:
                 fast_decoder = FastDecoder(tok, compile=device.type == "cuda" and not args.no_compile,
                                            mode=args.compile_mode)
@@ -199,12 +199,11 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
         gc.collect()          # nothing of this variant (weights, graphs) may count in the next one's memory
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    hmar.attention.FUSED_QK_NORM = fused_qk_norm
     return results
 
 
 MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", "nogelu", "sortdraw",
-             "decgraph", "nodecgraph", "reserve", "noreserve", "qknorm", "autotune")
+             "decgraph", "nodecgraph", "reserve", "noreserve", "qknorm", "noqknorm", "autotune")
 TOPK_DRAW = hmar.sampling.sample_from_logits
 
 

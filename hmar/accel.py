@@ -97,6 +97,24 @@ def compile_blocks(model: nn.Module, mode: Optional[str] = None) -> nn.Module:
     return model
 
 
+FUSED_QK_NORM_MIN_HEADS = 24
+"""From this many attention heads on, :class:`GraphedModel` normalises q and k inside the attention kernel. On the
+H200 (BENCHMARKS.md section 3f, batch 16, guidance), against the normalisation as ops of its own before cuDNN's
+attention: hmar-d30 (30 heads) tokens 1.10-1.11x faster in two runs, hmar-d30-512 1.06x; hmar-d16 (16 heads) 1.00x,
+hmar-d16-512 0.91x (slower)."""
+
+
+def fuse_qk_norm_by_default(model: nn.Module) -> bool:
+    """Whether :class:`GraphedModel` fuses the q/k normalisation into the attention kernel for ``model`` when not
+    told: with the Triton kernel importable, and for models with at least :data:`FUSED_QK_NORM_MIN_HEADS` heads."""
+    from . import attention as A
+    heads = getattr(getattr(model, "config", None), "num_heads", 0)
+    if heads < FUSED_QK_NORM_MIN_HEADS:
+        return False
+    A._maybe_load_triton()
+    return "triton" in A._QK_NORM_BACKENDS
+
+
 class GraphedModel:
     """A drop-in stand-in for an HMAR / VAR model inside :func:`hmar.sampling.sample` that replays CUDA graphs:
     of the whole sampling loop (:meth:`run_loop`), or of each pass (``next_scale_logits`` / ``masked_logits``, one
@@ -120,10 +138,17 @@ class GraphedModel:
     memory its warm-up run held at once, so that the pool stays near that size (see :func:`_reserve`), and a
     decoder graph captured in the same pool (:func:`accelerate`) reuses that block. Measuring the warm-up resets
     the process's peak-memory statistics. On the H200, with the decoder graphs, it left the token time unchanged
-    (0.99-1.01x) and the memory need (peak + pools) equal or lower in the four configs (BENCHMARKS.md section 3e)."""
+    (0.99-1.01x) and the memory need (peak + pools) equal or lower in the four configs (BENCHMARKS.md section 3e).
+
+    ``fused_qk_norm`` sets :attr:`hmar.model.blocks.SelfAttention.fused_qk_norm` on the model's attention layers:
+    True runs the L2 normalisation of q and k inside the Triton attention kernel (every pass through that kernel
+    instead of cuDNN's SDPA), False keeps the normalisation as ops of their own, and None (default,
+    :func:`fuse_qk_norm_by_default`) chooses as measured on the H200: on for models of at least
+    :data:`FUSED_QK_NORM_MIN_HEADS` heads."""
 
     def __init__(self, model: nn.Module, warmup: int = 1, compile: bool = False, compile_mode: Optional[str] = None,
-                 whole_loop: bool = True, max_loops: int = 8, fused_gelu: bool = True, reserve_pool: bool = True):
+                 whole_loop: bool = True, max_loops: int = 8, fused_gelu: bool = True, reserve_pool: bool = True,
+                 fused_qk_norm: Optional[bool] = None):
         if not model.device.type == "cuda":
             raise ValueError("GraphedModel needs a model on a CUDA device")
         self.model, self.warmup, self.whole_loop, self.max_loops = model, warmup, whole_loop, max_loops
@@ -133,6 +158,12 @@ class GraphedModel:
             for m in model.modules():
                 if isinstance(m, FFN):
                     m.fused_gelu = True
+        from .model.blocks import SelfAttention
+        fuse = fuse_qk_norm_by_default(model) if fused_qk_norm is None else fused_qk_norm
+        for m in model.modules():
+            if isinstance(m, SelfAttention):
+                m.fused_qk_norm = fuse
+        self.fused_qk_norm = fuse
         self.pool = torch.cuda.graph_pool_handle()
         self._graphs: Dict[Tuple, Tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         # (batch shape, options) -> (graph, its label buffer, its generator, its outputs), least recently used first

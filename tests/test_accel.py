@@ -615,6 +615,51 @@ def test_graphed_decoder_in_the_loop_pool_matches_the_plain_one():
             torch.testing.assert_close(b.images, a.images, atol=1e-3, rtol=0)
 
 
+def test_fused_qk_norm_default_follows_the_head_count(monkeypatch):
+    """``GraphedModel``'s default for the q/k normalisation inside the attention kernel: on from
+    ``FUSED_QK_NORM_MIN_HEADS`` heads (where the H200 measured it faster), only with the Triton backend importable."""
+    import hmar.accel as acc
+    import hmar.attention as A
+    small = build_model(model_config("hmar-tiny"))
+    wide = build_model(model_config("hmar-tiny", embed_dim=24 * 8, num_heads=24))
+    assert small.config.num_heads < acc.FUSED_QK_NORM_MIN_HEADS <= wide.config.num_heads
+    monkeypatch.setattr(A, "_maybe_load_triton", lambda: None)
+    monkeypatch.setattr(A, "_QK_NORM_BACKENDS", {"triton": object()})
+    assert not acc.fuse_qk_norm_by_default(small) and acc.fuse_qk_norm_by_default(wide)
+    monkeypatch.setattr(A, "_QK_NORM_BACKENDS", {})         # no Triton: never
+    assert not acc.fuse_qk_norm_by_default(wide)
+
+
+@cuda
+def test_graphed_model_sets_the_fused_qk_norm_of_its_layers(monkeypatch):
+    """``GraphedModel(fused_qk_norm=)`` reaches every attention layer (None: ``fuse_qk_norm_by_default``), the fused
+    loop goes through the kernels' normalisation, and its tokens are those of the unfused loop up to ties of the
+    bf16 logits (head dim 64: the fused kernel's)."""
+    import hmar.attention as A
+    from hmar.accel import GraphedModel, fuse_qk_norm_by_default
+    from hmar.model.blocks import SelfAttention
+    tok = VQVAE(tokenizer_config("vqvae-tiny")).cuda().eval()
+    calls, fused_fn = [], A._QK_NORM_BACKENDS.get("triton")
+    if fused_fn is None:
+        A._maybe_load_triton()
+        fused_fn = A._QK_NORM_BACKENDS["triton"]
+    monkeypatch.setitem(A._QK_NORM_BACKENDS, "triton", lambda *a: (calls.append(1), fused_fn(*a))[1])
+    runs = {}
+    for fuse in (None, False, True):
+        torch.manual_seed(0)
+        model = build_model(model_config("hmar-tiny", embed_dim=128, num_heads=2)).cuda().to(torch.bfloat16).eval()
+        g = GraphedModel(model, fused_qk_norm=fuse)
+        want = fuse_qk_norm_by_default(model) if fuse is None else fuse
+        layers = [m for m in model.modules() if isinstance(m, SelfAttention)]
+        assert layers and all(m.fused_qk_norm is want for m in layers) and g.fused_qk_norm is want
+        n = len(calls)
+        runs[fuse] = sample(g, tok, [1, 2, 3, 4], generator=0, decode=False).indices
+        assert (len(calls) > n) is want
+    assert runs[None] is not None and not fuse_qk_norm_by_default(model)   # 2 heads: unfused by default
+    same = [torch.eq(a, b).float().mean().item() for a, b in zip(runs[False], runs[True])]
+    assert min(same) > 0.5, same
+
+
 def test_reserved_pool_plumbing_on_the_cpu(monkeypatch):
     """``reserve_pool`` without a GPU (memory statistics and CUDA graphs replaced by stand-ins): the warm-up's peak
     above what was allocated before is measured, and each capture (the loop's and the decoder's) reserves exactly

@@ -404,6 +404,20 @@ def test_qk_norm_switch_of_attention(monkeypatch):
     want = attention(*A.l2_normalize_qk(q, k, s), v, lengths=lengths, pattern="block_causal", backend="reference")
     assert torch.equal(attention(q, k, v, lengths=lengths, pattern="block_causal", backend="reference", qk_norm=s),
                        want) and len(calls) == n
+    # a call's fuse_qk_norm overrides the switch either way (SelfAttention.fused_qk_norm passes it)
+    unfused = attention(*A.l2_normalize_qk(q, k, s), v, lengths=lengths, pattern="block_causal", backend="triton")
+    assert torch.equal(attention(q, k, v, lengths=lengths, pattern="block_causal", backend="triton", qk_norm=s,
+                                 fuse_qk_norm=False), unfused) and len(calls) == n
+    monkeypatch.setattr(A, "FUSED_QK_NORM", False)
+    got = attention(q, k, v, lengths=lengths, pattern="block_causal", backend="triton", qk_norm=s, fuse_qk_norm=True)
+    assert len(calls) == n + 1 and (got.float() - unfused.float()).abs().max().item() < 1e-2
+    from hmar.model.blocks import SelfAttention
+    layer = SelfAttention(H * D, H).to(DEVICE).half()
+    x = torch.randn(B, N, H * D, device=DEVICE).half()
+    want = layer(x, lengths, "block_causal", backend="triton")
+    layer.fused_qk_norm = True
+    got = layer(x, lengths, "block_causal", backend="triton")
+    assert len(calls) == n + 2 and (got.float() - want.float()).abs().max().item() < 1e-2
 
 
 @needs_triton

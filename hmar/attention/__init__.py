@@ -21,9 +21,11 @@ environment overrides the automatic choice.
 
 ``qk_norm`` (one scale per head): attention of ``F.normalize(q) * qk_norm`` and ``F.normalize(k)``, HMAR's and VAR's
 L2-normalised attention. By default the normalisation runs as its own ops before the backend
-(:func:`l2_normalize_qk`, the model's numerics). With :data:`FUSED_QK_NORM` (an experiment, off by default; also
-``HMAR_FUSED_QK_NORM=1``) a backend that can do it inside its kernels does (the Triton kernel reads q and k raw and
-normalises them in its prologue and gradient epilogue), for every call it supports, the dense pattern included.
+(:func:`l2_normalize_qk`, the model's numerics). With ``fuse_qk_norm=True``, or :data:`FUSED_QK_NORM` for the calls
+that do not say (off by default; also ``HMAR_FUSED_QK_NORM=1``), a backend that can do it inside its kernels does
+(the Triton kernel reads q and k raw and normalises them in its prologue and gradient epilogue), for every call it
+supports, the dense pattern included. :class:`hmar.accel.GraphedModel` turns it on per model where the H200 measured
+it faster (BENCHMARKS.md section 3f).
 """
 from __future__ import annotations
 
@@ -252,12 +254,13 @@ def _fused_qk_norm_call(q, k, v, lengths, pattern, scale, backend, qk_norm):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lengths: Sequence[int],
               pattern: Pattern = "block_diagonal", scale: float = 1.0, backend: Optional[str] = None,
-              qk_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+              qk_norm: Optional[torch.Tensor] = None, fuse_qk_norm: Optional[bool] = None) -> torch.Tensor:
     """Attention of ``q, k, v`` (``[B, H, N, D]``) over blocks of sizes ``lengths`` with ``pattern``.
 
     ``scale`` multiplies ``q @ k^T`` before the softmax. ``qk_norm`` (one scale per head, broadcast against
     ``[B, H, N, D]``): attention of the L2-normalised q times ``qk_norm`` and the L2-normalised k (see the module
-    docstring). Returns ``[B, H, N, D]``.
+    docstring). ``fuse_qk_norm``: whether a backend that can normalises q and k inside its kernels (None: as
+    :data:`FUSED_QK_NORM` says). Returns ``[B, H, N, D]``.
     """
     if pattern not in PATTERNS:
         raise ValueError(f"unknown attention pattern {pattern!r}; use one of {PATTERNS}")
@@ -267,7 +270,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lengths: Seq
                          f"sequence length {q.shape[2]} (they sum to {sum(lengths)})")
     dev = q.device.type
     dt = torch.get_autocast_dtype(dev) if dev != "meta" and torch.is_autocast_enabled(dev) else None
-    if qk_norm is not None and FUSED_QK_NORM:
+    if qk_norm is not None and (FUSED_QK_NORM if fuse_qk_norm is None else fuse_qk_norm):
         out = _fused_qk_norm_call(*((q, k, v) if dt is None else (q.to(dt), k.to(dt), v.to(dt))),
                                   lengths, pattern, scale, backend, qk_norm)
         if out is not None:

@@ -53,7 +53,13 @@ class KVCache:
 
 class SelfAttention(nn.Module):
     """Multi-head attention with a bias-free qkv projection plus separate q/v biases (no k bias),
-    L2-normalised q and k with a learnable per-head temperature ``exp(min(s, ln 100))`` (init ln 4)."""
+    L2-normalised q and k with a learnable per-head temperature ``exp(min(s, ln 100))`` (init ln 4).
+
+    ``fused_qk_norm`` (None by default: :data:`hmar.attention.FUSED_QK_NORM` decides): whether that normalisation
+    runs inside the attention kernels (``attention(..., fuse_qk_norm=)``); :class:`hmar.accel.GraphedModel` sets
+    it on the models where it was measured faster."""
+
+    fused_qk_norm: Optional[bool] = None
 
     def __init__(self, dim: int, num_heads: int, l2_norm: bool = True):
         super().__init__()
@@ -84,7 +90,7 @@ class SelfAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         else:
             out = attention(q, k, v, lengths=lengths, pattern=pattern, scale=self.scale, backend=backend,
-                            qk_norm=qk_norm)
+                            qk_norm=qk_norm, fuse_qk_norm=self.fused_qk_norm)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 
