@@ -223,5 +223,12 @@ def test_topk_draw_equals_the_full_vocabulary_draw(top_k, top_p, temperature):
         q = torch.empty_like(probs).exponential_(1, generator=torch.Generator().manual_seed(7))
         want = (probs / q).argmax(-1)
         assert torch.equal(tok.reshape(-1), want)
-        torch.testing.assert_close(conf.reshape(-1), probs.gather(1, want[:, None])[:, 0], rtol=1e-5, atol=1e-7)
+        # the probabilities: equal to float rounding, except where the top-p cut-off lands on a token whose
+        # cumulative sum is the threshold to rounding (the two cumsums add in other orders: one row in 400 here on
+        # some CPUs). Then one path keeps that token in the normaliser and the other does not, which changes the
+        # probability by at most that token's share: the least kept probability of the row.
+        ref = probs.gather(1, want[:, None])[:, 0]
+        least = probs.masked_fill(probs == 0, 1.0).amin(-1)
+        rel = (conf.reshape(-1) - ref).abs() / ref
+        assert (rel <= 1e-5 + 1.01 * least).all() and (rel > 1e-5).float().mean() < 0.01, rel.max()
         assert (probs.gather(1, tok.reshape(-1, 1)) > 0).all()     # never a filtered token
