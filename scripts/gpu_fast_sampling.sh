@@ -21,7 +21,10 @@
 #           rewritten against an fp32 model; the rest in BENCHMARKS.md 1c, 2f, 3f)
 #   call 7 (third session of 2026-12-02): that GPU test again, then the sampling configs call 6 left (hmar-d16-512,
 #           hmar-d30-512) with and without it, hmar-d30 again in the reverse order (is 1.11x an order effect?), and
-#           compiled hmar-d16-512 training unfused vs fused (~9 minutes)
+#           compiled hmar-d16-512 training unfused vs fused (~9 minutes; ran then, BENCHMARKS.md 1c, 2f, 3f)
+#   call 8 (written then for the next session): GraphedModel's head-count default for the fused normalisation (its GPU
+#           test, then hmar-d30 and hmar-d16 fast-compiled against -noqknorm / -qknorm: the default must pick the
+#           faster), then compiled hmar-d30 training unfused vs fused (~10 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -34,7 +37,8 @@ set -u
 case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) STEPS="tests" ;;
   4) STEPS="decgraph-test decgraph" ;; 5) STEPS="d30-profile autotune" ;;
   6) STEPS="qknorm-tests qknorm-attn qknorm-train qknorm-sample" ;;
-  7) STEPS="qknorm-tests qknorm-sample-512 qknorm-sample-d30-reversed qknorm-train-512" ;; *) STEPS="$*" ;; esac
+  7) STEPS="qknorm-tests qknorm-sample-512 qknorm-sample-d30-reversed qknorm-train-512" ;;
+  8) STEPS="qknorm-default-test qknorm-default qknorm-train-d30" ;; *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
 L=/tmp/logs/$TAG T0=$SECONDS LIMIT=${LIMIT:-560}
@@ -101,6 +105,19 @@ for s in $STEPS; do
     qknorm-sample) bench qknorm-sample hmar-d16,hmar-d30 fast-compiled,fast-compiled-qknorm ;;
     qknorm-sample-512) bench qknorm-sample-512 hmar-d16-512,hmar-d30-512 fast-compiled,fast-compiled-qknorm ;;
     qknorm-sample-d30-reversed) bench qknorm-sample-d30-reversed hmar-d30 fast-compiled-qknorm,fast-compiled ;;
+    qknorm-default-test)
+      step "GPU test: GraphedModel's fused_qk_norm"
+      timeout "$(( $(left) < 90 ? $(left) : 90 ))" python3 -m pytest -q -p no:cacheprovider tests/test_accel.py \
+        -k "fused_qk_norm" > "$L/qknorm-default-test.log" 2>&1; echo "test: exit $?"
+      tail -3 "$L/qknorm-default-test.log" ;;
+    qknorm-default)
+      bench qknorm-default-d30 hmar-d30 fast-compiled,fast-compiled-noqknorm
+      bench qknorm-default-d16 hmar-d16 fast-compiled,fast-compiled-qknorm ;;
+    qknorm-train-d30)
+      step "compiled hmar-d30 training, q/k normalisation unfused vs fused"
+      timeout "$(left)" python3 benchmarks/bench_train.py --preset hmar-d30 --batch 16 --compile --steps 15 \
+        --warmup 4 --qk-norm both --json "$L/train-qknorm-d30.json" > "$L/train-qknorm-d30.log" 2>&1
+      grep img/s "$L/train-qknorm-d30.log" ;;
     qknorm-train-512)
       step "compiled hmar-d16-512 training, q/k normalisation unfused vs fused"
       timeout "$(left)" python3 benchmarks/bench_train.py --preset hmar-d16-512 --batch 8 --compile --steps 15 \
