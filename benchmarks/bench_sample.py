@@ -85,7 +85,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hmar import VQVAE, build_model, model_config, tokenizer_config  # noqa: E402
 from hmar.accel import FastDecoder, GraphedModel  # noqa: E402
-import hmar.attention  # noqa: E402
 import hmar.sampling  # noqa: E402
 from hmar.sampling import sample  # noqa: E402
 from hmar.tokenizer import decode_chunk  # noqa: E402

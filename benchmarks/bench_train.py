@@ -262,15 +262,14 @@ def main(argv: List[str] | None = None) -> int:
                 print(f"{preset:>12} {a.stage:<10} batch {a.batch}  {v}: out of memory", flush=True)
                 release(dev, v["compile"])
                 continue
+            results.append(r)
             if a.qk_norm == "both":      # the fused run against the unfused one just before it
                 unfused = r if not v["fused_qk_norm"] else unfused
-                results.append(r)
                 print(report(r, unfused if v["fused_qk_norm"] else None, "unfused"), flush=True)
             else:
                 if a.compare_compile and not v["compile"]:
                     base = r             # the eager run of this backend: the compiled one is compared with it
                 base = base or (r if a.matrix else None)
-                results.append(r)
                 print(report(r, base), flush=True)
             if "profile" in r:
                 print(r["profile"], flush=True)

@@ -153,17 +153,14 @@ class GraphedModel:
             raise ValueError("GraphedModel needs a model on a CUDA device")
         self.model, self.warmup, self.whole_loop, self.max_loops = model, warmup, whole_loop, max_loops
         self.reserve_pool = reserve_pool
-        if fused_gelu:          # fc1's bias + GELU in the GEMM epilogue (hmar.model.blocks.FFN), on the model itself
-            from .model.blocks import FFN
-            for m in model.modules():
-                if isinstance(m, FFN):
-                    m.fused_gelu = True
-        from .model.blocks import SelfAttention
-        fuse = fuse_qk_norm_by_default(model) if fused_qk_norm is None else fused_qk_norm
+        # on the model itself: fc1's bias + GELU in the GEMM epilogue, the q/k normalisation in the attention kernel
+        from .model.blocks import FFN, SelfAttention
+        self.fused_qk_norm = fuse_qk_norm_by_default(model) if fused_qk_norm is None else fused_qk_norm
         for m in model.modules():
-            if isinstance(m, SelfAttention):
-                m.fused_qk_norm = fuse
-        self.fused_qk_norm = fuse
+            if isinstance(m, FFN) and fused_gelu:
+                m.fused_gelu = True
+            elif isinstance(m, SelfAttention):
+                m.fused_qk_norm = self.fused_qk_norm
         self.pool = torch.cuda.graph_pool_handle()
         self._graphs: Dict[Tuple, Tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         # (batch shape, options) -> (graph, its label buffer, its generator, its outputs), least recently used first
