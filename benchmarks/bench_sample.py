@@ -41,10 +41,15 @@ for side-by-side ratios:
                 (``reserve_pool=True``; the default since the second session of 2026-12-02, measured under this name)
   noreserve     no reservation (the default until then: the pools grow allocation by allocation)
   qknorm        every attention call through the Triton kernel with the q/k L2 normalisation inside it
-                (``GraphedModel(fused_qk_norm=True)``; the third session of 2026-12-02 measured it under this name
+                (``GraphedModel(fused_qk_norm=True, fused_qk_norm_max_tokens=None)``; the third session of 2026-12-02 measured it under this name
                 as the global switch ``hmar.attention.FUSED_QK_NORM``, which then also covered the eager passes)
   noqknorm      the normalisation as ops of its own, then cuDNN / flash SDPA per pass (``fused_qk_norm=False``).
-                Neither: ``GraphedModel``'s choice (fused from ``hmar.accel.FUSED_QK_NORM_MIN_HEADS`` heads on)
+                Neither: ``GraphedModel``'s choice (fused wherever Triton is importable, in the passes of at most
+                ``hmar.accel.FUSED_QK_NORM_MAX_TOKENS`` = 256 tokens; until the fourth session of 2026-12-02: from
+                24 heads on, in every pass)
+  qkmaxN        fused in the passes of at most N tokens, ops before cuDNN's attention in longer ones
+                (``fused_qk_norm=True, fused_qk_norm_max_tokens=N``; qkmax256 is the default since it was measured
+                under this name)
   autotune      with compiled: the blocks compiled with mode="max-autotune-no-cudagraphs" (inductor times Triton
                 GEMM templates, which can take the elementwise work around them; minutes of compiling)
 The fast path of 2026-12-01 is fast-chunked-nogelu-sortdraw-nodecgraph-noreserve (with --compile: fast-compiled-...);
@@ -74,6 +79,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import statistics
 import sys
 import time
@@ -144,7 +150,7 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
                 m = GraphedModel(m, compile="compiled" in mods, whole_loop="passgraphs" not in mods,
                                  fused_gelu="nogelu" not in mods, reserve_pool="noreserve" not in mods,
                                  compile_mode="max-autotune-no-cudagraphs" if "autotune" in mods else None,
-                                 fused_qk_norm=True if "qknorm" in mods else False if "noqknorm" in mods else None)
+                                 **_qk_norm_options(mods))
             if fast_decoder is None:
                 fast_decoder = FastDecoder(tok, compile=device.type == "cuda" and not args.no_compile,
                                            mode=args.compile_mode)
@@ -215,10 +221,21 @@ def sort_draw(logits, generator, top_k=0, top_p=0.0, temperature=1.0):
     return tok.view(probs.shape[:-1]), flat.gather(1, tok).view(probs.shape[:-1])
 
 
+def _qk_norm_options(mods) -> dict:
+    """GraphedModel's q/k-normalisation arguments for a variant's modifiers (none of them: its defaults)."""
+    if "noqknorm" in mods:
+        return {"fused_qk_norm": False}
+    if "qknorm" in mods:
+        return {"fused_qk_norm": True, "fused_qk_norm_max_tokens": None}
+    limit = [int(m[5:]) for m in mods if re.fullmatch(r"qkmax\d+", m)]
+    return {"fused_qk_norm": True, "fused_qk_norm_max_tokens": limit[0]} if limit else {}
+
+
 def check_variant(v: str) -> bool:
     """fp32-eager, bf16-eager, fast, or fast-<modifier>[-<modifier>...] with modifiers from :data:`MODIFIERS`."""
     parts = v.split("-")
-    return v in ("fp32-eager", "bf16-eager") or (parts[0] == "fast" and all(p in MODIFIERS for p in parts[1:]))
+    return v in ("fp32-eager", "bf16-eager") or (parts[0] == "fast" and all(
+        p in MODIFIERS or re.fullmatch(r"qkmax\d+", p) for p in parts[1:]))
 
 
 def graph_pool_bytes() -> int:

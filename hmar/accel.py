@@ -97,20 +97,19 @@ def compile_blocks(model: nn.Module, mode: Optional[str] = None) -> nn.Module:
     return model
 
 
-FUSED_QK_NORM_MIN_HEADS = 24
-"""From this many attention heads on, :class:`GraphedModel` normalises q and k inside the attention kernel. On the
-H200 (BENCHMARKS.md section 3f, batch 16, guidance), against the normalisation as ops of its own before cuDNN's
-attention: hmar-d30 (30 heads) tokens 1.10-1.11x faster in two runs, hmar-d30-512 1.06x; hmar-d16 (16 heads) 1.00x,
-hmar-d16-512 0.91x (slower)."""
+FUSED_QK_NORM_MAX_TOKENS: Optional[int] = 256
+""":class:`GraphedModel` normalises q and k inside the Triton attention kernel in the passes over at most this many
+tokens (None: every pass), and as ops of their own before cuDNN's attention in the longer ones. On the H200
+(BENCHMARKS.md section 3g, batch 16, guidance; token times against the normalisation as ops in every pass, the same
+process): hmar-d16 1.09x, hmar-d30 1.05x (all their passes are within 256 tokens), hmar-d16-512 1.08x and 1.10x (the
+two orders), hmar-d30-512 1.06x; fusing every pass instead was 0.89-0.91x at hmar-d16-512 and 0.98x at
+hmar-d30-512 (cuDNN's forward is faster on long dense passes, section 3g's kernel sweep)."""
 
 
-def fuse_qk_norm_by_default(model: nn.Module) -> bool:
-    """Whether :class:`GraphedModel` fuses the q/k normalisation into the attention kernel for ``model`` when not
-    told: with the Triton kernel importable, and for models with at least :data:`FUSED_QK_NORM_MIN_HEADS` heads."""
+def fuse_qk_norm_by_default() -> bool:
+    """Whether :class:`GraphedModel` fuses the q/k normalisation into the attention kernel when not told: whenever
+    the Triton kernel is importable (in the passes :data:`FUSED_QK_NORM_MAX_TOKENS` allows)."""
     from . import attention as A
-    heads = getattr(getattr(model, "config", None), "num_heads", 0)
-    if heads < FUSED_QK_NORM_MIN_HEADS:
-        return False
     A._maybe_load_triton()
     return "triton" in A._QK_NORM_BACKENDS
 
@@ -141,26 +140,31 @@ class GraphedModel:
     (0.99-1.01x) and the memory need (peak + pools) equal or lower in the four configs (BENCHMARKS.md section 3e).
 
     ``fused_qk_norm`` sets :attr:`hmar.model.blocks.SelfAttention.fused_qk_norm` on the model's attention layers:
-    True runs the L2 normalisation of q and k inside the Triton attention kernel (every pass through that kernel
+    True runs the L2 normalisation of q and k inside the Triton attention kernel (those passes through that kernel
     instead of cuDNN's SDPA), False keeps the normalisation as ops of their own, and None (default,
-    :func:`fuse_qk_norm_by_default`) chooses as measured on the H200: on for models of at least
-    :data:`FUSED_QK_NORM_MIN_HEADS` heads."""
+    :func:`fuse_qk_norm_by_default`): on wherever Triton is importable. ``fused_qk_norm_max_tokens`` (default, -1:
+    :data:`FUSED_QK_NORM_MAX_TOKENS`, 256; None: no limit) sets
+    :attr:`~hmar.model.blocks.SelfAttention.fused_qk_norm_max_tokens`: passes over more tokens than that keep the
+    normalisation as ops before cuDNN's attention, which is faster on long dense passes. Both as measured on the
+    H200 (BENCHMARKS.md section 3g)."""
 
     def __init__(self, model: nn.Module, warmup: int = 1, compile: bool = False, compile_mode: Optional[str] = None,
                  whole_loop: bool = True, max_loops: int = 8, fused_gelu: bool = True, reserve_pool: bool = True,
-                 fused_qk_norm: Optional[bool] = None):
+                 fused_qk_norm: Optional[bool] = None, fused_qk_norm_max_tokens: Optional[int] = -1):
         if not model.device.type == "cuda":
             raise ValueError("GraphedModel needs a model on a CUDA device")
         self.model, self.warmup, self.whole_loop, self.max_loops = model, warmup, whole_loop, max_loops
         self.reserve_pool = reserve_pool
         # on the model itself: fc1's bias + GELU in the GEMM epilogue, the q/k normalisation in the attention kernel
         from .model.blocks import FFN, SelfAttention
-        self.fused_qk_norm = fuse_qk_norm_by_default(model) if fused_qk_norm is None else fused_qk_norm
+        self.fused_qk_norm = fuse_qk_norm_by_default() if fused_qk_norm is None else fused_qk_norm
+        self.fused_qk_norm_max_tokens = (FUSED_QK_NORM_MAX_TOKENS if fused_qk_norm_max_tokens == -1
+                                         else fused_qk_norm_max_tokens)
         for m in model.modules():
             if isinstance(m, FFN) and fused_gelu:
                 m.fused_gelu = True
             elif isinstance(m, SelfAttention):
-                m.fused_qk_norm = self.fused_qk_norm
+                m.fused_qk_norm, m.fused_qk_norm_max_tokens = self.fused_qk_norm, self.fused_qk_norm_max_tokens
         self.pool = torch.cuda.graph_pool_handle()
         self._graphs: Dict[Tuple, Tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         # (batch shape, options) -> (graph, its label buffer, its generator, its outputs), least recently used first

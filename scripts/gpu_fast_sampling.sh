@@ -25,6 +25,11 @@
 #   call 8 (written then for the next session): GraphedModel's head-count default for the fused normalisation (its GPU
 #           test, then hmar-d30 and hmar-d16 fast-compiled against -noqknorm / -qknorm: the default must pick the
 #           faster), then compiled hmar-d30 training unfused vs fused (~10 minutes)
+#   call 9 (fourth session of 2026-12-02): call 8 showed the default right (d30 fused
+#           1.05x, d16 unfused 1.02x) and a profile put the 512 px loss in the Triton forward at long passes, so: the
+#           GPU test again (now with a token limit), then hmar-d30-512 with every pass fused / fused up to 256 or 576
+#           tokens / none, hmar-d16-512 unfused vs fused up to 256, then the forward tiles against compiled
+#           normalise + SDPA at the sampler's shapes (benchmarks/sweep_attention_fwd.py --candidates; ~9 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -38,7 +43,8 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   4) STEPS="decgraph-test decgraph" ;; 5) STEPS="d30-profile autotune" ;;
   6) STEPS="qknorm-tests qknorm-attn qknorm-train qknorm-sample" ;;
   7) STEPS="qknorm-tests qknorm-sample-512 qknorm-sample-d30-reversed qknorm-train-512" ;;
-  8) STEPS="qknorm-default-test qknorm-default qknorm-train-d30" ;; *) STEPS="$*" ;; esac
+  8) STEPS="qknorm-default-test qknorm-default qknorm-train-d30" ;;
+  9) STEPS="qknorm-default-test qkmax-sample sweep-fwd" ;; *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
 L=/tmp/logs/$TAG T0=$SECONDS LIMIT=${LIMIT:-560}
@@ -113,6 +119,13 @@ for s in $STEPS; do
     qknorm-default)
       bench qknorm-default-d30 hmar-d30 fast-compiled,fast-compiled-noqknorm
       bench qknorm-default-d16 hmar-d16 fast-compiled,fast-compiled-qknorm ;;
+    qkmax-sample)
+      bench qkmax-d30-512 hmar-d30-512 fast-compiled,fast-compiled-qkmax256,fast-compiled-qkmax576,fast-compiled-noqknorm
+      bench qkmax-d16-512 hmar-d16-512 fast-compiled,fast-compiled-qkmax256 ;;
+    sweep-fwd)
+      step "forward tiles of the Triton kernel at the sampler's dense passes, against normalise + SDPA"
+      timeout "$(left)" python3 benchmarks/sweep_attention_fwd.py --candidates --json "$L/sweep-fwd.json" \
+        > "$L/sweep-fwd.log" 2>&1; grep "^N=" "$L/sweep-fwd.log" ;;
     qknorm-train-d30)
       step "compiled hmar-d30 training, q/k normalisation unfused vs fused"
       timeout "$(left)" python3 benchmarks/bench_train.py --preset hmar-d30 --batch 16 --compile --steps 15 \

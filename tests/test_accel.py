@@ -615,24 +615,47 @@ def test_graphed_decoder_in_the_loop_pool_matches_the_plain_one():
             torch.testing.assert_close(b.images, a.images, atol=1e-3, rtol=0)
 
 
-def test_fused_qk_norm_default_follows_the_head_count(monkeypatch):
-    """``GraphedModel``'s default for the q/k normalisation inside the attention kernel: on from
-    ``FUSED_QK_NORM_MIN_HEADS`` heads (where the H200 measured it faster), only with the Triton backend importable."""
+def test_fused_qk_norm_default_needs_triton(monkeypatch):
+    """``GraphedModel``'s default for the q/k normalisation inside the attention kernel: on wherever the Triton
+    backend is importable, in the passes of at most ``FUSED_QK_NORM_MAX_TOKENS`` (256) tokens, where the H200
+    measured it faster at 16 and 30 heads."""
     import hmar.accel as acc
     import hmar.attention as A
-    small = build_model(model_config("hmar-tiny"))
-    wide = build_model(model_config("hmar-tiny", embed_dim=24 * 8, num_heads=24))
-    assert small.config.num_heads < acc.FUSED_QK_NORM_MIN_HEADS <= wide.config.num_heads
+    assert acc.FUSED_QK_NORM_MAX_TOKENS == 256
     monkeypatch.setattr(A, "_maybe_load_triton", lambda: None)
     monkeypatch.setattr(A, "_QK_NORM_BACKENDS", {"triton": object()})
-    assert not acc.fuse_qk_norm_by_default(small) and acc.fuse_qk_norm_by_default(wide)
+    assert acc.fuse_qk_norm_by_default()
     monkeypatch.setattr(A, "_QK_NORM_BACKENDS", {})         # no Triton: never
-    assert not acc.fuse_qk_norm_by_default(wide)
+    assert not acc.fuse_qk_norm_by_default()
+
+
+def test_fused_qk_norm_token_limit_keeps_long_passes_unfused(monkeypatch):
+    """``SelfAttention.fused_qk_norm_max_tokens``: with the fused normalisation on, a pass over more tokens than the
+    limit asks the attention for the normalisation as ops, a pass within it for the fused one; without the fused
+    normalisation the limit changes nothing. The outputs are the model's numerics either way."""
+    import hmar.model.blocks as blocks
+    calls = []
+    real = blocks.attention
+
+    def spy(*args, **kw):
+        calls.append(kw["fuse_qk_norm"])
+        return real(*args, **{**kw, "fuse_qk_norm": False})
+
+    monkeypatch.setattr(blocks, "attention", spy)
+    layer = blocks.SelfAttention(32, 4)
+    x = torch.randn(2, 9, 32)
+    ref = layer(x, (1, 4, 4), "block_diagonal")
+    for fuse, most, want in ((True, 8, False), (True, 9, True), (True, None, True), (False, 4, False),
+                             (None, 4, None)):
+        layer.fused_qk_norm, layer.fused_qk_norm_max_tokens = fuse, most
+        calls.clear()
+        torch.testing.assert_close(layer(x, (1, 4, 4), "block_diagonal"), ref)
+        assert calls == [want], (fuse, most, calls)
 
 
 @cuda
 def test_graphed_model_sets_the_fused_qk_norm_of_its_layers(monkeypatch):
-    """``GraphedModel(fused_qk_norm=)`` reaches every attention layer (None: ``fuse_qk_norm_by_default``), the fused
+    """``GraphedModel(fused_qk_norm=)`` reaches every attention layer (None: ``fuse_qk_norm_by_default()``), the fused
     loop goes through the kernels' normalisation, and its tokens are those of the unfused loop up to ties of the
     bf16 logits (head dim 64: the fused kernel's)."""
     import hmar.attention as A
@@ -649,13 +672,23 @@ def test_graphed_model_sets_the_fused_qk_norm_of_its_layers(monkeypatch):
         torch.manual_seed(0)
         model = build_model(model_config("hmar-tiny", embed_dim=128, num_heads=2)).cuda().to(torch.bfloat16).eval()
         g = GraphedModel(model, fused_qk_norm=fuse)
-        want = fuse_qk_norm_by_default(model) if fuse is None else fuse
+        want = fuse_qk_norm_by_default() if fuse is None else fuse
         layers = [m for m in model.modules() if isinstance(m, SelfAttention)]
         assert layers and all(m.fused_qk_norm is want for m in layers) and g.fused_qk_norm is want
         n = len(calls)
         runs[fuse] = sample(g, tok, [1, 2, 3, 4], generator=0, decode=False).indices
         assert (len(calls) > n) is want
-    assert runs[None] is not None and not fuse_qk_norm_by_default(model)   # 2 heads: unfused by default
+        n_fused = len(calls) - n
+    assert fuse_qk_norm_by_default() and all(torch.equal(a, b) for a, b in zip(runs[None], runs[True]))
+    # a token limit: the passes over more tokens go unfused, the shorter ones through the kernels (fewer calls)
+    torch.manual_seed(0)
+    model = build_model(model_config("hmar-tiny", embed_dim=128, num_heads=2)).cuda().to(torch.bfloat16).eval()
+    g = GraphedModel(model, fused_qk_norm=True, fused_qk_norm_max_tokens=4)
+    assert all(m.fused_qk_norm_max_tokens == 4 for m in model.modules() if isinstance(m, SelfAttention))
+    n = len(calls)
+    limited = sample(g, tok, [1, 2, 3, 4], generator=0, decode=False).indices
+    assert 0 < len(calls) - n < n_fused, (len(calls) - n, n_fused)
+    assert min(torch.eq(a, b).float().mean().item() for a, b in zip(runs[False], limited)) > 0.5
     same = [torch.eq(a, b).float().mean().item() for a, b in zip(runs[False], runs[True])]
     assert min(same) > 0.5, same
 

@@ -126,12 +126,15 @@ _INTERP_BWD = BwdConfig(16, 16, 16, 16, 1, 1)
 # Defaults and candidates from a sweep on one H200 (Triton 3.6, bf16, D=64, N in 680/2240/9451):
 # 4 warps won everywhere; 64-row forward tiles win at N=680, 128-row ones from N=2240; the
 # backward likes 32-row query steps, 64-key tiles up to N~2240 and 128-key tiles at N=9451.
+# A forward sweep over 36 tiles at the sampler's dense passes (benchmarks/sweep_attention_fwd.py, B=32, N 169-1024,
+# H 16/30; BENCHMARKS.md section 3g) found 128x32 tiles best at N <= 256 (130 instead of 147 us at N=256 H=30), so
+# they are candidates too; a second run put the same shapes 25 % apart, so at these sizes the choice is near noise.
 _DEFAULT_FWD = {64: FwdConfig(128, 64, 4, 3), 128: FwdConfig(128, 64, 8, 3)}
 _DEFAULT_BWD = {64: BwdConfig(32, 128, 128, 32, 4, 3), 128: BwdConfig(32, 64, 64, 32, 4, 2)}
 
 _FWD_CANDIDATES = {
     64: [FwdConfig(128, 64, 4, 3), FwdConfig(128, 64, 8, 3), FwdConfig(64, 64, 4, 3),
-         FwdConfig(64, 32, 4, 4)],
+         FwdConfig(64, 32, 4, 4), FwdConfig(128, 32, 4, 3), FwdConfig(128, 32, 8, 3)],
     128: [FwdConfig(128, 64, 8, 3), FwdConfig(128, 64, 4, 2), FwdConfig(64, 64, 4, 3),
           FwdConfig(64, 32, 4, 3), FwdConfig(128, 32, 4, 3)],
 }

@@ -57,9 +57,12 @@ class SelfAttention(nn.Module):
 
     ``fused_qk_norm`` (None by default: :data:`hmar.attention.FUSED_QK_NORM` decides): whether that normalisation
     runs inside the attention kernels (``attention(..., fuse_qk_norm=)``); :class:`hmar.accel.GraphedModel` sets
-    it on the models where it was measured faster."""
+    it on the models where it was measured faster. ``fused_qk_norm_max_tokens`` (None: no limit): with
+    ``fused_qk_norm``, a call over more than this many tokens keeps the normalisation as ops (cuDNN's attention
+    beats the Triton kernel on long dense passes, BENCHMARKS.md section 3g)."""
 
     fused_qk_norm: Optional[bool] = None
+    fused_qk_norm_max_tokens: Optional[int] = None
 
     def __init__(self, dim: int, num_heads: int, l2_norm: bool = True):
         super().__init__()
@@ -89,8 +92,11 @@ class SelfAttention(nn.Module):
             k, v = cache.append(k, v)
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         else:
+            fuse, most = self.fused_qk_norm, self.fused_qk_norm_max_tokens
+            if fuse and most is not None and L > most:
+                fuse = False
             out = attention(q, k, v, lengths=lengths, pattern=pattern, scale=self.scale, backend=backend,
-                            qk_norm=qk_norm, fuse_qk_norm=self.fused_qk_norm)
+                            qk_norm=qk_norm, fuse_qk_norm=fuse)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
 
 
