@@ -323,6 +323,10 @@ def bench_decode(name: str, args, device: torch.device) -> dict:
         d = (img - ref).abs()
         results[variant] = {"decode_ms": ms, "chunk": chunk, "decode_peak_gb": peak,
                             "mean_abs_diff_vs_fp32": float(d.mean()), "max_abs_diff_vs_fp32": float(d.max())}
+        if args.profile and device.type == "cuda" and variant in args.profile_variants.split(","):
+            with torch.no_grad():
+                results[variant]["profile"] = profile_table(decode)
+            print(results[variant]["profile"], flush=True)
         print(f"  {name:14s} decode {variant:25s} {ms:8.1f} ms  chunk {chunk:3d}  peak +"
               f"{float('nan') if peak is None else peak:6.2f} GB  (|diff| vs fp32-eager: mean {float(d.mean()):.4f}, "
               f"max {float(d.max()):.3f}; images in [-1, 1])", flush=True)
@@ -393,8 +397,10 @@ def main() -> None:
                          "spent over 4 minutes autotuning one decoder on the H200)")
     ap.add_argument("--decode-only", action="store_true", help="time the decoder variants alone (see above)")
     ap.add_argument("--decoders", default=",".join(DECODERS), help="with --decode-only: which decoder variants")
-    ap.add_argument("--profile", action="store_true", help="CUDA: a torch.profiler table of one token-part call")
-    ap.add_argument("--profile-variants", default="fast", help="with --profile: which variants (comma-separated)")
+    ap.add_argument("--profile", action="store_true", help="CUDA: a torch.profiler table of one token-part call "
+                    "(with --decode-only: of one decoder call)")
+    ap.add_argument("--profile-variants", default="fast", help="with --profile: which variants (comma-separated; "
+                    "with --decode-only: decoder variants)")
     ap.add_argument("--count-ops", action="store_true",
                     help="per config, on the meta device: ops per eager pass with and without the precomputed AdaLN "
                          "modulations, and the ada_lin bytes a pass no longer reads (no timing)")

@@ -30,6 +30,12 @@
 #           GPU test again (now with a token limit), then hmar-d30-512 with every pass fused / fused up to 256 or 576
 #           tokens / none, hmar-d16-512 unfused vs fused up to 256, then the forward tiles against compiled
 #           normalise + SDPA at the sampler's shapes (benchmarks/sweep_attention_fwd.py --candidates; ~9 minutes)
+#   (ran then: BENCHMARKS.md 3g; the sampling step again as TAG=fast9b after a variant-name fix)
+#   call 10 (for the next session): the default's GPU assertion (GraphedModel() equals the forced-fused run), a
+#           profile of one decoder call at 256 and 512 px (where the 21 / 90 ms go against the 18 / 80 ms goals),
+#           then the token limit itself against the default 256 (= 169 at 512 px: no scale between): 324 and 576 at
+#           hmar-d30-512, 81 and 324 at hmar-d16-512
+#           (the configs with passes on both sides of it; ~9 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -44,7 +50,8 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   6) STEPS="qknorm-tests qknorm-attn qknorm-train qknorm-sample" ;;
   7) STEPS="qknorm-tests qknorm-sample-512 qknorm-sample-d30-reversed qknorm-train-512" ;;
   8) STEPS="qknorm-default-test qknorm-default qknorm-train-d30" ;;
-  9) STEPS="qknorm-default-test qkmax-sample sweep-fwd" ;; *) STEPS="$*" ;; esac
+  9) STEPS="qknorm-default-test qkmax-sample sweep-fwd" ;;
+  10) STEPS="qknorm-default-test decoder-profile qkmax-threshold" ;; *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
 L=/tmp/logs/$TAG T0=$SECONDS LIMIT=${LIMIT:-560}
@@ -122,6 +129,14 @@ for s in $STEPS; do
     qkmax-sample)
       bench qkmax-d30-512 hmar-d30-512 fast-compiled,fast-compiled-qkmax256,fast-compiled-qkmax576,fast-compiled-noqknorm
       bench qkmax-d16-512 hmar-d16-512 fast-compiled,fast-compiled-qkmax256 ;;
+    decoder-profile)
+      step "profile of one compiled bf16 channels_last decoder call, 256 and 512 px, batch 16"
+      timeout "$(left)" python3 $S --decode-only --configs hmar-d16,hmar-d16-512 --decoders bf16-compiled-cl \
+        --reps 5 --profile --profile-variants bf16-compiled-cl --json "$L/decoder-profile.json" \
+        > "$L/decoder-profile.log" 2>&1; grep -E "decode bf16" "$L/decoder-profile.log" ;;
+    qkmax-threshold)
+      bench qkmax-threshold-d30-512 hmar-d30-512 fast-compiled,fast-compiled-qkmax324,fast-compiled-qkmax576
+      bench qkmax-threshold-d16-512 hmar-d16-512 fast-compiled,fast-compiled-qkmax81,fast-compiled-qkmax324 ;;
     sweep-fwd)
       step "forward tiles of the Triton kernel at the sampler's dense passes, against normalise + SDPA"
       timeout "$(left)" python3 benchmarks/sweep_attention_fwd.py --candidates --json "$L/sweep-fwd.json" \
