@@ -84,13 +84,40 @@ def bench(preset: str, stage: str, batch: int, steps: int, warmup: int, precisio
           device: torch.device, chunked_ce: bool = True, attention_backend: str = "auto",
           compile_backend: str = "inductor", ce_chunk: Optional[int] = None,
           overrides: Optional[Dict[str, Any]] = None, profile: bool = False,
-          fused_qk_norm: bool = False) -> Dict[str, Any]:
+          fused_qk_norm: bool = False, inductor: str = "") -> Dict[str, Any]:
+    """One configuration's step time. ``inductor``: ``torch._inductor.config`` settings for its compile,
+    comma-separated ``KEY=VALUE`` ("": the defaults)."""
+    import contextlib
+    settings = inductor_settings(inductor)
+    patch = torch._inductor.config.patch(**settings) if settings else contextlib.nullcontext()
     saved, hmar.attention.FUSED_QK_NORM = hmar.attention.FUSED_QK_NORM, fused_qk_norm
     try:
-        return _bench(preset, stage, batch, steps, warmup, precision, fused, compile, device, chunked_ce,
-                      attention_backend, compile_backend, ce_chunk, overrides, profile)
+        with patch:
+            res = _bench(preset, stage, batch, steps, warmup, precision, fused, compile, device, chunked_ce,
+                         attention_backend, compile_backend, ce_chunk, overrides, profile)
+        return dict(res, inductor=inductor)
     finally:
         hmar.attention.FUSED_QK_NORM = saved
+
+
+def inductor_settings(text: str) -> Dict[str, Any]:
+    """``"coordinate_descent_tuning=True,max_autotune_pointwise=True"`` -> a dict for ``torch._inductor.config``
+    (values as Python literals, else strings); unknown keys are an error that names them."""
+    import ast
+
+    import torch._inductor.config as cfg
+    out: Dict[str, Any] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--inductor: {item!r} is not KEY=VALUE (e.g. coordinate_descent_tuning=True)")
+        if not hasattr(cfg, key):
+            raise SystemExit(f"--inductor: torch._inductor.config has no setting {key!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
 
 
 def _bench(preset, stage, batch, steps, warmup, precision, fused, compile, device, chunked_ce, attention_backend,
@@ -163,7 +190,7 @@ def release(device: torch.device, compiled: bool) -> None:
 def variant_name(r: Dict[str, Any]) -> str:
     return (f"{'compiled' if r['compile'] else 'eager'}+{'chunked' if r['chunked_ce'] else 'plain'}-CE+"
             f"{r['attention_backend']}" + (f"({r['attention_resolved']})" if r["attention_backend"] == "auto" else "")
-            + ("+fused-qk-norm" if r.get("fused_qk_norm") else ""))
+            + ("+fused-qk-norm" if r.get("fused_qk_norm") else "") + (f"+[{r['inductor']}]" if r.get("inductor") else ""))
 
 
 OFFICIAL_IMG_S = {  # preset: (batch, the official VAR step's img/s on the H200 (reference figures), goal ratio or None)
@@ -194,7 +221,7 @@ def report(r: Dict[str, Any], base: Optional[Dict[str, Any]] = None, base_name: 
 def variants(a: argparse.Namespace) -> List[Dict[str, Any]]:
     """The configurations to run, in order (``--qk-norm both``: each unfused, then fused)."""
     norms = {"unfused": (False,), "fused": (True,), "both": (False, True)}[a.qk_norm]
-    return [dict(v, fused_qk_norm=n) for v in _variants(a) for n in norms]
+    return [dict(v, fused_qk_norm=n, inductor=i) for v in _variants(a) for n in norms for i in a.inductor]
 
 
 def _variants(a: argparse.Namespace) -> List[Dict[str, Any]]:
@@ -242,8 +269,14 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--qk-norm", default="unfused", choices=["unfused", "fused", "both"],
                    help="the L2 normalisation of q and k as ops of their own (default), inside the attention "
                         "kernels (hmar.attention.FUSED_QK_NORM), or both side by side")
+    p.add_argument("--inductor", nargs="+", default=[""], metavar="SETTINGS",
+                   help="with --compile: torch._inductor.config settings, comma-separated KEY=VALUE (\"\": the "
+                        "defaults); several values run one variant each, side by side, each later one compared "
+                        "with the first, e.g. --inductor \"\" coordinate_descent_tuning=True")
     p.add_argument("--json", default=None, metavar="OUT", help="also write the results to this JSON file")
     a = p.parse_args(argv)
+    for text in a.inductor:
+        inductor_settings(text)             # a misspelt setting fails now, not after the first compile
     dev = resolve_device(a.device)
     overrides = parse_overrides(a.model_override, "--model-override")
     if dev.type == "cuda":
@@ -251,19 +284,23 @@ def main(argv: List[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
     results = []
     for preset in a.preset:
-        base = unfused = None
+        base = unfused = first = None
         for v in variants(a):
             try:
                 r = bench(preset, a.stage, a.batch, a.steps, a.warmup, a.precision, a.fused, v["compile"], dev,
                           v["chunked_ce"], v["attention_backend"], a.compile_backend, a.ce_chunk, overrides,
-                          a.profile, v["fused_qk_norm"])
+                          a.profile, v["fused_qk_norm"], v["inductor"])
             except torch.OutOfMemoryError as e:   # report it, keep measuring the other configurations
                 results.append(dict(preset=preset, stage=a.stage, batch=a.batch, **v, error=f"OOM: {e}"[:300]))
                 print(f"{preset:>12} {a.stage:<10} batch {a.batch}  {v}: out of memory", flush=True)
                 release(dev, v["compile"])
                 continue
             results.append(r)
-            if a.qk_norm == "both":      # the fused run against the unfused one just before it
+            if len(a.inductor) > 1:      # each inductor variant against the first one of its configuration
+                first = r if v["inductor"] == a.inductor[0] else first
+                print(report(r, first if r is not first else None, f"[{a.inductor[0]}]" if a.inductor[0]
+                             else "inductor defaults"), flush=True)
+            elif a.qk_norm == "both":    # the fused run against the unfused one just before it
                 unfused = r if not v["fused_qk_norm"] else unfused
                 print(report(r, unfused if v["fused_qk_norm"] else None, "unfused"), flush=True)
             else:

@@ -36,6 +36,9 @@
 #           then the token limit itself against the default 256 (= 169 at 512 px: no scale between): 324 and 576 at
 #           hmar-d30-512, 81 and 324 at hmar-d16-512
 #           (the configs with passes on both sides of it; ~9 minutes)
+#   call 11 (for the next session): inductor's coordinate descent tuning of its elementwise and normalisation
+#           kernels (about 25 ms of a hmar-d16 training step, BENCHMARKS.md 2g) in compiled hmar-d16 training and in
+#           hmar-d16 / hmar-d30 sampling, each against the defaults side by side (~8 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -51,7 +54,8 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   7) STEPS="qknorm-tests qknorm-sample-512 qknorm-sample-d30-reversed qknorm-train-512" ;;
   8) STEPS="qknorm-default-test qknorm-default qknorm-train-d30" ;;
   9) STEPS="qknorm-default-test qkmax-sample sweep-fwd" ;;
-  10) STEPS="qknorm-default-test decoder-profile qkmax-threshold" ;; *) STEPS="$*" ;; esac
+  10) STEPS="qknorm-default-test decoder-profile qkmax-threshold" ;;
+  11) STEPS="cdt-train cdt-sample" ;; *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
 L=/tmp/logs/$TAG T0=$SECONDS LIMIT=${LIMIT:-560}
@@ -137,6 +141,12 @@ for s in $STEPS; do
     qkmax-threshold)
       bench qkmax-threshold-d30-512 hmar-d30-512 fast-compiled,fast-compiled-qkmax324,fast-compiled-qkmax576
       bench qkmax-threshold-d16-512 hmar-d16-512 fast-compiled,fast-compiled-qkmax81,fast-compiled-qkmax324 ;;
+    cdt-train)
+      step "compiled hmar-d16 training: inductor defaults vs coordinate descent tuning"
+      timeout "$(left)" python3 benchmarks/bench_train.py --preset hmar-d16 --batch 32 --compile \
+        --inductor "" coordinate_descent_tuning=True --json "$L/train-cdt.json" > "$L/train-cdt.log" 2>&1
+      grep img/s "$L/train-cdt.log" ;;
+    cdt-sample) bench cdt hmar-d16,hmar-d30 fast-compiled,fast-compiled-cdt ;;
     sweep-fwd)
       step "forward tiles of the Triton kernel at the sampler's dense passes, against normalise + SDPA"
       timeout "$(left)" python3 benchmarks/sweep_attention_fwd.py --candidates --json "$L/sweep-fwd.json" \
