@@ -770,6 +770,33 @@ def test_bench_sample_prints_the_goal_table(capsys, monkeypatch):
     assert "peak 0.42 (met), with pools 0.55 (NOT met)" in out
 
 
+def test_bench_sample_variant_options(monkeypatch):
+    """``bench_sample``'s modifiers for the q/k normalisation (``qknorm``: every pass fused, ``noqknorm``: none,
+    ``qkmaxN``: up to N tokens, none of them: ``GraphedModel``'s defaults) and ``cdt`` (inductor's coordinate
+    descent tuning, only inside its variant)."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch._inductor.config as inductor_config
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("bench_sample", root / "benchmarks" / "bench_sample.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    opts = lambda v: bench._qk_norm_options(set(v.split("-")[1:]))  # noqa: E731
+    assert opts("fast-compiled") == {}
+    assert opts("fast-compiled-noqknorm") == {"fused_qk_norm": False}
+    assert opts("fast-compiled-qknorm") == {"fused_qk_norm": True, "fused_qk_norm_max_tokens": None}
+    assert opts("fast-compiled-qkmax324") == {"fused_qk_norm": True, "fused_qk_norm_max_tokens": 324}
+    assert bench.check_variant("fast-compiled-qkmax81-cdt") and not bench.check_variant("fast-qkmax")
+    before = inductor_config.coordinate_descent_tuning
+    with bench._inductor_settings("fast-compiled-cdt"):
+        assert inductor_config.coordinate_descent_tuning is True
+    with bench._inductor_settings("fast-compiled"):
+        assert inductor_config.coordinate_descent_tuning == before
+    assert inductor_config.coordinate_descent_tuning == before
+
+
 def test_fast_decoder_halves_its_batch_when_out_of_memory():
     """A decoder call that runs out of GPU memory is retried with half as many images per call (kept as the
     decoder's ``max_batch``, with a warning), down to one image, where the error propagates."""

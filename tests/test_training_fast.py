@@ -259,6 +259,25 @@ def test_bench_train_matrix_smoke(tmp_path):
     assert max(r["loss"] for r in res) - min(r["loss"] for r in res) < 1e-4
 
 
+def test_bench_train_inductor_settings_run_side_by_side(tmp_path):
+    """``--inductor "" KEY=VALUE``: one variant per setting, each later one compared with the first, the setting
+    kept in the JSON; a setting inductor does not have is refused before anything compiles."""
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--device", "cpu", "--preset", "hmar-tiny",
+           "--batch", "2", "--steps", "1", "--warmup", "1", "--compile", "--compile-backend", "aot_eager",
+           "--model-override", "drop_path_rate=0", "cond_drop_rate=0", "--json", str(out),
+           "--inductor", "", "coordinate_descent_tuning=True"]
+    p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [r["inductor"] for r in res] == ["", "coordinate_descent_tuning=True"]
+    lines = [ln for ln in p.stdout.splitlines() if "img/s" in ln]
+    assert "vs inductor defaults" not in lines[0] and "+[coordinate_descent_tuning=True]" in lines[1]
+    assert "vs inductor defaults" in lines[1] and abs(res[0]["loss"] - res[1]["loss"]) < 1e-4
+    bad = subprocess.run(cmd[:-2] + ["nosuch_setting=1"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "has no setting 'nosuch_setting'" in bad.stderr
+
+
 def test_bench_train_compare_compile_runs_eager_then_compiled(tmp_path):
     out = tmp_path / "r.json"
     text = _bench("--compare-compile", "--profile", "--json", str(out))
