@@ -57,7 +57,7 @@ class SelfAttention(nn.Module):
 
     ``fused_qk_norm`` (None by default: :data:`hmar.attention.FUSED_QK_NORM` decides): whether that normalisation
     runs inside the attention kernels (``attention(..., fuse_qk_norm=)``); :class:`hmar.accel.GraphedModel` sets
-    it on the models where it was measured faster. ``fused_qk_norm_max_tokens`` (None: no limit): with
+    both attributes for sampling, as measured fastest. ``fused_qk_norm_max_tokens`` (None: no limit): with
     ``fused_qk_norm``, a call over more than this many tokens keeps the normalisation as ops (cuDNN's attention
     beats the Triton kernel on long dense passes, BENCHMARKS.md section 3g)."""
 
