@@ -127,10 +127,11 @@ def build_tokenizer(name: str, device: torch.device) -> VQVAE:
 
 def _inductor_settings(variant: str):
     """The ``torch._inductor.config`` settings a variant's modifiers ask for, as a context (``cdt``: coordinate
-    descent tuning of inductor's own kernels). The compiled decoder is shared by a config's fast variants and
-    compiles in the first one, under that variant's settings: put ``cdt`` variants after the first."""
+    descent tuning of inductor's own kernels; also a decoder variant of ``--decode-only``). The compiled decoder is
+    shared by a config's fast variants and compiles in the first one, under that variant's settings: put ``cdt``
+    variants after the first."""
     import contextlib
-    if not (variant.startswith("fast") and "cdt" in variant.split("-")[1:]):
+    if "cdt" not in variant.split("-")[1:]:
         return contextlib.nullcontext()
     import torch._inductor.config
     return torch._inductor.config.patch(coordinate_descent_tuning=True)
@@ -283,6 +284,8 @@ DECODERS = {  # name: FastDecoder arguments (None: the tokenizer's own fp32 deco
     "fp32-compiled": dict(dtype=torch.float32, compile=True, channels_last=False, max_batch=0),
     "bf16-compiled": dict(dtype=torch.bfloat16, compile=True, channels_last=False, max_batch=0),
     "bf16-compiled-cl": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=0),
+    # the same, compiled with inductor's coordinate descent tuning (its GroupNorm / SiLU / add kernels)
+    "bf16-compiled-cl-cdt": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=0),
     # memory-bounded chunks (hmar.tokenizer.decode_chunk's default budget, the fast decoder's default until
     # 2026-12-02: 8 of 16 images at 256 px, 2 at 512 px in bf16)
     "fp32-eager-chunked": dict(dtype=torch.float32, compile=False, channels_last=False, max_batch=None),
@@ -318,7 +321,7 @@ def bench_decode(name: str, args, device: torch.device) -> dict:
             kw = {**kw, "max_batch": kw["max_batch"] if kw["max_batch"] is None else args.batch}  # 0: one call
         dec = tok if kw is None else FastDecoder(tok, mode=args.compile_mode, **kw)
         chunk = args.batch if kw is None or kw["max_batch"] else decode_chunk(c, args.batch, kw["dtype"].itemsize)
-        with torch.no_grad():
+        with torch.no_grad(), _inductor_settings(variant):
             f_hat = tok.indices_to_fhat(idx)
             decode = lambda: dec.fhat_to_img(f_hat, max_batch=chunk)  # noqa: E731
             img = decode()

@@ -792,6 +792,8 @@ def test_bench_sample_variant_options(monkeypatch):
     before = inductor_config.coordinate_descent_tuning
     with bench._inductor_settings("fast-compiled-cdt"):
         assert inductor_config.coordinate_descent_tuning is True
+    with bench._inductor_settings("bf16-compiled-cl-cdt"):              # the decoder variant of --decode-only
+        assert inductor_config.coordinate_descent_tuning is True
     with bench._inductor_settings("fast-compiled"):
         assert inductor_config.coordinate_descent_tuning == before
     assert inductor_config.coordinate_descent_tuning == before
