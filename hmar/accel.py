@@ -103,7 +103,7 @@ tokens (None: every pass), and as ops of their own before cuDNN's attention in t
 (BENCHMARKS.md section 3g, batch 16, guidance; token times against the normalisation as ops in every pass, the same
 process): hmar-d16 1.09x, hmar-d30 1.05x (all their passes are within 256 tokens), hmar-d16-512 1.08x and 1.10x (the
 two orders), hmar-d30-512 1.06x; fusing every pass instead was 0.89-0.91x at hmar-d16-512 and 0.98x / 1.06x (two
-sessions) at hmar-d30-512, 1.08x slower than this limit in the same run (cuDNN's forward is faster on long dense
+sessions) at hmar-d30-512, where this limit was 1.08x faster in the same run (cuDNN's forward is faster on long dense
 passes, section 3g's profile and kernel sweep)."""
 
 
