@@ -41,7 +41,8 @@ for side-by-side ratios:
                 (``reserve_pool=True``; the default since the second session of 2026-12-02, measured under this name)
   noreserve     no reservation (the default until then: the pools grow allocation by allocation)
   qknorm        every attention call through the Triton kernel with the q/k L2 normalisation inside it
-                (``GraphedModel(fused_qk_norm=True, fused_qk_norm_max_tokens=None)``; the third session of 2026-12-02 measured it under this name
+                (``GraphedModel(fused_qk_norm=True, fused_qk_norm_max_tokens=None)``; the third session of
+                2026-12-02 measured it under this name
                 as the global switch ``hmar.attention.FUSED_QK_NORM``, which then also covered the eager passes)
   noqknorm      the normalisation as ops of its own, then cuDNN / flash SDPA per pass (``fused_qk_norm=False``).
                 Neither: ``GraphedModel``'s choice (fused wherever Triton is importable, in the passes of at most
@@ -148,7 +149,8 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
             with torch.device(device):
                 model = build_model(model_config(name)).eval()
             shared = variant.startswith("fast") and fast_decoder is not None
-            tok = None if shared else build_tokenizer(name, device)   # the fast variants after the first reuse its decoder
+            # the fast variants after the first reuse its decoder
+            tok = None if shared else build_tokenizer(name, device)
             # the draw of this variant (a module attribute that scale_loop looks up on every pass)
             hmar.sampling.sample_from_logits = sort_draw if "sortdraw" in variant.split("-") else TOPK_DRAW
             if variant == "fp32-eager":
@@ -173,7 +175,8 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
                 t = fast_decoder
                 t.max_batch = (args.batch if "onecall" in mods else
                                decode_chunk(t.config, args.batch, t.dtype.itemsize) if "chunked" in mods else None)
-                # decoder graphs in the loop graph's pool (what accelerate(graph_decoder=True) sets up), fresh per variant
+                # decoder graphs in the loop graph's pool (what accelerate(graph_decoder=True) sets up), fresh per
+                # variant
                 t.graphs = "nodecgraph" not in mods and isinstance(m, GraphedModel)
                 t.reserve_pool = "noreserve" not in mods
                 t.pool = m._loop_pool if t.graphs else None
@@ -214,7 +217,8 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
             on_result()   # a run stopped early (time limit) keeps what it measured
             print(f"  {name:14s} {variant:26s} tokens {r['tokens_ms']:8.1f} ms  decode {r['decode_ms']:7.1f} ms  "
                   f"e2e {r['e2e_ms']:8.1f} ms  peak {r.get('peak_gb', float('nan')):6.2f} GB  "
-                  f"reserved {r.get('reserved_gb', float('nan')):6.2f} GB  pools {r.get('pools_gb', float('nan')):5.2f} GB",
+                  f"reserved {r.get('reserved_gb', float('nan')):6.2f} GB  "
+                  f"pools {r.get('pools_gb', float('nan')):5.2f} GB",
                   flush=True)
             del model, tok, m, t
             gc.collect()          # nothing of this variant (weights, graphs) may count in the next one's memory

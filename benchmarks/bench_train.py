@@ -190,7 +190,8 @@ def release(device: torch.device, compiled: bool) -> None:
 def variant_name(r: Dict[str, Any]) -> str:
     return (f"{'compiled' if r['compile'] else 'eager'}+{'chunked' if r['chunked_ce'] else 'plain'}-CE+"
             f"{r['attention_backend']}" + (f"({r['attention_resolved']})" if r["attention_backend"] == "auto" else "")
-            + ("+fused-qk-norm" if r.get("fused_qk_norm") else "") + (f"+[{r['inductor']}]" if r.get("inductor") else ""))
+            + ("+fused-qk-norm" if r.get("fused_qk_norm") else "")
+            + (f"+[{r['inductor']}]" if r.get("inductor") else ""))
 
 
 OFFICIAL_IMG_S = {  # preset: (batch, the official VAR step's img/s on the H200 (reference figures), goal ratio or None)

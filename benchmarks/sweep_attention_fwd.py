@@ -4,12 +4,13 @@ The sampler's passes attend densely within one scale (one block of N tokens), q,
 ``[B, N, 3, H, D]`` projection, with HMAR's q/k L2 normalisation. For each shape this times every forward tile
 configuration of a grid (``use_config``), the normalisation inside the kernel, against what the unfused path runs:
 ``F.normalize`` ops followed by PyTorch's SDPA (cuDNN / flash on the H200), eager and torch.compile'd (inductor
-fuses the normalisation into the kernels that prepare SDPA's inputs: the model's compiled path). It prints the times, the autotuner's
-current candidates' best, and the grid's best, so the candidate list of
+fuses the normalisation into the kernels that prepare SDPA's inputs: the model's compiled path). It prints the
+times, the autotuner's current candidates' best, and the grid's best, so the candidate list of
 :data:`hmar.attention.triton_kernel._FWD_CANDIDATES` can be checked against the whole grid.
 
     python benchmarks/sweep_attention_fwd.py                       # the sampler's shapes, bf16
     python benchmarks/sweep_attention_fwd.py --shapes 1024x32x16 --json out.json
+    python benchmarks/sweep_attention_fwd.py --candidates      # only the autotuner's candidates (as in call 9)
 """
 from __future__ import annotations
 
@@ -96,7 +97,8 @@ def main() -> None:
         print(f"N={N} B={B} H={H}: sdpa+ops {r['sdpa_ops_ms'] * 1e3:.1f} us, compiled "
               f"{r['sdpa_compiled_ms'] * 1e3:.1f} us | candidates' best "
               f"{best_cand['cfg']} {best_cand['ms'] * 1e3:.1f} us | grid's best {best['cfg']} {best['ms'] * 1e3:.1f} us"
-              f" (max err {best['max_err']:.1e}) | grid best vs sdpa+ops {r['sdpa_ops_ms'] / best['ms']:.2f}x, vs compiled"
+              f" (max err {best['max_err']:.1e}) | grid best vs sdpa+ops {r['sdpa_ops_ms'] / best['ms']:.2f}x, "
+              f"vs compiled"
               f" {r['sdpa_compiled_ms'] / best['ms']:.2f}x")
         for c in sorted(ok, key=lambda c: c["ms"])[:6]:
             print(f"    {c['cfg']}  {c['ms'] * 1e3:.1f} us")

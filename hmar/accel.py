@@ -159,6 +159,9 @@ class GraphedModel:
         # on the model itself: fc1's bias + GELU in the GEMM epilogue, the q/k normalisation in the attention kernel
         from .model.blocks import FFN, SelfAttention
         self.fused_qk_norm = fuse_qk_norm_by_default() if fused_qk_norm is None else fused_qk_norm
+        if fused_qk_norm_max_tokens is not None and fused_qk_norm_max_tokens < -1:
+            raise ValueError(f"GraphedModel: fused_qk_norm_max_tokens={fused_qk_norm_max_tokens}; use a number of "
+                             f"tokens >= 0, None (no limit) or -1 (hmar.accel.FUSED_QK_NORM_MAX_TOKENS)")
         self.fused_qk_norm_max_tokens = (FUSED_QK_NORM_MAX_TOKENS if fused_qk_norm_max_tokens == -1
                                          else fused_qk_norm_max_tokens)
         for m in model.modules():
