@@ -152,6 +152,9 @@ class GraphedModel:
     def __init__(self, model: nn.Module, warmup: int = 1, compile: bool = False, compile_mode: Optional[str] = None,
                  whole_loop: bool = True, max_loops: int = 8, fused_gelu: bool = True, reserve_pool: bool = True,
                  fused_qk_norm: Optional[bool] = None, fused_qk_norm_max_tokens: Optional[int] = -1):
+        if fused_qk_norm_max_tokens is not None and fused_qk_norm_max_tokens < -1:
+            raise ValueError(f"GraphedModel: fused_qk_norm_max_tokens={fused_qk_norm_max_tokens}; use a number of "
+                             f"tokens >= 0, None (no limit) or -1 (hmar.accel.FUSED_QK_NORM_MAX_TOKENS)")
         if not model.device.type == "cuda":
             raise ValueError("GraphedModel needs a model on a CUDA device")
         self.model, self.warmup, self.whole_loop, self.max_loops = model, warmup, whole_loop, max_loops
@@ -159,9 +162,6 @@ class GraphedModel:
         # on the model itself: fc1's bias + GELU in the GEMM epilogue, the q/k normalisation in the attention kernel
         from .model.blocks import FFN, SelfAttention
         self.fused_qk_norm = fuse_qk_norm_by_default() if fused_qk_norm is None else fused_qk_norm
-        if fused_qk_norm_max_tokens is not None and fused_qk_norm_max_tokens < -1:
-            raise ValueError(f"GraphedModel: fused_qk_norm_max_tokens={fused_qk_norm_max_tokens}; use a number of "
-                             f"tokens >= 0, None (no limit) or -1 (hmar.accel.FUSED_QK_NORM_MAX_TOKENS)")
         self.fused_qk_norm_max_tokens = (FUSED_QK_NORM_MAX_TOKENS if fused_qk_norm_max_tokens == -1
                                          else fused_qk_norm_max_tokens)
         for m in model.modules():

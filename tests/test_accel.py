@@ -629,6 +629,12 @@ def test_fused_qk_norm_default_needs_triton(monkeypatch):
     assert not acc.fuse_qk_norm_by_default()
 
 
+def test_graphed_model_refuses_a_negative_token_limit():
+    from hmar.accel import GraphedModel
+    with pytest.raises(ValueError, match="fused_qk_norm_max_tokens=-5; use a number of tokens >= 0"):
+        GraphedModel(build_model(model_config("hmar-tiny")), fused_qk_norm_max_tokens=-5)
+
+
 def test_fused_qk_norm_token_limit_keeps_long_passes_unfused(monkeypatch):
     """``SelfAttention.fused_qk_norm_max_tokens``: with the fused normalisation on, a pass over more tokens than the
     limit asks the attention for the normalisation as ops, a pass within it for the fused one; without the fused
