@@ -99,7 +99,8 @@ import hmar.sampling  # noqa: E402
 from hmar.sampling import sample  # noqa: E402
 from hmar.tokenizer import decode_chunk  # noqa: E402
 
-from _profile import profile_table  # noqa: E402  (benchmarks/, this script's folder)
+from _inductor import inductor_patch  # noqa: E402  (benchmarks/, this script's folder)
+from _profile import profile_table  # noqa: E402
 
 
 def timed(fn, reps: int, device: torch.device) -> float:
@@ -131,11 +132,45 @@ def _inductor_settings(variant: str):
     descent tuning of inductor's own kernels; also a decoder variant of ``--decode-only``). The compiled decoder is
     shared by a config's fast variants and compiles in the first one, under that variant's settings: put ``cdt``
     variants after the first."""
-    import contextlib
-    if "cdt" not in variant.split("-")[1:]:
-        return contextlib.nullcontext()
-    import torch._inductor.config
-    return torch._inductor.config.patch(coordinate_descent_tuning=True)
+    return inductor_patch("coordinate_descent_tuning=True" if "cdt" in variant.split("-")[1:] else "")
+
+
+def _measure(m, t, labels, kw, args, device: torch.device, profile: bool = False) -> dict:
+    """Tokens, decode and end-to-end times of one variant (model ``m``, tokenizer ``t``), its memory on CUDA, and
+    with ``profile`` a profiler table of one token-part call."""
+    f_hat = {}
+
+    def tokens():
+        f_hat["x"] = sample(m, t, labels, decode=False, **kw).f_hat
+
+    def decode():
+        t.fhat_to_img(f_hat["x"])
+
+    def e2e():
+        sample(m, t, labels, decode=True, **kw)
+
+    r = {"tokens_ms": timed(tokens, args.reps, device), "decode_ms": timed(decode, args.reps, device)}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        # what an earlier variant left in reference cycles must not count here: the last fast variant of the
+        # previous config (its decoder's graphs keep the loop graph's pool alive) added its pools to the first
+        # variant of the next one in the runs of the second session of 2026-12-02 (BENCHMARKS.md section 3e)
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    r["e2e_ms"] = timed(e2e, args.reps, device)
+    if device.type == "cuda":
+        r["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        r["reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+        r["pools_gb"] = graph_pool_bytes() / 1e9
+        if isinstance(m, GraphedModel):
+            r["whole_loop"] = m.whole_loop   # False: the loop capture failed and fell back (a warning says why)
+    if hasattr(t, "images_per_call"):
+        r["decode_chunk"] = t.images_per_call(args.batch)
+    if profile and device.type == "cuda":
+        r["profile"] = profile_table(tokens)
+        print(r["profile"], flush=True)
+    return r
 
 
 def bench_config(name: str, args, device: torch.device, on_result=lambda: None, results=None) -> dict:
@@ -145,85 +180,55 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
     kw = dict(cfg=1.5, top_k=900, top_p=0.96, generator=0)
     fast_decoder = None    # one compiled decoder serves every fast variant of this config (one compile, not one each)
     for variant in args.variants:
-        with _inductor_settings(variant):
-            with torch.device(device):
-                model = build_model(model_config(name)).eval()
-            shared = variant.startswith("fast") and fast_decoder is not None
-            # the fast variants after the first reuse its decoder
-            tok = None if shared else build_tokenizer(name, device)
-            # the draw of this variant (a module attribute that scale_loop looks up on every pass)
-            hmar.sampling.sample_from_logits = sort_draw if "sortdraw" in variant.split("-") else TOPK_DRAW
-            if variant == "fp32-eager":
-                torch.backends.cuda.matmul.allow_tf32 = True
-                torch.backends.cudnn.allow_tf32 = True
-                m, t = model, tok
-            elif variant == "bf16-eager":
-                m, t = model.to(torch.bfloat16), FastDecoder(tok, compile=False)
-            else:  # fast and its variants
-                mods = set(variant.split("-")[1:])
-                if "percall" in mods:
-                    model = PerPassCondition(model)
-                m = model.to(torch.bfloat16)
-                if device.type == "cuda":
-                    m = GraphedModel(m, compile="compiled" in mods, whole_loop="passgraphs" not in mods,
-                                     fused_gelu="nogelu" not in mods, reserve_pool="noreserve" not in mods,
-                                     compile_mode="max-autotune-no-cudagraphs" if "autotune" in mods else None,
-                                     **_qk_norm_options(mods))
-                if fast_decoder is None:
-                    fast_decoder = FastDecoder(tok, compile=device.type == "cuda" and not args.no_compile,
-                                               mode=args.compile_mode)
-                t = fast_decoder
-                t.max_batch = (args.batch if "onecall" in mods else
-                               decode_chunk(t.config, args.batch, t.dtype.itemsize) if "chunked" in mods else None)
-                # decoder graphs in the loop graph's pool (what accelerate(graph_decoder=True) sets up), fresh per
-                # variant
-                t.graphs = "nodecgraph" not in mods and isinstance(m, GraphedModel)
-                t.reserve_pool = "noreserve" not in mods
-                t.pool = m._loop_pool if t.graphs else None
-                t._decode_graphs = {}
-            f_hat = {}
-
-            def tokens():
-                f_hat["x"] = sample(m, t, labels, decode=False, **kw).f_hat
-
-            def decode():
-                t.fhat_to_img(f_hat["x"])
-
-            def e2e():
-                sample(m, t, labels, decode=True, **kw)
-
-            r = {"tokens_ms": timed(tokens, args.reps, device), "decode_ms": timed(decode, args.reps, device)}
+        with torch.device(device):
+            model = build_model(model_config(name)).eval()
+        shared = variant.startswith("fast") and fast_decoder is not None
+        # the fast variants after the first reuse its decoder
+        tok = None if shared else build_tokenizer(name, device)
+        # the draw of this variant (a module attribute that scale_loop looks up on every pass)
+        hmar.sampling.sample_from_logits = sort_draw if "sortdraw" in variant.split("-") else TOPK_DRAW
+        if variant == "fp32-eager":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+            m, t = model, tok
+        elif variant == "bf16-eager":
+            m, t = model.to(torch.bfloat16), FastDecoder(tok, compile=False)
+        else:  # fast and its variants
+            mods = set(variant.split("-")[1:])
+            if "percall" in mods:
+                model = PerPassCondition(model)
+            m = model.to(torch.bfloat16)
             if device.type == "cuda":
-                torch.cuda.synchronize()
-                # what an earlier variant left in reference cycles must not count here: the last fast variant of the
-                # previous config (its decoder's graphs keep the loop graph's pool alive) added its pools to the first
-                # variant of the next one in the runs of the second session of 2026-12-02 (BENCHMARKS.md section 3e)
-                gc.collect()
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-            r["e2e_ms"] = timed(e2e, args.reps, device)
-            if device.type == "cuda":
-                r["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-                r["reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
-                r["pools_gb"] = graph_pool_bytes() / 1e9
-                if isinstance(m, GraphedModel):
-                    r["whole_loop"] = m.whole_loop   # False: the loop capture failed and fell back (a warning says why)
-            if hasattr(t, "images_per_call"):
-                r["decode_chunk"] = t.images_per_call(args.batch)
-            if args.profile and variant in args.profile_variants.split(",") and device.type == "cuda":
-                r["profile"] = profile_table(tokens)
-                print(r["profile"], flush=True)
-            results[variant] = r
-            on_result()   # a run stopped early (time limit) keeps what it measured
-            print(f"  {name:14s} {variant:26s} tokens {r['tokens_ms']:8.1f} ms  decode {r['decode_ms']:7.1f} ms  "
-                  f"e2e {r['e2e_ms']:8.1f} ms  peak {r.get('peak_gb', float('nan')):6.2f} GB  "
-                  f"reserved {r.get('reserved_gb', float('nan')):6.2f} GB  "
-                  f"pools {r.get('pools_gb', float('nan')):5.2f} GB",
-                  flush=True)
-            del model, tok, m, t
-            gc.collect()          # nothing of this variant (weights, graphs) may count in the next one's memory
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+                m = GraphedModel(m, compile="compiled" in mods, whole_loop="passgraphs" not in mods,
+                                 fused_gelu="nogelu" not in mods, reserve_pool="noreserve" not in mods,
+                                 compile_mode="max-autotune-no-cudagraphs" if "autotune" in mods else None,
+                                 **_qk_norm_options(mods))
+            if fast_decoder is None:
+                fast_decoder = FastDecoder(tok, compile=device.type == "cuda" and not args.no_compile,
+                                           mode=args.compile_mode)
+            t = fast_decoder
+            t.max_batch = (args.batch if "onecall" in mods else
+                           decode_chunk(t.config, args.batch, t.dtype.itemsize) if "chunked" in mods else None)
+            # decoder graphs in the loop graph's pool (what accelerate(graph_decoder=True) sets up), fresh per
+            # variant
+            t.graphs = "nodecgraph" not in mods and isinstance(m, GraphedModel)
+            t.reserve_pool = "noreserve" not in mods
+            t.pool = m._loop_pool if t.graphs else None
+            t._decode_graphs = {}
+        with _inductor_settings(variant):   # the compiles happen in the first timed calls
+            r = _measure(m, t, labels, kw, args, device,
+                         profile=args.profile and variant in args.profile_variants.split(","))
+        results[variant] = r
+        on_result()   # a run stopped early (time limit) keeps what it measured
+        print(f"  {name:14s} {variant:26s} tokens {r['tokens_ms']:8.1f} ms  decode {r['decode_ms']:7.1f} ms  "
+              f"e2e {r['e2e_ms']:8.1f} ms  peak {r.get('peak_gb', float('nan')):6.2f} GB  "
+              f"reserved {r.get('reserved_gb', float('nan')):6.2f} GB  "
+              f"pools {r.get('pools_gb', float('nan')):5.2f} GB",
+              flush=True)
+        del model, tok, m, t
+        gc.collect()          # nothing of this variant (weights, graphs) may count in the next one's memory
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return results
 
 

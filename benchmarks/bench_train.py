@@ -41,6 +41,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import hmar.attention  # noqa: E402  (FUSED_QK_NORM: --qk-norm)
+from _inductor import inductor_patch, inductor_settings  # noqa: E402  (benchmarks/, this script's folder)
 from hmar.attention import TRAINING_BACKENDS, choose_backend  # noqa: E402
 from hmar.model import HMAR, build_model, init_weights  # noqa: E402
 from hmar.presets import ModelConfig, model_config  # noqa: E402
@@ -87,37 +88,14 @@ def bench(preset: str, stage: str, batch: int, steps: int, warmup: int, precisio
           fused_qk_norm: bool = False, inductor: str = "") -> Dict[str, Any]:
     """One configuration's step time. ``inductor``: ``torch._inductor.config`` settings for its compile,
     comma-separated ``KEY=VALUE`` ("": the defaults)."""
-    import contextlib
-    settings = inductor_settings(inductor)
-    patch = torch._inductor.config.patch(**settings) if settings else contextlib.nullcontext()
     saved, hmar.attention.FUSED_QK_NORM = hmar.attention.FUSED_QK_NORM, fused_qk_norm
     try:
-        with patch:
+        with inductor_patch(inductor):
             res = _bench(preset, stage, batch, steps, warmup, precision, fused, compile, device, chunked_ce,
                          attention_backend, compile_backend, ce_chunk, overrides, profile)
         return dict(res, inductor=inductor)
     finally:
         hmar.attention.FUSED_QK_NORM = saved
-
-
-def inductor_settings(text: str) -> Dict[str, Any]:
-    """``"coordinate_descent_tuning=True,max_autotune_pointwise=True"`` -> a dict for ``torch._inductor.config``
-    (values as Python literals, else strings); unknown keys are an error that names them."""
-    import ast
-
-    import torch._inductor.config as cfg
-    out: Dict[str, Any] = {}
-    for item in filter(None, (x.strip() for x in text.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise SystemExit(f"--inductor: {item!r} is not KEY=VALUE (e.g. coordinate_descent_tuning=True)")
-        if not hasattr(cfg, key):
-            raise SystemExit(f"--inductor: torch._inductor.config has no setting {key!r}")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
 
 
 def _bench(preset, stage, batch, steps, warmup, precision, fused, compile, device, chunked_ce, attention_backend,

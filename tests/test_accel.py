@@ -756,16 +756,22 @@ def test_reserved_pool_plumbing_on_the_cpu(monkeypatch):
         assert events == ["run", "begin", ("reserve", 4000 if reserve else 0), "run", "end", "replay"]
 
 
-def test_bench_sample_prints_the_goal_table(capsys, monkeypatch):
-    """``bench_sample.print_ratios`` on the figures of 2026-12-02's call 4 (hmar-d16): side-by-side ratios against
-    the first variant, and each variant against the official sampler's reference figures and the issue's goals."""
+def _bench_sample_module(monkeypatch):
+    """``benchmarks/bench_sample.py`` imported as a module (its helpers sit beside it, on the path)."""
     import importlib.util
     from pathlib import Path
     root = Path(__file__).resolve().parents[1]
-    monkeypatch.syspath_prepend(str(root / "benchmarks"))             # its helpers sit beside it
+    monkeypatch.syspath_prepend(str(root / "benchmarks"))
     spec = importlib.util.spec_from_file_location("bench_sample", root / "benchmarks" / "bench_sample.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_sample_prints_the_goal_table(capsys, monkeypatch):
+    """``bench_sample.print_ratios`` on the figures of 2026-12-02's call 4 (hmar-d16): side-by-side ratios against
+    the first variant, and each variant against the official sampler's reference figures and the issue's goals."""
+    bench = _bench_sample_module(monkeypatch)
     old = dict(tokens_ms=36.9, decode_ms=37.4, e2e_ms=69.14, peak_gb=1.95, pools_gb=1.07)
     new = dict(tokens_ms=32.6, decode_ms=29.4, e2e_ms=55.53, peak_gb=2.58, pools_gb=0.76)
     bench.print_ratios({"hmar-d16": {"old": old, "new": new}})
@@ -780,15 +786,8 @@ def test_bench_sample_variant_options(monkeypatch):
     """``bench_sample``'s modifiers for the q/k normalisation (``qknorm``: every pass fused, ``noqknorm``: none,
     ``qkmaxN``: up to N tokens, none of them: ``GraphedModel``'s defaults) and ``cdt`` (inductor's coordinate
     descent tuning, only inside its variant)."""
-    import importlib.util
-    from pathlib import Path
-
     import torch._inductor.config as inductor_config
-    root = Path(__file__).resolve().parents[1]
-    monkeypatch.syspath_prepend(str(root / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("bench_sample", root / "benchmarks" / "bench_sample.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _bench_sample_module(monkeypatch)
     opts = lambda v: bench._qk_norm_options(set(v.split("-")[1:]))  # noqa: E731
     assert opts("fast-compiled") == {}
     assert opts("fast-compiled-noqknorm") == {"fused_qk_norm": False}

@@ -24,8 +24,8 @@ L2-normalised attention. By default the normalisation runs as its own ops before
 (:func:`l2_normalize_qk`, the model's numerics). With ``fuse_qk_norm=True``, or :data:`FUSED_QK_NORM` for the calls
 that do not say (off by default; also ``HMAR_FUSED_QK_NORM=1``), a backend that can do it inside its kernels does
 (the Triton kernel reads q and k raw and normalises them in its prologue and gradient epilogue), for every call it
-supports, the dense pattern included. :class:`hmar.accel.GraphedModel` turns it on per model where the H200 measured
-it faster (BENCHMARKS.md section 3f).
+supports, the dense pattern included. :class:`hmar.accel.GraphedModel` turns it on for the sampling passes where the
+H200 measured it faster (those of at most 256 tokens, BENCHMARKS.md section 3g).
 """
 from __future__ import annotations
 
