@@ -54,6 +54,8 @@ for side-by-side ratios:
   cdt           with compiled: inductor's coordinate descent tuning of its own (elementwise, normalisation) kernels
                 (``torch._inductor.config.coordinate_descent_tuning``; after the first variant of a config, whose
                 settings the shared decoder compiles under)
+  nhwc          the decoder's GroupNorms from per-channel statistics and its up-sampling as NHWC copies
+                (``FastDecoder(nhwc_kernels=True)``; a decoder of its own, compiled once for the nhwc variants)
   autotune      with compiled: the blocks compiled with mode="max-autotune-no-cudagraphs" (inductor times Triton
                 GEMM templates, which can take the elementwise work around them; minutes of compiling)
 The fast path of 2026-12-01 is fast-chunked-nogelu-sortdraw-nodecgraph-noreserve (with --compile: fast-compiled-...);
@@ -178,11 +180,14 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
     results = {} if results is None else results
     labels = [i % model_config(name).num_classes for i in range(args.batch)]
     kw = dict(cfg=1.5, top_k=900, top_p=0.96, generator=0)
-    fast_decoder = None    # one compiled decoder serves every fast variant of this config (one compile, not one each)
+    # one compiled decoder per decoder option (nhwc or not) serves every fast variant of this config that asks for
+    # it (one compile, not one each)
+    fast_decoders = {}
     for variant in args.variants:
         with torch.device(device):
             model = build_model(model_config(name)).eval()
-        shared = variant.startswith("fast") and fast_decoder is not None
+        nhwc = "nhwc" in variant.split("-")[1:]
+        shared = variant.startswith("fast") and nhwc in fast_decoders
         # the fast variants after the first reuse its decoder
         tok = None if shared else build_tokenizer(name, device)
         # the draw of this variant (a module attribute that scale_loop looks up on every pass)
@@ -203,10 +208,10 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
                                  fused_gelu="nogelu" not in mods, reserve_pool="noreserve" not in mods,
                                  compile_mode="max-autotune-no-cudagraphs" if "autotune" in mods else None,
                                  **_qk_norm_options(mods))
-            if fast_decoder is None:
-                fast_decoder = FastDecoder(tok, compile=device.type == "cuda" and not args.no_compile,
-                                           mode=args.compile_mode)
-            t = fast_decoder
+            if nhwc not in fast_decoders:
+                fast_decoders[nhwc] = FastDecoder(tok, compile=device.type == "cuda" and not args.no_compile,
+                                                  mode=args.compile_mode, nhwc_kernels=nhwc)
+            t = fast_decoders[nhwc]
             t.max_batch = (args.batch if "onecall" in mods else
                            decode_chunk(t.config, args.batch, t.dtype.itemsize) if "chunked" in mods else None)
             # decoder graphs in the loop graph's pool (what accelerate(graph_decoder=True) sets up), fresh per
@@ -233,7 +238,7 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
 
 
 MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", "nogelu", "sortdraw",
-             "decgraph", "nodecgraph", "reserve", "noreserve", "qknorm", "noqknorm", "autotune", "cdt")
+             "decgraph", "nodecgraph", "reserve", "noreserve", "qknorm", "noqknorm", "autotune", "cdt", "nhwc")
 TOPK_DRAW = hmar.sampling.sample_from_logits
 
 
@@ -295,6 +300,10 @@ DECODERS = {  # name: FastDecoder arguments (None: the tokenizer's own fp32 deco
     "bf16-compiled-cl": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=0),
     # the same, compiled with inductor's coordinate descent tuning (its GroupNorm / SiLU / add kernels)
     "bf16-compiled-cl-cdt": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=0),
+    # the GroupNorms from per-channel statistics and the NHWC up-sampling (FastDecoder(nhwc_kernels=True))
+    "bf16-eager-cl-nhwc": dict(dtype=torch.bfloat16, compile=False, channels_last=True, max_batch=0, nhwc_kernels=True),
+    "bf16-compiled-cl-nhwc": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=0,
+                                  nhwc_kernels=True),
     # memory-bounded chunks (hmar.tokenizer.decode_chunk's default budget, the fast decoder's default until
     # 2026-12-02: 8 of 16 images at 256 px, 2 at 512 px in bf16)
     "fp32-eager-chunked": dict(dtype=torch.float32, compile=False, channels_last=False, max_batch=None),

@@ -307,6 +307,12 @@ class FastDecoder(nn.Module):
     (:meth:`hmar.tokenizer.autoencoder.Upsample.fuse_subpixel`): the same function, 2.25x fewer FLOPs in those
     convs (about 11 % of the official decoder's), and no 4x up-sampled tensor in memory.
 
+    ``nhwc_kernels`` (with ``channels_last``): the decoder's GroupNorms take their group statistics from
+    per-channel ones (:func:`hmar.tokenizer.autoencoder.group_norm_from_channel_stats`) and its nearest x2
+    up-sampling copies whole channel rows (``Upsample.nhwc``), so the kernels torch.compile makes of them read and
+    write channels_last memory in order; the compiled decoder's profile on the H200 showed inductor's own GroupNorm
+    reductions and up-sampling copies at a fraction of the memory bandwidth (BENCHMARKS.md section 3h).
+
     ``graphs`` (CUDA; off by default here, on in :func:`accelerate`): each decoder call of a new input shape is
     captured as a CUDA graph and replayed after (no kernel launch from Python), in the memory pool ``pool``:
     :func:`accelerate` passes the loop graph's (:class:`GraphedModel`), so the decoder's activations can reuse the
@@ -323,14 +329,19 @@ class FastDecoder(nn.Module):
     def __init__(self, tokenizer: nn.Module, dtype: torch.dtype = torch.bfloat16, compile: bool = True,
                  mode: Optional[str] = None, channels_last: bool = True, max_batch: Optional[int] = None,
                  cudnn_benchmark: bool = True, offload_encoder: bool = True, subpixel: bool = False,
-                 graphs: bool = False, pool: Optional[Tuple[int, int]] = None, reserve_pool: bool = True):
+                 nhwc_kernels: bool = False, graphs: bool = False, pool: Optional[Tuple[int, int]] = None,
+                 reserve_pool: bool = True):
         super().__init__()
+        from .tokenizer.autoencoder import GroupNorm, Upsample
         self.tokenizer = tokenizer
-        if subpixel:       # from the fp32 weights, before the conversion to ``dtype`` below (one rounding)
-            from .tokenizer.autoencoder import Upsample
-            for m in tokenizer.decoder.modules():
-                if isinstance(m, Upsample):
+        self.nhwc_kernels = nhwc_kernels and channels_last
+        for m in tokenizer.decoder.modules():
+            if isinstance(m, Upsample):
+                m.nhwc = self.nhwc_kernels
+                if subpixel:   # from the fp32 weights, before the conversion to ``dtype`` below (one rounding)
                     m.fuse_subpixel()
+            elif isinstance(m, GroupNorm):
+                m.channel_stats = self.nhwc_kernels
         self.max_batch = max_batch
         on_cuda = tokenizer.post_quant_conv.weight.is_cuda
         self._encoding = (tokenizer.encoder, tokenizer.quant_conv)

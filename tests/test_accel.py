@@ -127,7 +127,7 @@ def test_bench_sample_decode_only_compares_decoders_on_the_same_weights(tmp_path
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(out.read_text())["results"]["hmar-tiny"]
     assert set(res) == {"fp32-eager", "bf16-eager-cl", "fp32-eager-chunked", "bf16-eager-cl-chunked",
-                        "bf16-eager-cl-subpixel"}                                            # compiled: CUDA
+                        "bf16-eager-cl-subpixel", "bf16-eager-cl-nhwc"}                      # compiled: CUDA
     assert res["fp32-eager"]["max_abs_diff_vs_fp32"] == 0 and res["fp32-eager"]["decode_ms"] > 0
     assert 0 < res["bf16-eager-cl"]["mean_abs_diff_vs_fp32"] < 0.03
     assert res["bf16-eager-cl"]["chunk"] == 16                   # one call; 64 px images fit one chunk anyway
@@ -136,6 +136,8 @@ def test_bench_sample_decode_only_compares_decoders_on_the_same_weights(tmp_path
     assert abs(res["bf16-eager-cl-chunked"]["mean_abs_diff_vs_fp32"] - res["bf16-eager-cl"]["mean_abs_diff_vs_fp32"]) < 1e-3
     # the sub-pixel up-sampling computes the same function: its bf16 decode is as close to fp32 as the plain one
     assert abs(res["bf16-eager-cl-subpixel"]["mean_abs_diff_vs_fp32"] - res["bf16-eager-cl"]["mean_abs_diff_vs_fp32"]) < 2e-3
+    # so do the NHWC GroupNorm and up-sampling (their statistics in fp32: no further from fp32 than the plain one)
+    assert res["bf16-eager-cl-nhwc"]["mean_abs_diff_vs_fp32"] < res["bf16-eager-cl"]["mean_abs_diff_vs_fp32"] + 2e-3
 
 
 def test_fast_decoder_without_channels_last_matches_with():
@@ -515,6 +517,48 @@ def test_subpixel_upsample_is_nearest_x2_then_conv(dtype):
         ref = tok.fhat_to_img(f_hat)
         got = FastDecoder(copy.deepcopy(tok), dtype=torch.float32, compile=False, subpixel=True).fhat_to_img(f_hat)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_nhwc_kernels_compute_the_same_decoder():
+    """``FastDecoder(nhwc_kernels=True)``: the GroupNorm from per-channel statistics equals ``nn.GroupNorm``
+    (float64 to 1e-12, also with a large common offset, where a sum-of-squares variance would lose digits; channels_last
+    and contiguous inputs; groups of 1 and of several channels), the NHWC up-sampling is nearest x2 exactly, the state
+    dict keeps the official keys, and a whole decoder with both decodes the images of the plain one; the flags stay
+    off without channels_last."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from hmar.accel import FastDecoder
+    from hmar.tokenizer.autoencoder import GroupNorm, Upsample, group_norm_from_channel_stats
+    torch.manual_seed(0)
+    for c, g, h, w in ((32, 32, 3, 5), (64, 8, 6, 4), (160, 32, 7, 7)):
+        x = torch.randn(2, c, h, w, dtype=torch.float64) * 3 + 1e4 * torch.rand(1, c, 1, 1, dtype=torch.float64)
+        wgt, b = torch.randn(c, dtype=torch.float64), torch.randn(c, dtype=torch.float64)
+        want = F.group_norm(x, g, wgt, b, 1e-6)
+        for xin in (x, x.contiguous(memory_format=torch.channels_last)):
+            got = group_norm_from_channel_stats(xin, g, wgt, b, 1e-6)
+            assert got.dtype == x.dtype
+            torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-9)
+        norm = GroupNorm(g, c, eps=1e-6).double()
+        norm.channel_stats = True
+        torch.testing.assert_close(norm(x), F.group_norm(x, g, norm.weight, norm.bias, 1e-6), atol=1e-9, rtol=1e-9)
+        assert list(norm.state_dict()) == ["weight", "bias"]
+    up = Upsample(6)
+    x = torch.randn(2, 6, 5, 7).contiguous(memory_format=torch.channels_last)
+    want = up(x)
+    up.nhwc = True
+    assert torch.equal(up(x), want)
+    tok = VQVAE(tokenizer_config("vqvae-tiny")).eval()
+    f_hat = torch.randn(2, tok.config.z_channels, 8, 8) * 0.3
+    with torch.no_grad():
+        ref = tok.fhat_to_img(f_hat)
+        fast = FastDecoder(copy.deepcopy(tok), dtype=torch.float32, compile=False, nhwc_kernels=True)
+        assert fast.nhwc_kernels and all(m.channel_stats for m in fast.dec.modules() if isinstance(m, GroupNorm))
+        assert all(m.nhwc for m in fast.dec.modules() if isinstance(m, Upsample))
+        torch.testing.assert_close(fast.fhat_to_img(f_hat), ref, atol=1e-4, rtol=1e-4)
+    plain = FastDecoder(copy.deepcopy(tok), dtype=torch.float32, compile=False, channels_last=False, nhwc_kernels=True)
+    assert not plain.nhwc_kernels and not any(m.channel_stats for m in plain.dec.modules() if isinstance(m, GroupNorm))
 
 
 def test_decoder_graph_plumbing_on_the_cpu(monkeypatch):

@@ -11,8 +11,42 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def _norm(ch: int, groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(groups, ch, eps=1e-6, affine=True)
+def group_norm_from_channel_stats(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,
+                                  eps: float) -> torch.Tensor:
+    """``F.group_norm`` of an ``[B, C, H, W]`` tensor, with the group statistics combined from per-channel ones.
+
+    Each channel's mean and variance come from one reduction over the positions of ``x`` seen as ``[B, H*W, C]``
+    (a view when ``x`` is channels_last, so the reduction reads whole rows of contiguous channels), and a group's
+    mean and variance follow exactly from its channels' (equal counts: the mean of the means, and the mean of the
+    variances plus the variance of the means). The direct reduction over a group reads, in channels_last, only
+    C / groups contiguous channels per position (5 of 160 in VAR's decoder). Computed in fp32 at least (fp64
+    stays fp64), returned in ``x``'s dtype."""
+    B, C, H, W = x.shape
+    f = torch.promote_types(x.dtype, torch.float32)
+    var_c, mean_c = torch.var_mean(x.permute(0, 2, 3, 1).reshape(B, H * W, C).to(f), dim=1, correction=0)
+    mean_c, var_c = mean_c.view(B, groups, -1), var_c.view(B, groups, -1)
+    mean_g = mean_c.mean(-1, keepdim=True)
+    var_g = var_c.mean(-1, keepdim=True) + (mean_c - mean_g).square().mean(-1, keepdim=True)
+    scale = torch.rsqrt(var_g + eps) * weight.to(f).view(groups, -1)            # [B, groups, C / groups]
+    shift = bias.to(f).view(groups, -1) - mean_g * scale
+    return (x.to(f) * scale.view(B, C, 1, 1) + shift.view(B, C, 1, 1)).to(x.dtype)
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` (same parameters and state dict); with ``channel_stats`` set (what
+    ``FastDecoder(nhwc_kernels=True)`` does) it runs :func:`group_norm_from_channel_stats` instead, which
+    torch.compile turns into kernels that read channels_last tensors along their contiguous channels."""
+
+    channel_stats: bool = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channel_stats and x.dim() == 4:
+            return group_norm_from_channel_stats(x, self.num_groups, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
+def _norm(ch: int, groups: int) -> GroupNorm:
+    return GroupNorm(groups, ch, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
@@ -77,7 +111,13 @@ class Upsample(nn.Module):
     2x2 conv on the low-resolution input with 4x the output channels, one group per output phase (even / odd row
     and column), interleaved after: 16 instead of 36 multiply-adds per output pixel and channel pair, and the 4x
     larger up-sampled input is never written. The fused weights are buffers outside the state dict, computed from
-    the conv's weights at that moment (call it again after changing them)."""
+    the conv's weights at that moment (call it again after changing them).
+
+    With ``nhwc`` set (``FastDecoder(nhwc_kernels=True)``), a channels_last input is up-sampled as the
+    ``[B, H, W, C]`` array it is in memory (each position's channels copied whole, the output written in order)
+    instead of through ``F.interpolate``'s index arithmetic; the same values."""
+
+    nhwc: bool = False
 
     def __init__(self, ch: int):
         super().__init__()
@@ -93,6 +133,10 @@ class Upsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.subpixel_weight is None:
+            if self.nhwc and x.is_contiguous(memory_format=torch.channels_last):
+                B, C, H, W = x.shape
+                up = x.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(B, H, 2, W, 2, C)
+                return self.conv(up.reshape(B, 2 * H, 2 * W, C).permute(0, 3, 1, 2))
             return self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
         B, _, H, W = x.shape
         # output [i', j'] of phase (a, b) reads input rows i'-1+a .. i'+a: a 2x2 conv with padding 1 gives every
