@@ -55,7 +55,10 @@ for side-by-side ratios:
                 (``torch._inductor.config.coordinate_descent_tuning``; after the first variant of a config, whose
                 settings the shared decoder compiles under)
   nhwc          the decoder's GroupNorms from per-channel statistics and its up-sampling as NHWC copies
-                (``FastDecoder(nhwc_kernels=True)``; a decoder of its own, compiled once for the nhwc variants)
+                (``FastDecoder(nhwc_kernels=True)``; the default since the fifth session of 2026-12-02, when it was
+                measured under this name)
+  nonhwc        inductor's own GroupNorm and up-sampling in the decoder (``nhwc_kernels=False``, the default until
+                then; a decoder of its own, compiled once for the nonhwc variants of a config)
   autotune      with compiled: the blocks compiled with mode="max-autotune-no-cudagraphs" (inductor times Triton
                 GEMM templates, which can take the elementwise work around them; minutes of compiling)
 The fast path of 2026-12-01 is fast-chunked-nogelu-sortdraw-nodecgraph-noreserve (with --compile: fast-compiled-...);
@@ -186,7 +189,7 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
     for variant in args.variants:
         with torch.device(device):
             model = build_model(model_config(name)).eval()
-        nhwc = "nhwc" in variant.split("-")[1:]
+        nhwc = "nonhwc" not in variant.split("-")[1:]
         shared = variant.startswith("fast") and nhwc in fast_decoders
         # the fast variants after the first reuse its decoder
         tok = None if shared else build_tokenizer(name, device)
@@ -230,6 +233,8 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
               f"reserved {r.get('reserved_gb', float('nan')):6.2f} GB  "
               f"pools {r.get('pools_gb', float('nan')):5.2f} GB",
               flush=True)
+        for d in fast_decoders.values():   # their graphs keep this variant's loop pool alive: not in the next one's
+            d._decode_graphs = {}
         del model, tok, m, t
         gc.collect()          # nothing of this variant (weights, graphs) may count in the next one's memory
         if device.type == "cuda":
@@ -238,7 +243,8 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
 
 
 MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", "nogelu", "sortdraw",
-             "decgraph", "nodecgraph", "reserve", "noreserve", "qknorm", "noqknorm", "autotune", "cdt", "nhwc")
+             "decgraph", "nodecgraph", "reserve", "noreserve", "qknorm", "noqknorm", "autotune", "cdt", "nhwc",
+             "nonhwc")
 TOPK_DRAW = hmar.sampling.sample_from_logits
 
 
@@ -292,29 +298,35 @@ class PerPassCondition:
         return self
 
 
+_PLAIN = dict(nhwc_kernels=False)   # the decoder variants named before nhwc_kernels: inductor's GroupNorm
+
+
 DECODERS = {  # name: FastDecoder arguments (None: the tokenizer's own fp32 decode, in one call)
     "fp32-eager": None,
-    "bf16-eager-cl": dict(dtype=torch.bfloat16, compile=False, channels_last=True, max_batch=0),
-    "fp32-compiled": dict(dtype=torch.float32, compile=True, channels_last=False, max_batch=0),
-    "bf16-compiled": dict(dtype=torch.bfloat16, compile=True, channels_last=False, max_batch=0),
-    "bf16-compiled-cl": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=0),
+    "bf16-eager-cl": dict(dtype=torch.bfloat16, compile=False, channels_last=True, max_batch=0, **_PLAIN),
+    "fp32-compiled": dict(dtype=torch.float32, compile=True, channels_last=False, max_batch=0, **_PLAIN),
+    "bf16-compiled": dict(dtype=torch.bfloat16, compile=True, channels_last=False, max_batch=0, **_PLAIN),
+    "bf16-compiled-cl": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=0, **_PLAIN),
     # the same, compiled with inductor's coordinate descent tuning (its GroupNorm / SiLU / add kernels)
-    "bf16-compiled-cl-cdt": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=0),
-    # the GroupNorms from per-channel statistics and the NHWC up-sampling (FastDecoder(nhwc_kernels=True))
+    "bf16-compiled-cl-cdt": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=0, **_PLAIN),
+    # the GroupNorms from per-channel statistics and the NHWC up-sampling (FastDecoder(nhwc_kernels=True), the
+    # default since the fifth session of 2026-12-02: bf16-compiled-cl-nhwc is what the fast sampler decodes with)
     "bf16-eager-cl-nhwc": dict(dtype=torch.bfloat16, compile=False, channels_last=True, max_batch=0, nhwc_kernels=True),
     "bf16-compiled-cl-nhwc": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=0,
                                   nhwc_kernels=True),
     # memory-bounded chunks (hmar.tokenizer.decode_chunk's default budget, the fast decoder's default until
     # 2026-12-02: 8 of 16 images at 256 px, 2 at 512 px in bf16)
-    "fp32-eager-chunked": dict(dtype=torch.float32, compile=False, channels_last=False, max_batch=None),
-    "bf16-eager-cl-chunked": dict(dtype=torch.bfloat16, compile=False, channels_last=True, max_batch=None),
-    "bf16-compiled-chunked": dict(dtype=torch.bfloat16, compile=True, channels_last=False, max_batch=None),
-    "bf16-compiled-cl-chunked": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=None),
+    "fp32-eager-chunked": dict(dtype=torch.float32, compile=False, channels_last=False, max_batch=None, **_PLAIN),
+    "bf16-eager-cl-chunked": dict(dtype=torch.bfloat16, compile=False, channels_last=True, max_batch=None, **_PLAIN),
+    "bf16-compiled-chunked": dict(dtype=torch.bfloat16, compile=True, channels_last=False, max_batch=None, **_PLAIN),
+    "bf16-compiled-cl-chunked": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=None,
+                                     **_PLAIN),
     # the sub-pixel form of the up-sampling convs (FastDecoder(subpixel=True); an experiment)
-    "bf16-eager-cl-subpixel": dict(dtype=torch.bfloat16, compile=False, channels_last=True, max_batch=0, subpixel=True),
+    "bf16-eager-cl-subpixel": dict(dtype=torch.bfloat16, compile=False, channels_last=True, max_batch=0, subpixel=True,
+                                   **_PLAIN),
     "bf16-compiled-subpixel": dict(dtype=torch.bfloat16, compile=True, channels_last=False, max_batch=0, subpixel=True),
     "bf16-compiled-cl-subpixel-chunked": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=None,
-                                              subpixel=True),
+                                              subpixel=True, **_PLAIN),
 }
 
 

@@ -307,11 +307,13 @@ class FastDecoder(nn.Module):
     (:meth:`hmar.tokenizer.autoencoder.Upsample.fuse_subpixel`): the same function, 2.25x fewer FLOPs in those
     convs (about 11 % of the official decoder's), and no 4x up-sampled tensor in memory.
 
-    ``nhwc_kernels`` (with ``channels_last``): the decoder's GroupNorms take their group statistics from
-    per-channel ones (:func:`hmar.tokenizer.autoencoder.group_norm_from_channel_stats`) and its nearest x2
+    ``nhwc_kernels`` (on by default; with ``channels_last``): the decoder's GroupNorms take their group statistics
+    from per-channel ones (:func:`hmar.tokenizer.autoencoder.group_norm_from_channel_stats`) and its nearest x2
     up-sampling copies whole channel rows (``Upsample.nhwc``), so the kernels torch.compile makes of them read and
-    write channels_last memory in order; the compiled decoder's profile on the H200 showed inductor's own GroupNorm
-    reductions and up-sampling copies at a fraction of the memory bandwidth (BENCHMARKS.md section 3h).
+    write channels_last memory in order. The compiled decoder's profile on the H200 showed inductor's own GroupNorm
+    reductions and up-sampling copies at a fraction of the memory bandwidth; with the NHWC forms the compiled
+    decoder took 19.5 instead of 21.8 ms at 256 px and 75.5 instead of 90.7 ms at 512 px, batch 16 (BENCHMARKS.md
+    section 3h).
 
     ``graphs`` (CUDA; off by default here, on in :func:`accelerate`): each decoder call of a new input shape is
     captured as a CUDA graph and replayed after (no kernel launch from Python), in the memory pool ``pool``:
@@ -329,7 +331,7 @@ class FastDecoder(nn.Module):
     def __init__(self, tokenizer: nn.Module, dtype: torch.dtype = torch.bfloat16, compile: bool = True,
                  mode: Optional[str] = None, channels_last: bool = True, max_batch: Optional[int] = None,
                  cudnn_benchmark: bool = True, offload_encoder: bool = True, subpixel: bool = False,
-                 nhwc_kernels: bool = False, graphs: bool = False, pool: Optional[Tuple[int, int]] = None,
+                 nhwc_kernels: bool = True, graphs: bool = False, pool: Optional[Tuple[int, int]] = None,
                  reserve_pool: bool = True):
         super().__init__()
         from .tokenizer.autoencoder import GroupNorm, Upsample

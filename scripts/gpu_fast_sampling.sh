@@ -40,7 +40,8 @@
 #           kernels (about 25 ms of a hmar-d16 training step, BENCHMARKS.md 2g) in compiled hmar-d16 training and in
 #           hmar-d16 / hmar-d30 sampling and in the decoder alone, each against the defaults side by side (~9 minutes)
 #   12: the decoder's GroupNorms from per-channel statistics + NHWC up-sampling (FastDecoder(nhwc_kernels=True)):
-#           the compiled decoder alone with a profile, then hmar-d30 / d30-512 / d16 / d16-512 sampling (~9 minutes)
+#           the compiled decoder alone with a profile, then hmar-d30 / d30-512 / d16 / d16-512 sampling (~5 minutes)
+#   13: the same as the default (fast-compiled) against nhwc_kernels=False, each variant's pools alone (~6 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -58,7 +59,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   9) STEPS="qknorm-default-test qkmax-sample sweep-fwd" ;;
   10) STEPS="qknorm-default-test decoder-profile qkmax-threshold" ;;
   11) STEPS="cdt-train cdt-sample cdt-decode" ;;
-  12) STEPS="nhwc-decode nhwc-sample-d30 nhwc-sample-d16" ;; *) STEPS="$*" ;; esac
+  12) STEPS="nhwc-decode nhwc-sample-d30 nhwc-sample-d16" ;; 13) STEPS="nhwc-default" ;; *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
 L=/tmp/logs/$TAG T0=$SECONDS LIMIT=${LIMIT:-560}
@@ -163,6 +164,7 @@ for s in $STEPS; do
       grep -E "decode bf16" "$L/decode-nhwc.log" ;;
     nhwc-sample-d30) bench nhwc-d30 hmar-d30,hmar-d30-512 fast-compiled,fast-compiled-nhwc ;;
     nhwc-sample-d16) bench nhwc-d16 hmar-d16,hmar-d16-512 fast-compiled,fast-compiled-nhwc ;;
+    nhwc-default) bench nhwc-default hmar-d30,hmar-d16-512,hmar-d16,hmar-d30-512 fast-compiled,fast-compiled-nonhwc ;;
     sweep-fwd)
       step "forward tiles of the Triton kernel at the sampler's dense passes, against normalise + SDPA"
       timeout "$(left)" python3 benchmarks/sweep_attention_fwd.py --candidates --json "$L/sweep-fwd.json" \
