@@ -16,7 +16,8 @@ Variants:
   bf16-eager     bf16, eager
   fast           what ``enable_fast_sampling()`` / ``hmar sample --fast`` runs: bf16, the whole token loop replayed as
                  one CUDA graph, AdaLN modulations computed once per call, fc1's bias + GELU in the GEMM epilogue, the
-                 draw over torch.topk's candidates, bf16 channels_last compiled decoder (16 images per call) whose
+                 draw over torch.topk's candidates, bf16 channels_last compiled decoder (16 images per call; its
+                 GroupNorms and up-sampling in NHWC form, ``nhwc_kernels``) whose
                  calls replay CUDA graphs in the loop graph's memory pool, each capture reserving its warm-up's peak
 and variants of "fast" with changes, named "fast-" + modifiers joined by "-" (e.g. fast-compiled-gelu-onecall),
 for side-by-side ratios:
@@ -79,7 +80,9 @@ tokens time shows how long the GPU waited for the host).
 ``DECODERS`` side by side (``--decoders`` picks some): fp32-eager (TF32), bf16-eager-cl (bf16 + channels_last), fp32- and
 bf16-compiled with and without channels_last, each in one call or in memory-bounded chunks (``-chunked``: what ``fast``
 samples with is bf16-compiled-cl-chunked), the ``-subpixel`` ones with the up-sampling convs in sub-pixel form
-(``FastDecoder(subpixel=True)``, an experiment), each compared with fp32-eager (mean and max |diff| of the images),
+(``FastDecoder(subpixel=True)``, an experiment), the ``-nhwc`` ones with the GroupNorms from per-channel statistics
+and NHWC up-sampling (``FastDecoder(nhwc_kernels=True)``, the fast sampler's decoder; every other variant has
+``nhwc_kernels=False``), each compared with fp32-eager (mean and max |diff| of the images),
 with the memory the decode adds (CUDA: peak allocated above what was allocated before; CPU: the process's peak RSS,
 so run one variant per process there).
 """
