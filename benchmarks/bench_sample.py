@@ -221,11 +221,10 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
             t.max_batch = (args.batch if "onecall" in mods else
                            decode_chunk(t.config, args.batch, t.dtype.itemsize) if "chunked" in mods else None)
             # decoder graphs in the loop graph's pool (what accelerate(graph_decoder=True) sets up), fresh per
-            # variant
+            # variant (every decoder's graphs are dropped after each variant, below)
             t.graphs = "nodecgraph" not in mods and isinstance(m, GraphedModel)
             t.reserve_pool = "noreserve" not in mods
             t.pool = m._loop_pool if t.graphs else None
-            t._decode_graphs = {}
         with _inductor_settings(variant):   # the compiles happen in the first timed calls
             r = _measure(m, t, labels, kw, args, device,
                          profile=args.profile and variant in args.profile_variants.split(","))
@@ -248,6 +247,7 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
 MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", "nogelu", "sortdraw",
              "decgraph", "nodecgraph", "reserve", "noreserve", "qknorm", "noqknorm", "autotune", "cdt", "nhwc",
              "nonhwc")
+QKMAX = re.compile(r"qkmax(\d+)")   # and qkmaxN: the fused q/k normalisation up to N tokens
 TOPK_DRAW = hmar.sampling.sample_from_logits
 
 
@@ -266,7 +266,7 @@ def _qk_norm_options(mods) -> dict:
         return {"fused_qk_norm": False}
     if "qknorm" in mods:
         return {"fused_qk_norm": True, "fused_qk_norm_max_tokens": None}
-    limit = [int(m[5:]) for m in mods if re.fullmatch(r"qkmax\d+", m)]
+    limit = [int(q[1]) for q in map(QKMAX.fullmatch, mods) if q]
     return {"fused_qk_norm": True, "fused_qk_norm_max_tokens": limit[0]} if limit else {}
 
 
@@ -274,7 +274,7 @@ def check_variant(v: str) -> bool:
     """fp32-eager, bf16-eager, fast, or fast-<modifier>[-<modifier>...] with modifiers from :data:`MODIFIERS`."""
     parts = v.split("-")
     return v in ("fp32-eager", "bf16-eager") or (parts[0] == "fast" and all(
-        p in MODIFIERS or re.fullmatch(r"qkmax\d+", p) for p in parts[1:]))
+        p in MODIFIERS or QKMAX.fullmatch(p) for p in parts[1:]))
 
 
 def graph_pool_bytes() -> int:
@@ -301,14 +301,14 @@ class PerPassCondition:
         return self
 
 
-_PLAIN = dict(nhwc_kernels=False)   # the decoder variants named before nhwc_kernels: inductor's GroupNorm
+_PLAIN = dict(nhwc_kernels=False)   # channels_last decoder variants named before nhwc_kernels: inductor's GroupNorm
 
 
 DECODERS = {  # name: FastDecoder arguments (None: the tokenizer's own fp32 decode, in one call)
     "fp32-eager": None,
     "bf16-eager-cl": dict(dtype=torch.bfloat16, compile=False, channels_last=True, max_batch=0, **_PLAIN),
-    "fp32-compiled": dict(dtype=torch.float32, compile=True, channels_last=False, max_batch=0, **_PLAIN),
-    "bf16-compiled": dict(dtype=torch.bfloat16, compile=True, channels_last=False, max_batch=0, **_PLAIN),
+    "fp32-compiled": dict(dtype=torch.float32, compile=True, channels_last=False, max_batch=0),
+    "bf16-compiled": dict(dtype=torch.bfloat16, compile=True, channels_last=False, max_batch=0),
     "bf16-compiled-cl": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=0, **_PLAIN),
     # the same, compiled with inductor's coordinate descent tuning (its GroupNorm / SiLU / add kernels)
     "bf16-compiled-cl-cdt": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=0, **_PLAIN),
@@ -319,9 +319,9 @@ DECODERS = {  # name: FastDecoder arguments (None: the tokenizer's own fp32 deco
                                   nhwc_kernels=True),
     # memory-bounded chunks (hmar.tokenizer.decode_chunk's default budget, the fast decoder's default until
     # 2026-12-02: 8 of 16 images at 256 px, 2 at 512 px in bf16)
-    "fp32-eager-chunked": dict(dtype=torch.float32, compile=False, channels_last=False, max_batch=None, **_PLAIN),
+    "fp32-eager-chunked": dict(dtype=torch.float32, compile=False, channels_last=False, max_batch=None),
     "bf16-eager-cl-chunked": dict(dtype=torch.bfloat16, compile=False, channels_last=True, max_batch=None, **_PLAIN),
-    "bf16-compiled-chunked": dict(dtype=torch.bfloat16, compile=True, channels_last=False, max_batch=None, **_PLAIN),
+    "bf16-compiled-chunked": dict(dtype=torch.bfloat16, compile=True, channels_last=False, max_batch=None),
     "bf16-compiled-cl-chunked": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=None,
                                      **_PLAIN),
     # the sub-pixel form of the up-sampling convs (FastDecoder(subpixel=True); an experiment)

@@ -92,9 +92,8 @@ class SelfAttention(nn.Module):
             k, v = cache.append(k, v)
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         else:
-            fuse, most = self.fused_qk_norm, self.fused_qk_norm_max_tokens
-            if fuse and most is not None and L > most:
-                fuse = False
+            most = self.fused_qk_norm_max_tokens   # None stays None (FUSED_QK_NORM decides)
+            fuse = self.fused_qk_norm and (most is None or L <= most)
             out = attention(q, k, v, lengths=lengths, pattern=pattern, scale=self.scale, backend=backend,
                             qk_norm=qk_norm, fuse_qk_norm=fuse)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
