@@ -60,6 +60,8 @@ for side-by-side ratios:
                 measured under this name)
   nonhwc        inductor's own GroupNorm and up-sampling in the decoder (``nhwc_kernels=False``, the default until
                 then; a decoder of its own, compiled once for the nonhwc variants of a config)
+  subpixel      the decoder's up-sampling convs in sub-pixel form (``FastDecoder(subpixel=True)``: one 2x2 conv on
+                the low-resolution input, its four output phases interleaved; with nhwc as NHWC row copies)
   autotune      with compiled: the blocks compiled with mode="max-autotune-no-cudagraphs" (inductor times Triton
                 GEMM templates, which can take the elementwise work around them; minutes of compiling)
 The fast path of 2026-12-01 is fast-chunked-nogelu-sortdraw-nodecgraph-noreserve (with --compile: fast-compiled-...);
@@ -186,14 +188,15 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
     results = {} if results is None else results
     labels = [i % model_config(name).num_classes for i in range(args.batch)]
     kw = dict(cfg=1.5, top_k=900, top_p=0.96, generator=0)
-    # one compiled decoder per decoder option (nhwc or not) serves every fast variant of this config that asks for
-    # it (one compile, not one each)
+    # one compiled decoder per decoder options (nhwc or not, subpixel or not) serves every fast variant of this
+    # config that asks for it (one compile, not one each)
     fast_decoders = {}
     for variant in args.variants:
         with torch.device(device):
             model = build_model(model_config(name)).eval()
-        nhwc = "nonhwc" not in variant.split("-")[1:]
-        shared = variant.startswith("fast") and nhwc in fast_decoders
+        # the decoder options of this variant: (nhwc_kernels, subpixel)
+        dec_key = ("nonhwc" not in variant.split("-")[1:], "subpixel" in variant.split("-")[1:])
+        shared = variant.startswith("fast") and dec_key in fast_decoders
         # the fast variants after the first reuse its decoder
         tok = None if shared else build_tokenizer(name, device)
         # the draw of this variant (a module attribute that scale_loop looks up on every pass)
@@ -214,10 +217,11 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
                                  fused_gelu="nogelu" not in mods, reserve_pool="noreserve" not in mods,
                                  compile_mode="max-autotune-no-cudagraphs" if "autotune" in mods else None,
                                  **_qk_norm_options(mods))
-            if nhwc not in fast_decoders:
-                fast_decoders[nhwc] = FastDecoder(tok, compile=device.type == "cuda" and not args.no_compile,
-                                                  mode=args.compile_mode, nhwc_kernels=nhwc)
-            t = fast_decoders[nhwc]
+            if dec_key not in fast_decoders:
+                fast_decoders[dec_key] = FastDecoder(tok, compile=device.type == "cuda" and not args.no_compile,
+                                                     mode=args.compile_mode, nhwc_kernels=dec_key[0],
+                                                     subpixel=dec_key[1])
+            t = fast_decoders[dec_key]
             t.max_batch = (args.batch if "onecall" in mods else
                            decode_chunk(t.config, args.batch, t.dtype.itemsize) if "chunked" in mods else None)
             # decoder graphs in the loop graph's pool (what accelerate(graph_decoder=True) sets up), fresh per
@@ -246,7 +250,7 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
 
 MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", "nogelu", "sortdraw",
              "decgraph", "nodecgraph", "reserve", "noreserve", "qknorm", "noqknorm", "autotune", "cdt", "nhwc",
-             "nonhwc")
+             "nonhwc", "subpixel")
 QKMAX = re.compile(r"qkmax(\d+)")   # and qkmaxN: the fused q/k normalisation up to N tokens
 TOPK_DRAW = hmar.sampling.sample_from_logits
 
@@ -328,6 +332,11 @@ DECODERS = {  # name: FastDecoder arguments (None: the tokenizer's own fp32 deco
     "bf16-eager-cl-subpixel": dict(dtype=torch.bfloat16, compile=False, channels_last=True, max_batch=0, subpixel=True,
                                    **_PLAIN),
     "bf16-compiled-subpixel": dict(dtype=torch.bfloat16, compile=True, channels_last=False, max_batch=0, subpixel=True),
+    # both: the sub-pixel convs with the NHWC interleave, beside the NHWC GroupNorms (2026-12-03)
+    "bf16-eager-cl-nhwc-subpixel": dict(dtype=torch.bfloat16, compile=False, channels_last=True, max_batch=0,
+                                        nhwc_kernels=True, subpixel=True),
+    "bf16-compiled-cl-nhwc-subpixel": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=0,
+                                           nhwc_kernels=True, subpixel=True),
     "bf16-compiled-cl-subpixel-chunked": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=None,
                                               subpixel=True, **_PLAIN),
 }

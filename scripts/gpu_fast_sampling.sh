@@ -42,6 +42,9 @@
 #   12: the decoder's GroupNorms from per-channel statistics + NHWC up-sampling (FastDecoder(nhwc_kernels=True)):
 #           the compiled decoder alone with a profile, then hmar-d30 / d30-512 / d16 / d16-512 sampling (~5 minutes)
 #   13: the same as the default (fast-compiled) against nhwc_kernels=False, each variant's pools alone (~6 minutes)
+#   14 (2026-12-03): the sub-pixel up-sampling convs with the NHWC interleave (FastDecoder(subpixel=True) beside the
+#           NHWC GroupNorms): the compiled decoder alone against the default, both profiled, 256 and 512 px (~4 minutes)
+#   15 (2026-12-03): the same inside the sampler, every goal config, default against -subpixel (~7 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -59,7 +62,8 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   9) STEPS="qknorm-default-test qkmax-sample sweep-fwd" ;;
   10) STEPS="qknorm-default-test decoder-profile qkmax-threshold" ;;
   11) STEPS="cdt-train cdt-sample cdt-decode" ;;
-  12) STEPS="nhwc-decode nhwc-sample-d30 nhwc-sample-d16" ;; 13) STEPS="nhwc-default" ;; *) STEPS="$*" ;; esac
+  12) STEPS="nhwc-decode nhwc-sample-d30 nhwc-sample-d16" ;; 13) STEPS="nhwc-default" ;;
+  14) STEPS="subpixel-decode" ;; 15) STEPS="subpixel-sample" ;; *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
 L=/tmp/logs/$TAG T0=$SECONDS LIMIT=${LIMIT:-560}
@@ -162,6 +166,14 @@ for s in $STEPS; do
         --decoders bf16-compiled-cl,bf16-compiled-cl-nhwc --profile --profile-variants bf16-compiled-cl-nhwc \
         --json "$L/decode-nhwc.json" > "$L/decode-nhwc.log" 2>&1
       grep -E "decode bf16" "$L/decode-nhwc.log" ;;
+    subpixel-decode)
+      step "the compiled decoder alone, default (NHWC) vs NHWC + sub-pixel up-sampling convs, 256 and 512 px"
+      timeout "$(left)" python3 $S --decode-only --configs hmar-d16,hmar-d16-512 --reps 5 \
+        --decoders bf16-compiled-cl-nhwc,bf16-compiled-cl-nhwc-subpixel --profile \
+        --profile-variants bf16-compiled-cl-nhwc,bf16-compiled-cl-nhwc-subpixel \
+        --json "$L/decode-subpixel.json" > "$L/decode-subpixel.log" 2>&1
+      grep -E "decode bf16" "$L/decode-subpixel.log" ;;
+    subpixel-sample) bench subpixel hmar-d30,hmar-d16-512,hmar-d16,hmar-d30-512 fast-compiled,fast-compiled-subpixel ;;
     nhwc-sample-d30) bench nhwc-d30 hmar-d30,hmar-d30-512 fast-compiled,fast-compiled-nhwc ;;
     nhwc-sample-d16) bench nhwc-d16 hmar-d16,hmar-d16-512 fast-compiled,fast-compiled-nhwc ;;
     nhwc-default) bench nhwc-default hmar-d30,hmar-d16-512,hmar-d16,hmar-d30-512 fast-compiled,fast-compiled-nonhwc ;;

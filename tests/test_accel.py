@@ -127,7 +127,7 @@ def test_bench_sample_decode_only_compares_decoders_on_the_same_weights(tmp_path
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(out.read_text())["results"]["hmar-tiny"]
     assert set(res) == {"fp32-eager", "bf16-eager-cl", "fp32-eager-chunked", "bf16-eager-cl-chunked",
-                        "bf16-eager-cl-subpixel", "bf16-eager-cl-nhwc"}                      # compiled: CUDA
+                        "bf16-eager-cl-subpixel", "bf16-eager-cl-nhwc", "bf16-eager-cl-nhwc-subpixel"}  # compiled: CUDA
     assert res["fp32-eager"]["max_abs_diff_vs_fp32"] == 0 and res["fp32-eager"]["decode_ms"] > 0
     assert 0 < res["bf16-eager-cl"]["mean_abs_diff_vs_fp32"] < 0.03
     assert res["bf16-eager-cl"]["chunk"] == 16                   # one call; 64 px images fit one chunk anyway
@@ -138,6 +138,8 @@ def test_bench_sample_decode_only_compares_decoders_on_the_same_weights(tmp_path
     assert abs(res["bf16-eager-cl-subpixel"]["mean_abs_diff_vs_fp32"] - res["bf16-eager-cl"]["mean_abs_diff_vs_fp32"]) < 2e-3
     # so do the NHWC GroupNorm and up-sampling (their statistics in fp32: no further from fp32 than the plain one)
     assert res["bf16-eager-cl-nhwc"]["mean_abs_diff_vs_fp32"] < res["bf16-eager-cl"]["mean_abs_diff_vs_fp32"] + 2e-3
+    assert abs(res["bf16-eager-cl-nhwc-subpixel"]["mean_abs_diff_vs_fp32"]
+               - res["bf16-eager-cl-nhwc"]["mean_abs_diff_vs_fp32"]) < 2e-3
 
 
 def test_fast_decoder_without_channels_last_matches_with():
@@ -500,23 +502,29 @@ def test_subpixel_upsample_is_nearest_x2_then_conv(dtype):
     from hmar.accel import FastDecoder
     from hmar.tokenizer.autoencoder import Upsample
     torch.manual_seed(0)
+    tol = dict(atol=1e-12, rtol=0) if dtype == torch.float64 else dict(atol=2e-6, rtol=1e-5)
     for c, h, w in ((6, 5, 7), (32, 4, 4)):
         up = Upsample(c).to(dtype)
         x = torch.randn(2, c, h, w, dtype=dtype)
         want = up(x)
         up.fuse_subpixel()
         assert list(up.state_dict()) == ["conv.weight", "conv.bias"]
-        if dtype == torch.float64:
-            torch.testing.assert_close(up(x), want, atol=1e-12, rtol=0)
-        else:
-            up.to(memory_format=torch.channels_last)
-            torch.testing.assert_close(up(x.contiguous(memory_format=torch.channels_last)), want, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(up(x), want, **tol)
+        up.to(memory_format=torch.channels_last)
+        xc = x.contiguous(memory_format=torch.channels_last)
+        for nhwc in (False, True):   # the NCHW interleave, and the NHWC one that writes a channels_last output
+            up.nhwc = nhwc
+            got = up(xc)
+            torch.testing.assert_close(got, want, **tol)
+            assert got.is_contiguous(memory_format=torch.channels_last) == nhwc
     tok = VQVAE(tokenizer_config("vqvae-tiny")).eval()
     f_hat = torch.randn(2, tok.config.z_channels, 8, 8) * 0.3
     with torch.no_grad():
         ref = tok.fhat_to_img(f_hat)
-        got = FastDecoder(copy.deepcopy(tok), dtype=torch.float32, compile=False, subpixel=True).fhat_to_img(f_hat)
-    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+        for nhwc in (False, True):
+            got = FastDecoder(copy.deepcopy(tok), dtype=torch.float32, compile=False, subpixel=True,
+                              nhwc_kernels=nhwc).fhat_to_img(f_hat)
+            torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
 def test_nhwc_kernels_compute_the_same_decoder():

@@ -115,7 +115,8 @@ class Upsample(nn.Module):
 
     With ``nhwc`` set (``FastDecoder(nhwc_kernels=True)``), a channels_last input is up-sampled as the
     ``[B, H, W, C]`` array it is in memory (each position's channels copied whole, the output written in order)
-    instead of through ``F.interpolate``'s index arithmetic; the same values."""
+    instead of through ``F.interpolate``'s index arithmetic, and with :meth:`fuse_subpixel` too the phases are
+    interleaved as whole channel rows of that array, into a channels_last output; the same values."""
 
     nhwc: bool = False
 
@@ -142,6 +143,12 @@ class Upsample(nn.Module):
         # output [i', j'] of phase (a, b) reads input rows i'-1+a .. i'+a: a 2x2 conv with padding 1 gives every
         # phase on an (H+1) x (W+1) grid, and phase (a, b) is its crop starting at (a, b)
         y = F.conv2d(x, self.subpixel_weight, self.subpixel_bias, padding=1)
+        if self.nhwc and y.is_contiguous(memory_format=torch.channels_last):
+            # the same interleave on the [B, H+1, W+1, 4C] array in memory: each output position copies one
+            # contiguous row of C channels, and the output is channels_last too
+            yp = y.permute(0, 2, 3, 1).view(B, H + 1, W + 1, 2, 2, -1)
+            rows = [torch.stack([yp[:, a:a + H, b:b + W, a, b] for b in (0, 1)], 3) for a in (0, 1)]
+            return torch.stack(rows, 2).reshape(B, 2 * H, 2 * W, -1).permute(0, 3, 1, 2)   # [B, H, 2, W, 2, C]
         y = y.view(B, 2, 2, -1, H + 1, W + 1)
         rows = [torch.stack([y[:, a, b, :, a:a + H, b:b + W] for b in (0, 1)], -1) for a in (0, 1)]
         return torch.stack(rows, -3).reshape(B, -1, 2 * H, 2 * W)   # [B, C, H, 2, W, 2] -> [B, C, 2H, 2W]
