@@ -61,7 +61,9 @@ for side-by-side ratios:
   nonhwc        inductor's own GroupNorm and up-sampling in the decoder (``nhwc_kernels=False``, the default until
                 then; a decoder of its own, compiled once for the nonhwc variants of a config)
   subpixel      the decoder's up-sampling convs in sub-pixel form (``FastDecoder(subpixel=True)``: one 2x2 conv on
-                the low-resolution input, its four output phases interleaved; with nhwc as NHWC row copies)
+                the low-resolution input, its four output phases interleaved; with nhwc as NHWC row copies). The
+                default with nhwc since 2026-12-03, when it was measured under this name; also with nonhwc
+  nosubpixel    nearest x2 up-sampling, then the 3x3 conv (``subpixel=False``; the default until 2026-12-03)
   autotune      with compiled: the blocks compiled with mode="max-autotune-no-cudagraphs" (inductor times Triton
                 GEMM templates, which can take the elementwise work around them; minutes of compiling)
 The fast path of 2026-12-01 is fast-chunked-nogelu-sortdraw-nodecgraph-noreserve (with --compile: fast-compiled-...);
@@ -81,10 +83,10 @@ tokens time shows how long the GPU waited for the host).
 ``--decode-only`` times the tokenizer decode of the f_hat of random tokens per config (batch 16) in the variants of
 ``DECODERS`` side by side (``--decoders`` picks some): fp32-eager (TF32), bf16-eager-cl (bf16 + channels_last), fp32- and
 bf16-compiled with and without channels_last, each in one call or in memory-bounded chunks (``-chunked``: what ``fast``
-samples with is bf16-compiled-cl-chunked), the ``-subpixel`` ones with the up-sampling convs in sub-pixel form
-(``FastDecoder(subpixel=True)``, an experiment), the ``-nhwc`` ones with the GroupNorms from per-channel statistics
-and NHWC up-sampling (``FastDecoder(nhwc_kernels=True)``, the fast sampler's decoder; every other variant has
-``nhwc_kernels=False``), each compared with fp32-eager (mean and max |diff| of the images),
+samples with was bf16-compiled-cl-chunked until 2026-12-02), the ``-nhwc`` ones with the GroupNorms from per-channel
+statistics and NHWC up-sampling (``FastDecoder(nhwc_kernels=True)``; every other variant has ``nhwc_kernels=False``),
+the ``-subpixel`` ones with the up-sampling convs in sub-pixel form (``FastDecoder(subpixel=True)``;
+bf16-compiled-cl-nhwc-subpixel is the fast sampler's decoder since 2026-12-03), each compared with fp32-eager (mean and max |diff| of the images),
 with the memory the decode adds (CUDA: peak allocated above what was allocated before; CPU: the process's peak RSS,
 so run one variant per process there).
 """
@@ -194,8 +196,10 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
     for variant in args.variants:
         with torch.device(device):
             model = build_model(model_config(name)).eval()
-        # the decoder options of this variant: (nhwc_kernels, subpixel)
-        dec_key = ("nonhwc" not in variant.split("-")[1:], "subpixel" in variant.split("-")[1:])
+        # the decoder options of this variant: (nhwc_kernels, subpixel); sub-pixel convs by default with nhwc
+        mods = set(variant.split("-")[1:])
+        nhwc = "nonhwc" not in mods
+        dec_key = (nhwc, "subpixel" in mods or (nhwc and "nosubpixel" not in mods))
         shared = variant.startswith("fast") and dec_key in fast_decoders
         # the fast variants after the first reuse its decoder
         tok = None if shared else build_tokenizer(name, device)
@@ -208,7 +212,6 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
         elif variant == "bf16-eager":
             m, t = model.to(torch.bfloat16), FastDecoder(tok, compile=False)
         else:  # fast and its variants
-            mods = set(variant.split("-")[1:])
             if "percall" in mods:
                 model = PerPassCondition(model)
             m = model.to(torch.bfloat16)
@@ -250,7 +253,7 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
 
 MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", "nogelu", "sortdraw",
              "decgraph", "nodecgraph", "reserve", "noreserve", "qknorm", "noqknorm", "autotune", "cdt", "nhwc",
-             "nonhwc", "subpixel")
+             "nonhwc", "subpixel", "nosubpixel")
 QKMAX = re.compile(r"qkmax(\d+)")   # and qkmaxN: the fused q/k normalisation up to N tokens
 TOPK_DRAW = hmar.sampling.sample_from_logits
 
@@ -316,11 +319,12 @@ DECODERS = {  # name: FastDecoder arguments (None: the tokenizer's own fp32 deco
     "bf16-compiled-cl": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=0, **_PLAIN),
     # the same, compiled with inductor's coordinate descent tuning (its GroupNorm / SiLU / add kernels)
     "bf16-compiled-cl-cdt": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=0, **_PLAIN),
-    # the GroupNorms from per-channel statistics and the NHWC up-sampling (FastDecoder(nhwc_kernels=True), the
-    # default since the fifth session of 2026-12-02: bf16-compiled-cl-nhwc is what the fast sampler decodes with)
-    "bf16-eager-cl-nhwc": dict(dtype=torch.bfloat16, compile=False, channels_last=True, max_batch=0, nhwc_kernels=True),
+    # the GroupNorms from per-channel statistics and the NHWC up-sampling (FastDecoder(nhwc_kernels=True,
+    # subpixel=False): what the fast sampler decoded with from the fifth session of 2026-12-02 to 2026-12-03)
+    "bf16-eager-cl-nhwc": dict(dtype=torch.bfloat16, compile=False, channels_last=True, max_batch=0, nhwc_kernels=True,
+                               subpixel=False),
     "bf16-compiled-cl-nhwc": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=0,
-                                  nhwc_kernels=True),
+                                  nhwc_kernels=True, subpixel=False),
     # memory-bounded chunks (hmar.tokenizer.decode_chunk's default budget, the fast decoder's default until
     # 2026-12-02: 8 of 16 images at 256 px, 2 at 512 px in bf16)
     "fp32-eager-chunked": dict(dtype=torch.float32, compile=False, channels_last=False, max_batch=None),
@@ -332,7 +336,8 @@ DECODERS = {  # name: FastDecoder arguments (None: the tokenizer's own fp32 deco
     "bf16-eager-cl-subpixel": dict(dtype=torch.bfloat16, compile=False, channels_last=True, max_batch=0, subpixel=True,
                                    **_PLAIN),
     "bf16-compiled-subpixel": dict(dtype=torch.bfloat16, compile=True, channels_last=False, max_batch=0, subpixel=True),
-    # both: the sub-pixel convs with the NHWC interleave, beside the NHWC GroupNorms (2026-12-03)
+    # both: the sub-pixel convs with the NHWC interleave, beside the NHWC GroupNorms (FastDecoder's default since
+    # 2026-12-03: bf16-compiled-cl-nhwc-subpixel is what the fast sampler decodes with)
     "bf16-eager-cl-nhwc-subpixel": dict(dtype=torch.bfloat16, compile=False, channels_last=True, max_batch=0,
                                         nhwc_kernels=True, subpixel=True),
     "bf16-compiled-cl-nhwc-subpixel": dict(dtype=torch.bfloat16, compile=True, channels_last=True, max_batch=0,

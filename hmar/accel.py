@@ -302,10 +302,15 @@ class FastDecoder(nn.Module):
     ``mode`` is torch.compile's; the default (None) compiles in about a minute. ``"max-autotune-no-cudagraphs"``
     benchmarks every conv/matmul choice: on the H200 that took over 4 minutes for one 256 px decoder.
 
-    ``subpixel`` (off: measured slower on the H200, BENCHMARKS.md section 3d): every nearest-x2 + 3x3 conv of the
-    decoder runs as one 2x2 conv on the low-resolution input whose four output phases are interleaved
-    (:meth:`hmar.tokenizer.autoencoder.Upsample.fuse_subpixel`): the same function, 2.25x fewer FLOPs in those
-    convs (about 11 % of the official decoder's), and no 4x up-sampled tensor in memory.
+    ``subpixel`` (default: on with ``nhwc_kernels``): every nearest-x2 + 3x3 conv of the decoder runs as one 2x2 conv
+    on the low-resolution input whose four output phases are interleaved
+    (:meth:`hmar.tokenizer.autoencoder.Upsample.fuse_subpixel`): the same function, 2.25x fewer FLOPs in those convs
+    (1.21 of the official decoder's 6.29 TFLOP at 256 px, batch 16), and no 4x up-sampled tensor in memory. With the
+    NHWC forms the interleave copies whole channel rows into a channels_last output: on the H200, decoding in the
+    sampler took 17.1-17.2 instead of 18.2-18.3 ms at 256 px and 68.7-70.9 instead of 72.7-76.2 ms at 512 px, batch
+    16 (BENCHMARKS.md section 3i). Without the NHWC forms (the NCHW interleave) it was slower (section 3d), so
+    ``None`` leaves it off there; ``True`` / ``False`` force it. The fused weights are computed once, here, from the
+    fp32 weights.
 
     ``nhwc_kernels`` (on by default; with ``channels_last``): the decoder's GroupNorms take their group statistics
     from per-channel ones (:func:`hmar.tokenizer.autoencoder.group_norm_from_channel_stats`) and its nearest x2
@@ -330,18 +335,21 @@ class FastDecoder(nn.Module):
 
     def __init__(self, tokenizer: nn.Module, dtype: torch.dtype = torch.bfloat16, compile: bool = True,
                  mode: Optional[str] = None, channels_last: bool = True, max_batch: Optional[int] = None,
-                 cudnn_benchmark: bool = True, offload_encoder: bool = True, subpixel: bool = False,
+                 cudnn_benchmark: bool = True, offload_encoder: bool = True, subpixel: Optional[bool] = None,
                  nhwc_kernels: bool = True, graphs: bool = False, pool: Optional[Tuple[int, int]] = None,
                  reserve_pool: bool = True):
         super().__init__()
         from .tokenizer.autoencoder import GroupNorm, Upsample
         self.tokenizer = tokenizer
         self.nhwc_kernels = nhwc_kernels and channels_last
+        self.subpixel = self.nhwc_kernels if subpixel is None else subpixel
         for m in tokenizer.decoder.modules():
             if isinstance(m, Upsample):
                 m.nhwc = self.nhwc_kernels
-                if subpixel:   # from the fp32 weights, before the conversion to ``dtype`` below (one rounding)
+                if self.subpixel:   # from the fp32 weights, before the conversion to ``dtype`` below (one rounding)
                     m.fuse_subpixel()
+                else:                # (a tokenizer an earlier FastDecoder fused)
+                    m.subpixel_weight = m.subpixel_bias = None
             elif isinstance(m, GroupNorm):
                 m.channel_stats = self.nhwc_kernels
         self.max_batch = max_batch
