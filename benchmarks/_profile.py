@@ -1,14 +1,42 @@
-"""torch.profiler summary shared by the benchmarks: where the time of one call goes, per kernel."""
+"""torch.profiler summary shared by the benchmarks: where the time of one call goes, per kernel and per kind."""
 from __future__ import annotations
 
-from typing import Callable
+import re
+from typing import Callable, Dict
 
 import torch
+
+# kernel kinds, first match wins (names of the H200's cuBLAS / cuDNN / Triton / inductor kernels)
+KINDS = (
+    ("GEMM (cuBLAS nvjet / cutlass / xmma)", re.compile(r"nvjet|gemm|xmma|cutlass(?!.*fmha)|sm90_", re.I)),
+    ("attention (flash / fmha / our Triton)", re.compile(r"flash|fmha|_attn|attention", re.I)),
+    ("top-k / sort / scan", re.compile(r"topk|sort|scan|radix|cub::", re.I)),
+    ("inductor Triton (fused elementwise / norms)", re.compile(r"^triton_")),
+    ("other Triton", re.compile(r"^_|triton", re.I)),
+    ("copies / elementwise (ATen)", re.compile(r"elementwise|copy|vectorized|reduce|index|gather|scatter|fill|"
+                                               r"cat|memcpy|memset", re.I)),
+)
+
+
+def kernel_kinds(prof) -> Dict[str, float]:
+    """Device time (ms) of the profiled kernels summed by :data:`KINDS` (plus "rest" and "total")."""
+    out: Dict[str, float] = {}
+    for e in prof.events():
+        if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        us = getattr(e, "device_time", None)
+        if us is None:
+            us = getattr(e, "cuda_time", 0.0)
+        kind = next((k for k, rx in KINDS if rx.search(e.name)), "rest")
+        out[kind] = out.get(kind, 0.0) + us / 1e3
+        out["total"] = out.get("total", 0.0) + us / 1e3
+    return out
 
 
 def profile_table(fn: Callable[[], object], rows: int = 25, calls: int = 1) -> str:
     """The profiler's table of ``calls`` calls of ``fn`` (after one unprofiled call), sorted by device time on
-    CUDA (self CPU time elsewhere), ``rows`` rows."""
+    CUDA (self CPU time elsewhere), ``rows`` rows, kernel names up to 90 characters; on CUDA followed by the kernels'
+    time by kind (:func:`kernel_kinds`)."""
     from torch.profiler import ProfilerActivity, profile
     cuda = torch.cuda.is_available()
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -19,4 +47,13 @@ def profile_table(fn: Callable[[], object], rows: int = 25, calls: int = 1) -> s
         for _ in range(calls):
             fn()
         sync()
-    return prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=rows)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                      row_limit=rows, max_name_column_width=90)
+    if cuda:
+        try:
+            kinds = kernel_kinds(prof)
+            table += "\nkernel time by kind (ms, all profiled calls): " + ", ".join(
+                f"{k} {v:.2f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+        except Exception as e:  # noqa: BLE001  (a summary only: the table stands without it)
+            table += f"\n(kernel kinds not summed: {e})"
+    return table

@@ -180,7 +180,7 @@ def _measure(m, t, labels, kw, args, device: torch.device, profile: bool = False
     if hasattr(t, "images_per_call"):
         r["decode_chunk"] = t.images_per_call(args.batch)
     if profile and device.type == "cuda":
-        r["profile"] = profile_table(tokens)
+        r["profile"] = profile_table(tokens, rows=args.profile_rows)
         print(r["profile"], flush=True)
     return r
 
@@ -390,7 +390,7 @@ def bench_decode(name: str, args, device: torch.device) -> dict:
                             "mean_abs_diff_vs_fp32": float(d.mean()), "max_abs_diff_vs_fp32": float(d.max())}
         if args.profile and device.type == "cuda" and variant in args.profile_variants.split(","):
             with torch.no_grad():
-                results[variant]["profile"] = profile_table(decode)
+                results[variant]["profile"] = profile_table(decode, rows=args.profile_rows)
             print(results[variant]["profile"], flush=True)
         print(f"  {name:14s} decode {variant:25s} {ms:8.1f} ms  chunk {chunk:3d}  peak +"
               f"{float('nan') if peak is None else peak:6.2f} GB  (|diff| vs fp32-eager: mean {float(d.mean()):.4f}, "
@@ -464,6 +464,7 @@ def main() -> None:
     ap.add_argument("--decoders", default=",".join(DECODERS), help="with --decode-only: which decoder variants")
     ap.add_argument("--profile", action="store_true", help="CUDA: a torch.profiler table of one token-part call "
                     "(with --decode-only: of one decoder call)")
+    ap.add_argument("--profile-rows", type=int, default=25, help="with --profile: rows of the kernel table")
     ap.add_argument("--profile-variants", default="fast", help="with --profile: which variants (comma-separated; "
                     "with --decode-only: decoder variants)")
     ap.add_argument("--count-ops", action="store_true",

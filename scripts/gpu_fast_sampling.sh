@@ -45,6 +45,8 @@
 #   14 (2026-12-03): the sub-pixel up-sampling convs with the NHWC interleave (FastDecoder(subpixel=True) beside the
 #           NHWC GroupNorms): the compiled decoder alone against the default, both profiled, 256 and 512 px (~4 minutes)
 #   15 (2026-12-03): the same inside the sampler, every goal config, default against -subpixel (~7 minutes)
+#   16 (2026-12-03, after sub-pixel became the default): the decoder GPU tests, then profiles of the hmar-d30 and
+#           hmar-d16 token loops with the kernel time by kind (~6 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -63,7 +65,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   10) STEPS="qknorm-default-test decoder-profile qkmax-threshold" ;;
   11) STEPS="cdt-train cdt-sample cdt-decode" ;;
   12) STEPS="nhwc-decode nhwc-sample-d30 nhwc-sample-d16" ;; 13) STEPS="nhwc-default" ;;
-  14) STEPS="subpixel-decode" ;; 15) STEPS="subpixel-sample" ;; *) STEPS="$*" ;; esac
+  14) STEPS="subpixel-decode" ;; 15) STEPS="subpixel-sample" ;; 16) STEPS="decoder-tests d30-profile d16-profile" ;; *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
 L=/tmp/logs/$TAG T0=$SECONDS LIMIT=${LIMIT:-560}
@@ -191,7 +193,14 @@ for s in $STEPS; do
       timeout "$(left)" python3 benchmarks/bench_train.py --preset hmar-d16-512 --batch 8 --compile --steps 15 \
         --warmup 4 --qk-norm both --json "$L/train-qknorm-512.json" > "$L/train-qknorm-512.log" 2>&1
       grep img/s "$L/train-qknorm-512.log" ;;
-    d30-profile) bench d30-profile hmar-d30 fast-compiled --profile --profile-variants fast-compiled ;;
+    d30-profile) bench d30-profile hmar-d30 fast-compiled --profile --profile-variants fast-compiled --profile-rows 60 ;;
+    d16-profile) bench d16-profile hmar-d16 fast-compiled --profile --profile-variants fast-compiled --profile-rows 60 ;;
+    decoder-tests)
+      step "GPU tests: the fast decoder (graphed in the loop pool, NHWC, sub-pixel) against the plain one"
+      timeout "$(( $(left) < 240 ? $(left) : 240 ))" python3 -m pytest -q -p no:cacheprovider tests/test_accel.py \
+        -k "graphed_decoder or pipeline_fast_sampling or fast_decoder or chunked_decode or bf16_decoder or nhwc or subpixel" \
+        > "$L/decoder-tests.log" 2>&1; echo "decoder tests: exit $?"
+      tail -3 "$L/decoder-tests.log" ;;
     autotune) bench autotune hmar-d16 fast-compiled,fast-compiled-autotune ;;   # last: its compile may not finish
     decoders)  # the three that matter since 2026-12-01 (channels_last and fp32 compile: BENCHMARKS.md 3a)
       step decoders
