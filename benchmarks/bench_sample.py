@@ -64,6 +64,8 @@ for side-by-side ratios:
                 the low-resolution input, its four output phases interleaved; with nhwc as NHWC row copies). The
                 default with nhwc since 2026-12-03, when it was measured under this name; also with nonhwc
   nosubpixel    nearest x2 up-sampling, then the 3x3 conv (``subpixel=False``; the default until 2026-12-03)
+  graphbreak    with compiled: the graph break in every compiled block that a ``min(..., default=)`` in the Triton
+                kernel's checks made until 2026-12-03 (put back for the comparison; see ``_variant_patches``)
   autotune      with compiled: the blocks compiled with mode="max-autotune-no-cudagraphs" (inductor times Triton
                 GEMM templates, which can take the elementwise work around them; minutes of compiling)
 The fast path of 2026-12-01 is fast-chunked-nogelu-sortdraw-nodecgraph-noreserve (with --compile: fast-compiled-...);
@@ -93,6 +95,7 @@ so run one variant per process there).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import re
@@ -145,6 +148,28 @@ def _inductor_settings(variant: str):
     shared by a config's fast variants and compiles in the first one, under that variant's settings: put ``cdt``
     variants after the first."""
     return inductor_patch("coordinate_descent_tuning=True" if "cdt" in variant.split("-")[1:] else "")
+
+
+@contextlib.contextmanager
+def _variant_patches(variant: str):
+    """The code changes a variant's modifiers undo, as a context. ``graphbreak``: a graph break at the start of the
+    Triton kernel's input checks (``hmar.attention.triton_kernel._check``), where a ``min(lengths, default=0)`` broke
+    every compiled block into 7 frames until 2026-12-03 (the attention calls then ran the eager autograd path
+    between them; tests/test_triton_attention.py checks that a block is one graph now)."""
+    if "graphbreak" not in variant.split("-")[1:]:
+        yield
+        return
+    import hmar.attention.triton_kernel as tk
+    check = tk._check
+
+    def broken_check(*a, **k):
+        torch._dynamo.graph_break()
+        return check(*a, **k)
+    tk._check = broken_check
+    try:
+        yield
+    finally:
+        tk._check = check
 
 
 def _measure(m, t, labels, kw, args, device: torch.device, profile: bool = False) -> dict:
@@ -232,7 +257,7 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
             t.graphs = "nodecgraph" not in mods and isinstance(m, GraphedModel)
             t.reserve_pool = "noreserve" not in mods
             t.pool = m._loop_pool if t.graphs else None
-        with _inductor_settings(variant):   # the compiles happen in the first timed calls
+        with _inductor_settings(variant), _variant_patches(variant):   # the compiles happen in the first timed calls
             r = _measure(m, t, labels, kw, args, device,
                          profile=args.profile and variant in args.profile_variants.split(","))
         results[variant] = r
@@ -253,7 +278,7 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
 
 MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", "nogelu", "sortdraw",
              "decgraph", "nodecgraph", "reserve", "noreserve", "qknorm", "noqknorm", "autotune", "cdt", "nhwc",
-             "nonhwc", "subpixel", "nosubpixel")
+             "nonhwc", "subpixel", "nosubpixel", "graphbreak")
 QKMAX = re.compile(r"qkmax(\d+)")   # and qkmaxN: the fused q/k normalisation up to N tokens
 TOPK_DRAW = hmar.sampling.sample_from_logits
 

@@ -276,6 +276,35 @@ def test_compiled_calls_equal_eager(qk_norm):
 
 
 @needs_triton
+@pytest.mark.parametrize("fused", [True, False], ids=["fused_qk_norm", "ops"])
+def test_a_block_compiled_with_dynamic_shapes_is_one_graph(fused):
+    """What ``hmar.accel.compile_blocks`` does for sampling: an AdaLN block compiled with dynamic shapes, its pass's
+    token count handed in as a Python int (``lengths``, a symbol to dynamo), traces as one graph with no break
+    (fullgraph) and no recompile across batch sizes and token counts, and computes what the eager block does. (A
+    ``min(lengths, default=0)`` in the kernel's checks once broke every block into 7 frames, each attention call
+    running the eager autograd path between them.)"""
+    from torch._dynamo.testing import CompileCounter
+
+    from hmar.model.blocks import AdaLNBlock
+    torch.manual_seed(0)
+    block = AdaLNBlock(128, 2).eval().to(device=DEVICE, dtype=torch.float16)
+    block.attn.fused_qk_norm = fused
+    counter = CompileCounter()
+    compiled = torch.compile(block, dynamic=True, fullgraph=True, backend=counter)
+    try:
+        with torch.no_grad():
+            for B, n in ((2, 16), (4, 9), (2, 4), (4, 16)):
+                x = torch.randn(B, n, 128, device=DEVICE, dtype=torch.float16)
+                mod = torch.randn(B, 6, 128, device=DEVICE, dtype=torch.float16) * 0.1
+                want = block(x, mod, (n,), "dense")
+                got = compiled(x, mod, (n,), "dense")
+                torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+    finally:
+        torch._dynamo.reset()
+    assert counter.frame_count == 1
+
+
+@needs_triton
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_other_tile_shapes(pattern):
     # non-square tiles: the forward and the two backward passes each see different tilings

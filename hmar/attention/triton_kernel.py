@@ -808,7 +808,7 @@ def _check(q, k, v, lengths, pattern):
         # without this, Triton fails later with an unrelated message ("0 active drivers" / "cpu tensor?")
         raise ValueError(f"triton attention: CUDA tensors required (CPU tensors only under TRITON_INTERPRET=1), "
                          f"got {q.device}")
-    if min(lengths, default=0) < 0:
+    if any(n < 0 for n in lengths):   # (not min(lengths, default=0): dynamo breaks the compiled graph there)
         # a negative length can still sum to N; its work list reads past the rows of a head (silently wrong or NaN)
         raise ValueError(f"triton attention: scale lengths must be non-negative, got {lengths}")
 
