@@ -45,10 +45,11 @@
 #   14 (2026-12-03): the sub-pixel up-sampling convs with the NHWC interleave (FastDecoder(subpixel=True) beside the
 #           NHWC GroupNorms): the compiled decoder alone against the default, both profiled, 256 and 512 px (~4 minutes)
 #   15 (2026-12-03): the same inside the sampler, every goal config, default against -subpixel (~7 minutes)
-#   16 (2026-12-03, after sub-pixel became the default): hmar-d30 and hmar-d16 with every compiled block one graph
-#           (the default since then) against -graphbreak (the graph break of the Triton checks put back), both
-#           profiled with the kernel time by kind (~6 minutes)
-#   17: the decoder GPU tests and the one-graph test, then the same comparison at hmar-d16-512 and hmar-d30-512 (~8 minutes)
+#   16 (2026-12-03, after sub-pixel became the default): the one-graph GPU test and the decoder GPU tests, then
+#           hmar-d30 and hmar-d16 with every compiled block one graph (the default since then) against -graphbreak
+#           (the graph break of the Triton checks put back), the default profiled with the kernel time by kind
+#           (~8 minutes)
+#   17: the same comparison at hmar-d16-512 and hmar-d30-512 (~5 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -67,8 +68,8 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   10) STEPS="qknorm-default-test decoder-profile qkmax-threshold" ;;
   11) STEPS="cdt-train cdt-sample cdt-decode" ;;
   12) STEPS="nhwc-decode nhwc-sample-d30 nhwc-sample-d16" ;; 13) STEPS="nhwc-default" ;;
-  14) STEPS="subpixel-decode" ;; 15) STEPS="subpixel-sample" ;; 16) STEPS="graphbreak-sample" ;;
-  17) STEPS="decoder-tests onegraph-test graphbreak-sample-512" ;; *) STEPS="$*" ;; esac
+  14) STEPS="subpixel-decode" ;; 15) STEPS="subpixel-sample" ;; 16) STEPS="onegraph-test decoder-tests graphbreak-sample" ;;
+  17) STEPS="graphbreak-sample-512" ;; *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
 L=/tmp/logs/$TAG T0=$SECONDS LIMIT=${LIMIT:-560}
@@ -198,7 +199,7 @@ for s in $STEPS; do
       grep img/s "$L/train-qknorm-512.log" ;;
     d30-profile) bench d30-profile hmar-d30 fast-compiled --profile --profile-variants fast-compiled --profile-rows 60 ;;
     graphbreak-sample) bench graphbreak hmar-d30,hmar-d16 fast-compiled,fast-compiled-graphbreak --profile \
-                         --profile-variants fast-compiled,fast-compiled-graphbreak --profile-rows 40 ;;
+                         --profile-variants fast-compiled --profile-rows 40 ;;
     graphbreak-sample-512) bench graphbreak-512 hmar-d16-512,hmar-d30-512 fast-compiled,fast-compiled-graphbreak ;;
     d16-profile) bench d16-profile hmar-d16 fast-compiled --profile --profile-variants fast-compiled --profile-rows 60 ;;
     onegraph-test)
@@ -208,7 +209,7 @@ for s in $STEPS; do
       tail -3 "$L/onegraph-test.log" ;;
     decoder-tests)
       step "GPU tests: the fast decoder (graphed in the loop pool, NHWC, sub-pixel) against the plain one"
-      timeout "$(( $(left) < 240 ? $(left) : 240 ))" python3 -m pytest -q -p no:cacheprovider tests/test_accel.py \
+      timeout "$(( $(left) < 200 ? $(left) : 200 ))" python3 -m pytest -q -p no:cacheprovider tests/test_accel.py \
         -k "graphed_decoder or pipeline_fast_sampling or fast_decoder or chunked_decode or bf16_decoder or nhwc or subpixel" \
         > "$L/decoder-tests.log" 2>&1; echo "decoder tests: exit $?"
       tail -3 "$L/decoder-tests.log" ;;
