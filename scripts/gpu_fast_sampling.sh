@@ -86,22 +86,23 @@ bench() {  # bench NAME CONFIGS VARIANTS [more args]
     --json "$L/sample-$name.json" > "$L/sample-$name.log" 2>&1
   grep -E '^  (hmar|var)|x$|x,' "$L/sample-$name.log"
 }
+gpu_tests() {  # gpu_tests NAME CAP_S FILE -k EXPR: one pytest selection, at most CAP_S seconds, log NAME.log
+  local name=$1 cap=$2 file=$3; shift 3
+  timeout "$(( $(left) < cap ? $(left) : cap ))" python3 -m pytest -q -p no:cacheprovider "$file" "$@" \
+    > "$L/$name.log" 2>&1; echo "$name: exit $?"
+  tail -3 "$L/$name.log"
+}
 { nvidia-smi; python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"; } > "$L/machine.txt" 2>&1
 for s in $STEPS; do
   case $s in
     quick-tests)
       step "GPU tests: graphed sampling == eager"
-      timeout "$(( $(left) < 120 ? $(left) : 120 ))" python3 -m pytest -q -p no:cacheprovider tests/test_accel.py \
-        -k "$QUICK" > "$L/quick-tests.log" 2>&1; echo "quick tests: exit $?"
-      tail -3 "$L/quick-tests.log" ;;
+      gpu_tests quick-tests 120 tests/test_accel.py -k "$QUICK" ;;
     tests)
       step "GPU tests"
       rest=()   # what quick-tests ran already is left out (an array: the -k expression holds spaces)
       [[ " $STEPS " == *" quick-tests "* ]] && rest=(-k "not ($QUICK)")
-      timeout "$(left)" python3 -m pytest -q -p no:cacheprovider tests/test_accel.py \
-        "${rest[@]}" > "$L/tests.log" 2>&1
-      echo "tests: exit $?"
-      tail -3 "$L/tests.log" ;;
+      gpu_tests tests "$(left)" tests/test_accel.py "${rest[@]}" ;;
     d16) bench d16 hmar-d16 fp32-eager,fast-compiled,fast-compiled-sortdraw,fast-compiled-gelu,fast-compiled-onecall,fast-compiled-gelu-onecall \
            --profile --profile-variants fast-compiled-gelu ;;
     d16-512) bench d16-512 hmar-d16-512 fp32-eager,fast-compiled,fast-compiled-sortdraw,fast-compiled-gelu-onecall \
@@ -110,16 +111,12 @@ for s in $STEPS; do
     d30) bench d30 hmar-d30,hmar-d30-512 fp32-eager,fast-compiled,fast-compiled-gelu-onecall ;;
     decgraph-test)
       step "GPU test: the graphed decoder in the loop pool"
-      timeout "$(( $(left) < 150 ? $(left) : 150 ))" python3 -m pytest -q -p no:cacheprovider tests/test_accel.py \
-        -k "graphed_decoder" > "$L/decgraph-test.log" 2>&1; echo "decgraph test: exit $?"
-      tail -3 "$L/decgraph-test.log" ;;
+      gpu_tests decgraph-test 150 tests/test_accel.py -k "graphed_decoder" ;;
     decgraph) bench decgraph hmar-d16,hmar-d16-512,hmar-d30,hmar-d30-512 \
                 fast-compiled-nodecgraph-noreserve,fast-compiled-noreserve,fast-compiled-nodecgraph,fast-compiled ;;
     qknorm-tests)
       step "GPU tests: the q/k normalisation inside the kernels"
-      timeout "$(( $(left) < 150 ? $(left) : 150 ))" python3 -m pytest -q -p no:cacheprovider \
-        tests/test_triton_attention.py -k "qk_norm" > "$L/qknorm-tests.log" 2>&1; echo "qknorm tests: exit $?"
-      tail -3 "$L/qknorm-tests.log" ;;
+      gpu_tests qknorm-tests 150 tests/test_triton_attention.py -k "qk_norm" ;;
     qknorm-attn)
       step "attention alone with the L2-normalised q/k, the model's layout"
       for shape in "680 32 16" "680 16 30" "2240 8 16"; do set -- $shape
@@ -138,9 +135,7 @@ for s in $STEPS; do
     qknorm-sample-d30-reversed) bench qknorm-sample-d30-reversed hmar-d30 fast-compiled-qknorm,fast-compiled ;;
     qknorm-default-test)
       step "GPU test: GraphedModel's fused_qk_norm"
-      timeout "$(( $(left) < 90 ? $(left) : 90 ))" python3 -m pytest -q -p no:cacheprovider tests/test_accel.py \
-        -k "fused_qk_norm" > "$L/qknorm-default-test.log" 2>&1; echo "test: exit $?"
-      tail -3 "$L/qknorm-default-test.log" ;;
+      gpu_tests qknorm-default-test 90 tests/test_accel.py -k "fused_qk_norm" ;;
     qknorm-default)
       bench qknorm-default-d30 hmar-d30 fast-compiled,fast-compiled-noqknorm
       bench qknorm-default-d16 hmar-d16 fast-compiled,fast-compiled-qknorm ;;
@@ -204,15 +199,11 @@ for s in $STEPS; do
     d16-profile) bench d16-profile hmar-d16 fast-compiled --profile --profile-variants fast-compiled --profile-rows 60 ;;
     onegraph-test)
       step "GPU test: a block compiled with dynamic shapes is one graph"
-      timeout "$(( $(left) < 120 ? $(left) : 120 ))" python3 -m pytest -q -p no:cacheprovider \
-        tests/test_triton_attention.py -k "dynamic_shapes" > "$L/onegraph-test.log" 2>&1; echo "test: exit $?"
-      tail -3 "$L/onegraph-test.log" ;;
+      gpu_tests onegraph-test 120 tests/test_triton_attention.py -k "dynamic_shapes" ;;
     decoder-tests)
       step "GPU tests: the fast decoder (graphed in the loop pool, NHWC, sub-pixel) against the plain one"
-      timeout "$(( $(left) < 200 ? $(left) : 200 ))" python3 -m pytest -q -p no:cacheprovider tests/test_accel.py \
-        -k "graphed_decoder or pipeline_fast_sampling or fast_decoder or chunked_decode or bf16_decoder or nhwc or subpixel" \
-        > "$L/decoder-tests.log" 2>&1; echo "decoder tests: exit $?"
-      tail -3 "$L/decoder-tests.log" ;;
+      gpu_tests decoder-tests 200 tests/test_accel.py \
+        -k "graphed_decoder or pipeline_fast_sampling or fast_decoder or chunked_decode or bf16_decoder or nhwc or subpixel" ;;
     autotune) bench autotune hmar-d16 fast-compiled,fast-compiled-autotune ;;   # last: its compile may not finish
     decoders)  # the three that matter since 2026-12-01 (channels_last and fp32 compile: BENCHMARKS.md 3a)
       step decoders
