@@ -45,10 +45,10 @@
 #   14 (2026-12-03): the sub-pixel up-sampling convs with the NHWC interleave (FastDecoder(subpixel=True) beside the
 #           NHWC GroupNorms): the compiled decoder alone against the default, both profiled, 256 and 512 px (~4 minutes)
 #   15 (2026-12-03): the same inside the sampler, every goal config, default against -subpixel (~7 minutes)
-#   16 (2026-12-03, after sub-pixel became the default): the one-graph GPU test and the decoder GPU tests, then
+#   16 (2026-12-03, after sub-pixel became the default): the one-graph GPU test, then
 #           hmar-d30 and hmar-d16 with every compiled block one graph (the default since then) against -graphbreak
-#           (the graph break of the Triton checks put back), the default profiled with the kernel time by kind
-#           (~8 minutes)
+#           (the graph break of the Triton checks put back), the default profiled with the kernel time by kind,
+#           then the decoder GPU tests (~6 minutes)
 #   17: the same comparison at hmar-d16-512 and hmar-d30-512 (~5 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
@@ -68,7 +68,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   10) STEPS="qknorm-default-test decoder-profile qkmax-threshold" ;;
   11) STEPS="cdt-train cdt-sample cdt-decode" ;;
   12) STEPS="nhwc-decode nhwc-sample-d30 nhwc-sample-d16" ;; 13) STEPS="nhwc-default" ;;
-  14) STEPS="subpixel-decode" ;; 15) STEPS="subpixel-sample" ;; 16) STEPS="onegraph-test decoder-tests graphbreak-sample" ;;
+  14) STEPS="subpixel-decode" ;; 15) STEPS="subpixel-sample" ;; 16) STEPS="onegraph-test graphbreak-sample decoder-tests" ;;
   17) STEPS="graphbreak-sample-512" ;; *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
