@@ -16,7 +16,7 @@ sampling in between. Use :func:`accelerate` on a pipeline, or wrap by hand::
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -81,7 +81,17 @@ def _capture_failed(what: str, e: Exception, instead: str) -> None:
     torch.cuda.synchronize()
 
 
-def compile_blocks(model: nn.Module, mode: Optional[str] = None) -> nn.Module:
+COMPILE_RECOMPILE_LIMIT = 64
+"""The compiled entries dynamo may keep per code object, at least (:func:`compile_blocks` raises
+``torch._dynamo.config.recompile_limit`` to it). Every block of every model shares one code object
+(``AdaLNBlock.forward``), and each model width (its weights' shapes are static), the one-token scale and each side of
+the fused-normalisation token limit is an entry of its own. With dynamo's default of 8, the blocks of the third or
+fourth model compiled in one process silently ran eagerly: on the H200, hmar-d16 tokens took 45.0 instead of
+33.5 ms after two hmar-d30 variants in one process (BENCHMARKS.md section 3i)."""
+
+
+def compile_blocks(model: nn.Module, mode: Optional[str] = None, backend: Union[str, Callable] = "inductor"
+                   ) -> nn.Module:
     """``torch.compile`` every AdaLN block and head of ``model`` in place (regional compilation), with dynamic
     shapes. Inductor fuses each block's elementwise work (LayerNorm + modulation, q/k normalisation, gating,
     residuals, GELU), which eager runs as about 35 kernels per block around its 4 GEMMs and attention. All blocks
@@ -89,11 +99,16 @@ def compile_blocks(model: nn.Module, mode: Optional[str] = None) -> nn.Module:
     traced code), so the compile time does not grow with depth, and one compile serves every scale and batch
     size (dynamo specialises sizes of 1, so the one-token scale 0 gets its own). VAR's KV cache works too: its
     fill level is traced as a symbol, plus one graph for the last scale, where the cache is full. Returns
-    ``model``."""
+    ``model``. ``backend``: torch.compile's (e.g. ``"eager"`` to check tracing alone). Raises dynamo's recompile
+    limit to :data:`COMPILE_RECOMPILE_LIMIT` (a process-wide setting), so that the blocks of many models compiled
+    in one process all stay compiled."""
     from .model.blocks import AdaLNBlock, AdaLNHead
+    cfg = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"   # (torch < 2.7)
+    setattr(cfg, limit, max(getattr(cfg, limit), COMPILE_RECOMPILE_LIMIT))
     for m in model.modules():
         if isinstance(m, (AdaLNBlock, AdaLNHead)):
-            m.compile(dynamic=True, mode=mode)
+            m.compile(dynamic=True, mode=mode, backend=backend)
     return model
 
 

@@ -309,6 +309,35 @@ def test_compiled_blocks_of_var_follow_its_kv_cache_with_a_bounded_number_of_gra
     assert counters["stats"]["unique_graphs"] == 5, dict(counters["stats"])
 
 
+@torch.no_grad()
+def test_compiled_blocks_of_many_models_in_one_process_all_stay_compiled():
+    """Every model width is an entry of the blocks' one compiled code (and so is the one-token scale): with dynamo's
+    default recompile limit (8) the blocks of the fifth width here ran eagerly, with a warning only (on the H200
+    that made hmar-d16 1.34x slower after two hmar-d30 variants). ``compile_blocks`` raises the limit, so six
+    models of different widths, each at the sampler's kinds of passes, all get compiled frames of their own."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    from hmar.accel import COMPILE_RECOMPILE_LIMIT, compile_blocks
+    from hmar.model.blocks import AdaLNBlock, AdaLNHead
+    torch._dynamo.reset()
+    counter = CompileCounter()   # a backend that counts the frames it is handed and runs them as traced
+    new_frames = []
+    try:
+        for width in (32, 48, 64, 80, 96, 112):
+            blocks = compile_blocks(torch.nn.ModuleList([AdaLNBlock(width, 2), AdaLNHead(width)]).eval(),
+                                    backend=counter)
+            before = counter.frame_count
+            for B, n in ((2, 1), (4, 4), (2, 9)):
+                x = torch.randn(B, n, width)
+                blocks[1](blocks[0](x, torch.randn(B, 6, width), (n,), "dense"), torch.randn(B, 2, width))
+            new_frames.append(counter.frame_count - before)
+    finally:
+        torch._dynamo.reset()
+    assert new_frames == [4] * 6, new_frames          # block and head, each for n = 1 and for the other sizes
+    assert torch._dynamo.config.recompile_limit >= COMPILE_RECOMPILE_LIMIT
+
+
 def test_fast_sampling_needs_cuda(tmp_path, capsys):
     """``--fast`` / ``enable_fast_sampling`` on a CPU machine: one clear error before any model is loaded."""
     from hmar.cli import main
