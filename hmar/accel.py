@@ -85,9 +85,9 @@ COMPILE_RECOMPILE_LIMIT = 64
 """The compiled entries dynamo may keep per code object, at least (:func:`compile_blocks` raises
 ``torch._dynamo.config.recompile_limit`` to it). Every block of every model shares one code object
 (``AdaLNBlock.forward``), and each model width (its weights' shapes are static), the one-token scale and each side of
-the fused-normalisation token limit is an entry of its own. With dynamo's default of 8, the blocks of the third or
-fourth model compiled in one process silently ran eagerly: on the H200, hmar-d16 tokens took 45.0 instead of
-33.5 ms after two hmar-d30 variants in one process (BENCHMARKS.md section 3i)."""
+the fused-normalisation token limit is an entry of its own. With dynamo's default of 8 entries, the blocks of a
+model compiled after a few others in one process ran eagerly, with a warning only: on the H200, hmar-d16 tokens took
+45.0 instead of about 33.5 ms after two hmar-d30 variants in one process (BENCHMARKS.md section 3j)."""
 
 
 def compile_blocks(model: nn.Module, mode: Optional[str] = None, backend: Union[str, Callable] = "inductor"
