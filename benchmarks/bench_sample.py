@@ -89,8 +89,8 @@ samples with was bf16-compiled-cl-chunked until 2026-12-02), the ``-nhwc`` ones 
 statistics and NHWC up-sampling (``FastDecoder(nhwc_kernels=True)``; every other variant has ``nhwc_kernels=False``),
 the ``-subpixel`` ones with the up-sampling convs in sub-pixel form (``FastDecoder(subpixel=True)``;
 bf16-compiled-cl-nhwc-subpixel is the fast sampler's decoder since 2026-12-03), each compared with fp32-eager (mean
-and max |diff| of the images), with the memory the decode adds (CUDA: peak allocated above what was allocated before; CPU: the process's peak RSS,
-so run one variant per process there).
+and max |diff| of the images), with the memory the decode adds (CUDA: peak allocated above what was allocated
+before; CPU: the process's peak RSS, so run one variant per process there).
 """
 from __future__ import annotations
 

@@ -127,7 +127,8 @@ def test_bench_sample_decode_only_compares_decoders_on_the_same_weights(tmp_path
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(out.read_text())["results"]["hmar-tiny"]
     assert set(res) == {"fp32-eager", "bf16-eager-cl", "fp32-eager-chunked", "bf16-eager-cl-chunked",
-                        "bf16-eager-cl-subpixel", "bf16-eager-cl-nhwc", "bf16-eager-cl-nhwc-subpixel"}  # compiled: CUDA
+                        "bf16-eager-cl-subpixel", "bf16-eager-cl-nhwc",
+                        "bf16-eager-cl-nhwc-subpixel"}                                       # compiled: CUDA
     assert res["fp32-eager"]["max_abs_diff_vs_fp32"] == 0 and res["fp32-eager"]["decode_ms"] > 0
     assert 0 < res["bf16-eager-cl"]["mean_abs_diff_vs_fp32"] < 0.03
     assert res["bf16-eager-cl"]["chunk"] == 16                   # one call; 64 px images fit one chunk anyway
