@@ -9,10 +9,11 @@ import torch
 # kernel kinds, first match wins (names of the H200's cuBLAS / cuDNN / Triton / inductor kernels)
 KINDS = (
     ("GEMM (cuBLAS nvjet / cutlass / xmma)", re.compile(r"nvjet|gemm|xmma|cutlass(?!.*fmha)|sm90_", re.I)),
-    ("attention (flash / fmha / our Triton)", re.compile(r"flash|fmha|_attn|attention", re.I)),
+    ("attention (flash / fmha / hmar's Triton kernels)",
+     re.compile(r"flash|fmha|_attn|attention|^_(fwd|bwd|rows|delta)\w*_kernel$", re.I)),
     ("top-k / sort / scan", re.compile(r"topk|sort|scan|radix|cub::", re.I)),
     ("inductor Triton (fused elementwise / norms)", re.compile(r"^triton_")),
-    ("other Triton", re.compile(r"^_|triton", re.I)),
+    ("other Triton", re.compile(r"^_\w+_kernel$|triton", re.I)),
     ("copies / elementwise (ATen)", re.compile(r"elementwise|copy|vectorized|reduce|index|gather|scatter|fill|"
                                                r"cat|memcpy|memset", re.I)),
 )

@@ -915,3 +915,30 @@ def test_fast_decoder_halves_its_batch_when_out_of_memory():
     fd._decode, fd.max_batch = (lambda x: decode(x, limit=0)), 4
     with pytest.raises(torch.OutOfMemoryError), pytest.warns(UserWarning), torch.no_grad():
         fd.fhat_to_img(f_hat)
+
+
+def test_profile_kernel_kinds_sum_the_kernels_by_kind():
+    """``benchmarks/_profile.py``'s summary of a profile (what BENCHMARKS.md 3j's table comes from): device-side
+    kernels only, each in the first matching kind (hmar's own Triton kernels count as attention, inductor's
+    ``triton_*`` as inductor), the rest as "rest", and the total equal to their sum."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "_profile.py"
+    spec = importlib.util.spec_from_file_location("bench_profile", path)
+    bp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bp)
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [("nvjet_sm90_tst_192x128_64x5_1x2_h_bz_coopB_bias_TNT", cuda, 4000.0), ("_fwd_kernel", cuda, 1500.0),
+              ("_rows_kernel", cuda, 500.0), ("triton_red_fused_add_mul_native_layer_norm_0", cuda, 1000.0),
+              ("void at::native::sbtopk::gatherTopK<float>", cuda, 250.0),
+              ("void at::native::elementwise_kernel<128, 4>", cuda, 250.0), ("mystery", cuda, 100.0),
+              ("aten::mm", cpu, 9999.0)]                                  # a host-side op: not a kernel
+    prof = SimpleNamespace(events=lambda: [SimpleNamespace(name=n, device_type=d, device_time=t)
+                                           for n, d, t in events])
+    kinds = bp.kernel_kinds(prof)
+    want = {"GEMM (cuBLAS nvjet / cutlass / xmma)": 4.0, "attention (flash / fmha / hmar's Triton kernels)": 2.0,
+            "inductor Triton (fused elementwise / norms)": 1.0, "top-k / sort / scan": 0.25,
+            "copies / elementwise (ATen)": 0.25, "rest": 0.1}
+    assert {k: v for k, v in kinds.items() if k != "total"} == pytest.approx(want)
+    assert kinds["total"] == pytest.approx(7.6)
