@@ -30,7 +30,7 @@ def kernel_kinds(prof) -> Dict[str, float]:
             us = getattr(e, "cuda_time", 0.0)
         kind = next((k for k, rx in KINDS if rx.search(e.name)), "rest")
         out[kind] = out.get(kind, 0.0) + us / 1e3
-        out["total"] = out.get("total", 0.0) + us / 1e3
+    out["total"] = sum(out.values())
     return out
 
 

@@ -221,10 +221,9 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
     for variant in args.variants:
         with torch.device(device):
             model = build_model(model_config(name)).eval()
-        # the decoder options of this variant: (nhwc_kernels, subpixel); sub-pixel convs by default with nhwc
+        # the decoder options of this variant: (nhwc_kernels, subpixel), None leaving the choice to FastDecoder
         mods = set(variant.split("-")[1:])
-        nhwc = "nonhwc" not in mods
-        dec_key = (nhwc, "subpixel" in mods or (nhwc and "nosubpixel" not in mods))
+        dec_key = ("nonhwc" not in mods, True if "subpixel" in mods else False if "nosubpixel" in mods else None)
         shared = variant.startswith("fast") and dec_key in fast_decoders
         # the fast variants after the first reuse its decoder
         tok = None if shared else build_tokenizer(name, device)
