@@ -66,6 +66,9 @@ for side-by-side ratios:
   nosubpixel    nearest x2 up-sampling, then the 3x3 conv (``subpixel=False``; the default until 2026-12-03)
   graphbreak    with compiled: the graph break in every compiled block that a ``min(..., default=)`` in the Triton
                 kernel's checks made until 2026-12-03 (put back for the comparison; see ``_variant_patches``)
+  trainfwd      the fused passes through the training forward of the Triton kernel (its work list, the row-norm
+                kernel and the log-sum-exp it keeps for a backward), as until 2026-12-03, instead of the inference
+                kernel (``hmar.attention.triton_kernel.DENSE_INFERENCE = False``; see ``_variant_patches``)
   autotune      with compiled: the blocks compiled with mode="max-autotune-no-cudagraphs" (inductor times Triton
                 GEMM templates, which can take the elementwise work around them; minutes of compiling)
 The fast path of 2026-12-01 is fast-chunked-nogelu-sortdraw-nodecgraph-noreserve (with --compile: fast-compiled-...);
@@ -155,21 +158,23 @@ def _variant_patches(variant: str):
     """The code changes a variant's modifiers undo, as a context. ``graphbreak``: a graph break at the start of the
     Triton kernel's input checks (``hmar.attention.triton_kernel._check``), where a ``min(lengths, default=0)`` broke
     every compiled block into 7 frames until 2026-12-03 (the attention calls then ran the eager autograd path
-    between them; tests/test_triton_attention.py checks that a block is one graph now)."""
-    if "graphbreak" not in variant.split("-")[1:]:
-        yield
-        return
+    between them; tests/test_triton_attention.py checks that a block is one graph now). ``trainfwd``: the training
+    forward in the passes that run the inference kernel now (``DENSE_INFERENCE = False``)."""
+    mods = variant.split("-")[1:]
     import hmar.attention.triton_kernel as tk
-    check = tk._check
+    check, dense = tk._check, tk.DENSE_INFERENCE
 
     def broken_check(*a, **k):
         torch._dynamo.graph_break()
         return check(*a, **k)
-    tk._check = broken_check
+    if "graphbreak" in mods:
+        tk._check = broken_check
+    if "trainfwd" in mods:
+        tk.DENSE_INFERENCE = False
     try:
         yield
     finally:
-        tk._check = check
+        tk._check, tk.DENSE_INFERENCE = check, dense
 
 
 def _measure(m, t, labels, kw, args, device: torch.device, profile: bool = False) -> dict:
@@ -277,7 +282,7 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
 
 MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", "nogelu", "sortdraw",
              "decgraph", "nodecgraph", "reserve", "noreserve", "qknorm", "noqknorm", "autotune", "cdt", "nhwc",
-             "nonhwc", "subpixel", "nosubpixel", "graphbreak")
+             "nonhwc", "subpixel", "nosubpixel", "graphbreak", "trainfwd")
 QKMAX = re.compile(r"qkmax(\d+)")   # and qkmaxN: the fused q/k normalisation up to N tokens
 TOPK_DRAW = hmar.sampling.sample_from_logits
 

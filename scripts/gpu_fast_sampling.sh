@@ -50,6 +50,13 @@
 #           (the graph break of the Triton checks put back), the default profiled with the kernel time by kind,
 #           then the decoder GPU tests (~6 minutes)
 #   17: the same comparison at hmar-d16-512 and hmar-d30-512 (~5 minutes)
+#   18 (2026-12-03, second session): the inference kernel (one dense block, no log-sum-exp, the q/k normalisation on
+#           the tiles): its GPU tests, then every sampling pass shape alone, as CUDA graphs, against the training
+#           forward and normalise + SDPA (benchmarks/sweep_attention_fwd.py; ~6 minutes)
+#   19: hmar-d30 and hmar-d16 sampling, the inference kernel (the default) against -trainfwd, the default profiled
+#           (also hmar-d16 after two hmar-d30 variants: the recompile-limit fix on the GPU; ~6 minutes)
+#   20: the same at hmar-d16-512 and hmar-d30-512, and -qknorm (the inference kernel in every pass, the long ones
+#           too; ~7 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -69,7 +76,8 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   11) STEPS="cdt-train cdt-sample cdt-decode" ;;
   12) STEPS="nhwc-decode nhwc-sample-d30 nhwc-sample-d16" ;; 13) STEPS="nhwc-default" ;;
   14) STEPS="subpixel-decode" ;; 15) STEPS="subpixel-sample" ;; 16) STEPS="onegraph-test graphbreak-sample decoder-tests" ;;
-  17) STEPS="graphbreak-sample-512" ;; *) STEPS="$*" ;; esac
+  17) STEPS="graphbreak-sample-512" ;; 18) STEPS="dense-tests sweep-passes" ;; 19) STEPS="dense-sample" ;;
+  20) STEPS="dense-sample-512" ;; *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
 L=/tmp/logs/$TAG T0=$SECONDS LIMIT=${LIMIT:-560}
@@ -196,6 +204,16 @@ for s in $STEPS; do
     graphbreak-sample) bench graphbreak hmar-d30,hmar-d16 fast-compiled,fast-compiled-graphbreak --profile \
                          --profile-variants fast-compiled --profile-rows 40 ;;
     graphbreak-sample-512) bench graphbreak-512 hmar-d16-512,hmar-d30-512 fast-compiled,fast-compiled-graphbreak ;;
+    dense-tests)
+      step "GPU tests: the inference kernel, compiled blocks as one graph"
+      gpu_tests dense-tests 150 tests/test_triton_attention.py -k "inference or dense or one_graph" ;;
+    sweep-passes)
+      step "every sampling pass shape alone, as CUDA graphs: inference kernel, training forward, normalise + SDPA"
+      timeout "$(left)" python3 benchmarks/sweep_attention_fwd.py --json "$L/sweep-passes.json" \
+        > "$L/sweep-passes.log" 2>&1; grep -E "^N=|^  " "$L/sweep-passes.log" ;;
+    dense-sample) bench dense hmar-d30,hmar-d16 fast-compiled,fast-compiled-trainfwd --profile \
+                    --profile-variants fast-compiled --profile-rows 40 ;;
+    dense-sample-512) bench dense-512 hmar-d16-512,hmar-d30-512 fast-compiled,fast-compiled-trainfwd,fast-compiled-qknorm ;;
     d16-profile) bench d16-profile hmar-d16 fast-compiled --profile --profile-variants fast-compiled --profile-rows 60 ;;
     onegraph-test)
       step "GPU test: a block compiled with dynamic shapes is one graph"

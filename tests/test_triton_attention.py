@@ -566,6 +566,88 @@ def test_double_backward_raises():
 
 
 # ---------------------------------------------------------------------------------------------
+# The inference kernel: one dense block, no gradient (every sampling pass)
+# ---------------------------------------------------------------------------------------------
+def _dense_case(N, B, H, D, dtype, qk_norm, seed=0, mag=3.0):
+    """q, k, v as views of one packed projection (the model's layout), the head scales, and the reference: the
+    model's ops (q, k normalised in fp32, times the scale, rounded to ``dtype``) then SDPA in fp32."""
+    from hmar.attention import l2_normalize_qk
+    g = torch.Generator().manual_seed(seed)
+    qkv = (torch.randn(B, N, 3, H, D, generator=g) * mag).to(dtype).to(DEVICE)
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
+    s = (torch.rand(1, H, 1, 1, generator=g) * 4 + 1).to(DEVICE)
+    if qk_norm:
+        qn, kn = (t.to(dtype).float() for t in l2_normalize_qk(q.float(), k.float(), s))
+        ref = torch.nn.functional.scaled_dot_product_attention(qn, kn, v.float(), scale=1.0)
+    else:
+        ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=0.1)
+    return q, k, v, (s if qk_norm else None), ref
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("qk_norm", [True, False], ids=["qk_norm", "plain"])
+@pytest.mark.parametrize("N,B,H,D", [(1, 2, 3, 64), (9, 2, 2, 64), (16, 1, 2, 64), (23, 2, 1, 64), (48, 1, 2, 64),
+                                     (37, 1, 2, 128)])
+def test_inference_kernel_matches_reference(N, B, H, D, dtype, qk_norm, monkeypatch):
+    # sizes below, at and past one 16-row tile, several whole key tiles, a ragged tail; the output stored as
+    # [B, N, H, D] like the training forward's; and it is the inference kernel that ran
+    q, k, v, s, ref = _dense_case(N, B, H, D, dtype, qk_norm)
+    launched = []
+    monkeypatch.setattr(tk, "_launch_dense", lambda *a, _f=tk._launch_dense: (launched.append(a[-1]), _f(*a))[1])
+    monkeypatch.setattr(tk, "_launch_fwd", lambda *a: pytest.fail("the training forward ran"))
+    with torch.no_grad():
+        out = tk.triton_attention(q, k, v, (N,), scale=1.0 if qk_norm else 0.1, qk_norm=s)
+    assert len(launched) == 1 and out.dtype == dtype and out.transpose(1, 2).is_contiguous()
+    err = (out.float() - ref).abs().max().item()
+    tol = (1e-2 if dtype == torch.float16 else 3e-2) * max(1.0, ref.abs().max().item())
+    assert err <= tol, f"max |err| {err:.3e} > {tol:.3e}"
+    if N == 1:   # one key: the output is v itself
+        assert torch.equal(out, v)
+
+
+@needs_triton
+def test_inference_kernel_runs_only_where_no_gradient_is_needed(monkeypatch):
+    # no grad mode, or inputs that need none: the inference kernel; inputs needing gradients, several blocks, or
+    # the switch off: the training forward (its log-sum-exp kept for the backward)
+    N, B, H, D = 20, 1, 2, 64
+    q, k, v, s, ref = _dense_case(N, B, H, D, torch.float16, True)
+    ran = []
+    for name in ("_launch_dense", "_launch_fwd"):
+        monkeypatch.setattr(tk, name, lambda *a, _n=name, _f=getattr(tk, name): (ran.append(_n), _f(*a))[1])
+
+    def call(lengths=(N,), grad=False):
+        ran.clear()
+        qq, kk, vv = (t.detach().requires_grad_(grad) for t in (q, k, v))
+        out = tk.triton_attention(qq, kk, vv, lengths, qk_norm=s)
+        return ran[:], out
+
+    assert call()[0] == ["_launch_dense"]
+    kinds, out = call(grad=True)
+    assert kinds == ["_launch_fwd"] and out.requires_grad
+    with torch.no_grad():
+        assert call(grad=True)[0] == ["_launch_dense"]
+        assert call(lengths=(4, 16))[0] == ["_launch_fwd"]
+        monkeypatch.setattr(tk, "DENSE_INFERENCE", False)
+        kinds, slow = call()
+        monkeypatch.setattr(tk, "DENSE_INFERENCE", True)
+        assert kinds == ["_launch_fwd"]
+        assert (call()[1].float() - slow.float()).abs().max().item() < 1e-2
+
+
+def test_dense_candidates_fit_the_pass():
+    if not tk._HAS_TRITON:
+        pytest.skip("triton is not installed")
+    one = tk.dense_candidates(1)
+    assert one == [tk.FwdConfig(16, 16, 1, 3), tk.FwdConfig(16, 16, 1, 2)]
+    assert tk.dense_candidates(36)[0] == tk.FwdConfig(64, 64, 4, 3)
+    assert tk.dense_candidates(25)[0] == tk.FwdConfig(32, 32, 2, 3)
+    big = tk.dense_candidates(256)
+    assert big[0] == tk._DEFAULT_FWD[64] and len(big) == len(tk._DENSE_SHAPES)
+    assert all(c.block_n <= 64 for c in tk.dense_candidates(1024, 128))
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU only: real schedules, automatic choice, autotuned configurations
 # ---------------------------------------------------------------------------------------------
 @gpu_only
@@ -598,6 +680,19 @@ def test_gpu_autotuned_configs(pattern, monkeypatch):
     key = tk._tune_key(torch.empty(2, 3, 2240, 64, dtype=torch.bfloat16, device="cuda"),
                        tuple(x * x for x in (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)), pattern)
     assert key in tk._FWD_PLANS and key in tk._BWD_PLANS
+
+
+@gpu_only
+@needs_triton
+@pytest.mark.parametrize("N", [1, 9, 100, 169, 256, 576, 1024])
+def test_gpu_inference_kernel_at_the_sampling_passes(N, monkeypatch):
+    # batch 16 with guidance, hmar-d30's 30 heads, every tile candidate timed (as the sampler's warm-up does)
+    monkeypatch.setenv("HMAR_TRITON_AUTOTUNE", "1")
+    q, k, v, s, ref = _dense_case(N, 32, 30, 64, torch.bfloat16, True, seed=N)
+    with torch.no_grad():
+        out = tk.triton_attention(q, k, v, (N,), qk_norm=s)
+    assert (N, 64, torch.bfloat16, 32 * 30, True, q.device) in tk._DENSE_PLANS
+    assert (out.float() - ref).abs().max().item() <= 3e-2 * max(1.0, ref.abs().max().item())
 
 
 @gpu_only

@@ -147,6 +147,28 @@ _BWD_CANDIDATES = {
           BwdConfig(64, 64, 64, 64, 8, 2)],
 }
 
+# The inference kernel (dense, one block, no log-sum-exp): tiles no larger than the pass itself needs (a 1-token
+# pass runs 16x16 tiles on one warp, not a 128-row tile on four), the same shapes as the forward's otherwise.
+_DENSE_SHAPES = ((128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3),
+                 (128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 4, 2))
+
+
+def dense_candidates(n: int, head_dim: int = 64) -> List[FwdConfig]:
+    """The tile configurations the inference kernel tries for a pass of ``n`` tokens (the first is its default
+    without autotuning): each shape of ``_DENSE_SHAPES`` clipped to ``n`` rounded up to a power of two (at least
+    16, ``tl.dot``'s smallest), with one warp per 16 rows below 64 rows."""
+    p = max(16, triton.next_power_of_2(n) if _HAS_TRITON else 16)
+    out: List[FwdConfig] = []
+    for bm, bn, w, st in _DENSE_SHAPES:
+        bm, bn = min(bm, p), min(bn, p)
+        if head_dim > 64 and bn > 64:
+            continue
+        cfg = FwdConfig(bm, bn, w if bm >= 64 else bm // 16, st)
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
 _FORCE_FWD: Optional[FwdConfig] = None
 _FORCE_BWD: Optional[BwdConfig] = None
 
@@ -476,6 +498,71 @@ if _HAS_TRITON:
             tl.store(OUT + row, tl.sum(x * y, 1), mask=ok)
 
     @triton.jit
+    def _dense_step(acc, l_i, m_i, q, k_base, v_base, skn, svn, n0, N, qk_scale,
+                    BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
+                    QK_NORM: tl.constexpr):
+        # one key tile [n0, n0 + BLOCK_N) of the inference kernel: online softmax, as _fwd_inner
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_D)
+        n_ok = offs_n < N
+        k_ptrs = k_base + offs_n[:, None] * skn + offs_d[None, :]
+        v_ptrs = v_base + offs_n[:, None] * svn + offs_d[None, :]
+        if MASKED:
+            k = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        if QK_NORM:  # the L2-normalised key rows, rounded to the input dtype as F.normalize's output would be
+            kf = k.to(tl.float32)
+            k = (kf * (1.0 / tl.maximum(tl.sqrt(tl.sum(kf * kf, 1)), 1e-12))[:, None]).to(k.dtype)
+        s = _dot(q, tl.trans(k), UPCAST) * qk_scale
+        if MASKED:
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        acc = _dot_acc(p.to(v.dtype), v, acc, UPCAST)
+        return acc, l_i, m_new
+
+    @triton.jit
+    def _dense_kernel(Q, K, V, O, HS, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, H, N, qk_scale,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, UPCAST: tl.constexpr,
+                      QK_NORM: tl.constexpr):
+        # Inference: dense attention over all N rows of each (batch, head), no log-sum-exp, with QK_NORM the L2
+        # normalisation of q (times HS[h]) and k done on the tiles in registers. Grid (query tiles, B*H): the
+        # query tiles of one head run next to each other, so its keys and values are read from L2 after the first.
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        bh = tl.program_id(1)
+        b = (bh // H).to(tl.int64)
+        h = (bh % H).to(tl.int64)
+        offs_d = tl.arange(0, HEAD_D)
+        m_ok = offs_m < N
+        q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
+        if QK_NORM:
+            qf = q.to(tl.float32)
+            q = (qf * (tl.load(HS + h) / tl.maximum(tl.sqrt(tl.sum(qf * qf, 1)), 1e-12))[:, None]).to(q.dtype)
+        k_base = K + b * skb + h * skh
+        v_base = V + b * svb + h * svh
+        acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
+        n_full = N // BLOCK_N * BLOCK_N
+        for n0 in range(0, n_full, BLOCK_N):
+            acc, l_i, m_i = _dense_step(acc, l_i, m_i, q, k_base, v_base, skn, svn, n0, N, qk_scale,
+                                        BLOCK_N, HEAD_D, False, UPCAST, QK_NORM)
+        if n_full < N:
+            acc, l_i, m_i = _dense_step(acc, l_i, m_i, q, k_base, v_base, skn, svn, n_full, N, qk_scale,
+                                        BLOCK_N, HEAD_D, True, UPCAST, QK_NORM)
+        out = acc / l_i[:, None]   # every row saw key 0, so l_i >= 1
+        tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=m_ok[:, None])
+
+    @triton.jit
     def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, dl_base, sqn, sdn, clo, chi,
                     start, end, qmax, qk_scale, nq_base, hsc, rk,
                     BLOCK_M1: tl.constexpr, HEAD_D: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
@@ -673,6 +760,16 @@ def _launch_fwd(q, k, v, o, lse, tab, bnd, scale, cfg: FwdConfig, nrm=None, hs=N
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def _launch_dense(q, k, v, o, hs, scale, cfg: FwdConfig):
+    """The inference kernel: dense attention of strided [B, H, N, D] q, k, v into o; with ``hs`` (fp32 [H]) of the
+    L2-normalised q (times ``hs``) and k."""
+    B, H, N, D = q.shape
+    _dense_kernel[(triton.cdiv(N, cfg.block_m), B * H)](
+        q, k, v, o, o if hs is None else hs, *_strides(q, k, v, o), H, N, scale * _LOG2E,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D, UPCAST=_upcast(q), QK_NORM=hs is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def _launch_rows(x, y, out, norms: bool):
     """:func:`_rows_kernel` over strided [B, H, N, D] ``x``, ``y`` into fp32 ``out``."""
     B, H, N, D = x.shape
@@ -788,6 +885,26 @@ def _bwd_plan(q, k, v, do, lse, delta, lengths, pattern, scale):
     return plan
 
 
+_DENSE_PLANS: Dict[tuple, FwdConfig] = {}
+
+
+def _dense_plan(q, k, v, hs, scale) -> FwdConfig:
+    B, H, N, D = q.shape
+    if _FORCE_FWD is not None:
+        return _FORCE_FWD
+    if _INTERPRETED or not q.is_cuda:
+        return _INTERP_FWD
+    key = (N, D, q.dtype, B * H, hs is not None, q.device)
+    cfg = _DENSE_PLANS.get(key)
+    if cfg is None:
+        cands = dense_candidates(N, D)
+        if _autotune_enabled():
+            o = _new_out(q)
+            cfg = _pick(cands, lambda c: _launch_dense(q, k, v, o, hs, scale, c))
+        cfg = _DENSE_PLANS[key] = cfg or cands[0]
+    return cfg
+
+
 # --------------------------------------------------------------------------------------------
 # Autograd
 # --------------------------------------------------------------------------------------------
@@ -846,6 +963,29 @@ def _bwd_impl(q, k, v, o, lse, nrm, hs, do, lengths, pattern, scale):
         _launch_bwd(q, k, v, do, g, lse, delta, tab, _bounds_tensor(lengths, pattern, q.device), scale, cfg,
                     None if hs is None else nrm, hs, None if hs is None else rows)
     return g, (rows if hs is None else rows.sum((0, 2)))
+
+
+def _dense_impl(q, k, v, hs, scale):
+    """The inference kernel's launch (no autograd): the attention of one dense block, as ``[B, H, N, D]``."""
+    q, k, v = _dense_rows(q, k, v)
+    o = _new_out(q)
+    if o.numel():
+        _launch_dense(q, k, v, o, hs, scale, _dense_plan(q, k, v, hs, scale))
+    return o
+
+
+DENSE_INFERENCE = True
+"""Calls that need no gradient over one block (every sampling pass) run the inference kernel
+(:func:`_dense_impl`: no log-sum-exp, no work list, the q/k normalisation on the tiles). Off: they run the
+training forward (a benchmark switch)."""
+
+
+def _inference_call(q, k, v, hs, lengths) -> bool:
+    if not DENSE_INFERENCE or len(lengths) != 1:
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not (q.requires_grad or k.requires_grad or v.requires_grad or (hs is not None and hs.requires_grad))
 
 
 class _BlockSparseAttention(torch.autograd.Function):
@@ -914,8 +1054,21 @@ def _register_ops() -> None:
 
     register_autograd("hmar::block_sparse_attn_fwd", backward, setup_context=setup_context)
 
+    @custom_op("hmar::dense_attn_infer", mutates_args=())
+    def _op_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hs: Optional[torch.Tensor],
+                  scale: float) -> torch.Tensor:
+        return _dense_impl(q, k, v, hs, scale)
+
+    @_op_dense.register_fake
+    def _(q, k, v, hs, scale):
+        return _new_out(q)
+
 
 def _apply(q, k, v, hs, lengths, pattern, scale):
+    if _inference_call(q, k, v, hs, lengths):   # one block, no gradient (the sampler's passes)
+        if torch.compiler.is_compiling():
+            return torch.ops.hmar.dense_attn_infer(q, k, v, hs, scale)
+        return _dense_impl(q, k, v, hs, scale)
     if torch.compiler.is_compiling():
         return torch.ops.hmar.block_sparse_attn_fwd(q, k, v, hs, list(lengths), pattern, scale)[0]
     return _BlockSparseAttention.apply(q, k, v, hs, lengths, pattern, scale)
@@ -972,5 +1125,5 @@ if _HAS_TRITON:
 
     register_backend("triton", _backend, supports, qk_norm_fn=_backend)
 
-__all__ = ["triton_attention", "supports", "FwdConfig", "BwdConfig", "use_config",
+__all__ = ["triton_attention", "supports", "FwdConfig", "BwdConfig", "use_config", "dense_candidates",
            "build_fwd_worklist", "build_bwd_worklist"]
