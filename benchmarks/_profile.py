@@ -7,12 +7,13 @@ from typing import Callable, Dict
 import torch
 
 # kernel kinds, first match wins (names of the H200's cuBLAS / cuDNN / Triton / inductor kernels)
-KINDS = (
-    ("GEMM (cuBLAS nvjet / cutlass / xmma)", re.compile(r"nvjet|gemm|xmma|cutlass(?!.*fmha)|sm90_", re.I)),
-    ("attention (flash / fmha / hmar's Triton kernels)",
-     re.compile(r"flash|fmha|_attn|attention|^_(fwd|bwd|rows|delta)\w*_kernel$", re.I)),
-    ("top-k / sort / scan", re.compile(r"topk|sort|scan|radix|cub::", re.I)),
+KINDS = (   # the first pattern that matches names a kernel's kind
+    # inductor's kernels first: their names list the ops they fuse, "attn" / "attention" among them
     ("inductor Triton (fused elementwise / norms)", re.compile(r"^triton_")),
+    ("attention (flash / fmha / cuDNN SDPA / hmar's Triton kernels)",
+     re.compile(r"flash|fmha|sdpa|^_(fwd|bwd|rows|delta|dense)\w*_kernel$", re.I)),
+    ("GEMM (cuBLAS nvjet / cutlass / xmma)", re.compile(r"nvjet|gemm|xmma|cutlass|sm90_", re.I)),
+    ("top-k / sort / scan", re.compile(r"topk|sort|scan|radix|cub::", re.I)),
     ("other Triton", re.compile(r"^_\w+_kernel$|triton", re.I)),
     ("copies / elementwise (ATen)", re.compile(r"elementwise|copy|vectorized|reduce|index|gather|scatter|fill|"
                                                r"cat|memcpy|memset", re.I)),

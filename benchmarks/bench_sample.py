@@ -69,6 +69,8 @@ for side-by-side ratios:
   trainfwd      the fused passes through the training forward of the Triton kernel (its work list, the row-norm
                 kernel and the log-sum-exp it keeps for a backward), as until 2026-12-03, instead of the inference
                 kernel (``hmar.attention.triton_kernel.DENSE_INFERENCE = False``; see ``_variant_patches``)
+  nodefer       each block adds its own last residual branch (``hmar.model.transformer.DEFER_RESIDUAL = False``, as
+                until 2026-12-03) instead of the next block adding it inside its first LayerNorm's kernel
   autotune      with compiled: the blocks compiled with mode="max-autotune-no-cudagraphs" (inductor times Triton
                 GEMM templates, which can take the elementwise work around them; minutes of compiling)
 The fast path of 2026-12-01 is fast-chunked-nogelu-sortdraw-nodecgraph-noreserve (with --compile: fast-compiled-...);
@@ -159,10 +161,12 @@ def _variant_patches(variant: str):
     Triton kernel's input checks (``hmar.attention.triton_kernel._check``), where a ``min(lengths, default=0)`` broke
     every compiled block into 7 frames until 2026-12-03 (the attention calls then ran the eager autograd path
     between them; tests/test_triton_attention.py checks that a block is one graph now). ``trainfwd``: the training
-    forward in the passes that run the inference kernel now (``DENSE_INFERENCE = False``)."""
+    forward in the passes that run the inference kernel now (``DENSE_INFERENCE = False``). ``nodefer``: each block
+    adds its own last residual branch (``DEFER_RESIDUAL = False``)."""
     mods = variant.split("-")[1:]
     import hmar.attention.triton_kernel as tk
-    check, dense = tk._check, tk.DENSE_INFERENCE
+    import hmar.model.transformer as T
+    check, dense, defer = tk._check, tk.DENSE_INFERENCE, T.DEFER_RESIDUAL
 
     def broken_check(*a, **k):
         torch._dynamo.graph_break()
@@ -171,10 +175,12 @@ def _variant_patches(variant: str):
         tk._check = broken_check
     if "trainfwd" in mods:
         tk.DENSE_INFERENCE = False
+    if "nodefer" in mods:
+        T.DEFER_RESIDUAL = False
     try:
         yield
     finally:
-        tk._check, tk.DENSE_INFERENCE = check, dense
+        tk._check, tk.DENSE_INFERENCE, T.DEFER_RESIDUAL = check, dense, defer
 
 
 def _measure(m, t, labels, kw, args, device: torch.device, profile: bool = False) -> dict:
@@ -282,7 +288,7 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
 
 MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", "nogelu", "sortdraw",
              "decgraph", "nodecgraph", "reserve", "noreserve", "qknorm", "noqknorm", "autotune", "cdt", "nhwc",
-             "nonhwc", "subpixel", "nosubpixel", "graphbreak", "trainfwd")
+             "nonhwc", "subpixel", "nosubpixel", "graphbreak", "trainfwd", "nodefer")
 QKMAX = re.compile(r"qkmax(\d+)")   # and qkmaxN: the fused q/k normalisation up to N tokens
 TOPK_DRAW = hmar.sampling.sample_from_logits
 

@@ -3,8 +3,10 @@
 HMAR: the block-diagonal forward over all L tokens equals running each scale on its own
 (no KV cache), for both branches. VAR: inference with the KV cache equals the block-causal forward.
 """
+import pytest
 import torch
 
+from hmar import build_model, model_config
 from hmar.sampling import check_labels
 
 
@@ -85,3 +87,41 @@ def test_label_checks(tiny):
         check_labels([10], 10, torch.device("cpu"))
     with pytest.raises(HMARError, match="out of range"):
         check_labels([10 + 1], 10, torch.device("cpu"))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["hmar", "var"])
+def test_deferred_residual_branches_give_the_same_passes(kind, monkeypatch):
+    """The inference passes hand each block's last residual branch to the next block (``DEFER_RESIDUAL``), so that a
+    compiled block adds it inside its first LayerNorm's kernel. The same ops run in the same order: the logits are
+    bit for bit those of blocks that add their own branch, at every scale, for both branches of HMAR and for VAR
+    with its KV cache, with precomputed and per-pass modulations."""
+    import hmar.model.transformer as T
+    torch.manual_seed(0)
+    m = build_model(model_config(f"{kind}-tiny", patch_nums=(1, 2, 3, 4))).eval()
+    for p in m.parameters():   # AdaLN gammas away from their small init, so that every branch counts
+        p.add_(torch.randn_like(p) * 0.05)
+    cond = m.class_emb(torch.tensor([0, 3]))
+    xs = [torch.randn(2, pn * pn, m.config.embed_dim) for pn in m.config.patch_nums]
+
+    def passes():
+        out = []
+        for c in (cond, m.precompute_condition(cond)):
+            caches = m.new_caches()
+            for x in xs:
+                out.append(m.next_scale_logits(x, c, caches))
+                if kind == "hmar":
+                    out.append(m.masked_logits(x, c))
+        return out
+
+    deferred = passes()
+    monkeypatch.setattr(T, "DEFER_RESIDUAL", False)
+    plain = passes()
+    assert len(deferred) == len(plain) > 0
+    for a, b in zip(deferred, plain):
+        assert torch.equal(a, b)
+    # and each block's own result: x + h * gamma2 from its deferred form
+    blk = m.blocks[1] if kind == "var" else m.base_blocks[0]
+    x, mod = xs[2], torch.randn(2, 6, m.config.embed_dim)
+    y, branch = blk(x, mod, (9,), "dense", defer=True)
+    assert torch.equal(blk(x, mod, (9,), "dense"), y + branch[0] * mod[:, None, 1])

@@ -11,6 +11,18 @@ import torch.nn.functional as F
 from ..attention import attention, l2_normalize_qk
 
 
+Branch = Tuple[torch.Tensor, torch.Tensor]
+"""A block's last residual branch, not yet added to the stream: ``(h, mod)``, its FFN output and its modulation
+``[B, 6, C]``; the stream is ``x + h * gamma2`` (:func:`branch_gate`). The whole modulation rather than its gamma2
+view: a view of another shape is a new input to the compiled block, and dynamo's duck sizing then specialised the
+second block of every model (the view's stride, 6C, equals that block's offset in the packed modulation)."""
+
+
+def branch_gate(branch: Branch) -> torch.Tensor:
+    """The gamma2 ``[B, 1, C]`` that multiplies the branch's FFN output."""
+    return branch[1][:, None, 1]
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drop the whole residual branch of a sample with probability ``p`` (training)."""
 
@@ -144,13 +156,24 @@ class AdaLNBlock(nn.Module):
         return self.ada_lin(cond).view(-1, self.chunks, self.dim)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, lengths: Sequence[int], pattern: str,
-                cache: Optional[KVCache] = None, backend: Optional[str] = None) -> torch.Tensor:
+                cache: Optional[KVCache] = None, backend: Optional[str] = None, branch: Optional[Branch] = None,
+                defer: bool = False):
         """``cond``: the class condition ``[B, C]``, or this block's modulation ``[B, 6, C]`` computed before
-        (:func:`modulation_for`)."""
-        g1, g2, s1, s2, b1, b2 = (self.modulation(cond) if cond.dim() == 2 else cond)[:, None].unbind(2)
+        (:func:`modulation_for`).
+
+        ``defer=True`` returns ``(x, (h, gamma2))`` instead of the block's output ``x + h * gamma2``: its last
+        residual branch not added yet. ``branch``: such a pair from the block before, added first. The inference
+        passes chain blocks this way (``_run(..., defer=True)`` of the transformers): a compiled block
+        (:func:`hmar.accel.compile_blocks` compiles each block on its own, so inductor cannot fuse across two) then
+        adds the branch inside the kernel of its first LayerNorm instead of in a kernel of its own. The same ops in
+        the same order: eager results are unchanged."""
+        mod = self.modulation(cond) if cond.dim() == 2 else cond
+        g1, g2, s1, s2, b1, b2 = mod[:, None].unbind(2)
+        if branch is not None:
+            x = x + branch[0] * branch_gate(branch)
         x = x + self.drop_path(self.attn(self.ln(x) * (s1 + 1) + b1, lengths, pattern, cache, backend) * g1)
-        x = x + self.drop_path(self.ffn(self.ln(x) * (s2 + 1) + b2) * g2)
-        return x
+        h = self.drop_path(self.ffn(self.ln(x) * (s2 + 1) + b2))   # (drop_path(h) * g2 == drop_path(h * g2))
+        return (x, (h, mod)) if defer else x + h * g2
 
 
 class AdaLNHead(nn.Module):
@@ -169,9 +192,12 @@ class AdaLNHead(nn.Module):
         """``ada_lin(cond)`` as ``[B, 2, C]`` (scale, shift)."""
         return self.ada_lin(cond).view(-1, self.chunks, self.dim)
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """``cond``: the class condition ``[B, C]``, or this head's modulation ``[B, 2, C]``."""
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, branch: Optional[Branch] = None) -> torch.Tensor:
+        """``cond``: the class condition ``[B, C]``, or this head's modulation ``[B, 2, C]``; ``branch``: the last
+        block's residual branch, added first (:meth:`AdaLNBlock.forward`'s ``defer``)."""
         scale, shift = (self.modulation(cond) if cond.dim() == 2 else cond)[:, None].unbind(2)
+        if branch is not None:
+            x = x + branch[0] * branch_gate(branch)
         return self.ln(x) * (scale + 1) + shift
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..presets import ModelConfig
-from .blocks import AdaLNBlock, AdaLNHead, KVCache, modulation_for
+from .blocks import AdaLNBlock, AdaLNHead, Branch, KVCache, modulation_for
 
 
 def _levels(patch_nums: Sequence[int]) -> torch.Tensor:
@@ -114,16 +114,36 @@ class _ScaleModel(nn.Module):
         return torch.cat([m.modulation(cond) for m in self._adaln_modules()], 1)
 
     @staticmethod
-    def _norm_head(head: AdaLNHead, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def _norm_head(head: AdaLNHead, x: torch.Tensor, cond: torch.Tensor,
+                   branch: Optional[Branch] = None) -> torch.Tensor:
         """``head(x, ...)`` with ``cond`` or its slice of a packed modulation (:func:`modulation_for`)."""
-        return head(x, modulation_for(head, cond))
+        return head(x, modulation_for(head, cond), branch)
 
     @staticmethod
     def _run(blocks: nn.ModuleList, x: torch.Tensor, cond: torch.Tensor, lengths: Sequence[int], pattern: str,
-             caches: Optional[List[KVCache]] = None, backend: Optional[str] = None) -> torch.Tensor:
+             caches: Optional[List[KVCache]] = None, backend: Optional[str] = None, branch: Optional[Branch] = None,
+             defer: bool = False):
+        """The blocks in turn. ``defer=True`` (the inference passes): each block adds the residual branch of the
+        one before inside its own kernels, and the result is ``(x, branch)``, the last branch not added
+        (:meth:`AdaLNBlock.forward`); ``branch`` is added by the first block."""
         for i, b in enumerate(blocks):
-            x = b(x, modulation_for(b, cond), lengths, pattern, None if caches is None else caches[i], backend)
-        return x
+            out = b(x, modulation_for(b, cond), lengths, pattern, None if caches is None else caches[i], backend,
+                    branch, defer)
+            x, branch = out if defer else (out, None)
+        return (x, branch) if defer else x
+
+    def _pass(self, groups: Sequence[nn.ModuleList], x: torch.Tensor, cond: torch.Tensor, head_nm: AdaLNHead,
+              head: nn.Linear, caches: Optional[List[KVCache]] = None) -> torch.Tensor:
+        """One inference pass over one scale's tokens ``x``: the groups of blocks in turn (dense attention), the AdaLN
+        head, the output head; fp32 logits. With :data:`DEFER_RESIDUAL`, each block adds the last residual branch
+        of the block before it inside its own kernels (:meth:`AdaLNBlock.forward`'s ``defer``)."""
+        n, branch = (x.shape[1],), None
+        for blocks in groups:
+            if DEFER_RESIDUAL:
+                x, branch = self._run(blocks, x, cond, n, "dense", caches, branch=branch, defer=True)
+            else:
+                x = self._run(blocks, x, cond, n, "dense", caches)
+        return head(self._norm_head(head_nm, x, cond, branch)).float()
 
     def _check_input(self, labels: torch.Tensor, x_in: torch.Tensor) -> None:
         L = self.config.seq_len
@@ -131,6 +151,13 @@ class _ScaleModel(nn.Module):
             raise ValueError(f"expected teacher-forcing input [B, {L - 1}, {self.config.z_channels}], got {tuple(x_in.shape)}")
         if labels.shape[0] != x_in.shape[0]:
             raise ValueError(f"{labels.shape[0]} labels for a batch of {x_in.shape[0]}")
+
+
+DEFER_RESIDUAL = True
+"""The inference passes (``next_scale_logits``, ``masked_logits``) hand each block's last residual branch to the next
+block, which adds it inside its first LayerNorm's kernel when compiled (:meth:`AdaLNBlock.forward`'s ``defer``). The
+same ops in the same order: eager results are the same either way. Off: each block adds its own (a benchmark
+switch)."""
 
 
 def init_weights(model: nn.Module, init_adaln: float = 0.5, init_adaln_gamma: float = 1e-3,
@@ -195,9 +222,6 @@ class ScaleTransformer(_ScaleModel):
         """VAR samples with a KV cache; the Markov next-scale model needs none."""
         return self.config.kind == "var"
 
-    def logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        return self.head(self._norm_head(self.head_nm, x, cond)).float()
-
     def forward(self, labels: torch.Tensor, x_in: torch.Tensor, backend: Optional[str] = None) -> torch.Tensor:
         """Teacher-forced logits ``[B, L, V]`` from labels ``[B]`` and next-scale inputs ``[B, L-1, Cz]``."""
         return self.head(self.features(labels, x_in, backend)).float()
@@ -220,8 +244,7 @@ class ScaleTransformer(_ScaleModel):
     def next_scale_logits(self, x: torch.Tensor, cond: torch.Tensor,
                           caches: Optional[List[KVCache]] = None) -> torch.Tensor:
         """Inference pass over one scale's tokens ``[B, pn^2, C]`` (with the KV ``caches`` for VAR)."""
-        x = self._run(self.blocks, x, cond, (x.shape[1],), "dense", caches)
-        return self.logits(x, cond)
+        return self._pass([self.blocks], x, cond, self.head_nm, self.head, caches)
 
     def new_caches(self) -> Optional[List[KVCache]]:
         return [KVCache(self.config.seq_len) for _ in self.blocks] if self.kv_cache else None
@@ -311,16 +334,10 @@ class HMAR(_ScaleModel):
         return self._masked_tokens(x_ctx, x_cur, mask) + self.lvl_pos(self.starts[si], self.starts[si + 1])
 
     def next_scale_logits(self, x: torch.Tensor, cond: torch.Tensor, caches=None) -> torch.Tensor:
-        n = (x.shape[1],)
-        x = self._run(self.base_blocks, x, cond, n, "dense")
-        x = self._run(self.ns_blocks, x, cond, n, "dense")
-        return self.ns_head(self._norm_head(self.ns_head_nm, x, cond)).float()
+        return self._pass([self.base_blocks, self.ns_blocks], x, cond, self.ns_head_nm, self.ns_head)
 
     def masked_logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        n = (x.shape[1],)
-        x = self._run(self.base_blocks, x, cond, n, "dense")
-        x = self._run(self.mask_blocks, x, cond, n, "dense")
-        return self.mask_head(self._norm_head(self.mask_head_nm, x, cond)).float()
+        return self._pass([self.base_blocks, self.mask_blocks], x, cond, self.mask_head_nm, self.mask_head)
 
     def new_caches(self) -> None:
         return None
