@@ -69,6 +69,9 @@ for side-by-side ratios:
   trainfwd      the fused passes through the training forward of the Triton kernel (its work list, the row-norm
                 kernel and the log-sum-exp it keeps for a backward), as until 2026-12-03, instead of the inference
                 kernel (``hmar.attention.triton_kernel.DENSE_INFERENCE = False``; see ``_variant_patches``)
+  biascat       the sampling passes concatenate the q / v biases for the projection and compute the temperature in
+                every pass of every block (``SelfAttention.kernel_constants = False``, as until 2026-12-03) instead of
+                the inference kernel reading them
   nodefer       each block adds its own last residual branch (``hmar.model.transformer.DEFER_RESIDUAL = False``, as
                 until 2026-12-03) instead of the next block adding it inside its first LayerNorm's kernel
   autotune      with compiled: the blocks compiled with mode="max-autotune-no-cudagraphs" (inductor times Triton
@@ -162,10 +165,12 @@ def _variant_patches(variant: str):
     every compiled block into 7 frames until 2026-12-03 (the attention calls then ran the eager autograd path
     between them; tests/test_triton_attention.py checks that a block is one graph now). ``trainfwd``: the training
     forward in the passes that run the inference kernel now (``DENSE_INFERENCE = False``). ``nodefer``: each block
-    adds its own last residual branch (``DEFER_RESIDUAL = False``)."""
+    adds its own last residual branch (``DEFER_RESIDUAL = False``). ``biascat``: ``SelfAttention.kernel_constants =
+    False``."""
     mods = variant.split("-")[1:]
     import hmar.attention.triton_kernel as tk
     import hmar.model.transformer as T
+    from hmar.model.blocks import SelfAttention
     check, dense, defer = tk._check, tk.DENSE_INFERENCE, T.DEFER_RESIDUAL
 
     def broken_check(*a, **k):
@@ -177,10 +182,13 @@ def _variant_patches(variant: str):
         tk.DENSE_INFERENCE = False
     if "nodefer" in mods:
         T.DEFER_RESIDUAL = False
+    if "biascat" in mods:
+        SelfAttention.kernel_constants = False
     try:
         yield
     finally:
         tk._check, tk.DENSE_INFERENCE, T.DEFER_RESIDUAL = check, dense, defer
+        SelfAttention.kernel_constants = True
 
 
 def _measure(m, t, labels, kw, args, device: torch.device, profile: bool = False) -> dict:
@@ -288,7 +296,7 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
 
 MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", "nogelu", "sortdraw",
              "decgraph", "nodecgraph", "reserve", "noreserve", "qknorm", "noqknorm", "autotune", "cdt", "nhwc",
-             "nonhwc", "subpixel", "nosubpixel", "graphbreak", "trainfwd", "nodefer")
+             "nonhwc", "subpixel", "nosubpixel", "graphbreak", "trainfwd", "nodefer", "biascat")
 QKMAX = re.compile(r"qkmax(\d+)")   # and qkmaxN: the fused q/k normalisation up to N tokens
 TOPK_DRAW = hmar.sampling.sample_from_logits
 

@@ -58,8 +58,8 @@
 #   20: the same at hmar-d16-512 and hmar-d30-512, and -qknorm (the inference kernel in every pass, the long ones
 #           too; ~7 minutes)
 #   21: the deferred residual branches (each block adds the branch of the block before inside its first LayerNorm's
-#           kernel): the graphed-sampling GPU tests, then every goal config against -nodefer, hmar-d30 and hmar-d16
-#           profiled (~7 minutes)
+#           kernel) and the q / v biases and the temperature read by the inference kernel: the GPU tests of both, then
+#           every goal config against -nodefer and -biascat, the default profiled (~8 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -80,7 +80,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   12) STEPS="nhwc-decode nhwc-sample-d30 nhwc-sample-d16" ;; 13) STEPS="nhwc-default" ;;
   14) STEPS="subpixel-decode" ;; 15) STEPS="subpixel-sample" ;; 16) STEPS="onegraph-test graphbreak-sample decoder-tests" ;;
   17) STEPS="graphbreak-sample-512" ;; 18) STEPS="dense-tests sweep-passes" ;; 19) STEPS="dense-sample" ;;
-  20) STEPS="dense-sample-512" ;; 21) STEPS="quick-tests defer-sample" ;; *) STEPS="$*" ;; esac
+  20) STEPS="dense-sample-512" ;; 21) STEPS="quick-tests sampling-pass-test defer-sample" ;; *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
 L=/tmp/logs/$TAG T0=$SECONDS LIMIT=${LIMIT:-560}
@@ -217,7 +217,11 @@ for s in $STEPS; do
     dense-sample) bench dense hmar-d30,hmar-d16 fast-compiled,fast-compiled-trainfwd --profile \
                     --profile-variants fast-compiled --profile-rows 40 ;;
     dense-sample-512) bench dense-512 hmar-d16-512,hmar-d30-512 fast-compiled,fast-compiled-trainfwd,fast-compiled-qknorm ;;
-    defer-sample) bench defer hmar-d30,hmar-d16,hmar-d16-512,hmar-d30-512 fast-compiled,fast-compiled-nodefer \
+    sampling-pass-test)
+      step "GPU tests: the sampling passes' inference kernel with the biases and the temperature"
+      gpu_tests sampling-pass-test 90 tests/test_triton_attention.py -k "sampling_pass or one_graph" ;;
+    defer-sample) bench defer hmar-d30,hmar-d16,hmar-d16-512,hmar-d30-512 \
+                    fast-compiled,fast-compiled-nodefer,fast-compiled-biascat \
                     --profile --profile-variants fast-compiled --profile-rows 30 ;;
     d16-profile) bench d16-profile hmar-d16 fast-compiled --profile --profile-variants fast-compiled --profile-rows 60 ;;
     onegraph-test)

@@ -635,6 +635,50 @@ def test_inference_kernel_runs_only_where_no_gradient_is_needed(monkeypatch):
         assert (call()[1].float() - slow.float()).abs().max().item() < 1e-2
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_a_sampling_pass_reads_the_biases_and_temperature_in_the_kernel(dtype, monkeypatch):
+    # SelfAttention's fused pass without gradients: the projection without its bias, then the inference kernel with
+    # the q / v biases and the log-temperature (clamped at ln 100: head 0 is above it); no cat of the biases and no
+    # clamp / exp of the temperature among the ops, and the same layer output as the normalisation as ops
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from hmar.model.blocks import SelfAttention
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    layer = SelfAttention(128, 2).to(device=DEVICE, dtype=dtype)
+    with torch.no_grad():
+        layer.q_bias.normal_()
+        layer.v_bias.normal_()
+        layer.scale_mul_1H11[0, 0] = 6.0
+    x = torch.randn(2, 23, 128, device=DEVICE).to(dtype)
+    launched = []
+    monkeypatch.setattr(tk, "_launch_dense", lambda *a, _f=tk._launch_dense: (launched.append(a[7:]), _f(*a))[1])
+    with torch.no_grad():
+        layer.fused_qk_norm = False
+        want = layer(x, (23,), "dense")
+        layer.fused_qk_norm = True
+        seen = set()
+        with Ops():
+            got = layer(x, (23,), "dense")
+    assert len(launched) == 1 and all(t is not None for t in launched[0][:2]) and launched[0][2] == layer.max_scale_mul
+    assert not seen & {"cat", "exp", "clamp", "clamp_max", "add"}, seen
+    tol = 1e-2 if dtype == torch.float16 else 3e-2
+    assert (got.float() - want.float()).abs().max().item() <= tol * max(1.0, want.abs().max().item())
+    seen = set()
+    with Ops():                      # with gradients: the training path, biases concatenated as before
+        layer(x, (23,), "dense")
+    assert "cat" in seen and len(launched) == 1
+    with pytest.raises(ValueError, match="q_bias must be a contiguous"):
+        q = torch.zeros(1, 2, 4, 64, device=DEVICE, dtype=dtype)
+        tk.dense_inference_attention(q, q, q, 1.0, layer.scale_mul_1H11, 4.6, layer.q_bias[:64])
+
+
 def test_dense_candidates_fit_the_pass():
     if not tk._HAS_TRITON:
         pytest.skip("triton is not installed")

@@ -252,6 +252,28 @@ def _fused_qk_norm_call(q, k, v, lengths, pattern, scale, backend, qk_norm):
     return fn(q, k, v, lengths, pattern, scale, qk_norm)
 
 
+def inference_kernel(x: torch.Tensor, head_dim: int, backend: Optional[str] = None) -> Optional[Callable[..., torch.Tensor]]:
+    """The kernel that runs one dense pass of the L2-normalised attention straight from a bias-free qkv projection of
+    ``x`` (the biases and the temperature read inside it: :func:`hmar.attention.triton_kernel.dense_inference_attention`),
+    or None where it cannot: no Triton, not CUDA (nor the interpreter), a dtype other than fp16/bf16 (after autocast),
+    a head dim other than 64/128, another backend asked for (``backend`` or ``HMAR_ATTN_BACKEND``), or the kernel
+    switched off (``triton_kernel.DENSE_INFERENCE``). The caller checks that no gradient is needed."""
+    name = backend or _forced_backend() or "triton"
+    if name != "triton":
+        return None
+    _maybe_load_triton()
+    if "triton" not in _BACKENDS:
+        return None
+    from . import triton_kernel as tk
+    dev = x.device.type
+    dt = torch.get_autocast_dtype(dev) if dev != "meta" and torch.is_autocast_enabled(dev) else x.dtype
+    if not tk.DENSE_INFERENCE or dt not in (torch.float16, torch.bfloat16) or head_dim not in (64, 128):
+        return None
+    if not (x.is_cuda or (tk._INTERPRETED and dev == "cpu")):
+        return None
+    return tk.dense_inference_attention
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lengths: Sequence[int],
               pattern: Pattern = "block_diagonal", scale: float = 1.0, backend: Optional[str] = None,
               qk_norm: Optional[torch.Tensor] = None, fuse_qk_norm: Optional[bool] = None) -> torch.Tensor:
@@ -292,5 +314,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lengths: Seq
 
 
 __all__ = ["attention", "block_mask", "register_backend", "available_backends", "choose_backend", "check_backend",
-           "l2_normalize_qk", "prefers_masked_sdpa", "PATTERNS", "TRAINING_BACKENDS", "SMALL_DENSE_SCORES"]
+           "inference_kernel", "l2_normalize_qk", "prefers_masked_sdpa", "PATTERNS", "TRAINING_BACKENDS", "SMALL_DENSE_SCORES"]
 # (FUSED_QK_NORM is a switch: set it as hmar.attention.FUSED_QK_NORM, not on an imported copy)

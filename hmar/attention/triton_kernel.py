@@ -530,12 +530,16 @@ if _HAS_TRITON:
         return acc, l_i, m_new
 
     @triton.jit
-    def _dense_kernel(Q, K, V, O, HS, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, H, N, qk_scale,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, UPCAST: tl.constexpr,
-                      QK_NORM: tl.constexpr):
+    def _dense_kernel(Q, K, V, O, HS, QB, VB, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, H, N,
+                      qk_scale, hs_max, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
+                      UPCAST: tl.constexpr, QK_NORM: tl.constexpr, HS_LOG: tl.constexpr, HAS_QB: tl.constexpr,
+                      HAS_VB: tl.constexpr):
         # Inference: dense attention over all N rows of each (batch, head), no log-sum-exp, with QK_NORM the L2
-        # normalisation of q (times HS[h]) and k done on the tiles in registers. Grid (query tiles, B*H): the
-        # query tiles of one head run next to each other, so its keys and values are read from L2 after the first.
+        # normalisation of q (times HS[h]; with HS_LOG, HS holds the log-temperature: exp(min(HS[h], hs_max))) and
+        # k done on the tiles in registers. HAS_QB / HAS_VB: the q and v biases ([H * D]) added here, so that the
+        # projection before needs no bias (the sampler's passes; the v bias after the softmax: its rows sum to 1).
+        # Grid (query tiles, B*H): the query tiles of one head run next to each other, so its keys and values are
+        # read from L2 after the first.
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         bh = tl.program_id(1)
         b = (bh // H).to(tl.int64)
@@ -543,9 +547,17 @@ if _HAS_TRITON:
         offs_d = tl.arange(0, HEAD_D)
         m_ok = offs_m < N
         q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=m_ok[:, None], other=0.0)
-        if QK_NORM:
+        if HAS_QB:
+            qf = q.to(tl.float32) + tl.load(QB + h * HEAD_D + offs_d).to(tl.float32)[None, :]
+        else:
             qf = q.to(tl.float32)
-            q = (qf * (tl.load(HS + h) / tl.maximum(tl.sqrt(tl.sum(qf * qf, 1)), 1e-12))[:, None]).to(q.dtype)
+        if QK_NORM:
+            hs = tl.load(HS + h).to(tl.float32)
+            if HS_LOG:
+                hs = tl.exp(tl.minimum(hs, hs_max))
+            qf = qf * (hs / tl.maximum(tl.sqrt(tl.sum(qf * qf, 1)), 1e-12))[:, None]
+        if HAS_QB or QK_NORM:
+            q = qf.to(q.dtype)
         k_base = K + b * skb + h * skh
         v_base = V + b * svb + h * svh
         acc = tl.zeros([BLOCK_M, HEAD_D], dtype=tl.float32)
@@ -559,6 +571,8 @@ if _HAS_TRITON:
             acc, l_i, m_i = _dense_step(acc, l_i, m_i, q, k_base, v_base, skn, svn, n_full, N, qk_scale,
                                         BLOCK_N, HEAD_D, True, UPCAST, QK_NORM)
         out = acc / l_i[:, None]   # every row saw key 0, so l_i >= 1
+        if HAS_VB:
+            out += tl.load(VB + h * HEAD_D + offs_d).to(tl.float32)[None, :]
         tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :], out.to(O.dtype.element_ty),
                  mask=m_ok[:, None])
 
@@ -760,13 +774,16 @@ def _launch_fwd(q, k, v, o, lse, tab, bnd, scale, cfg: FwdConfig, nrm=None, hs=N
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _launch_dense(q, k, v, o, hs, scale, cfg: FwdConfig):
-    """The inference kernel: dense attention of strided [B, H, N, D] q, k, v into o; with ``hs`` (fp32 [H]) of the
-    L2-normalised q (times ``hs``) and k."""
+def _launch_dense(q, k, v, o, hs, scale, cfg: FwdConfig, qb=None, vb=None, hs_log_max=None):
+    """The inference kernel: dense attention of strided [B, H, N, D] q, k, v into o; with ``hs`` ([H]) of the
+    L2-normalised q (times ``hs``, or with ``hs_log_max`` times ``exp(min(hs, hs_log_max))``) and k; ``qb`` /
+    ``vb`` ([H * D]): biases added to q and v."""
     B, H, N, D = q.shape
     _dense_kernel[(triton.cdiv(N, cfg.block_m), B * H)](
-        q, k, v, o, o if hs is None else hs, *_strides(q, k, v, o), H, N, scale * _LOG2E,
+        q, k, v, o, o if hs is None else hs, o if qb is None else qb, o if vb is None else vb,
+        *_strides(q, k, v, o), H, N, scale * _LOG2E, 0.0 if hs_log_max is None else float(hs_log_max),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D, UPCAST=_upcast(q), QK_NORM=hs is not None,
+        HS_LOG=hs_log_max is not None, HAS_QB=qb is not None, HAS_VB=vb is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
@@ -965,12 +982,12 @@ def _bwd_impl(q, k, v, o, lse, nrm, hs, do, lengths, pattern, scale):
     return g, (rows if hs is None else rows.sum((0, 2)))
 
 
-def _dense_impl(q, k, v, hs, scale):
+def _dense_impl(q, k, v, hs, scale, qb=None, vb=None, hs_log_max=None):
     """The inference kernel's launch (no autograd): the attention of one dense block, as ``[B, H, N, D]``."""
     q, k, v = _dense_rows(q, k, v)
     o = _new_out(q)
     if o.numel():
-        _launch_dense(q, k, v, o, hs, scale, _dense_plan(q, k, v, hs, scale))
+        _launch_dense(q, k, v, o, hs, scale, _dense_plan(q, k, v, hs, scale), qb, vb, hs_log_max)
     return o
 
 
@@ -1055,12 +1072,13 @@ def _register_ops() -> None:
     register_autograd("hmar::block_sparse_attn_fwd", backward, setup_context=setup_context)
 
     @custom_op("hmar::dense_attn_infer", mutates_args=())
-    def _op_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hs: Optional[torch.Tensor],
-                  scale: float) -> torch.Tensor:
-        return _dense_impl(q, k, v, hs, scale)
+    def _op_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hs: Optional[torch.Tensor], scale: float,
+                  qb: Optional[torch.Tensor] = None, vb: Optional[torch.Tensor] = None,
+                  hs_log_max: Optional[float] = None) -> torch.Tensor:
+        return _dense_impl(q, k, v, hs, scale, qb, vb, hs_log_max)
 
     @_op_dense.register_fake
-    def _(q, k, v, hs, scale):
+    def _(q, k, v, hs, scale, qb=None, vb=None, hs_log_max=None):
         return _new_out(q)
 
 
@@ -1101,6 +1119,33 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     return _apply(q, k, v, hs, lengths, pattern, float(scale))
 
 
+def dense_inference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                              log_temperature: torch.Tensor, max_log_temperature: float,
+                              q_bias: Optional[torch.Tensor] = None, v_bias: Optional[torch.Tensor] = None
+                              ) -> torch.Tensor:
+    """One dense block of HMAR's L2-normalised attention, for inference (no autograd), straight from a bias-free qkv
+    projection: the attention of ``F.normalize(q + q_bias) * exp(min(log_temperature, max_log_temperature))`` and
+    ``F.normalize(k)`` over ``v + v_bias`` (``q, k, v``: ``[B, H, N, D]`` views, e.g. of the packed projection;
+    ``log_temperature``: H values, the model's ``scale_mul_1H11``; biases ``[H * D]``). Every per-call constant of
+    the layer (the biases, the temperature) is read by the kernel itself, so a sampling pass launches nothing else
+    for them."""
+    if not _HAS_TRITON:
+        raise RuntimeError("triton attention: Triton is not installed")
+    _check(q, k, v, (q.shape[2],), "block_diagonal")
+    ls = log_temperature.reshape(-1)
+    if ls.numel() != q.shape[1]:
+        raise ValueError(f"dense_inference_attention: one log-temperature per head ({q.shape[1]}), got shape "
+                         f"{tuple(log_temperature.shape)}")
+    for name, t in (("q_bias", q_bias), ("v_bias", v_bias)):
+        if t is not None and (t.dim() != 1 or t.numel() != q.shape[1] * q.shape[3] or not t.is_contiguous()):
+            raise ValueError(f"dense_inference_attention: {name} must be a contiguous [H * D] vector, got "
+                             f"{tuple(t.shape)}")
+    args = (q, k, v, ls, float(scale), q_bias, v_bias, float(max_log_temperature))
+    if torch.compiler.is_compiling():
+        return torch.ops.hmar.dense_attn_infer(*args)
+    return _dense_impl(q, k, v, ls, float(scale), q_bias, v_bias, float(max_log_temperature))
+
+
 def supports(q: torch.Tensor, lengths: Sequence[int], pattern: str) -> bool:
     """True when the fused kernel can run this call."""
     if not _HAS_TRITON or pattern not in PATTERNS:
@@ -1125,5 +1170,6 @@ if _HAS_TRITON:
 
     register_backend("triton", _backend, supports, qk_norm_fn=_backend)
 
-__all__ = ["triton_attention", "supports", "FwdConfig", "BwdConfig", "use_config", "dense_candidates",
+__all__ = ["triton_attention", "dense_inference_attention", "supports", "FwdConfig", "BwdConfig", "use_config",
+           "dense_candidates",
            "build_fwd_worklist", "build_bwd_worklist"]

@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..attention import attention, l2_normalize_qk
+from .. import attention as _attn_module
+from ..attention import attention, inference_kernel, l2_normalize_qk
 
 
 Branch = Tuple[torch.Tensor, torch.Tensor]
@@ -71,10 +72,15 @@ class SelfAttention(nn.Module):
     runs inside the attention kernels (``attention(..., fuse_qk_norm=)``); :class:`hmar.accel.GraphedModel` sets
     both attributes for sampling, as measured fastest. ``fused_qk_norm_max_tokens`` (None: no limit): with
     ``fused_qk_norm``, a call over more than this many tokens keeps the normalisation as ops (cuDNN's attention
-    beats the Triton kernel on long dense passes, BENCHMARKS.md section 3g)."""
+    beats the Triton kernel on long dense passes, BENCHMARKS.md section 3g).
+
+    A fused pass of one dense block that needs no gradient (a sampling pass) runs the projection without its bias and
+    :func:`hmar.attention.inference_kernel`'s kernel, which adds the q / v biases and computes the temperature
+    itself: no concatenation of the biases and no temperature kernel in every pass of every block."""
 
     fused_qk_norm: Optional[bool] = None
     fused_qk_norm_max_tokens: Optional[int] = None
+    kernel_constants = True   # False: the sampling passes too concatenate the biases and compute the temperature
 
     def __init__(self, dim: int, num_heads: int, l2_norm: bool = True):
         super().__init__()
@@ -94,6 +100,15 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, lengths: Sequence[int], pattern: str,
                 cache: Optional[KVCache] = None, backend: Optional[str] = None) -> torch.Tensor:
         B, L, C = x.shape
+        most = self.fused_qk_norm_max_tokens   # None stays None (FUSED_QK_NORM decides)
+        fuse = self.fused_qk_norm and (most is None or L <= most)
+        fused_now = _attn_module.FUSED_QK_NORM if fuse is None else fuse
+        kernel = inference_kernel(x, self.head_dim, backend) if (
+            fused_now and self.kernel_constants and self.l2_norm and cache is None and len(lengths) == 1 and not torch.is_grad_enabled()) else None
+        if kernel is not None:   # a sampling pass: biases and temperature read by the kernel, nothing else launched
+            q, k, v = F.linear(x, self.mat_qkv.weight).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            out = kernel(q, k, v, self.scale, self.scale_mul_1H11, self.max_scale_mul, self.q_bias, self.v_bias)
+            return self.proj(out.transpose(1, 2).reshape(B, L, C))
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         # the per-head temperature of the L2-normalised attention (the normalisation itself: l2_normalize_qk)
@@ -104,8 +119,6 @@ class SelfAttention(nn.Module):
             k, v = cache.append(k, v)
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         else:
-            most = self.fused_qk_norm_max_tokens   # None stays None (FUSED_QK_NORM decides)
-            fuse = self.fused_qk_norm and (most is None or L <= most)
             out = attention(q, k, v, lengths=lengths, pattern=pattern, scale=self.scale, backend=backend,
                             qk_norm=qk_norm, fuse_qk_norm=fuse)
         return self.proj(out.transpose(1, 2).reshape(B, L, C))
