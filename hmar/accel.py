@@ -119,7 +119,8 @@ tokens (None: every pass), and as ops of their own before cuDNN's attention in t
 process): hmar-d16 1.09x, hmar-d30 1.05x (all their passes are within 256 tokens), hmar-d16-512 1.08x and 1.10x (the
 two orders), hmar-d30-512 1.06x; fusing every pass instead was 0.89-0.91x at hmar-d16-512 and 0.98x / 1.06x (two
 sessions) at hmar-d30-512, where this limit was 1.08x faster in the same run (cuDNN's forward is faster on long dense
-passes, section 3g's profile and kernel sweep)."""
+passes, section 3g's profile and kernel sweep). With the inference kernel of 2026-12-03 (section 3k), fusing every
+pass was still 0.96-0.98x at 512 px, in both orders."""
 
 
 def fuse_qk_norm_by_default() -> bool:
