@@ -397,6 +397,20 @@ if _HAS_TRITON:
         return (scale * inv)[:, None] * (g - u * proj[:, None]), c
 
     @triton.jit
+    def _softmax_pv(acc, l_i, m_i, s, v_ptrs, n_ok, MASKED: tl.constexpr, UPCAST: tl.constexpr):
+        # the online-softmax update of a key tile's base-2 scores s, then acc += p @ v: (acc, l_i, m_i)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        return _dot_acc(p.to(v.dtype), v, acc, UPCAST), l_i, m_new
+
+    @triton.jit
     def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, skn, svn, lo, hi, start, end, kmax, qk_scale, nk_base, fq,
                    BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
                    QK_NORM: tl.constexpr):
@@ -416,17 +430,7 @@ if _HAS_TRITON:
             if MASKED:
                 ok = (offs_n[None, :] >= lo[:, None]) & (offs_n[None, :] < hi[:, None])
                 s = tl.where(ok, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            if MASKED:
-                v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
-            else:
-                v = tl.load(v_ptrs)
-            acc = _dot_acc(p.to(v.dtype), v, acc, UPCAST)
-            m_i = m_new
+            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, s, v_ptrs, n_ok, MASKED, UPCAST)
         return acc, l_i, m_i
 
     @triton.jit
@@ -508,7 +512,7 @@ if _HAS_TRITON:
     def _dense_step(acc, l_i, m_i, q, k_base, v_base, skn, svn, n0, N, qk_scale,
                     BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
                     QK_NORM: tl.constexpr):
-        # one key tile [n0, n0 + BLOCK_N) of the inference kernel: online softmax, as _fwd_inner
+        # one key tile [n0, n0 + BLOCK_N) of the inference kernel
         offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_D)
         n_ok = offs_n < N
@@ -524,17 +528,7 @@ if _HAS_TRITON:
         s = _dot(q, tl.trans(k), UPCAST) * qk_scale
         if MASKED:
             s = tl.where(n_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        if MASKED:
-            v = tl.load(v_ptrs, mask=n_ok[:, None], other=0.0)
-        else:
-            v = tl.load(v_ptrs)
-        acc = _dot_acc(p.to(v.dtype), v, acc, UPCAST)
-        return acc, l_i, m_new
+        return _softmax_pv(acc, l_i, m_i, s, v_ptrs, n_ok, MASKED, UPCAST)
 
     @triton.jit
     def _dense_kernel(Q, K, V, O, HS, QB, VB, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn, sob, soh, son, H, N,
@@ -1148,9 +1142,7 @@ def dense_inference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             raise ValueError(f"dense_inference_attention: {name} must be a contiguous [H * D] vector, got "
                              f"{tuple(t.shape)}")
     args = (q, k, v, ls, float(scale), q_bias, v_bias, float(max_log_temperature))
-    if torch.compiler.is_compiling():
-        return torch.ops.hmar.dense_attn_infer(*args)
-    return _dense_impl(q, k, v, ls, float(scale), q_bias, v_bias, float(max_log_temperature))
+    return torch.ops.hmar.dense_attn_infer(*args) if torch.compiler.is_compiling() else _dense_impl(*args)
 
 
 def supports(q: torch.Tensor, lengths: Sequence[int], pattern: str) -> bool:
