@@ -679,9 +679,8 @@ def test_a_sampling_pass_reads_the_biases_and_temperature_in_the_kernel(dtype, m
         tk.dense_inference_attention(q, q, q, 1.0, layer.scale_mul_1H11, 4.6, layer.q_bias[:64])
 
 
+@needs_triton
 def test_dense_candidates_fit_the_pass():
-    if not tk._HAS_TRITON:
-        pytest.skip("triton is not installed")
     one = tk.dense_candidates(1)
     assert one == [tk.FwdConfig(16, 16, 1, 3), tk.FwdConfig(16, 16, 1, 2)]
     assert tk.dense_candidates(36)[0] == tk.FwdConfig(64, 64, 4, 3)

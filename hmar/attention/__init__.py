@@ -252,9 +252,11 @@ def _fused_qk_norm_call(q, k, v, lengths, pattern, scale, backend, qk_norm):
     return fn(q, k, v, lengths, pattern, scale, qk_norm)
 
 
-def inference_kernel(x: torch.Tensor, head_dim: int, backend: Optional[str] = None) -> Optional[Callable[..., torch.Tensor]]:
+def inference_kernel(x: torch.Tensor, head_dim: int,
+                     backend: Optional[str] = None) -> Optional[Callable[..., torch.Tensor]]:
     """The kernel that runs one dense pass of the L2-normalised attention straight from a bias-free qkv projection of
-    ``x`` (the biases and the temperature read inside it: :func:`hmar.attention.triton_kernel.dense_inference_attention`),
+    ``x`` (the biases and the temperature read inside it:
+    :func:`hmar.attention.triton_kernel.dense_inference_attention`),
     or None where it cannot: no Triton, not CUDA (nor the interpreter), a dtype other than fp16/bf16 (after autocast),
     a head dim other than 64/128, another backend asked for (``backend`` or ``HMAR_ATTN_BACKEND``), or the kernel
     switched off (``triton_kernel.DENSE_INFERENCE``). The caller checks that no gradient is needed."""
@@ -314,5 +316,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lengths: Seq
 
 
 __all__ = ["attention", "block_mask", "register_backend", "available_backends", "choose_backend", "check_backend",
-           "inference_kernel", "l2_normalize_qk", "prefers_masked_sdpa", "PATTERNS", "TRAINING_BACKENDS", "SMALL_DENSE_SCORES"]
+           "inference_kernel", "l2_normalize_qk", "prefers_masked_sdpa", "PATTERNS", "TRAINING_BACKENDS",
+           "SMALL_DENSE_SCORES"]
 # (FUSED_QK_NORM is a switch: set it as hmar.attention.FUSED_QK_NORM, not on an imported copy)

@@ -97,20 +97,34 @@ class SelfAttention(nn.Module):
         self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
+    def _qkv(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None):
+        """q, k, v (``[B, H, L, D]`` views of one packed projection of ``x``)."""
+        B, L, _ = x.shape
+        qkv = F.linear(x, self.mat_qkv.weight, bias)
+        return qkv.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+
+    def _pass_kernel(self, x: torch.Tensor, lengths: Sequence[int], fuse: Optional[bool],
+                     cache: Optional[KVCache], backend: Optional[str]):
+        """The inference kernel for a fused pass over one block without a cache or a gradient (a sampling pass), or
+        None."""
+        if cache is not None or len(lengths) != 1 or not (self.kernel_constants and self.l2_norm):
+            return None
+        if torch.is_grad_enabled() or not (_attn_module.FUSED_QK_NORM if fuse is None else fuse):
+            return None
+        return inference_kernel(x, self.head_dim, backend)
+
     def forward(self, x: torch.Tensor, lengths: Sequence[int], pattern: str,
                 cache: Optional[KVCache] = None, backend: Optional[str] = None) -> torch.Tensor:
         B, L, C = x.shape
         most = self.fused_qk_norm_max_tokens   # None stays None (FUSED_QK_NORM decides)
         fuse = self.fused_qk_norm and (most is None or L <= most)
-        fused_now = _attn_module.FUSED_QK_NORM if fuse is None else fuse
-        kernel = inference_kernel(x, self.head_dim, backend) if (
-            fused_now and self.kernel_constants and self.l2_norm and cache is None and len(lengths) == 1 and not torch.is_grad_enabled()) else None
+        kernel = self._pass_kernel(x, lengths, fuse, cache, backend)
         if kernel is not None:   # a sampling pass: biases and temperature read by the kernel, nothing else launched
-            q, k, v = F.linear(x, self.mat_qkv.weight).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            q, k, v = self._qkv(x)
             out = kernel(q, k, v, self.scale, self.scale_mul_1H11, self.max_scale_mul, self.q_bias, self.v_bias)
             return self.proj(out.transpose(1, 2).reshape(B, L, C))
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        q, k, v = F.linear(x, self.mat_qkv.weight, bias).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = self._qkv(x, bias)
         # the per-head temperature of the L2-normalised attention (the normalisation itself: l2_normalize_qk)
         qk_norm = self.scale_mul_1H11.clamp(max=self.max_scale_mul).exp() if self.l2_norm else None
         if cache is not None:  # VAR inference: queries of this scale see every cached scale
