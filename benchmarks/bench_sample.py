@@ -74,6 +74,12 @@ for side-by-side ratios:
                 the inference kernel reading them
   nodefer       each block adds its own last residual branch (``hmar.model.transformer.DEFER_RESIDUAL = False``, as
                 until 2026-12-03) instead of the next block adding it inside its first LayerNorm's kernel
+  noguest       the loop's capture reserves its own need only, and the decoder's graphs a block of their own in
+                the shared pool, so that the pool holds the sum of both (``GraphedModel.pool_guest = None``, as until
+                2026-12-03) instead of one block for the larger
+  warm1         each reservation measured on the first warm-up run, with its compiling, autotuning and cuDNN
+                algorithm search (``hmar.accel.MEASURE_SECOND_WARMUP = False``, as until 2026-12-03)
+  decN          N images per decoder call (``FastDecoder.max_batch = N``; default: ``images_per_call``)
   autotune      with compiled: the blocks compiled with mode="max-autotune-no-cudagraphs" (inductor times Triton
                 GEMM templates, which can take the elementwise work around them; minutes of compiling)
 The fast path of 2026-12-01 is fast-chunked-nogelu-sortdraw-nodecgraph-noreserve (with --compile: fast-compiled-...);
@@ -166,12 +172,13 @@ def _variant_patches(variant: str):
     between them; tests/test_triton_attention.py checks that a block is one graph now). ``trainfwd``: the training
     forward in the passes that run the inference kernel now (``DENSE_INFERENCE = False``). ``nodefer``: each block
     adds its own last residual branch (``DEFER_RESIDUAL = False``). ``biascat``: ``SelfAttention.kernel_constants =
-    False``."""
+    False``. ``warm1``: ``hmar.accel.MEASURE_SECOND_WARMUP = False``."""
     mods = variant.split("-")[1:]
+    import hmar.accel as accel
     import hmar.attention.triton_kernel as tk
     import hmar.model.transformer as T
     from hmar.model.blocks import SelfAttention
-    check, dense, defer = tk._check, tk.DENSE_INFERENCE, T.DEFER_RESIDUAL
+    check, dense, defer, second = tk._check, tk.DENSE_INFERENCE, T.DEFER_RESIDUAL, accel.MEASURE_SECOND_WARMUP
 
     def broken_check(*a, **k):
         torch._dynamo.graph_break()
@@ -184,10 +191,12 @@ def _variant_patches(variant: str):
         T.DEFER_RESIDUAL = False
     if "biascat" in mods:
         SelfAttention.kernel_constants = False
+    if "warm1" in mods:
+        accel.MEASURE_SECOND_WARMUP = False
     try:
         yield
     finally:
-        tk._check, tk.DENSE_INFERENCE, T.DEFER_RESIDUAL = check, dense, defer
+        tk._check, tk.DENSE_INFERENCE, T.DEFER_RESIDUAL, accel.MEASURE_SECOND_WARMUP = check, dense, defer, second
         SelfAttention.kernel_constants = True
 
 
@@ -221,6 +230,13 @@ def _measure(m, t, labels, kw, args, device: torch.device, profile: bool = False
         r["pools_gb"] = graph_pool_bytes() / 1e9
         if isinstance(m, GraphedModel):
             r["whole_loop"] = m.whole_loop   # False: the loop capture failed and fell back (a warning says why)
+            # what each capture reserved in its pool (bytes), and the pools' segments
+            r["reserved_loop_gb"] = [(round(getattr(e[0], "need", 0) / 1e9, 3), round(getattr(e[0], "reserved", 0)
+                                      / 1e9, 3)) for e in m._loops.values()]
+            r["pool_segments_gb"] = graph_pool_segments()
+        if getattr(t, "_decode_graphs", None):
+            r["reserved_decoder_gb"] = {"x".join(map(str, k)): round(getattr(e[0], "reserved", 0) / 1e9, 3)
+                                        for k, e in t._decode_graphs.items()}
     if hasattr(t, "images_per_call"):
         r["decode_chunk"] = t.images_per_call(args.batch)
     if profile and device.type == "cuda":
@@ -275,6 +291,11 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
             t.graphs = "nodecgraph" not in mods and isinstance(m, GraphedModel)
             t.reserve_pool = "noreserve" not in mods
             t.pool = m._loop_pool if t.graphs else None
+            if t.graphs and "noguest" not in mods:
+                m.pool_guest = t          # what accelerate() sets up
+            dec_n = [int(d[1]) for d in map(DECN.fullmatch, mods) if d]
+            if dec_n:
+                t.max_batch = dec_n[0]
         with _inductor_settings(variant), _variant_patches(variant):   # the compiles happen in the first timed calls
             r = _measure(m, t, labels, kw, args, device,
                          profile=args.profile and variant in args.profile_variants.split(","))
@@ -285,6 +306,9 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
               f"reserved {r.get('reserved_gb', float('nan')):6.2f} GB  "
               f"pools {r.get('pools_gb', float('nan')):5.2f} GB",
               flush=True)
+        if "pool_segments_gb" in r:
+            print(f"  {name:14s} {variant:26s} need / reserved: loop {r['reserved_loop_gb']} GB, decoder "
+                  f"{r.get('reserved_decoder_gb', {})} GB; pool segments {r['pool_segments_gb']} GB", flush=True)
         for d in fast_decoders.values():   # their graphs keep this variant's loop pool alive: not in the next one's
             d._decode_graphs = {}
         del model, tok, m, t
@@ -296,8 +320,10 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
 
 MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", "nogelu", "sortdraw",
              "decgraph", "nodecgraph", "reserve", "noreserve", "qknorm", "noqknorm", "autotune", "cdt", "nhwc",
-             "nonhwc", "subpixel", "nosubpixel", "graphbreak", "trainfwd", "nodefer", "biascat")
+             "nonhwc", "subpixel", "nosubpixel", "graphbreak", "trainfwd", "nodefer", "biascat", "noguest",
+             "warm1")
 QKMAX = re.compile(r"qkmax(\d+)")   # and qkmaxN: the fused q/k normalisation up to N tokens
+DECN = re.compile(r"dec(\d+)")      # and decN: N images per decoder call
 TOPK_DRAW = hmar.sampling.sample_from_logits
 
 
@@ -324,7 +350,14 @@ def check_variant(v: str) -> bool:
     """fp32-eager, bf16-eager, fast, or fast-<modifier>[-<modifier>...] with modifiers from :data:`MODIFIERS`."""
     parts = v.split("-")
     return v in ("fp32-eager", "bf16-eager") or (parts[0] == "fast" and all(
-        p in MODIFIERS or QKMAX.fullmatch(p) for p in parts[1:]))
+        p in MODIFIERS or QKMAX.fullmatch(p) or DECN.fullmatch(p) for p in parts[1:]))
+
+
+def graph_pool_segments() -> list:
+    """The sizes (GB) of the segments that private pools hold, largest first."""
+    segments = torch.cuda.memory_snapshot()
+    return sorted((round(seg["total_size"] / 1e9, 3) for seg in segments
+                   if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0)), reverse=True)
 
 
 def graph_pool_bytes() -> int:

@@ -30,22 +30,38 @@ until 2026-12-02 (256 MiB: 2 x 8 images at 256 px) decoded 16 images in 35.8 ms 
 call in 31.6 ms (with 0.8 GB more memory); at 512 px 147.8 against 119.8 ms (4.7 GB more; BENCHMARKS.md section 3d)."""
 
 
+MEASURE_SECOND_WARMUP = True
+"""Measure a capture's reservation (``reserve_pool``) on a second warm-up run, not the first. The first run of a shape
+compiles, lets cuDNN time its algorithms and Triton autotune its kernels, and each of those allocates workspaces (and
+Triton's benchmark its 256 MB cache-flush buffer) that no replay needs; the reservation then kept them in the pool."""
+
+POOL_SLACK = 1 / 16
+"""The first loop capture of a pool shared with a decoder reserves this much more than the larger of the two needs:
+room for the outputs the loop graph keeps alive in that block, so that the decoder's reservation still fits beside
+them (see :meth:`GraphedModel._capture_loop`)."""
+
+
 def _on_side_stream(fn: Callable[[], Any], measure: bool = False) -> int:
     """Run ``fn`` (a warm-up before a capture: compiling, autotuning, lazy allocations) on a side stream, ordered
     after and before the current stream's work, as CUDA graph captures want their warm-up. ``measure``: return the
     most memory it held at once beyond what was allocated before (bytes; this resets the process's peak-memory
-    statistics), else 0."""
-    if measure:
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+    statistics), else 0; with :data:`MEASURE_SECOND_WARMUP`, ``fn`` runs twice and the second run is measured."""
     side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
+
+    def run() -> None:
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
     if not measure:
+        run()
         return 0
+    if MEASURE_SECOND_WARMUP:
+        run()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
     torch.cuda.synchronize()
     return max(0, torch.cuda.max_memory_allocated() - base)
 
@@ -60,16 +76,21 @@ def _reserve(nbytes: int, device: torch.device) -> None:
 
 
 def _capture(warm: Callable[[], Any], run: Callable[[], Any], pool, device: torch.device, reserve: bool = False,
-             generator: Optional[torch.Generator] = None) -> Tuple[torch.cuda.CUDAGraph, Any]:
+             generator: Optional[torch.Generator] = None, need: Optional[int] = None,
+             at_least: int = 0) -> Tuple[torch.cuda.CUDAGraph, Any]:
     """``warm()`` on a side stream, then ``run()`` captured as a CUDA graph in ``pool``, first reserving the warm-up's
-    peak as one pool block when ``reserve`` (:func:`_reserve`); ``generator`` is registered with the graph (a replay
-    draws from whatever state it holds then). Returns (graph, what ``run`` returned: the graph's static outputs)."""
-    need = _on_side_stream(warm, measure=reserve)
+    peak (at least ``at_least`` bytes) as one pool block when ``reserve`` (:func:`_reserve`); ``need``: that peak as
+    measured before (the warm-up ran then: it is skipped). ``generator`` is registered with the graph (a replay
+    draws from whatever state it holds then). Returns (graph, what ``run`` returned: the graph's static outputs);
+    the graph's ``need`` and ``reserved`` attributes hold the warm-up's peak and the bytes reserved."""
+    if need is None:
+        need = _on_side_stream(warm, measure=reserve)
     graph = torch.cuda.CUDAGraph()
+    graph.need, graph.reserved = need, max(need, at_least) if reserve else 0
     if generator is not None:
         graph.register_generator_state(generator)
     with torch.cuda.graph(graph, pool=pool):
-        _reserve(need, device)
+        _reserve(graph.reserved, device)
         out = run()
     return graph, out
 
@@ -155,6 +176,10 @@ class GraphedModel:
     decoder graph captured in the same pool (:func:`accelerate`) reuses that block. Measuring the warm-up resets
     the process's peak-memory statistics. On the H200, with the decoder graphs, it left the token time unchanged
     (0.99-1.01x) and the memory need (peak + pools) equal or lower in the four configs (BENCHMARKS.md section 3e).
+    ``pool_guest`` (set by :func:`accelerate`): the :class:`FastDecoder` whose graphs share the loop's pool. The
+    pool's first loop capture first warms the decoder up for its batch (:meth:`FastDecoder.prepare`) and reserves
+    the larger of the two needs (plus :data:`POOL_SLACK`), so that one block serves both; a decoder captured after
+    the loop into a smaller block would add a segment of its own, and the pool would hold the sum.
 
     ``fused_qk_norm`` sets :attr:`hmar.model.blocks.SelfAttention.fused_qk_norm` on the model's attention layers:
     True runs the L2 normalisation of q and k inside the Triton attention kernel (those passes through that kernel
@@ -190,6 +215,7 @@ class GraphedModel:
         # (batch shape, options) -> (graph, its label buffer, its generator, its outputs), least recently used first
         self._loops: "OrderedDict[Tuple, Tuple[Any, ...]]" = OrderedDict()
         self._loop_pool = torch.cuda.graph_pool_handle()
+        self.pool_guest: Optional["FastDecoder"] = None
         self._caches: Optional[List[Any]] = None
         if compile:
             compile_blocks(model, compile_mode)
@@ -289,8 +315,15 @@ class GraphedModel:
                 g.set_state(gen.get_state())      # the user's generator does not advance
                 loop(self.model, sy, g)
         sgen = torch.Generator(device=gen.device)
+        at_least = 0
+        if self.reserve_pool and self.pool_guest is not None and not self._loops:
+            # the pool's first loop capture: a block for the decoder's need too (it fits beside the loop's outputs)
+            need = _on_side_stream(warm, measure=True)
+            at_least = int(max(need, self.pool_guest.prepare(y.shape[0])) * (1 + POOL_SLACK))
+        else:
+            need = None
         graph, outs = _capture(warm, lambda: loop(self.model, sy, sgen), self._loop_pool, y.device,
-                               self.reserve_pool, sgen)
+                               self.reserve_pool, sgen, need=need, at_least=at_least)
         return graph, sy, sgen, outs
 
     def reset(self) -> None:
@@ -392,6 +425,24 @@ class FastDecoder(nn.Module):
         self.graphs, self.reserve_pool = graphs and on_cuda, reserve_pool
         self.pool = pool if pool is not None or not self.graphs else torch.cuda.graph_pool_handle()   # one per decoder
         self._decode_graphs: Dict[Tuple[int, ...], Tuple[Any, torch.Tensor, torch.Tensor]] = {}
+        self._needs: Dict[Tuple[int, ...], int] = {}   # input shape -> its warm-up's measured peak (:meth:`prepare`)
+
+    def prepare(self, batch: int) -> int:
+        """Warm up, once per input shape, the decoder calls that decoding a batch of ``batch`` sampled latents makes
+        (compiling, cuDNN's algorithm search) and measure the memory each holds at once, so that their graphs are
+        captured later without another warm-up. Returns the largest of those needs in bytes (0 without graphs or
+        reserved pools). :class:`GraphedModel` calls it before its loop's first capture in a pool it shares with
+        this decoder (its ``pool_guest``), to reserve one block for both."""
+        if not (self.graphs and self.reserve_pool):
+            return 0
+        n, side = self.images_per_call(batch), self.patch_nums[-1]
+        device = self.post_quant_conv.weight.device
+        for b in {n, batch % n} - {0}:
+            key = (b, self.config.z_channels, side, side)
+            if key not in self._needs:
+                x = torch.zeros(key, device=device)   # the sampler's f_hat: fp32
+                self._needs[key] = _on_side_stream(lambda: self._decode(x), measure=True)
+        return max(self._needs[(b, self.config.z_channels, side, side)] for b in {n, batch % n} - {0})
 
     def _decode_eager(self, f_hat: torch.Tensor) -> torch.Tensor:
         z = f_hat.to(self.dtype).contiguous(memory_format=self.memory_format)
@@ -428,7 +479,7 @@ class FastDecoder(nn.Module):
             sx = f_hat.clone()
             try:   # the warm-up compiles and times cuDNN's algorithms
                 graph, out = _capture(lambda: self._decode(sx), lambda: self._decode(sx), self.pool, sx.device,
-                                      self.reserve_pool)
+                                      self.reserve_pool, need=self._needs.get(key))
             except Exception as e:  # noqa: BLE001  (an op the capture cannot take: keep decoding, say so)
                 _capture_failed("the decoder", e, "decoding without graphs instead")
                 self.graphs = False
@@ -487,4 +538,6 @@ def accelerate(pipe, dtype: torch.dtype = torch.bfloat16, graphs: bool = True, c
     pool = pipe.model._loop_pool if graphs else None
     pipe.tokenizer = FastDecoder(pipe.tokenizer, dtype, compile_decoder, max_batch=decode_batch,
                                  graphs=graphs and graph_decoder, pool=pool, reserve_pool=reserve_pool)
+    if graphs and pipe.tokenizer.graphs:
+        pipe.model.pool_guest = pipe.tokenizer
     return pipe

@@ -1,5 +1,7 @@
 """The CUDA fast path (bf16 + CUDA-graph replay + fast decoder) samples the same tokens as the eager
 bf16 model with the same seed (GPU only: skipped without CUDA); the bf16 decoder stays close to fp32 (CPU too)."""
+import gc
+
 import pytest
 import torch
 
@@ -675,6 +677,37 @@ def test_decoder_graph_plumbing_on_the_cpu(monkeypatch):
 
 
 @cuda
+def test_one_pool_block_serves_the_loop_and_the_decoder():
+    """``accelerate()`` on the GPU: the loop's first capture warms the decoder up (``pool_guest``) and reserves one
+    block for the larger of the two needs; the decoder's graphs then fit in that block, so the shared pool holds
+    about that block, not the sum of both needs (a few 2 MB segments of small allocations aside). The images are
+    those of the pipeline without the shared reservation."""
+    from hmar.accel import accelerate
+    from hmar.pipeline import HMARPipeline
+    images = {}
+    for guest in (True, False):
+        pipe = accelerate(HMARPipeline.from_preset("hmar-tiny", device="cuda"), decode_batch=16)
+        assert pipe.model.pool_guest is pipe.tokenizer
+        if not guest:
+            pipe.model.pool_guest = None
+        images[guest] = pipe.generate(list(range(16)), generator=0).images
+        (graph, *_), = pipe.model._loops.values()
+        (dec, *_), = pipe.tokenizer._decode_graphs.values()
+        pool = sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+                   if tuple(seg.get("segment_pool_id", (0, 0))) == tuple(pipe.model._loop_pool))
+        assert dec.reserved > 8 * 2 ** 20                  # large enough to tell one block from two
+        if guest:
+            assert graph.reserved >= dec.reserved
+            assert pool <= graph.reserved + 8 * 2 ** 20, (pool, graph.reserved, dec.reserved)
+        elif dec.reserved > graph.reserved:               # the decoder's block did not fit in the loop's
+            assert pool >= graph.reserved + dec.reserved, (pool, graph.reserved, dec.reserved)
+        del pipe, graph, dec
+        gc.collect()
+        torch.cuda.empty_cache()
+    torch.testing.assert_close(images[True], images[False], atol=1e-3, rtol=0)
+
+
+@cuda
 def test_graphed_decoder_in_the_loop_pool_matches_the_plain_one():
     """``accelerate(graph_decoder=True)`` (the default) on the GPU: the decoder's calls replay CUDA graphs in the
     loop graph's pool. Images equal those of the same decoder without graphs (the same kernels), over calls with two seeds and
@@ -784,10 +817,12 @@ def test_graphed_model_sets_the_fused_qk_norm_of_its_layers(monkeypatch):
 
 
 def test_reserved_pool_plumbing_on_the_cpu(monkeypatch):
-    """``reserve_pool`` without a GPU (memory statistics and CUDA graphs replaced by stand-ins): the warm-up's peak
-    above what was allocated before is measured, and each capture (the loop's and the decoder's) reserves exactly
-    that as its first allocation, inside the graph; without ``reserve_pool`` nothing is measured, and the
-    reservation is of 0 bytes (no allocation)."""
+    """``reserve_pool`` without a GPU (memory statistics and CUDA graphs replaced by stand-ins): the peak of a second
+    warm-up run above what was allocated before is measured (the first run's compiling and autotuning workspaces do
+    not count), and each capture (the loop's and the decoder's) reserves exactly that as its first allocation,
+    inside the graph; without ``reserve_pool`` nothing is measured, and the reservation is of 0 bytes (no
+    allocation). A decoder sharing the loop's pool (``pool_guest``) is warmed up by the loop's first capture, which
+    reserves the larger need plus the slack; the decoder's captures then skip their warm-ups."""
     import contextlib
 
     import hmar.accel as accel
@@ -825,19 +860,46 @@ def test_reserved_pool_plumbing_on_the_cpu(monkeypatch):
         stats["peak"] = max(stats["peak"], stats["alloc"] + held)
         events.append("run")
 
+    held = iter([9000, 3000])                         # the first run compiles and autotunes, the second is steady
+    assert accel._on_side_stream(lambda: work(next(held)), measure=True) == 3000
+    monkeypatch.setattr(accel, "MEASURE_SECOND_WARMUP", False)
     assert accel._on_side_stream(lambda: work(5000), measure=True) == 5000
+    monkeypatch.setattr(accel, "MEASURE_SECOND_WARMUP", True)
     assert accel._on_side_stream(lambda: work(7000)) == 0          # not measured: the statistics are not touched
-    for reserve in (True, False):
-        events.clear()
+
+    def graphed(reserve, guest=None):
         fast = object.__new__(GraphedModel)
-        fast.__dict__.update(model=None, warmup=1, reserve_pool=reserve, _loop_pool=None)
-        fast._capture_loop(lambda m, y, g: work(3000), torch.zeros(2), torch.Generator())
-        assert events == ["run", "begin", ("reserve", 3000 if reserve else 0), "run", "end"]   # 0: nothing
+        fast.__dict__.update(model=None, warmup=1, reserve_pool=reserve, _loop_pool=None, pool_guest=guest,
+                             _loops={})
+        return fast
+    tok = VQVAE(tokenizer_config("vqvae-tiny")).eval()
+    for reserve in (True, False):
+        warm = ["run", "run"] if reserve else ["run"]
         events.clear()
-        fd = FastDecoder(VQVAE(tokenizer_config("vqvae-tiny")).eval(), dtype=torch.float32, compile=False)
+        graphed(reserve)._capture_loop(lambda m, y, g: work(3000), torch.zeros(2), torch.Generator())
+        assert events == warm + ["begin", ("reserve", 3000 if reserve else 0), "run", "end"]   # 0: nothing
+        events.clear()
+        fd = FastDecoder(tok, dtype=torch.float32, compile=False)
         fd._decode, fd.graphs, fd.pool, fd.reserve_pool = (lambda x: (work(4000), x)[1]), True, None, reserve
         fd.fhat_to_img(torch.zeros(1, 2))
-        assert events == ["run", "begin", ("reserve", 4000 if reserve else 0), "run", "end", "replay"]
+        assert events == warm + ["begin", ("reserve", 4000 if reserve else 0), "run", "end", "replay"]
+
+    fd = FastDecoder(tok, dtype=torch.float32, compile=False, max_batch=2)
+    fd._decode, fd.graphs, fd.pool = (lambda x: (work(4000 * x.shape[0]), x)[1]), True, None
+    events.clear()                                    # a batch of 3: decoder calls of 2 and 1 images
+    graphed(True, guest=fd)._capture_loop(lambda m, y, g: work(3000), torch.zeros(3), torch.Generator())
+    block = int(8000 * (1 + accel.POOL_SLACK))
+    assert events == ["run"] * 2 + ["run"] * 4 + ["begin", ("reserve", block), "run", "end"]
+    side = tok.patch_nums[-1]
+    events.clear()
+    fd.fhat_to_img(torch.zeros(3, tok.config.z_channels, side, side))    # no warm-up: measured by prepare
+    assert events == ["begin", ("reserve", 8000), "run", "end", "replay",
+                      "begin", ("reserve", 4000), "run", "end", "replay"]
+    events.clear()                                    # a later loop capture in that pool reserves its own need
+    fast = graphed(True, guest=fd)
+    fast._loops["an earlier loop"] = None
+    fast._capture_loop(lambda m, y, g: work(3000), torch.zeros(3), torch.Generator())
+    assert events == ["run"] * 2 + ["begin", ("reserve", 3000), "run", "end"]
 
 
 def _bench_sample_module(monkeypatch):
