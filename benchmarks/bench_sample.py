@@ -79,6 +79,9 @@ for side-by-side ratios:
                 2026-12-03) instead of one block for the larger
   warm1         each reservation measured on the first warm-up run, with its compiling, autotuning and cuDNN
                 algorithm search (``hmar.accel.MEASURE_SECOND_WARMUP = False``, as until 2026-12-03)
+  frN           the decoder's full-resolution part in N chunks of each call's images (``FastDecoder(full_res_chunks=N)``;
+                the default is 2 since the third session of 2026-12-03, fr1 is the decoder until then; a decoder of its
+                own, compiled once for the variants of a config that ask for it)
   decN          N images per decoder call (``FastDecoder.max_batch = N``; default: ``images_per_call``)
   autotune      with compiled: the blocks compiled with mode="max-autotune-no-cudagraphs" (inductor times Triton
                 GEMM templates, which can take the elementwise work around them; minutes of compiling)
@@ -256,9 +259,11 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
     for variant in args.variants:
         with torch.device(device):
             model = build_model(model_config(name)).eval()
-        # the decoder options of this variant: (nhwc_kernels, subpixel), None leaving the choice to FastDecoder
+        # the decoder options of this variant: (nhwc_kernels, subpixel, full_res_chunks), None: FastDecoder chooses
         mods = set(variant.split("-")[1:])
-        dec_key = ("nonhwc" not in mods, True if "subpixel" in mods else False if "nosubpixel" in mods else None)
+        fr = [int(f[1]) for f in map(FRN.fullmatch, mods) if f]
+        dec_key = ("nonhwc" not in mods, True if "subpixel" in mods else False if "nosubpixel" in mods else None,
+                   fr[0] if fr else 2)
         shared = variant.startswith("fast") and dec_key in fast_decoders
         # the fast variants after the first reuse its decoder
         tok = None if shared else build_tokenizer(name, device)
@@ -282,7 +287,7 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
             if dec_key not in fast_decoders:
                 fast_decoders[dec_key] = FastDecoder(tok, compile=device.type == "cuda" and not args.no_compile,
                                                      mode=args.compile_mode, nhwc_kernels=dec_key[0],
-                                                     subpixel=dec_key[1])
+                                                     subpixel=dec_key[1], full_res_chunks=dec_key[2])
             t = fast_decoders[dec_key]
             t.max_batch = (args.batch if "onecall" in mods else
                            decode_chunk(t.config, args.batch, t.dtype.itemsize) if "chunked" in mods else None)
@@ -315,7 +320,24 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
         gc.collect()          # nothing of this variant (weights, graphs) may count in the next one's memory
         if device.type == "cuda":
             torch.cuda.empty_cache()
+            if args.leak_check:
+                print_pool_survivors(f"{name} {variant}")
     return results
+
+
+def print_pool_survivors(after: str) -> None:
+    """The private-pool segments still held after a variant was dropped, and the live blocks that pin each (with
+    where they were allocated: ``--leak-check`` records the allocation history)."""
+    for seg in torch.cuda.memory._snapshot()["segments"]:
+        if tuple(seg.get("segment_pool_id", (0, 0))) == (0, 0):
+            continue
+        live = [b for b in seg["blocks"] if b["state"] == "active_allocated"]
+        print(f"  leak check after {after}: pool {seg['segment_pool_id']} segment {seg['total_size'] / 1e9:.3f} GB, "
+              f"{len(live)} live blocks", flush=True)
+        for b in live[:4]:
+            frames = [f"{f['filename'].split('/')[-1]}:{f['line']} {f['name']}" for f in b.get("frames", [])
+                      if "hmar" in f["filename"] or "bench" in f["filename"]][:6]
+            print(f"    {b['size'] / 1e6:.2f} MB  " + " <- ".join(frames), flush=True)
 
 
 MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", "nogelu", "sortdraw",
@@ -324,6 +346,7 @@ MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", 
              "warm1")
 QKMAX = re.compile(r"qkmax(\d+)")   # and qkmaxN: the fused q/k normalisation up to N tokens
 DECN = re.compile(r"dec(\d+)")      # and decN: N images per decoder call
+FRN = re.compile(r"fr(\d+)")        # and frN: the decoder's full-resolution part in N chunks
 TOPK_DRAW = hmar.sampling.sample_from_logits
 
 
@@ -350,7 +373,7 @@ def check_variant(v: str) -> bool:
     """fp32-eager, bf16-eager, fast, or fast-<modifier>[-<modifier>...] with modifiers from :data:`MODIFIERS`."""
     parts = v.split("-")
     return v in ("fp32-eager", "bf16-eager") or (parts[0] == "fast" and all(
-        p in MODIFIERS or QKMAX.fullmatch(p) or DECN.fullmatch(p) for p in parts[1:]))
+        p in MODIFIERS or any(r.fullmatch(p) for r in (QKMAX, DECN, FRN)) for p in parts[1:]))
 
 
 def graph_pool_segments() -> list:
@@ -548,6 +571,8 @@ def main() -> None:
                          "modulations, and the ada_lin bytes a pass no longer reads (no timing)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--leak-check", action="store_true", help="CUDA: record the allocation history and print, after "
+                    "each variant, the graph-pool segments that outlive it and what pins them")
     args = ap.parse_args()
     args.variants = args.variants.split(",")
     unknown = [v for v in args.variants if not check_variant(v)]
@@ -557,6 +582,8 @@ def main() -> None:
     if args.quick:
         args.reps = 2
     device = torch.device(args.device)
+    if args.leak_check and device.type == "cuda":
+        torch.cuda.memory._record_memory_history(max_entries=200_000)
     info = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "date": time.strftime("%Y-%m-%d"), "batch": args.batch, "cfg": 1.5, "schedule": "default"}
     print(json.dumps(info))

@@ -380,13 +380,20 @@ class FastDecoder(nn.Module):
     fails falls back to eager calls, with a warning. ``reserve_pool``: each capture first reserves its warm-up's
     peak as one block of the pool, as :class:`GraphedModel`'s ``reserve_pool`` does (a block the loop's capture
     reserved and freed serves the decoder's when it is large enough). With graphs, as :class:`GraphedModel`, it is
-    not thread-safe: replays share their static buffers, so decode from one thread at a time."""
+    not thread-safe: replays share their static buffers, so decode from one thread at a time.
+
+    ``full_res_chunks`` (default 2): each call runs the decoder's full-resolution part (the last up-sampling, the
+    full-resolution level, the output convolution) in that many chunks of its images, one after the other
+    (:attr:`hmar.tokenizer.autoencoder.Decoder.full_res_chunks`): the same images, and that part's activations, the
+    largest of the decoder, that many times smaller. In the shared pool the decoder's block is what the memory of a
+    graphed sampling call is made of beside the weights: on the H200 (batch 16) the decoder's need fell from 1.34 to
+    ... GB at 256 px and from 5.37 to ... GB at 512 px (BENCHMARKS.md section 3l)."""
 
     def __init__(self, tokenizer: nn.Module, dtype: torch.dtype = torch.bfloat16, compile: bool = True,
                  mode: Optional[str] = None, channels_last: bool = True, max_batch: Optional[int] = None,
                  cudnn_benchmark: bool = True, offload_encoder: bool = True, subpixel: Optional[bool] = None,
                  nhwc_kernels: bool = True, graphs: bool = False, pool: Optional[Tuple[int, int]] = None,
-                 reserve_pool: bool = True):
+                 reserve_pool: bool = True, full_res_chunks: int = 2):
         super().__init__()
         from .tokenizer.autoencoder import GroupNorm, Upsample
         self.tokenizer = tokenizer
@@ -401,6 +408,9 @@ class FastDecoder(nn.Module):
                     m.subpixel_weight = m.subpixel_bias = None
             elif isinstance(m, GroupNorm):
                 m.channel_stats = self.nhwc_kernels
+        if full_res_chunks < 1:
+            raise ValueError(f"FastDecoder: full_res_chunks={full_res_chunks}; use 1 (no chunks) or more")
+        tokenizer.decoder.full_res_chunks = full_res_chunks
         self.max_batch = max_batch
         on_cuda = tokenizer.post_quant_conv.weight.is_cuda
         self._encoding = (tokenizer.encoder, tokenizer.quant_conv)

@@ -65,7 +65,11 @@
 #   23 (third session of 2026-12-03): one pool block for the loop and the decoder (the loop's first capture warms the
 #           decoder up and reserves the larger need) and the reservations measured on a second warm-up: their GPU
 #           test, then every goal config against -noguest-warm1 (the pools until then) and -dec8 (~9 minutes)
-#   24: the decoder GPU tests of call 22 (with the new pool test) alone (~5 minutes)
+#           (ran then: one block served both, but the decoder's block alone kept peak + pools above 0.5 of the official
+#           at 256 px, and a pool of the run's first variant outlived it; BENCHMARKS.md 3l)
+#   24: the decoder's full-resolution part in two chunks (the new default) against one (-fr1), every goal config, then
+#           which live blocks pin a graph pool after its variant is dropped (--leak-check, hmar-d16; ~9 minutes)
+#   25: the decoder GPU tests of call 22 (with the new pool and chunk tests) alone (~5 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -87,7 +91,8 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   14) STEPS="subpixel-decode" ;; 15) STEPS="subpixel-sample" ;; 16) STEPS="onegraph-test graphbreak-sample decoder-tests" ;;
   17) STEPS="graphbreak-sample-512" ;; 18) STEPS="dense-tests sweep-passes" ;; 19) STEPS="dense-sample" ;;
   20) STEPS="dense-sample-512" ;; 21) STEPS="quick-tests sampling-pass-test defer-sample" ;;
-  22) STEPS="d30-512-again decoder-tests" ;; 23) STEPS="pool-test pool-sample" ;; 24) STEPS="decoder-tests" ;;
+  22) STEPS="d30-512-again decoder-tests" ;; 23) STEPS="pool-test pool-sample" ;;
+  24) STEPS="pool-test fr-sample leak-check" ;; 25) STEPS="decoder-tests" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
@@ -232,6 +237,12 @@ for s in $STEPS; do
     pool-sample) bench pools hmar-d30,hmar-d16,hmar-d16-512,hmar-d30-512 \
                    fast-compiled,fast-compiled-noguest-warm1,fast-compiled-dec8
                  grep -E "need / reserved" "$L/sample-pools.log" ;;
+    fr-sample) bench fr hmar-d30,hmar-d16,hmar-d16-512,hmar-d30-512 fast-compiled,fast-compiled-fr1
+               grep -E "need / reserved" "$L/sample-fr.log" ;;
+    leak-check)
+      step "which live blocks pin a graph pool after its variant is dropped"
+      timeout "$(left)" python3 $S --reps 1 --configs hmar-d16 --variants fast-compiled,fast-compiled-fr1 --leak-check \
+        > "$L/leak-check.log" 2>&1; grep -A4 "leak check" "$L/leak-check.log" | head -40 ;;
     sampling-pass-test)
       step "GPU tests: the sampling passes' inference kernel with the biases and the temperature"
       gpu_tests sampling-pass-test 90 tests/test_triton_attention.py -k "sampling_pass or one_graph" ;;
@@ -245,7 +256,7 @@ for s in $STEPS; do
     decoder-tests)
       step "GPU tests: the fast decoder (graphed in the loop pool, NHWC, sub-pixel) against the plain one"
       gpu_tests decoder-tests 300 tests/test_accel.py \
-        -k "one_pool_block or graphed_decoder or pipeline_fast_sampling or fast_decoder or chunked_decode or bf16_decoder or nhwc or subpixel" ;;
+        -k "one_pool_block or full_res_chunks or graphed_decoder or pipeline_fast_sampling or fast_decoder or chunked_decode or bf16_decoder or nhwc or subpixel" ;;
     autotune) bench autotune hmar-d16 fast-compiled,fast-compiled-autotune ;;   # last: its compile may not finish
     decoders)  # the three that matter since 2026-12-01 (channels_last and fp32 compile: BENCHMARKS.md 3a)
       step decoders

@@ -561,6 +561,37 @@ def test_subpixel_upsample_is_nearest_x2_then_conv(dtype):
             torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_full_res_chunks_decode_the_same_images():
+    """``Decoder.full_res_chunks``: the full-resolution part in chunks of the batch gives the same images (every
+    image is decoded on its own; oneDNN may pick another algorithm per batch size), also for chunk counts that do not divide the batch or exceed it, and for a decoder
+    of a single level (no up-sampling); ``FastDecoder(full_res_chunks=)`` sets it (2 by default) and rejects 0."""
+    import copy
+
+    from hmar.accel import FastDecoder
+    from hmar.tokenizer.autoencoder import Decoder
+    torch.manual_seed(0)
+    tok = VQVAE(tokenizer_config("vqvae-tiny")).eval()
+    f_hat = torch.randn(5, tok.config.z_channels, 8, 8) * 0.3
+    one = Decoder(ch=8, ch_mult=(2,), num_res_blocks=1, z_channels=tok.config.z_channels, groups=4).eval()
+    calls = []
+    for dec in (tok.decoder, one):
+        dec.up[0].block[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+        with torch.no_grad():
+            want = dec(f_hat)
+            for chunks in (2, 3, 5, 9):
+                calls.clear()
+                dec.full_res_chunks = chunks
+                torch.testing.assert_close(dec(f_hat), want, atol=1e-5, rtol=1e-5)   # (oneDNN: per batch size)
+                assert calls == [len(c) for c in torch.arange(5).split(-(-5 // chunks))], (chunks, calls)
+        dec.full_res_chunks = 1
+    fast = FastDecoder(copy.deepcopy(tok), dtype=torch.float32, compile=False)
+    assert fast.dec.full_res_chunks == 2
+    with torch.no_grad():
+        torch.testing.assert_close(fast.fhat_to_img(f_hat), tok.fhat_to_img(f_hat), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="full_res_chunks"):
+        FastDecoder(copy.deepcopy(tok), compile=False, full_res_chunks=0)
+
+
 def test_nhwc_kernels_compute_the_same_decoder():
     """``FastDecoder(nhwc_kernels=True)``: the GroupNorm from per-channel statistics equals ``nn.GroupNorm``
     (float64 to 1e-12, also with a large common offset, where a sum-of-squares variance would lose digits; channels_last
@@ -690,7 +721,7 @@ def test_one_pool_block_serves_the_loop_and_the_decoder():
         assert pipe.model.pool_guest is pipe.tokenizer
         if not guest:
             pipe.model.pool_guest = None
-        images[guest] = pipe.generate(list(range(16)), generator=0).images
+        images[guest] = pipe.generate([i % 10 for i in range(16)], generator=0).images
         (graph, *_), = pipe.model._loops.values()
         (dec, *_), = pipe.tokenizer._decode_graphs.values()
         pool = sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()

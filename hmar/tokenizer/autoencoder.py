@@ -227,14 +227,33 @@ class Decoder(nn.Module):
         self.norm_out = _norm(cin, groups)
         self.conv_out = nn.Conv2d(cin, 3, 3, 1, 1)
 
+    full_res_chunks = 1
+    """Chunks of the batch that the full-resolution part (the last up-sampling, the full-resolution level, the output
+    convolution) runs in, one after the other: the same images, with that part's activations (the largest of the
+    decoder) ``full_res_chunks`` times smaller. :class:`hmar.accel.FastDecoder` sets it."""
+
+    @staticmethod
+    def _level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(level.block):
+            h = block(h)
+            if len(level.attn):
+                h = level.attn[i](h)
+        return h
+
+    def _full_res(self, h: torch.Tensor) -> torch.Tensor:
+        if len(self.up) > 1:
+            h = self.up[1].upsample(h)
+        h = self._level(self.up[0], h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
-        for level in reversed(self.up):
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        for k in range(len(self.up) - 1, 0, -1):      # up[L-1] .. up[1]; up[1]'s up-sampling opens the last part
+            h = self._level(self.up[k], h)
+            if k > 1:
+                h = self.up[k].upsample(h)
+        n = -(-h.shape[0] // max(1, self.full_res_chunks))
+        if n >= h.shape[0]:
+            return self._full_res(h)
+        return torch.cat([self._full_res(c) for c in h.split(n)])
