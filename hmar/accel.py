@@ -41,12 +41,28 @@ room for the outputs the loop graph keeps alive in that block, so that the decod
 them (see :meth:`GraphedModel._capture_loop`)."""
 
 
+_CAPTURE_STREAMS: Dict[int, torch.cuda.Stream] = {}
+
+
+def _capture_stream() -> torch.cuda.Stream:
+    """The one side stream (per GPU) of every warm-up and capture here. cuBLAS keeps a workspace per (handle,
+    stream), allocated at the stream's first GEMM: on a stream first used inside a capture it came from that graph's
+    private pool, and it pinned the pool's segment (1.16 GB on the H200, hmar-d16) for the life of the process, after
+    every graph of the pool was gone (BENCHMARKS.md section 3l). A warm-up on the capture's own stream allocates it
+    outside any pool."""
+    index = torch.cuda.current_device()
+    if index not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[index] = torch.cuda.Stream()
+    return _CAPTURE_STREAMS[index]
+
+
 def _on_side_stream(fn: Callable[[], Any], measure: bool = False) -> int:
     """Run ``fn`` (a warm-up before a capture: compiling, autotuning, lazy allocations) on a side stream, ordered
     after and before the current stream's work, as CUDA graph captures want their warm-up. ``measure``: return the
     most memory it held at once beyond what was allocated before (bytes; this resets the process's peak-memory
-    statistics), else 0; with :data:`MEASURE_SECOND_WARMUP`, ``fn`` runs twice and the second run is measured."""
-    side = torch.cuda.Stream()
+    statistics), else 0; with :data:`MEASURE_SECOND_WARMUP`, ``fn`` runs twice and the second run is measured. The
+    side stream is the captures' own (:func:`_capture_stream`)."""
+    side = _capture_stream()
 
     def run() -> None:
         side.wait_stream(torch.cuda.current_stream())
@@ -89,7 +105,7 @@ def _capture(warm: Callable[[], Any], run: Callable[[], Any], pool, device: torc
     graph.need, graph.reserved = need, max(need, at_least) if reserve else 0
     if generator is not None:
         graph.register_generator_state(generator)
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph, pool=pool, stream=_capture_stream()):
         _reserve(graph.reserved, device)
         out = run()
     return graph, out
@@ -382,10 +398,11 @@ class FastDecoder(nn.Module):
     reserved and freed serves the decoder's when it is large enough). With graphs, as :class:`GraphedModel`, it is
     not thread-safe: replays share their static buffers, so decode from one thread at a time.
 
-    ``full_res_chunks`` (default 2): each call runs the decoder's full-resolution part (the last up-sampling, the
-    full-resolution level, the output convolution) in that many chunks of its images, one after the other
-    (:attr:`hmar.tokenizer.autoencoder.Decoder.full_res_chunks`): the same images, and that part's activations, the
-    largest of the decoder, that many times smaller. In the shared pool the decoder's block is what the memory of a
+    ``full_res_chunks`` (default 2): each call runs the decoder's full-resolution part
+    (:meth:`hmar.tokenizer.autoencoder.Decoder.full_res`: the last up-sampling, the full-resolution level, the output
+    convolution) in that many chunks of its images, one after the other: the same images, and that part's
+    activations, the largest of the decoder, that many times smaller. The two parts are compiled apart, so that
+    inductor cannot interleave the chunks' kernels (and their memory). In the shared pool the decoder's block is what the memory of a
     graphed sampling call is made of beside the weights: on the H200 (batch 16) the decoder's need fell from 1.34 to
     ... GB at 256 px and from 5.37 to ... GB at 512 px (BENCHMARKS.md section 3l)."""
 
@@ -410,7 +427,7 @@ class FastDecoder(nn.Module):
                 m.channel_stats = self.nhwc_kernels
         if full_res_chunks < 1:
             raise ValueError(f"FastDecoder: full_res_chunks={full_res_chunks}; use 1 (no chunks) or more")
-        tokenizer.decoder.full_res_chunks = full_res_chunks
+        self.full_res_chunks = full_res_chunks
         self.max_batch = max_batch
         on_cuda = tokenizer.post_quant_conv.weight.is_cuda
         self._encoding = (tokenizer.encoder, tokenizer.quant_conv)
@@ -429,9 +446,11 @@ class FastDecoder(nn.Module):
         self.post_quant_conv = tokenizer.post_quant_conv
         self.dec = tokenizer.decoder.to(dtype=dtype, memory_format=self.memory_format)
         self.post_quant_conv.to(dtype=dtype, memory_format=self.memory_format)
-        self._decode = self._decode_eager
+        self._low, self._high = self._decode_low, self._decode_high
         if compile:
-            self._decode = torch.compile(self._decode_eager, mode=mode, dynamic=False)
+            self._low = torch.compile(self._decode_low, mode=mode, dynamic=False)
+            self._high = torch.compile(self._decode_high, mode=mode, dynamic=False)
+        self._decode = self._decode_compiled
         self.graphs, self.reserve_pool = graphs and on_cuda, reserve_pool
         self.pool = pool if pool is not None or not self.graphs else torch.cuda.graph_pool_handle()   # one per decoder
         self._decode_graphs: Dict[Tuple[int, ...], Tuple[Any, torch.Tensor, torch.Tensor]] = {}
@@ -454,9 +473,24 @@ class FastDecoder(nn.Module):
                 self._needs[key] = _on_side_stream(lambda: self._decode(x), measure=True)
         return max(self._needs[(b, self.config.z_channels, side, side)] for b in {n, batch % n} - {0})
 
-    def _decode_eager(self, f_hat: torch.Tensor) -> torch.Tensor:
+    def _decode_low(self, f_hat: torch.Tensor) -> torch.Tensor:
         z = f_hat.to(self.dtype).contiguous(memory_format=self.memory_format)
-        return self.dec(self.post_quant_conv(z)).float().clamp(-1, 1)
+        return self.dec.low_res(self.post_quant_conv(z))
+
+    def _decode_high(self, h: torch.Tensor) -> torch.Tensor:
+        return self.dec.full_res(h).float().clamp(-1, 1)
+
+    def _in_parts(self, low: Callable, high: Callable, f_hat: torch.Tensor) -> torch.Tensor:
+        """``high(low(f_hat))``, ``high`` on :attr:`full_res_chunks` chunks of the batch, one after the other."""
+        h = low(f_hat)
+        n = -(-h.shape[0] // self.full_res_chunks)
+        return high(h) if n >= h.shape[0] else torch.cat([high(c) for c in h.split(n)])
+
+    def _decode_eager(self, f_hat: torch.Tensor) -> torch.Tensor:
+        return self._in_parts(self._decode_low, self._decode_high, f_hat)
+
+    def _decode_compiled(self, f_hat: torch.Tensor) -> torch.Tensor:
+        return self._in_parts(self._low, self._high, f_hat)
 
     def fhat_to_img(self, f_hat: torch.Tensor, max_batch: Optional[int] = None) -> torch.Tensor:
         """Decode ``max_batch`` images at a time (default: ``max_batch`` given at construction, else

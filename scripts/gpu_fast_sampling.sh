@@ -70,6 +70,11 @@
 #   24: the decoder's full-resolution part in two chunks (the new default) against one (-fr1), every goal config, then
 #           which live blocks pin a graph pool after its variant is dropped (--leak-check, hmar-d16; ~9 minutes)
 #   25: the decoder GPU tests of call 22 (with the new pool and chunk tests) alone (~5 minutes)
+#           (call 24 ran: the chunks saved 0.25 GB at 256 px and 1.0 GB at 512 px, less than their size, as one
+#           compiled graph let inductor interleave them; and the pinning block was cuBLAS's workspace of the capture
+#           stream, allocated in the first capture's pool)
+#   26: after both fixes (the two decoder parts compiled apart; warm-ups and captures on one stream): the pool test,
+#           every goal config against -fr1, then the decoder GPU tests in the time left (~9.5 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -93,6 +98,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   20) STEPS="dense-sample-512" ;; 21) STEPS="quick-tests sampling-pass-test defer-sample" ;;
   22) STEPS="d30-512-again decoder-tests" ;; 23) STEPS="pool-test pool-sample" ;;
   24) STEPS="pool-test fr-sample leak-check" ;; 25) STEPS="decoder-tests" ;;
+  26) STEPS="pool-test fr-sample decoder-tests" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1

@@ -227,11 +227,6 @@ class Decoder(nn.Module):
         self.norm_out = _norm(cin, groups)
         self.conv_out = nn.Conv2d(cin, 3, 3, 1, 1)
 
-    full_res_chunks = 1
-    """Chunks of the batch that the full-resolution part (the last up-sampling, the full-resolution level, the output
-    convolution) runs in, one after the other: the same images, with that part's activations (the largest of the
-    decoder) ``full_res_chunks`` times smaller. :class:`hmar.accel.FastDecoder` sets it."""
-
     @staticmethod
     def _level(level: nn.Module, h: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(level.block):
@@ -240,20 +235,23 @@ class Decoder(nn.Module):
                 h = level.attn[i](h)
         return h
 
-    def _full_res(self, h: torch.Tensor) -> torch.Tensor:
-        if len(self.up) > 1:
-            h = self.up[1].upsample(h)
-        h = self._level(self.up[0], h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def low_res(self, z: torch.Tensor) -> torch.Tensor:
+        """The decoder up to the last up-sampling: every level but the full-resolution one."""
         h = self.conv_in(z)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         for k in range(len(self.up) - 1, 0, -1):      # up[L-1] .. up[1]; up[1]'s up-sampling opens the last part
             h = self._level(self.up[k], h)
             if k > 1:
                 h = self.up[k].upsample(h)
-        n = -(-h.shape[0] // max(1, self.full_res_chunks))
-        if n >= h.shape[0]:
-            return self._full_res(h)
-        return torch.cat([self._full_res(c) for c in h.split(n)])
+        return h
+
+    def full_res(self, h: torch.Tensor) -> torch.Tensor:
+        """The rest: the last up-sampling, the full-resolution level and the output convolution, where the largest
+        activations are (:class:`hmar.accel.FastDecoder` runs it on chunks of the batch)."""
+        if len(self.up) > 1:
+            h = self.up[1].upsample(h)
+        h = self._level(self.up[0], h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.full_res(self.low_res(z))
