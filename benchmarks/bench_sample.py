@@ -80,8 +80,8 @@ for side-by-side ratios:
   warm1         each reservation measured on the first warm-up run, with its compiling, autotuning and cuDNN
                 algorithm search (``hmar.accel.MEASURE_SECOND_WARMUP = False``, as until 2026-12-03)
   frN           the decoder's full-resolution part in N chunks of each call's images (``FastDecoder(full_res_chunks=N)``;
-                the default is 2 since the third session of 2026-12-03, fr1 is the decoder until then; a decoder of its
-                own, compiled once for the variants of a config that ask for it)
+                by default since the third session of 2026-12-03: none at 256 px, 2 at 512 px, batch 16; fr1 is the
+                decoder until then; a decoder of its own, compiled once for the variants of a config that ask for it)
   decN          N images per decoder call (``FastDecoder.max_batch = N``; default: ``images_per_call``)
   autotune      with compiled: the blocks compiled with mode="max-autotune-no-cudagraphs" (inductor times Triton
                 GEMM templates, which can take the elementwise work around them; minutes of compiling)
@@ -263,7 +263,7 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
         mods = set(variant.split("-")[1:])
         fr = [int(f[1]) for f in map(FRN.fullmatch, mods) if f]
         dec_key = ("nonhwc" not in mods, True if "subpixel" in mods else False if "nosubpixel" in mods else None,
-                   fr[0] if fr else 2)
+                   fr[0] if fr else None)
         shared = variant.startswith("fast") and dec_key in fast_decoders
         # the fast variants after the first reuse its decoder
         tok = None if shared else build_tokenizer(name, device)

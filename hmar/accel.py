@@ -56,6 +56,11 @@ def _capture_stream() -> torch.cuda.Stream:
     return _CAPTURE_STREAMS[index]
 
 
+FAST_FULL_RES_BYTES = 768 * 2 ** 20
+""":class:`FastDecoder`'s default budget for one full-resolution activation of a chunk of its full-resolution part
+(bytes): a decoder call of 16 images runs that part whole at 256 px (320 MiB) and in two chunks at 512 px."""
+
+
 def _on_side_stream(fn: Callable[[], Any], measure: bool = False) -> int:
     """Run ``fn`` (a warm-up before a capture: compiling, autotuning, lazy allocations) on a side stream, ordered
     after and before the current stream's work, as CUDA graph captures want their warm-up. ``measure``: return the
@@ -398,19 +403,22 @@ class FastDecoder(nn.Module):
     reserved and freed serves the decoder's when it is large enough). With graphs, as :class:`GraphedModel`, it is
     not thread-safe: replays share their static buffers, so decode from one thread at a time.
 
-    ``full_res_chunks`` (default 2): each call runs the decoder's full-resolution part
+    ``full_res_chunks``: each call runs the decoder's full-resolution part
     (:meth:`hmar.tokenizer.autoencoder.Decoder.full_res`: the last up-sampling, the full-resolution level, the output
     convolution) in that many chunks of its images, one after the other: the same images, and that part's
-    activations, the largest of the decoder, that many times smaller. The two parts are compiled apart, so that
-    inductor cannot interleave the chunks' kernels (and their memory). In the shared pool the decoder's block is what the memory of a
-    graphed sampling call is made of beside the weights: on the H200 (batch 16) the decoder's need fell from 1.34 to
-    ... GB at 256 px and from 5.37 to ... GB at 512 px (BENCHMARKS.md section 3l)."""
+    activations, the largest of the decoder, that many times smaller. With chunks, the two parts are compiled apart,
+    so that inductor cannot interleave the chunks' kernels (and their memory); without, the decoder is one compiled
+    graph. Default (None): as few chunks (a divisor of the call's images) as keep one full-resolution activation of a
+    chunk within :data:`FAST_FULL_RES_BYTES`. On the H200 (batch 16, in the sampler) two chunks cut the decoder's
+    memory from 5.71 to 3.05 GB at 512 px at the same speed (70.2 ms both), and from 1.43 to 0.76 GB at 256 px but
+    took 18.1-18.5 instead of 17.6-17.8 ms there, so the default chunks at 512 px and not at 256 px (BENCHMARKS.md
+    section 3l)."""
 
     def __init__(self, tokenizer: nn.Module, dtype: torch.dtype = torch.bfloat16, compile: bool = True,
                  mode: Optional[str] = None, channels_last: bool = True, max_batch: Optional[int] = None,
                  cudnn_benchmark: bool = True, offload_encoder: bool = True, subpixel: Optional[bool] = None,
                  nhwc_kernels: bool = True, graphs: bool = False, pool: Optional[Tuple[int, int]] = None,
-                 reserve_pool: bool = True, full_res_chunks: int = 2):
+                 reserve_pool: bool = True, full_res_chunks: Optional[int] = None):
         super().__init__()
         from .tokenizer.autoencoder import GroupNorm, Upsample
         self.tokenizer = tokenizer
@@ -425,8 +433,9 @@ class FastDecoder(nn.Module):
                     m.subpixel_weight = m.subpixel_bias = None
             elif isinstance(m, GroupNorm):
                 m.channel_stats = self.nhwc_kernels
-        if full_res_chunks < 1:
-            raise ValueError(f"FastDecoder: full_res_chunks={full_res_chunks}; use 1 (no chunks) or more")
+        if full_res_chunks is not None and full_res_chunks < 1:
+            raise ValueError(f"FastDecoder: full_res_chunks={full_res_chunks}; use 1 (no chunks), more, or None "
+                             f"(chosen per call by FAST_FULL_RES_BYTES)")
         self.full_res_chunks = full_res_chunks
         self.max_batch = max_batch
         on_cuda = tokenizer.post_quant_conv.weight.is_cuda
@@ -446,10 +455,10 @@ class FastDecoder(nn.Module):
         self.post_quant_conv = tokenizer.post_quant_conv
         self.dec = tokenizer.decoder.to(dtype=dtype, memory_format=self.memory_format)
         self.post_quant_conv.to(dtype=dtype, memory_format=self.memory_format)
-        self._low, self._high = self._decode_low, self._decode_high
-        if compile:
-            self._low = torch.compile(self._decode_low, mode=mode, dynamic=False)
-            self._high = torch.compile(self._decode_high, mode=mode, dynamic=False)
+        self._whole, self._low, self._high = self._decode_whole, self._decode_low, self._decode_high
+        if compile:   # (each compiles at its first call)
+            self._whole, self._low, self._high = (torch.compile(f, mode=mode, dynamic=False)
+                                                  for f in (self._decode_whole, self._decode_low, self._decode_high))
         self._decode = self._decode_compiled
         self.graphs, self.reserve_pool = graphs and on_cuda, reserve_pool
         self.pool = pool if pool is not None or not self.graphs else torch.cuda.graph_pool_handle()   # one per decoder
@@ -480,16 +489,33 @@ class FastDecoder(nn.Module):
     def _decode_high(self, h: torch.Tensor) -> torch.Tensor:
         return self.dec.full_res(h).float().clamp(-1, 1)
 
+    def _decode_whole(self, f_hat: torch.Tensor) -> torch.Tensor:
+        return self._decode_high(self._decode_low(f_hat))
+
+    def chunks_for(self, images: int) -> int:
+        """Chunks of the full-resolution part for a call of ``images`` images (``full_res_chunks``, or by default
+        the fewest, a divisor of ``images``, that keep a chunk's full-resolution activation within
+        :data:`FAST_FULL_RES_BYTES`)."""
+        if self.full_res_chunks is not None:
+            return self.full_res_chunks
+        cfg = self.config
+        res = cfg.patch_nums[-1] * cfg.downsample
+        per_image = cfg.ch * cfg.ch_mult[0] * res * res * self.dtype.itemsize
+        return min(d for d in range(1, images + 1) if images % d == 0 and images * per_image <= d * FAST_FULL_RES_BYTES
+                   or d == images)
+
     def _in_parts(self, low: Callable, high: Callable, f_hat: torch.Tensor) -> torch.Tensor:
-        """``high(low(f_hat))``, ``high`` on :attr:`full_res_chunks` chunks of the batch, one after the other."""
+        """``high(low(f_hat))``, ``high`` on :meth:`chunks_for` chunks of the batch, one after the other."""
         h = low(f_hat)
-        n = -(-h.shape[0] // self.full_res_chunks)
+        n = -(-h.shape[0] // self.chunks_for(h.shape[0]))
         return high(h) if n >= h.shape[0] else torch.cat([high(c) for c in h.split(n)])
 
     def _decode_eager(self, f_hat: torch.Tensor) -> torch.Tensor:
         return self._in_parts(self._decode_low, self._decode_high, f_hat)
 
     def _decode_compiled(self, f_hat: torch.Tensor) -> torch.Tensor:
+        if self.chunks_for(f_hat.shape[0]) == 1:
+            return self._whole(f_hat)    # one graph: no boundary tensor held beside the full-resolution part
         return self._in_parts(self._low, self._high, f_hat)
 
     def fhat_to_img(self, f_hat: torch.Tensor, max_batch: Optional[int] = None) -> torch.Tensor:

@@ -75,6 +75,8 @@
 #           stream, allocated in the first capture's pool)
 #   26: after both fixes (the two decoder parts compiled apart; warm-ups and captures on one stream): the pool test,
 #           every goal config against -fr1, then the decoder GPU tests in the time left (~9.5 minutes)
+#   27: the default chosen from call 26 (no chunks at 256 px, so one compiled decoder graph; 2 at 512 px) against
+#           -fr2 at 256 px (~3 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -98,7 +100,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   20) STEPS="dense-sample-512" ;; 21) STEPS="quick-tests sampling-pass-test defer-sample" ;;
   22) STEPS="d30-512-again decoder-tests" ;; 23) STEPS="pool-test pool-sample" ;;
   24) STEPS="pool-test fr-sample leak-check" ;; 25) STEPS="decoder-tests" ;;
-  26) STEPS="pool-test fr-sample decoder-tests" ;;
+  26) STEPS="pool-test fr-sample decoder-tests" ;; 27) STEPS="fr-default-256" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
@@ -245,6 +247,7 @@ for s in $STEPS; do
                  grep -E "need / reserved" "$L/sample-pools.log" ;;
     fr-sample) bench fr hmar-d30,hmar-d16,hmar-d16-512,hmar-d30-512 fast-compiled,fast-compiled-fr1
                grep -E "need / reserved" "$L/sample-fr.log" ;;
+    fr-default-256) bench fr-default-256 hmar-d30,hmar-d16 fast-compiled,fast-compiled-fr2 ;;
     leak-check)
       step "which live blocks pin a graph pool after its variant is dropped"
       timeout "$(left)" python3 $S --reps 1 --configs hmar-d16 --variants fast-compiled,fast-compiled-fr1 --leak-check \

@@ -567,8 +567,11 @@ def test_full_res_chunks_decode_the_same_images():
     """``Decoder.forward`` is ``full_res(low_res(z))``, also for a decoder of a single level (no up-sampling), and
     ``FastDecoder(full_res_chunks=N)`` runs the full-resolution part on N chunks of each call's images (the sizes of
     ``split``), giving the same images, also for chunk counts that do not divide the batch or exceed it (oneDNN may
-    pick another algorithm per batch size: not bit for bit); the default is 2, and 0 is refused."""
+    pick another algorithm per batch size: not bit for bit); 0 is refused. By default (``None``) the chunks keep
+    one full-resolution activation within ``FAST_FULL_RES_BYTES``: with the official tokenizer in bf16, a call of 16
+    images runs that part whole at 256 px and in 2 chunks at 512 px (4 for 32 images, 3 for 24)."""
     import copy
+    from types import SimpleNamespace
 
     from hmar.accel import FastDecoder
     from hmar.tokenizer.autoencoder import Decoder
@@ -579,7 +582,7 @@ def test_full_res_chunks_decode_the_same_images():
     with torch.no_grad():
         for dec in (tok.decoder, one):
             assert torch.equal(dec(f_hat), dec.full_res(dec.low_res(f_hat)))
-        assert FastDecoder(copy.deepcopy(tok), compile=False).full_res_chunks == 2
+        assert FastDecoder(copy.deepcopy(tok), compile=False).chunks_for(16) == 1
         for chunks in (1, 2, 3, 5, 9):
             fast = FastDecoder(copy.deepcopy(tok), dtype=torch.float32, compile=False, full_res_chunks=chunks)
             calls = []
@@ -592,6 +595,10 @@ def test_full_res_chunks_decode_the_same_images():
             assert calls == [len(c) for c in torch.arange(5).split(-(-5 // chunks))], (chunks, calls)
     with pytest.raises(ValueError, match="full_res_chunks"):
         FastDecoder(copy.deepcopy(tok), compile=False, full_res_chunks=0)
+    for name, images, chunks in (("vqvae-ch160", 16, 1), ("vqvae-ch160", 32, 1), ("vqvae-ch160-512", 16, 2),
+                                 ("vqvae-ch160-512", 32, 4), ("vqvae-ch160-512", 24, 3), ("vqvae-ch160-512", 1, 1)):
+        fake = SimpleNamespace(full_res_chunks=None, config=tokenizer_config(name), dtype=torch.bfloat16)
+        assert FastDecoder.chunks_for(fake, images) == chunks, (name, images)
 
 
 def test_nhwc_kernels_compute_the_same_decoder():
