@@ -406,13 +406,13 @@ class FastDecoder(nn.Module):
     ``full_res_chunks``: each call runs the decoder's full-resolution part
     (:meth:`hmar.tokenizer.autoencoder.Decoder.full_res`: the last up-sampling, the full-resolution level, the output
     convolution) in that many chunks of its images, one after the other: the same images, and that part's
-    activations, the largest of the decoder, that many times smaller. With chunks, the two parts are compiled apart,
-    so that inductor cannot interleave the chunks' kernels (and their memory); without, the decoder is one compiled
-    graph. Default (None): as few chunks (a divisor of the call's images) as keep one full-resolution activation of a
-    chunk within :data:`FAST_FULL_RES_BYTES`. On the H200 (batch 16, in the sampler) two chunks cut the decoder's
-    memory from 5.71 to 3.05 GB at 512 px at the same speed (70.2 ms both), and from 1.43 to 0.76 GB at 256 px but
-    took 18.1-18.5 instead of 17.6-17.8 ms there, so the default chunks at 512 px and not at 256 px (BENCHMARKS.md
-    section 3l)."""
+    activations, the largest of the decoder, that many times smaller. The two parts are compiled apart, so that
+    inductor cannot interleave the chunks' kernels (and their memory); as one compiled graph the decoder's capture
+    also took one full-resolution activation more than its warm-up measured. Default (None): as few chunks (a
+    divisor of the call's images) as keep one full-resolution activation of a chunk within
+    :data:`FAST_FULL_RES_BYTES`. On the H200 (batch 16, in the sampler) two chunks cut the decoder's memory need from
+    5.71 to 3.05 GB at 512 px at the same speed (70.2 ms both), and from 1.43 to 0.76 GB at 256 px, but took 18.1-19.0
+    instead of 17.3-17.8 ms there; so the default chunks at 512 px and not at 256 px (BENCHMARKS.md section 3l)."""
 
     def __init__(self, tokenizer: nn.Module, dtype: torch.dtype = torch.bfloat16, compile: bool = True,
                  mode: Optional[str] = None, channels_last: bool = True, max_batch: Optional[int] = None,
@@ -455,10 +455,10 @@ class FastDecoder(nn.Module):
         self.post_quant_conv = tokenizer.post_quant_conv
         self.dec = tokenizer.decoder.to(dtype=dtype, memory_format=self.memory_format)
         self.post_quant_conv.to(dtype=dtype, memory_format=self.memory_format)
-        self._whole, self._low, self._high = self._decode_whole, self._decode_low, self._decode_high
-        if compile:   # (each compiles at its first call)
-            self._whole, self._low, self._high = (torch.compile(f, mode=mode, dynamic=False)
-                                                  for f in (self._decode_whole, self._decode_low, self._decode_high))
+        self._low, self._high = self._decode_low, self._decode_high
+        if compile:
+            self._low = torch.compile(self._decode_low, mode=mode, dynamic=False)
+            self._high = torch.compile(self._decode_high, mode=mode, dynamic=False)
         self._decode = self._decode_compiled
         self.graphs, self.reserve_pool = graphs and on_cuda, reserve_pool
         self.pool = pool if pool is not None or not self.graphs else torch.cuda.graph_pool_handle()   # one per decoder
@@ -489,9 +489,6 @@ class FastDecoder(nn.Module):
     def _decode_high(self, h: torch.Tensor) -> torch.Tensor:
         return self.dec.full_res(h).float().clamp(-1, 1)
 
-    def _decode_whole(self, f_hat: torch.Tensor) -> torch.Tensor:
-        return self._decode_high(self._decode_low(f_hat))
-
     def chunks_for(self, images: int) -> int:
         """Chunks of the full-resolution part for a call of ``images`` images (``full_res_chunks``, or by default
         the fewest, a divisor of ``images``, that keep a chunk's full-resolution activation within
@@ -514,8 +511,6 @@ class FastDecoder(nn.Module):
         return self._in_parts(self._decode_low, self._decode_high, f_hat)
 
     def _decode_compiled(self, f_hat: torch.Tensor) -> torch.Tensor:
-        if self.chunks_for(f_hat.shape[0]) == 1:
-            return self._whole(f_hat)    # one graph: no boundary tensor held beside the full-resolution part
         return self._in_parts(self._low, self._high, f_hat)
 
     def fhat_to_img(self, f_hat: torch.Tensor, max_batch: Optional[int] = None) -> torch.Tensor:
