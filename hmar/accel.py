@@ -474,13 +474,12 @@ class FastDecoder(nn.Module):
         if not (self.graphs and self.reserve_pool):
             return 0
         n, side = self.images_per_call(batch), self.patch_nums[-1]
-        device = self.post_quant_conv.weight.device
-        for b in {n, batch % n} - {0}:
-            key = (b, self.config.z_channels, side, side)
+        keys = [(b, self.config.z_channels, side, side) for b in {n, batch % n} - {0}]
+        for key in keys:
             if key not in self._needs:
-                x = torch.zeros(key, device=device)   # the sampler's f_hat: fp32
+                x = torch.zeros(key, device=self.post_quant_conv.weight.device)   # the sampler's f_hat: fp32
                 self._needs[key] = _on_side_stream(lambda: self._decode(x), measure=True)
-        return max(self._needs[(b, self.config.z_channels, side, side)] for b in {n, batch % n} - {0})
+        return max(self._needs[key] for key in keys)
 
     def _decode_low(self, f_hat: torch.Tensor) -> torch.Tensor:
         z = f_hat.to(self.dtype).contiguous(memory_format=self.memory_format)
@@ -489,23 +488,17 @@ class FastDecoder(nn.Module):
     def _decode_high(self, h: torch.Tensor) -> torch.Tensor:
         return self.dec.full_res(h).float().clamp(-1, 1)
 
-    def chunks_for(self, images: int) -> int:
-        """Chunks of the full-resolution part for a call of ``images`` images (``full_res_chunks``, or by default
-        the fewest, a divisor of ``images``, that keep a chunk's full-resolution activation within
-        :data:`FAST_FULL_RES_BYTES`)."""
+    def full_res_images(self, images: int) -> int:
+        """Images per chunk of the full-resolution part in a call of ``images`` images: ``full_res_chunks`` chunks,
+        or by default :func:`~hmar.tokenizer.decode_chunk`'s choice for the budget :data:`FAST_FULL_RES_BYTES`."""
         if self.full_res_chunks is not None:
-            return self.full_res_chunks
-        cfg = self.config
-        res = cfg.patch_nums[-1] * cfg.downsample
-        per_image = cfg.ch * cfg.ch_mult[0] * res * res * self.dtype.itemsize
-        return min(d for d in range(1, images + 1) if images % d == 0 and images * per_image <= d * FAST_FULL_RES_BYTES
-                   or d == images)
+            return -(-images // self.full_res_chunks)
+        return decode_chunk(self.config, images, self.dtype.itemsize, FAST_FULL_RES_BYTES)
 
     def _in_parts(self, low: Callable, high: Callable, f_hat: torch.Tensor) -> torch.Tensor:
-        """``high(low(f_hat))``, ``high`` on :meth:`chunks_for` chunks of the batch, one after the other."""
+        """``high(low(f_hat))``, ``high`` on chunks of :meth:`full_res_images` images, one after the other."""
         h = low(f_hat)
-        n = -(-h.shape[0] // self.chunks_for(h.shape[0]))
-        return high(h) if n >= h.shape[0] else torch.cat([high(c) for c in h.split(n)])
+        return decode_in_chunks(high, h, self.full_res_images(h.shape[0]))
 
     def _decode_eager(self, f_hat: torch.Tensor) -> torch.Tensor:
         return self._in_parts(self._decode_low, self._decode_high, f_hat)
@@ -587,14 +580,16 @@ class FastDecoder(nn.Module):
 
 def accelerate(pipe, dtype: torch.dtype = torch.bfloat16, graphs: bool = True, compile_decoder: bool = True,
                compile_passes: bool = False, decode_batch: Optional[int] = None, graph_decoder: bool = True,
-               reserve_pool: bool = True):
+               reserve_pool: bool = True, full_res_chunks: Optional[int] = None):
     """Make a CUDA :class:`~hmar.pipeline.HMARPipeline` fast in place: the transformer in ``dtype`` in a
     :class:`GraphedModel` (the token loop as one CUDA graph; ``compile_passes``: with its blocks compiled,
     :func:`compile_blocks`), and :class:`FastDecoder` (``dtype``, channels_last, compiled).
     A CPU pipeline is returned unchanged. ``decode_batch``: the decoder's images per call (:class:`FastDecoder`'s
     ``max_batch``). ``graph_decoder`` (with ``graphs``): the decoder's calls replay CUDA graphs in the loop graph's
     memory pool (:class:`FastDecoder`'s ``graphs``). ``reserve_pool``: each capture first reserves its warm-up's
-    peak as one block of the pool (:class:`GraphedModel`'s ``reserve_pool``). Returns the pipeline."""
+    peak as one block of the pool (:class:`GraphedModel`'s ``reserve_pool``). ``full_res_chunks``:
+    :class:`FastDecoder`'s. The decoder is the loop graph's ``pool_guest``: one pool block serves both. Returns the
+    pipeline."""
     if pipe.device.type != "cuda":
         return pipe
     pipe.model.to(dtype)
@@ -602,7 +597,8 @@ def accelerate(pipe, dtype: torch.dtype = torch.bfloat16, graphs: bool = True, c
         pipe.model = GraphedModel(pipe.model, compile=compile_passes, reserve_pool=reserve_pool)
     pool = pipe.model._loop_pool if graphs else None
     pipe.tokenizer = FastDecoder(pipe.tokenizer, dtype, compile_decoder, max_batch=decode_batch,
-                                 graphs=graphs and graph_decoder, pool=pool, reserve_pool=reserve_pool)
+                                 graphs=graphs and graph_decoder, pool=pool, reserve_pool=reserve_pool,
+                                 full_res_chunks=full_res_chunks)
     if graphs and pipe.tokenizer.graphs:
         pipe.model.pool_guest = pipe.tokenizer
     return pipe

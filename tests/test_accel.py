@@ -354,9 +354,10 @@ def test_fast_sampling_needs_cuda(tmp_path, capsys):
     for flag in ("--fast", "--compile"):
         assert main(["sample", flag, "--device", "cpu", "--out", str(tmp_path / "o")]) == 2
         assert "use --device cuda" in capsys.readouterr().err
-    for args in (["--decode-batch", "4"], ["--decode-batch", "0", "--fast"]):   # needs --fast, and >= 1
+    for args in (["--decode-batch", "4"], ["--decode-batch", "0", "--fast"],   # need --fast, and >= 1
+                 ["--full-res-chunks", "2"], ["--full-res-chunks", "0", "--fast"]):
         assert main(["sample", *args, "--device", "cpu", "--out", str(tmp_path / "o")]) == 2
-        assert "--decode-batch" in capsys.readouterr().err
+        assert args[0] in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -379,8 +380,9 @@ def test_pipeline_fast_sampling_matches_eager_bf16_and_still_edits(compile, tmp_
             mod.fused_gelu = True
     want = ref.generate([1, 2, 3], generator=0)
     pipe = HMARPipeline.from_preset("hmar-tiny", device="cuda").enable_fast_sampling(
-        compile=compile, decode_batch=2 if compile else None)
+        compile=compile, decode_batch=2 if compile else None, full_res_chunks=2 if compile else None)
     assert pipe.tokenizer.max_batch == (2 if compile else None)      # 3 images decode as 2 + 1 with compile
+    assert pipe.tokenizer.full_res_chunks == (2 if compile else None)    # ... and each call's last part as 1 + 1
     runs = [pipe.generate([1, 2, 3], generator=0) for _ in range(2)]      # capture (and compile), then replay
     assert all(torch.equal(a, b) for a, b in zip(runs[0].indices, runs[1].indices))
     if not compile:
@@ -582,7 +584,7 @@ def test_full_res_chunks_decode_the_same_images():
     with torch.no_grad():
         for dec in (tok.decoder, one):
             assert torch.equal(dec(f_hat), dec.full_res(dec.low_res(f_hat)))
-        assert FastDecoder(copy.deepcopy(tok), compile=False).chunks_for(16) == 1
+        assert FastDecoder(copy.deepcopy(tok), compile=False).full_res_images(16) == 16
         for chunks in (1, 2, 3, 5, 9):
             fast = FastDecoder(copy.deepcopy(tok), dtype=torch.float32, compile=False, full_res_chunks=chunks)
             calls = []
@@ -595,10 +597,10 @@ def test_full_res_chunks_decode_the_same_images():
             assert calls == [len(c) for c in torch.arange(5).split(-(-5 // chunks))], (chunks, calls)
     with pytest.raises(ValueError, match="full_res_chunks"):
         FastDecoder(copy.deepcopy(tok), compile=False, full_res_chunks=0)
-    for name, images, chunks in (("vqvae-ch160", 16, 1), ("vqvae-ch160", 32, 1), ("vqvae-ch160-512", 16, 2),
-                                 ("vqvae-ch160-512", 32, 4), ("vqvae-ch160-512", 24, 3), ("vqvae-ch160-512", 1, 1)):
+    for name, images, per_chunk in (("vqvae-ch160", 16, 16), ("vqvae-ch160", 32, 32), ("vqvae-ch160-512", 16, 8),
+                                    ("vqvae-ch160-512", 32, 8), ("vqvae-ch160-512", 24, 8), ("vqvae-ch160-512", 1, 1)):
         fake = SimpleNamespace(full_res_chunks=None, config=tokenizer_config(name), dtype=torch.bfloat16)
-        assert FastDecoder.chunks_for(fake, images) == chunks, (name, images)
+        assert FastDecoder.full_res_images(fake, images) == per_chunk, (name, images)
 
 
 def test_nhwc_kernels_compute_the_same_decoder():
