@@ -76,7 +76,9 @@
 #   26: after both fixes (the two decoder parts compiled apart; warm-ups and captures on one stream): the pool test,
 #           every goal config against -fr1, then the decoder GPU tests in the time left (~9.5 minutes)
 #   27: the default chosen from call 26 (no chunks at 256 px, so one compiled decoder graph; 2 at 512 px) against
-#           -fr2 at 256 px (~3 minutes)
+#           -fr2 at 256 px (~3 minutes; ran then: one graph's capture took an activation more, so the two parts stay)
+#   28 (for the next session): call 27's step on the final default (no chunks at 256 px, two compiled parts), so
+#           that its memory is measured as the first variant of its config (~3 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -100,7 +102,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   20) STEPS="dense-sample-512" ;; 21) STEPS="quick-tests sampling-pass-test defer-sample" ;;
   22) STEPS="d30-512-again decoder-tests" ;; 23) STEPS="pool-test pool-sample" ;;
   24) STEPS="pool-test fr-sample leak-check" ;; 25) STEPS="decoder-tests" ;;
-  26) STEPS="pool-test fr-sample decoder-tests" ;; 27) STEPS="fr-default-256" ;;
+  26) STEPS="pool-test fr-sample decoder-tests" ;; 27|28) STEPS="fr-default-256" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
