@@ -121,6 +121,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -262,9 +263,8 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
             model = build_model(model_config(name)).eval()
         # the decoder options of this variant: (nhwc_kernels, subpixel, full_res_chunks), None: FastDecoder chooses
         mods = set(variant.split("-")[1:])
-        fr = [int(f[1]) for f in map(FRN.fullmatch, mods) if f]
         dec_key = ("nonhwc" not in mods, True if "subpixel" in mods else False if "nosubpixel" in mods else None,
-                   fr[0] if fr else None)
+                   _number(FRN, mods))
         shared = variant.startswith("fast") and dec_key in fast_decoders
         # the fast variants after the first reuse its decoder
         tok = None if shared else build_tokenizer(name, device)
@@ -290,8 +290,9 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
                                                      mode=args.compile_mode, nhwc_kernels=dec_key[0],
                                                      subpixel=dec_key[1], full_res_chunks=dec_key[2])
             t = fast_decoders[dec_key]
-            t.max_batch = (args.batch if "onecall" in mods else
-                           decode_chunk(t.config, args.batch, t.dtype.itemsize) if "chunked" in mods else None)
+            t.max_batch = _number(DECN, mods) or (
+                args.batch if "onecall" in mods else
+                decode_chunk(t.config, args.batch, t.dtype.itemsize) if "chunked" in mods else None)
             # decoder graphs in the loop graph's pool (what accelerate(graph_decoder=True) sets up), fresh per
             # variant (every decoder's graphs are dropped after each variant, below)
             t.graphs = "nodecgraph" not in mods and isinstance(m, GraphedModel)
@@ -299,9 +300,6 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
             t.pool = m._loop_pool if t.graphs else None
             if t.graphs and "noguest" not in mods:
                 m.pool_guest = t          # what accelerate() sets up
-            dec_n = [int(d[1]) for d in map(DECN.fullmatch, mods) if d]
-            if dec_n:
-                t.max_batch = dec_n[0]
         with _inductor_settings(variant), _variant_patches(variant):   # the compiles happen in the first timed calls
             r = _measure(m, t, labels, kw, args, device,
                          profile=args.profile and variant in args.profile_variants.split(","))
@@ -341,9 +339,7 @@ def _cuda_bytes(decoder) -> int:
 def print_pool_survivors(after: str) -> None:
     """The private-pool segments still held after a variant was dropped, and the live blocks that pin each (with
     where they were allocated: ``--leak-check`` records the allocation history)."""
-    for seg in torch.cuda.memory._snapshot()["segments"]:
-        if tuple(seg.get("segment_pool_id", (0, 0))) == (0, 0):
-            continue
+    for seg in _private_segments():
         live = [b for b in seg["blocks"] if b["state"] == "active_allocated"]
         print(f"  leak check after {after}: pool {seg['segment_pool_id']} segment {seg['total_size'] / 1e9:.3f} GB, "
               f"{len(live)} live blocks", flush=True)
@@ -378,8 +374,14 @@ def _qk_norm_options(mods) -> dict:
         return {"fused_qk_norm": False}
     if "qknorm" in mods:
         return {"fused_qk_norm": True, "fused_qk_norm_max_tokens": None}
-    limit = [int(q[1]) for q in map(QKMAX.fullmatch, mods) if q]
-    return {"fused_qk_norm": True, "fused_qk_norm_max_tokens": limit[0]} if limit else {}
+    limit = _number(QKMAX, mods)
+    return {} if limit is None else {"fused_qk_norm": True, "fused_qk_norm_max_tokens": limit}
+
+
+def _number(pattern: re.Pattern, mods) -> Optional[int]:
+    """N of the modifier that ``pattern`` (qkmaxN, decN, frN) matches, or None."""
+    found = [int(m[1]) for m in map(pattern.fullmatch, mods) if m]
+    return found[0] if found else None
 
 
 def check_variant(v: str) -> bool:
@@ -389,17 +391,20 @@ def check_variant(v: str) -> bool:
         p in MODIFIERS or any(r.fullmatch(p) for r in (QKMAX, DECN, FRN)) for p in parts[1:]))
 
 
+def _private_segments() -> list:
+    """The CUDA memory segments of private pools (those of CUDA graphs; the default pool's id is (0, 0)), with
+    their blocks (and, under ``--leak-check``, where each block was allocated)."""
+    return [seg for seg in torch.cuda.memory_snapshot() if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0)]
+
+
 def graph_pool_segments() -> list:
     """The sizes (GB) of the segments that private pools hold, largest first."""
-    segments = torch.cuda.memory_snapshot()
-    return sorted((round(seg["total_size"] / 1e9, 3) for seg in segments
-                   if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0)), reverse=True)
+    return sorted((round(seg["total_size"] / 1e9, 3) for seg in _private_segments()), reverse=True)
 
 
 def graph_pool_bytes() -> int:
-    """Bytes of CUDA memory held by private pools (those of CUDA graphs; the default pool's id is (0, 0))."""
-    segments = torch.cuda.memory_snapshot()
-    return sum(seg["total_size"] for seg in segments if tuple(seg.get("segment_pool_id", (0, 0))) != (0, 0))
+    """Bytes of CUDA memory held by private pools."""
+    return sum(seg["total_size"] for seg in _private_segments())
 
 
 class PerPassCondition:

@@ -433,9 +433,8 @@ class FastDecoder(nn.Module):
                     m.subpixel_weight = m.subpixel_bias = None
             elif isinstance(m, GroupNorm):
                 m.channel_stats = self.nhwc_kernels
-        if full_res_chunks is not None and full_res_chunks < 1:
-            raise ValueError(f"FastDecoder: full_res_chunks={full_res_chunks}; use 1 (no chunks), more, or None "
-                             f"(chosen per call by FAST_FULL_RES_BYTES)")
+        self._decode_graphs: Dict[Tuple[int, ...], Tuple[Any, torch.Tensor, torch.Tensor]] = {}
+        self._needs: Dict[Tuple[int, ...], int] = {}   # input shape -> its warm-up's measured peak (:meth:`prepare`)
         self.full_res_chunks = full_res_chunks
         self.max_batch = max_batch
         on_cuda = tokenizer.post_quant_conv.weight.is_cuda
@@ -462,8 +461,21 @@ class FastDecoder(nn.Module):
         self._decode = self._decode_compiled
         self.graphs, self.reserve_pool = graphs and on_cuda, reserve_pool
         self.pool = pool if pool is not None or not self.graphs else torch.cuda.graph_pool_handle()   # one per decoder
-        self._decode_graphs: Dict[Tuple[int, ...], Tuple[Any, torch.Tensor, torch.Tensor]] = {}
-        self._needs: Dict[Tuple[int, ...], int] = {}   # input shape -> its warm-up's measured peak (:meth:`prepare`)
+
+    @property
+    def full_res_chunks(self) -> Optional[int]:
+        """Chunks of each call's full-resolution part (None: :meth:`full_res_images` chooses); setting it drops the
+        graphs captured with the chunks before (their input shapes do not change, so they would replay those)."""
+        return self._full_res_chunks
+
+    @full_res_chunks.setter
+    def full_res_chunks(self, chunks: Optional[int]) -> None:
+        if chunks is not None and chunks < 1:
+            raise ValueError(f"FastDecoder: full_res_chunks={chunks}; use 1 (no chunks), more, or None "
+                             f"(chosen per call by FAST_FULL_RES_BYTES)")
+        self._full_res_chunks = chunks
+        self._decode_graphs.clear()
+        self._needs.clear()
 
     def prepare(self, batch: int) -> int:
         """Warm up, once per input shape, the decoder calls that decoding a batch of ``batch`` sampled latents makes

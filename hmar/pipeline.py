@@ -141,7 +141,7 @@ class HMARPipeline:
         else:                                    # already fast: only the decoder's chunking can change
             if decode_batch is not None:
                 self.tokenizer.max_batch = decode_batch
-            if full_res_chunks is not None:
+            if full_res_chunks is not None:      # (drops the decoder graphs captured with other chunks)
                 self.tokenizer.full_res_chunks = full_res_chunks
         return self
 

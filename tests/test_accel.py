@@ -597,6 +597,9 @@ def test_full_res_chunks_decode_the_same_images():
             assert calls == [len(c) for c in torch.arange(5).split(-(-5 // chunks))], (chunks, calls)
     with pytest.raises(ValueError, match="full_res_chunks"):
         FastDecoder(copy.deepcopy(tok), compile=False, full_res_chunks=0)
+    fast._decode_graphs[(5, 8, 8, 8)], fast._needs[(5, 8, 8, 8)] = "a captured graph", 1
+    fast.full_res_chunks = 2                           # graphs captured with other chunks would replay those
+    assert not fast._decode_graphs and not fast._needs and fast.full_res_images(5) == 3
     for name, images, per_chunk in (("vqvae-ch160", 16, 16), ("vqvae-ch160", 32, 32), ("vqvae-ch160-512", 16, 8),
                                     ("vqvae-ch160-512", 32, 8), ("vqvae-ch160-512", 24, 8), ("vqvae-ch160-512", 1, 1)):
         fake = SimpleNamespace(full_res_chunks=None, config=tokenizer_config(name), dtype=torch.bfloat16)

@@ -82,13 +82,11 @@ def load_pipeline(args: argparse.Namespace, say=print):
         raise HMARError(f"--device {args.device} asked for, but CUDA is not available here: use --device cpu")
     fast = getattr(args, "fast", False) or getattr(args, "compile", False)
     decode_batch = getattr(args, "decode_batch", None)
-    if decode_batch is not None and (decode_batch < 1 or not fast):
-        raise HMARError(f"--decode-batch {decode_batch}: it sets the fast decoder's images per call, so it needs "
-                        "--fast (or --compile) and a value >= 1")
     chunks = getattr(args, "full_res_chunks", None)
-    if chunks is not None and (chunks < 1 or not fast):
-        raise HMARError(f"--full-res-chunks {chunks}: it splits the fast decoder's full-resolution part, so it needs "
-                        "--fast (or --compile) and a value >= 1")
+    for flag, value, what in (("--decode-batch", decode_batch, "sets the fast decoder's images per call"),
+                              ("--full-res-chunks", chunks, "splits the fast decoder's full-resolution part")):
+        if value is not None and (value < 1 or not fast):
+            raise HMARError(f"{flag} {value}: it {what}, so it needs --fast (or --compile) and a value >= 1")
     if fast and not args.device.startswith("cuda"):
         raise HMARError(f"--fast/--compile speed up sampling on CUDA; --device is {args.device}: "
                         "drop them or use --device cuda")
