@@ -27,7 +27,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "activation within 1.5 GiB, 16 at 256 and 512 px in bf16); fewer take less memory, more time")
     p.add_argument("--full-res-chunks", type=int, default=None, metavar="N",
                    help="with --fast: the decoder's full-resolution part in N chunks of each call's images (default: "
-                        "none at 256 px, 2 at 512 px); 2 at 256 px: 0.7 GB less, about 0.5 ms more (H200)")
+                        "none at 256 px, 2 at 512 px); 2 at 256 px: 0.7 GB less, 0.3-1 ms more (H200)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
