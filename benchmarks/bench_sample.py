@@ -17,9 +17,9 @@ Variants:
   bf16-eager     bf16, eager
   fast           what ``enable_fast_sampling()`` / ``hmar sample --fast`` runs: bf16, the whole token loop replayed as
                  one CUDA graph, AdaLN modulations computed once per call, fc1's bias + GELU in the GEMM epilogue, the
-                 draw over torch.topk's candidates, bf16 channels_last compiled decoder (16 images per call; its
-                 GroupNorms and up-sampling in NHWC form, ``nhwc_kernels``) whose
-                 calls replay CUDA graphs in the loop graph's memory pool, each capture reserving its warm-up's peak
+                 draw of every pass in one Triton kernel (``hmar.draw_kernel``), bf16 channels_last compiled decoder
+                 (16 images per call; its GroupNorms and up-sampling in NHWC form, ``nhwc_kernels``) whose calls replay
+                 CUDA graphs in the loop graph's memory pool, each capture reserving its warm-up's peak
 and variants of "fast" with changes, named "fast-" + modifiers joined by "-" (e.g. fast-compiled-gelu-onecall),
 for side-by-side ratios:
   compiled      the transformer blocks torch.compile'd too (what ``--compile`` adds)
@@ -34,7 +34,12 @@ for side-by-side ratios:
                 2026-12-02, when it was measured under this name)
   nogelu        bias + GELU as a kernel of its own (``fused_gelu=False``, the default until 2026-12-02)
   sortdraw      the token draw as it was until 2026-12-02: a sort and the filters over all V logits, instead of
-                the draw over the top-k candidates of ``torch.topk`` (the same tokens for a seed)
+                the draw over the top-k candidates of ``torch.topk`` (the same tokens for a seed); as torch ops
+                (implies torchdraw)
+  torchdraw     the token draw of every pass as torch ops (the finite check, ``torch.lerp``, ``torch.topk``, the
+                top-p filter, softmax and draw over fp32 logits: ``GraphedModel(fused_draw=False)``, the default until
+                the fourth session of 2026-12-03) instead of the one Triton kernel (``hmar.draw_kernel``) over the
+                head's bf16 logits
   decgraph      the decoder's calls replayed as CUDA graphs in the loop graph's memory pool
                 (``accelerate(graph_decoder=True)``, ``FastDecoder(graphs=True)``; the default since the second
                 session of 2026-12-02, when it was measured under this name)
@@ -284,6 +289,7 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
                 m = GraphedModel(m, compile="compiled" in mods, whole_loop="passgraphs" not in mods,
                                  fused_gelu="nogelu" not in mods, reserve_pool="noreserve" not in mods,
                                  compile_mode="max-autotune-no-cudagraphs" if "autotune" in mods else None,
+                                 fused_draw=False if mods & {"torchdraw", "sortdraw"} else None,
                                  **_qk_norm_options(mods))
             if dec_key not in fast_decoders:
                 fast_decoders[dec_key] = FastDecoder(tok, compile=device.type == "cuda" and not args.no_compile,
@@ -352,7 +358,7 @@ def print_pool_survivors(after: str) -> None:
 MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", "nogelu", "sortdraw",
              "decgraph", "nodecgraph", "reserve", "noreserve", "qknorm", "noqknorm", "autotune", "cdt", "nhwc",
              "nonhwc", "subpixel", "nosubpixel", "graphbreak", "trainfwd", "nodefer", "biascat", "noguest",
-             "warm1")
+             "warm1", "torchdraw")
 QKMAX = re.compile(r"qkmax(\d+)")   # and qkmaxN: the fused q/k normalisation up to N tokens
 DECN = re.compile(r"dec(\d+)")      # and decN: N images per decoder call
 FRN = re.compile(r"fr(\d+)")        # and frN: the decoder's full-resolution part in N chunks

@@ -209,11 +209,19 @@ class GraphedModel:
     :data:`FUSED_QK_NORM_MAX_TOKENS`, 256; None: no limit) sets
     :attr:`~hmar.model.blocks.SelfAttention.fused_qk_norm_max_tokens`: passes over more tokens than that keep the
     normalisation as ops before cuDNN's attention, which is faster on long dense passes. Both as measured on the
-    H200 (BENCHMARKS.md section 3g)."""
+    H200 (BENCHMARKS.md section 3g).
+
+    ``fused_draw`` sets the model's ``fused_draw``: True draws every pass's tokens in one Triton kernel
+    (:func:`hmar.draw_kernel.fused_draw`: the finite check, guidance, temperature, top-k, top-p and the draw,
+    reading the head's bf16 logits once) instead of about 25 torch ops over fp32 logits and ``torch.topk``; the
+    same Exp(1) draws from the generator, and the same tokens but where the two round a near-tie differently or
+    torch.topk keeps exactly k of tied logits. None (default): on wherever Triton is importable. As with
+    ``fused_gelu``, the model's own eager sampling follows the switch too."""
 
     def __init__(self, model: nn.Module, warmup: int = 1, compile: bool = False, compile_mode: Optional[str] = None,
                  whole_loop: bool = True, max_loops: int = 8, fused_gelu: bool = True, reserve_pool: bool = True,
-                 fused_qk_norm: Optional[bool] = None, fused_qk_norm_max_tokens: Optional[int] = -1):
+                 fused_qk_norm: Optional[bool] = None, fused_qk_norm_max_tokens: Optional[int] = -1,
+                 fused_draw: Optional[bool] = None):
         if fused_qk_norm_max_tokens is not None and fused_qk_norm_max_tokens < -1:
             raise ValueError(f"GraphedModel: fused_qk_norm_max_tokens={fused_qk_norm_max_tokens}; use a number of "
                              f"tokens >= 0, None (no limit) or -1 (hmar.accel.FUSED_QK_NORM_MAX_TOKENS)")
@@ -226,6 +234,12 @@ class GraphedModel:
         self.fused_qk_norm = fuse_qk_norm_by_default() if fused_qk_norm is None else fused_qk_norm
         self.fused_qk_norm_max_tokens = (FUSED_QK_NORM_MAX_TOKENS if fused_qk_norm_max_tokens == -1
                                          else fused_qk_norm_max_tokens)
+        from .draw_kernel import available
+        if fused_draw and not available(model.device):
+            raise ValueError("GraphedModel(fused_draw=True) needs Triton (pip install triton); leave it None to use "
+                             "the kernel wherever it runs")
+        self.fused_draw = available(model.device) if fused_draw is None else fused_draw
+        model.fused_draw = self.fused_draw
         for m in model.modules():
             if isinstance(m, FFN) and fused_gelu:
                 m.fused_gelu = True

@@ -112,6 +112,27 @@ def sample_from_logits(logits: torch.Tensor, generator: torch.Generator, top_k: 
     return tok.view(probs.shape[:-1]), conf.view(probs.shape[:-1])
 
 
+def draw_tokens(logits: torch.Tensor, gen: torch.Generator, weight: Optional[float], top_k: int, top_p: float,
+                temperature: float, bad: torch.Tensor, fused: bool = False
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass's draw: ``logits`` ``[2B, n, V]`` (cond rows first) guided as ``lerp(uncond, cond, weight)``, or
+    ``[B, n, V]`` when ``weight`` is None; returns (tokens, confidences, ``bad`` or-ed with "some logits were not
+    finite"). ``fused`` (a model's ``fused_draw``, set by :class:`hmar.accel.GraphedModel`): all of it in one
+    Triton kernel (:func:`hmar.draw_kernel.fused_draw`), with the same Exp(1) draws from ``gen``; else as torch
+    ops (the finite check, ``torch.lerp``, :func:`sample_from_logits`)."""
+    if fused:
+        from .draw_kernel import fused_draw
+        rows = logits.numel() // logits.shape[-1] // (1 if weight is None else 2)
+        q = torch.empty(rows, logits.shape[-1], device=gen.device).exponential_(1, generator=gen).to(logits.device)
+        tok, conf, rows_bad = fused_draw(logits, q, weight, top_k, top_p, temperature)
+        return tok, conf, bad | rows_bad.any()
+    bad = bad | ~logits.isfinite().all()
+    if weight is not None:
+        B = logits.shape[0] // 2
+        logits = torch.lerp(logits[B:], logits[:B], weight)    # (1 + t) cond - t uncond, one kernel
+    return (*sample_from_logits(logits, gen, top_k, top_p, temperature), bad)
+
+
 def _least_confident(conf: torch.Tensor, candidates: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """Per row, the ``count[b]`` least confident positions among ``candidates`` (bool ``[B, n]``)."""
     score = conf.masked_fill(~candidates, float("inf"))
@@ -236,6 +257,11 @@ def scale_loop(model: nn.Module, quant: nn.Module, y: torch.Tensor, gen: torch.G
     x_small: Optional[torch.Tensor] = None
     out_idx: List[torch.Tensor] = []
     passes = 0
+    fused = getattr(model, "fused_draw", False)
+
+    def draw(logits: torch.Tensor, weight: Optional[float], bad: torch.Tensor):
+        """Tokens and confidences of one pass (guided with ``weight = 1 + t`` when given), and ``bad`` updated."""
+        return draw_tokens(logits, gen, weight, top_k, top_p, temperature, bad, fused)
     it = range(S)
     if progress:
         from tqdm.auto import tqdm
@@ -254,10 +280,7 @@ def scale_loop(model: nn.Module, quant: nn.Module, y: torch.Tensor, gen: torch.G
             c = ada_all
         logits = model.next_scale_logits(x, c, caches)
         passes += 1
-        bad = bad | ~logits.isfinite().all()
-        if guided:
-            logits = torch.lerp(logits[B:], logits[:B], 1 + t)    # (1 + t) cond - t uncond, one kernel
-        tok, conf = sample_from_logits(logits, gen, top_k, top_p, temperature)
+        tok, conf, bad = draw(logits, 1 + t if guided else None, bad)
         draft = tok
         keep = None
         if constraints is not None and constraints[si] is not None:
@@ -280,14 +303,10 @@ def scale_loop(model: nn.Module, quant: nn.Module, y: torch.Tensor, gen: torch.G
             for j in range(1, len(steps)):
                 x_cur = quant.current_scale_input(si, tok)
                 xm = model.embed_masked(si, x_small, x_cur, M)
-                if guide_masked and use_cfg and t != 0:
-                    lm = model.masked_logits(xm.repeat(2, 1, 1), ada_all)
-                    lm = torch.lerp(lm[B:], lm[:B], 1 + t)
-                else:
-                    lm = model.masked_logits(xm, cond)
+                guided_m = guide_masked and use_cfg and t != 0
+                lm = model.masked_logits(xm.repeat(2, 1, 1), ada_all) if guided_m else model.masked_logits(xm, cond)
                 passes += 1
-                bad = bad | ~lm.isfinite().all()
-                new, newconf = sample_from_logits(lm, gen, top_k, top_p, temperature)
+                new, newconf, bad = draw(lm, 1 + t if guided_m else None, bad)
                 before = tok
                 tok = torch.where(M, new, tok)
                 if callback:

@@ -79,6 +79,10 @@
 #           -fr2 at 256 px (~3 minutes; ran then: one graph's capture took an activation more, so the two parts stay)
 #   28 (for the next session): call 27's step on the final default (no chunks at 256 px, two compiled parts), so
 #           that its memory is measured as the first variant of its config (~3 minutes)
+#   29 (fourth session of 2026-12-03): the token draw of every pass in one Triton kernel (hmar.draw_kernel): its GPU
+#           tests and the graphed-sampling equality tests (which now draw with it), the draw alone per pass shape
+#           against the torch ops (benchmarks/bench_draw.py, 4 / 8 / 16 warps), then every goal config against
+#           -torchdraw, the default profiled (~9 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -103,6 +107,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   22) STEPS="d30-512-again decoder-tests" ;; 23) STEPS="pool-test pool-sample" ;;
   24) STEPS="pool-test fr-sample leak-check" ;; 25) STEPS="decoder-tests" ;;
   26) STEPS="pool-test fr-sample decoder-tests" ;; 27|28) STEPS="fr-default-256" ;;
+  29) STEPS="draw-tests draw-bench draw-sample" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
@@ -250,6 +255,16 @@ for s in $STEPS; do
     fr-sample) bench fr hmar-d30,hmar-d16,hmar-d16-512,hmar-d30-512 fast-compiled,fast-compiled-fr1
                grep -E "need / reserved" "$L/sample-fr.log" ;;
     fr-default-256) bench fr-default-256 hmar-d30,hmar-d16 fast-compiled,fast-compiled-fr2 ;;
+    draw-tests)
+      step "GPU tests: the fused draw, and graphed sampling == eager with it"
+      gpu_tests draw-tests 150 tests/test_draw_kernel.py
+      gpu_tests quick-tests 150 tests/test_accel.py -k "$QUICK" ;;
+    draw-bench)
+      step "the draw alone, per pass shape: fused (4 / 8 / 16 warps) against the torch ops"
+      timeout "$(left)" python3 benchmarks/bench_draw.py --json "$L/draw-bench.json" > "$L/draw-bench.log" 2>&1
+      cat "$L/draw-bench.log" ;;
+    draw-sample) bench draw hmar-d30,hmar-d16,hmar-d16-512,hmar-d30-512 fast-compiled,fast-compiled-torchdraw \
+                   --profile --profile-variants fast-compiled --profile-rows 30 ;;
     leak-check)
       step "which live blocks pin a graph pool after its variant is dropped"
       timeout "$(left)" python3 $S --reps 1 --configs hmar-d16 --variants fast-compiled,fast-compiled-fr1 --leak-check \

@@ -20,8 +20,9 @@ def test_graphed_sampling_matches_eager(name):
     model = build_model(model_config(name)).cuda().eval().to(torch.bfloat16)
     tok = VQVAE(tokenizer_config("vqvae-tiny")).cuda().eval()
     kw = dict(cfg=2.0, top_k=0, top_p=0, decode=False)
-    eager = [sample(model, tok, [1, 2, 3], generator=s, **kw).indices for s in (0, 1)]
     fast = GraphedModel(model, whole_loop=False)       # one graph per pass (the whole loop: the next test)
+    assert model.fused_draw      # set on the model: its eager sampling below draws with the same kernel
+    eager = [sample(model, tok, [1, 2, 3], generator=s, **kw).indices for s in (0, 1)]
     for _ in range(2):  # first call captures, second replays
         got = [sample(fast, tok, [1, 2, 3], generator=s, **kw).indices for s in (0, 1)]
         for e, g in zip(eager, got):
@@ -35,15 +36,18 @@ def test_graphed_sampling_matches_eager(name):
 
 @cuda
 @pytest.mark.parametrize("name", ["hmar-tiny", "var-tiny"])
-def test_whole_loop_graph_matches_eager(name):
+@pytest.mark.parametrize("fused_draw", [None, False])
+def test_whole_loop_graph_matches_eager(name, fused_draw):
     """The whole token loop as one CUDA graph (``GraphedModel.run_loop``): the exact tokens of the eager bf16 model
     for each seed (default top-k/top-p filters, guidance inside the masked steps on and off), a passed generator
-    advanced as eager sampling advances it, and one capture per batch size and options (no fallback)."""
+    advanced as eager sampling advances it, and one capture per batch size and options (no fallback); with the
+    fused draw (the default, which the model's eager sampling then uses too) and with the torch ops."""
     from hmar.accel import GraphedModel
     torch.manual_seed(0)
     model = build_model(model_config(name)).cuda().eval().to(torch.bfloat16)
     tok = VQVAE(tokenizer_config("vqvae-tiny")).cuda().eval()
-    fast = GraphedModel(model)
+    fast = GraphedModel(model, fused_draw=fused_draw)
+    assert model.fused_draw == (fused_draw is None)
     for kw in (dict(cfg=2.0), dict(cfg=1.5, guide_masked=True, top_k=50, top_p=0.9)):
         for seed in (0, 1, 0):                            # capture, then replays with another and the same seed
             want = sample(model, tok, [1, 2, 3], generator=seed, decode=False, **kw)
@@ -378,6 +382,7 @@ def test_pipeline_fast_sampling_matches_eager_bf16_and_still_edits(compile, tmp_
     for mod in ref.model.modules():      # as GraphedModel sets on its model by default (the eager passes it replays)
         if isinstance(mod, FFN):
             mod.fused_gelu = True
+    ref.model.fused_draw = True          # ... and the draw
     want = ref.generate([1, 2, 3], generator=0)
     pipe = HMARPipeline.from_preset("hmar-tiny", device="cuda").enable_fast_sampling(
         compile=compile, decode_batch=2 if compile else None, full_res_chunks=2 if compile else None)

@@ -135,15 +135,22 @@ class _ScaleModel(nn.Module):
     def _pass(self, groups: Sequence[nn.ModuleList], x: torch.Tensor, cond: torch.Tensor, head_nm: AdaLNHead,
               head: nn.Linear, caches: Optional[List[KVCache]] = None) -> torch.Tensor:
         """One inference pass over one scale's tokens ``x``: the groups of blocks in turn (dense attention), the AdaLN
-        head, the output head; fp32 logits. With :data:`DEFER_RESIDUAL`, each block adds the last residual branch
-        of the block before it inside its own kernels (:meth:`AdaLNBlock.forward`'s ``defer``)."""
+        head, the output head; fp32 logits (in the model's dtype with :attr:`fused_draw`). With
+        :data:`DEFER_RESIDUAL`, each block adds the last residual branch of the block before it inside its own kernels
+        (:meth:`AdaLNBlock.forward`'s ``defer``)."""
         n, branch = (x.shape[1],), None
         for blocks in groups:
             if DEFER_RESIDUAL:
                 x, branch = self._run(blocks, x, cond, n, "dense", caches, branch=branch, defer=True)
             else:
                 x = self._run(blocks, x, cond, n, "dense", caches)
-        return head(self._norm_head(head_nm, x, cond, branch)).float()
+        logits = head(self._norm_head(head_nm, x, cond, branch))
+        return logits if self.fused_draw else logits.float()
+
+    fused_draw = False
+    """Set by :class:`hmar.accel.GraphedModel`: the sampler draws the tokens of every pass in one Triton kernel
+    (:func:`hmar.sampling.draw_tokens`), which reads the head's output as it is, so the inference passes return the
+    logits in the model's dtype (bf16) instead of as fp32."""
 
     def _check_input(self, labels: torch.Tensor, x_in: torch.Tensor) -> None:
         L = self.config.seq_len
