@@ -52,22 +52,24 @@ def available(device: torch.device) -> bool:
 
 if _HAS_TRITON:
     @triton.jit
+    def _enough(sel, weight, target, BY_MASS: tl.constexpr):
+        """Whether the selected lanes hold ``target``: that much ``weight`` (``BY_MASS``), or that many lanes."""
+        if BY_MASS:
+            return tl.sum(tl.where(sel, weight, 0.0), 0) >= target
+        return tl.sum(sel.to(tl.int32), 0) >= target
+
+    @triton.jit
     def _largest_key_with(key, weight, valid, target, BY_MASS: tl.constexpr):
-        """The largest int32 ``k`` with ``sum(weight where key >= k) >= target`` over the valid lanes (``weight``
-        is 1 for counting); bisection over the 2^32 keys (``lo`` always satisfies it)."""
-        lo = tl.full((), -2147483648, tl.int64)
-        hi = tl.full((), 2147483647, tl.int64)
-        key64 = key.to(tl.int64)
-        for _ in range(32):
-            mid = (lo + hi + 1) >> 1
-            sel = valid & (key64 >= mid)
-            if BY_MASS:
-                ok = tl.sum(tl.where(sel, weight, 0.0), 0) >= target
-            else:
-                ok = tl.sum(sel.to(tl.int32), 0) >= target
-            lo = tl.where(ok, mid, lo)
-            hi = tl.where(ok, hi, mid - 1)
-        return lo
+        """The largest int32 ``k`` such that the valid lanes with ``key >= k`` hold ``target`` (:func:`_enough`),
+        built bit by bit from the top (a radix select: 32 steps, int32 only): the sign first, then bits 30..0 (for
+        a negative prefix too, setting a lower bit raises the value)."""
+        zero = tl.full((), 0, tl.int32)
+        theta = tl.where(_enough(valid & (key >= zero), weight, target, BY_MASS), zero,
+                         ~tl.full((), 0x7FFFFFFF, tl.int32))
+        for b in tl.static_range(30, -1, -1):
+            cand = theta | (1 << b)
+            theta = tl.where(_enough(valid & (key >= cand), weight, target, BY_MASS), cand, theta)
+        return theta
 
     @triton.jit
     def _draw_kernel(logits_ptr, q_ptr, tok_ptr, conf_ptr, bad_ptr, rows, V, stride_l, stride_q,
@@ -88,12 +90,12 @@ if _HAS_TRITON:
         key = bits ^ ((bits >> 31) & 0x7FFFFFFF)           # int32 keys in the order of the float values
         keep = valid
         if TOP_K:
-            keep = keep & (key.to(tl.int64) >= _largest_key_with(key, x, valid, top_k, False))
+            keep = keep & (key >= _largest_key_with(key, x, valid, top_k, False))
         m = tl.max(x, 0)
         e = tl.where(keep, tl.exp(x - m), 0.0)
         if TOP_P:   # drop a token once the tokens strictly more likely than it hold top_p of the mass
             p = e / tl.sum(e, 0)
-            keep = keep & (key.to(tl.int64) >= _largest_key_with(key, p, keep, top_p, True))
+            keep = keep & (key >= _largest_key_with(key, p, keep, top_p, True))
             e = tl.where(keep, e, 0.0)
         p = e / tl.sum(e, 0)
         q = tl.load(q_ptr + row * stride_q + cols, mask=valid, other=1.0)
