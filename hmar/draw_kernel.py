@@ -7,8 +7,8 @@ over fp32 ``[2B, n, V]`` tensors (537 MB at the last 512 px scale, batch 16 with
 Here one program per position reads that position's bf16 (or fp32) logits of both guidance rows once and does all
 of it in registers:
 
-* the **k-th largest** logit is found by a bisection over the 32-bit order-preserving integer keys of the fp32
-  values (32 counting steps), so the top-k set is every logit at least that large (ties at the k-th value all
+* the **k-th largest** logit is found by a radix select over the 32-bit order-preserving integer keys of the fp32
+  values (16 steps of two bits, each one three-value reduction), so the top-k set is every logit at least that large (ties at the k-th value all
   stay, as in :func:`hmar.sampling.filter_logits`);
 * the **top-p** cut is a second bisection over the same keys: a token stays when the probability mass of the
   strictly more likely tokens is below ``top_p`` (so the most likely token always stays, and tokens of equal
@@ -39,10 +39,12 @@ except Exception:  # pragma: no cover - depends on the machine
 
 # Triton decides at decoration time whether its kernels run in the CPU interpreter (see hmar.attention.triton_kernel)
 _INTERPRETED = _HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+_ONE_REDUCE = not _INTERPRETED   # the radix select's three sums as one reduction (the interpreter: three, faster there)
 
 
 NUM_WARPS: Optional[int] = None
-"""Warps per program (one position's draw); None: one per 256 logits of the vocabulary, 1-16 (16 at V = 4096)."""
+"""Warps per program (one position's draw); None: one per 512 logits of the vocabulary, 1-8 (8 at V = 4096, as
+measured fastest on the H200 against 4 and 16: BENCHMARKS.md section 3m)."""
 
 
 def available(device: torch.device) -> bool:
@@ -52,29 +54,40 @@ def available(device: torch.device) -> bool:
 
 if _HAS_TRITON:
     @triton.jit
-    def _enough(sel, weight, target, BY_MASS: tl.constexpr):
-        """Whether the selected lanes hold ``target``: that much ``weight`` (``BY_MASS``), or that many lanes."""
-        if BY_MASS:
-            return tl.sum(tl.where(sel, weight, 0.0), 0) >= target
-        return tl.sum(sel.to(tl.int32), 0) >= target
+    def _sum3(a0, a1, a2, b0, b1, b2):
+        return a0 + b0, a1 + b1, a2 + b2
 
     @triton.jit
-    def _largest_key_with(key, weight, valid, target, BY_MASS: tl.constexpr):
-        """The largest int32 ``k`` such that the valid lanes with ``key >= k`` hold ``target`` (:func:`_enough`),
-        built bit by bit from the top (a radix select: 32 steps, int32 only): the sign first, then bits 30..0 (for
-        a negative prefix too, setting a lower bit raises the value)."""
-        zero = tl.full((), 0, tl.int32)
-        theta = tl.where(_enough(valid & (key >= zero), weight, target, BY_MASS), zero,
-                         ~tl.full((), 0x7FFFFFFF, tl.int32))
-        for b in tl.static_range(30, -1, -1):
-            cand = theta | (1 << b)
-            theta = tl.where(_enough(valid & (key >= cand), weight, target, BY_MASS), cand, theta)
+    def _enough3(key, weight, valid, c1, c2, c3, target, BY_MASS: tl.constexpr, ONE_REDUCE: tl.constexpr):
+        """Whether the valid lanes with ``key >= c`` hold ``target``, for the three thresholds ``c`` at once: that much
+        ``weight`` (``BY_MASS``), or that many lanes. ``ONE_REDUCE``: as one three-value reduction (the latency of
+        one); else three sums (the interpreter, whose generic reductions run element by element in Python)."""
+        w = tl.where(valid, weight, 0.0) if BY_MASS else valid.to(tl.int32)
+        a1, a2, a3 = tl.where(key >= c1, w, 0), tl.where(key >= c2, w, 0), tl.where(key >= c3, w, 0)
+        if ONE_REDUCE:
+            s1, s2, s3 = tl.reduce((a1, a2, a3), 0, _sum3)
+        else:
+            s1, s2, s3 = tl.sum(a1, 0), tl.sum(a2, 0), tl.sum(a3, 0)
+        return s1 >= target, s2 >= target, s3 >= target
+
+    @triton.jit
+    def _largest_key_with(key, weight, valid, target, BY_MASS: tl.constexpr, ONE_REDUCE: tl.constexpr):
+        """The largest int32 ``k`` such that the valid lanes with ``key >= k`` hold ``target`` (:func:`_enough3`):
+        a radix select, two bits per step (16 steps, int32 only). Bits 31-30 first: the four signed prefixes start
+        at -2^31, -2^30, 0 and 2^30; below them setting a bit raises the value, for a negative prefix too."""
+        e1, e2, e3 = _enough3(key, weight, valid, -(1 << 30), 0, 1 << 30, target, BY_MASS, ONE_REDUCE)
+        theta = tl.where(e3, 1 << 30, tl.where(e2, 0, tl.where(e1, -(1 << 30), ~tl.full((), 0x7FFFFFFF, tl.int32))))
+        for b in tl.static_range(28, -1, -2):   # bits b + 1 and b
+            e1, e2, e3 = _enough3(key, weight, valid, theta | (1 << b), theta | (2 << b), theta | (3 << b), target,
+                                  BY_MASS, ONE_REDUCE)
+            theta = tl.where(e3, theta | (3 << b), tl.where(e2, theta | (2 << b), tl.where(e1, theta | (1 << b), theta)))
         return theta
 
     @triton.jit
     def _draw_kernel(logits_ptr, q_ptr, tok_ptr, conf_ptr, bad_ptr, rows, V, stride_l, stride_q,
                      weight, temperature, top_k, top_p,
-                     GUIDED: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, BLOCK: tl.constexpr):
+                     GUIDED: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, BLOCK: tl.constexpr,
+                     ONE_REDUCE: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         valid = cols < V
@@ -90,12 +103,12 @@ if _HAS_TRITON:
         key = bits ^ ((bits >> 31) & 0x7FFFFFFF)           # int32 keys in the order of the float values
         keep = valid
         if TOP_K:
-            keep = keep & (key >= _largest_key_with(key, x, valid, top_k, False))
+            keep = keep & (key >= _largest_key_with(key, x, valid, top_k, False, ONE_REDUCE))
         m = tl.max(x, 0)
         e = tl.where(keep, tl.exp(x - m), 0.0)
         if TOP_P:   # drop a token once the tokens strictly more likely than it hold top_p of the mass
             p = e / tl.sum(e, 0)
-            keep = keep & (key >= _largest_key_with(key, p, keep, top_p, True))
+            keep = keep & (key >= _largest_key_with(key, p, keep, top_p, True, ONE_REDUCE))
             e = tl.where(keep, e, 0.0)
         p = e / tl.sum(e, 0)
         q = tl.load(q_ptr + row * stride_q + cols, mask=valid, other=1.0)
@@ -130,9 +143,9 @@ def fused_draw(logits: torch.Tensor, q: torch.Tensor, weight: Optional[float] = 
     conf = torch.empty(rows, dtype=torch.float32, device=logits.device)
     bad = torch.empty(rows, dtype=torch.bool, device=logits.device)
     block = triton.next_power_of_2(V)
-    warps = 1 if _INTERPRETED else NUM_WARPS or max(1, min(16, block // 256))
+    warps = 1 if _INTERPRETED else NUM_WARPS or max(1, min(8, block // 512))
     _draw_kernel[(rows,)](flat, q, tok, conf, bad, rows, V, flat.stride(0), q.stride(0),
                           float(1.0 if weight is None else weight), float(temperature), int(top_k), float(top_p),
                           GUIDED=weight is not None, TOP_K=0 < top_k < V, TOP_P=0.0 < top_p < 1.0, BLOCK=block,
-                          num_warps=warps)
+                          ONE_REDUCE=_ONE_REDUCE, num_warps=warps)
     return tok.view(B, n), conf.view(B, n), bad.view(B, n)
