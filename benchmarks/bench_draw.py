@@ -90,7 +90,8 @@ def main() -> None:
             row = {"torch": graph_time(lambda: draw_tokens(logits.float(), gen, w, k, p, 1.0, bad), args.reps, gen)}
             for nw in warps:
                 dk.NUM_WARPS = nw
-                row[f"fused{nw}"] = graph_time(lambda: draw_tokens(logits, gen, w, k, p, 1.0, bad, True), args.reps, gen)
+                fused = lambda: draw_tokens(logits, gen, w, k, p, 1.0, bad, True)  # noqa: E731
+                row[f"fused{nw}"] = graph_time(fused, args.reps, gen)
             dk.NUM_WARPS = None
             state = gen.get_state()
             a = draw_tokens(logits.float(), gen, w, k, p, 1.0, bad)[0]

@@ -8,9 +8,9 @@ Here one program per position reads that position's bf16 (or fp32) logits of bot
 of it in registers:
 
 * the **k-th largest** logit is found by a radix select over the 32-bit order-preserving integer keys of the fp32
-  values (16 steps of two bits, each one three-value reduction), so the top-k set is every logit at least that large (ties at the k-th value all
-  stay, as in :func:`hmar.sampling.filter_logits`);
-* the **top-p** cut is a second bisection over the same keys: a token stays when the probability mass of the
+  values (32 counting steps, one bit each), so the top-k set is every logit at least that large (ties at the k-th
+  value all stay, as in :func:`hmar.sampling.filter_logits`);
+* the **top-p** cut is a second radix select over the same keys: a token stays when the probability mass of the
   strictly more likely tokens is below ``top_p`` (so the most likely token always stays, and tokens of equal
   logits stay or go together);
 * the **draw** is torch.multinomial's, as in :func:`~hmar.sampling.sample_from_logits`: the argmax of ``p / q``
@@ -39,7 +39,6 @@ except Exception:  # pragma: no cover - depends on the machine
 
 # Triton decides at decoration time whether its kernels run in the CPU interpreter (see hmar.attention.triton_kernel)
 _INTERPRETED = _HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-_ONE_REDUCE = not _INTERPRETED   # the radix select's three sums as one reduction (the interpreter: three, faster there)
 
 
 NUM_WARPS: Optional[int] = None
@@ -54,40 +53,30 @@ def available(device: torch.device) -> bool:
 
 if _HAS_TRITON:
     @triton.jit
-    def _sum3(a0, a1, a2, b0, b1, b2):
-        return a0 + b0, a1 + b1, a2 + b2
+    def _enough(key, weight, cand, target, BY_MASS: tl.constexpr):
+        """Whether the lanes with ``key >= cand`` hold ``target``: that much ``weight`` (``BY_MASS``; 0 on the lanes
+        that do not count), or that many lanes (those that do not count hold the key -2^31, below every candidate)."""
+        if BY_MASS:
+            return tl.sum(tl.where(key >= cand, weight, 0.0), 0) >= target
+        return tl.sum((key >= cand).to(tl.int32), 0) >= target
 
     @triton.jit
-    def _enough3(key, weight, valid, c1, c2, c3, target, BY_MASS: tl.constexpr, ONE_REDUCE: tl.constexpr):
-        """Whether the valid lanes with ``key >= c`` hold ``target``, for the three thresholds ``c`` at once: that much
-        ``weight`` (``BY_MASS``), or that many lanes. ``ONE_REDUCE``: as one three-value reduction (the latency of
-        one); else three sums (the interpreter, whose generic reductions run element by element in Python)."""
-        w = tl.where(valid, weight, 0.0) if BY_MASS else valid.to(tl.int32)
-        a1, a2, a3 = tl.where(key >= c1, w, 0), tl.where(key >= c2, w, 0), tl.where(key >= c3, w, 0)
-        if ONE_REDUCE:
-            s1, s2, s3 = tl.reduce((a1, a2, a3), 0, _sum3)
-        else:
-            s1, s2, s3 = tl.sum(a1, 0), tl.sum(a2, 0), tl.sum(a3, 0)
-        return s1 >= target, s2 >= target, s3 >= target
-
-    @triton.jit
-    def _largest_key_with(key, weight, valid, target, BY_MASS: tl.constexpr, ONE_REDUCE: tl.constexpr):
-        """The largest int32 ``k`` such that the valid lanes with ``key >= k`` hold ``target`` (:func:`_enough3`):
-        a radix select, two bits per step (16 steps, int32 only). Bits 31-30 first: the four signed prefixes start
-        at -2^31, -2^30, 0 and 2^30; below them setting a bit raises the value, for a negative prefix too."""
-        e1, e2, e3 = _enough3(key, weight, valid, -(1 << 30), 0, 1 << 30, target, BY_MASS, ONE_REDUCE)
-        theta = tl.where(e3, 1 << 30, tl.where(e2, 0, tl.where(e1, -(1 << 30), ~tl.full((), 0x7FFFFFFF, tl.int32))))
-        for b in tl.static_range(28, -1, -2):   # bits b + 1 and b
-            e1, e2, e3 = _enough3(key, weight, valid, theta | (1 << b), theta | (2 << b), theta | (3 << b), target,
-                                  BY_MASS, ONE_REDUCE)
-            theta = tl.where(e3, theta | (3 << b), tl.where(e2, theta | (2 << b), tl.where(e1, theta | (1 << b), theta)))
+    def _largest_key_with(key, weight, target, BY_MASS: tl.constexpr):
+        """The largest int32 ``k > -2^31`` such that the lanes with ``key >= k`` hold ``target`` (:func:`_enough`;
+        -2^31 if none), built bit by bit from the top (a radix select: 32 steps, int32 only): the sign first, then
+        bits 30..0 (for a negative prefix too, setting a lower bit raises the value). Every step reads every lane:
+        the kernel is bound by these compares and sums (BENCHMARKS.md section 3m)."""
+        zero = tl.full((), 0, tl.int32)
+        theta = tl.where(_enough(key, weight, zero, target, BY_MASS), zero, ~tl.full((), 0x7FFFFFFF, tl.int32))
+        for b in tl.static_range(30, -1, -1):
+            cand = theta | (1 << b)
+            theta = tl.where(_enough(key, weight, cand, target, BY_MASS), cand, theta)
         return theta
 
     @triton.jit
     def _draw_kernel(logits_ptr, q_ptr, tok_ptr, conf_ptr, bad_ptr, rows, V, stride_l, stride_q,
                      weight, temperature, top_k, top_p,
-                     GUIDED: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, BLOCK: tl.constexpr,
-                     ONE_REDUCE: tl.constexpr):
+                     GUIDED: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         valid = cols < V
@@ -100,15 +89,16 @@ if _HAS_TRITON:
         tl.store(bad_ptr + row, tl.sum((valid & ~ok).to(tl.int32), 0) > 0)
         x = tl.where(valid, lc / temperature, -float("inf"))
         bits = x.to(tl.int32, bitcast=True)
-        key = bits ^ ((bits >> 31) & 0x7FFFFFFF)           # int32 keys in the order of the float values
+        # int32 keys in the order of the float values; -2^31 (a NaN's) on the padding lanes
+        key = tl.where(valid, bits ^ ((bits >> 31) & 0x7FFFFFFF), ~tl.full((), 0x7FFFFFFF, tl.int32))
         keep = valid
         if TOP_K:
-            keep = keep & (key >= _largest_key_with(key, x, valid, top_k, False, ONE_REDUCE))
+            keep = keep & (key >= _largest_key_with(key, x, top_k, False))
         m = tl.max(x, 0)
         e = tl.where(keep, tl.exp(x - m), 0.0)
         if TOP_P:   # drop a token once the tokens strictly more likely than it hold top_p of the mass
-            p = e / tl.sum(e, 0)
-            keep = keep & (key >= _largest_key_with(key, p, keep, top_p, True, ONE_REDUCE))
+            p = e / tl.sum(e, 0)              # (0 outside the top-k set)
+            keep = keep & (key >= _largest_key_with(key, p, top_p, True))
             e = tl.where(keep, e, 0.0)
         p = e / tl.sum(e, 0)
         q = tl.load(q_ptr + row * stride_q + cols, mask=valid, other=1.0)
@@ -147,5 +137,5 @@ def fused_draw(logits: torch.Tensor, q: torch.Tensor, weight: Optional[float] = 
     _draw_kernel[(rows,)](flat, q, tok, conf, bad, rows, V, flat.stride(0), q.stride(0),
                           float(1.0 if weight is None else weight), float(temperature), int(top_k), float(top_p),
                           GUIDED=weight is not None, TOP_K=0 < top_k < V, TOP_P=0.0 < top_p < 1.0, BLOCK=block,
-                          ONE_REDUCE=_ONE_REDUCE, num_warps=warps)
+                          num_warps=warps)
     return tok.view(B, n), conf.view(B, n), bad.view(B, n)

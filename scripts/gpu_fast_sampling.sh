@@ -87,6 +87,10 @@
 #           its 64 serial reductions made it latency-bound: 2.4 ms of the 256 px loops, 6.8 ms at 512 px with 16 warps)
 #   30: call 29's steps after the radix select took two bits per step (16 three-value reductions instead of 32
 #           sums, per filter) and the default went to 8 warps (~6 minutes)
+#           (ran then: no faster, 1.89 against 1.84 ms at the 1024-token pass alone: the kernel is bound by its ALU work,
+#           every step reading every lane, not by the steps' latency)
+#   31: call 29's steps on the final kernel: one bit per step again, one compare fewer per lane and step (the padding's
+#           keys below every candidate, the mass 0 outside the top-k set), 8 warps (~6 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -111,7 +115,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   22) STEPS="d30-512-again decoder-tests" ;; 23) STEPS="pool-test pool-sample" ;;
   24) STEPS="pool-test fr-sample leak-check" ;; 25) STEPS="decoder-tests" ;;
   26) STEPS="pool-test fr-sample decoder-tests" ;; 27|28) STEPS="fr-default-256" ;;
-  29|30) STEPS="draw-tests draw-bench draw-sample" ;;
+  29|30|31) STEPS="draw-tests draw-bench draw-sample" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1

@@ -96,19 +96,6 @@ def test_fused_draw_on_tied_bf16_logits_keeps_the_documented_sets():
             torch.testing.assert_close(conf.flatten().double(), want_conf, rtol=1e-5, atol=1e-7)
 
 
-def test_fused_draw_with_one_three_value_reduction_per_step(monkeypatch):
-    """The GPU's form of the radix select (each step's three sums as one ``tl.reduce``; the interpreter runs three
-    ``tl.sum`` by default, as its generic reductions are slow) draws the same, on tied bf16 logits."""
-    monkeypatch.setattr(dk, "_ONE_REDUCE", True)
-    torch.manual_seed(1)
-    logits = (torch.randint(-4, 5, (2, 3, 40), device=DEVICE) * 0.5).to(torch.bfloat16)
-    q, _ = _exp_draws(3, 40, 4)
-    tok, conf, _ = dk.fused_draw(logits, q, 1.5, 7, 0.8)
-    want, want_conf = _reference(logits, q, 1.5, 7, 0.8, 1.0)
-    assert torch.equal(tok.flatten(), want)
-    torch.testing.assert_close(conf.flatten().double(), want_conf, rtol=1e-5, atol=1e-7)
-
-
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the interpreter's numpy on the NaN rows
 def test_fused_draw_flags_non_finite_positions_and_stays_in_range():
     B, n, V = 2, 4, 64
