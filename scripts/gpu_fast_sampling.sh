@@ -91,6 +91,8 @@
 #           every step reading every lane, not by the steps' latency)
 #   31: call 29's steps on the final kernel: one bit per step again, one compare fewer per lane and step (the padding's
 #           keys below every candidate, the mass 0 outside the top-k set), 8 warps (~6 minutes)
+#           (ran then: the draw 3.0x / 2.6x faster than the torch ops at 256 / 512 px, token loops 1.02-1.06x faster;
+#           BENCHMARKS.md 3m)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
