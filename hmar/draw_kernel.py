@@ -116,6 +116,9 @@ def fused_draw(logits: torch.Tensor, q: torch.Tensor, weight: Optional[float] = 
     draws. ``weight``: the guidance ``1 + t`` (``lerp(uncond, cond, weight)``; None: no guidance). Returns
     (tokens ``[B, n]`` int64, their probabilities after the filters ``[B, n]`` fp32, ``[B, n]`` bool: that
     position's logits, of either guidance row, were not all finite). See the module's docstring for the filters."""
+    if not available(logits.device):
+        raise ValueError(f"fused_draw runs on CUDA with Triton installed (or on the CPU under TRITON_INTERPRET=1), not "
+                         f"on {logits.device} here: set the model's fused_draw = False to draw with torch ops")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     V = logits.shape[-1]

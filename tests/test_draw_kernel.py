@@ -112,9 +112,13 @@ def test_fused_draw_flags_non_finite_positions_and_stays_in_range():
     assert not dk.fused_draw(logits[:B], q, None)[2][1, 2]   # unguided: the uncond rows are not read
 
 
-def test_fused_draw_refuses_bad_arguments():
+def test_fused_draw_refuses_bad_arguments(monkeypatch):
     logits = torch.randn(3, 2, 16, device=DEVICE)
     q, _ = _exp_draws(6, 16, 0)
+    with monkeypatch.context() as m:
+        m.setattr(dk, "_INTERPRETED", False)
+        with pytest.raises(ValueError, match="fused_draw = False"):
+            dk.fused_draw(logits.cpu(), q.cpu())
     with pytest.raises(ValueError, match="even batch"):
         dk.fused_draw(logits, q, 1.5)
     with pytest.raises(ValueError, match="q must be fp32"):
