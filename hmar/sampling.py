@@ -262,6 +262,7 @@ def scale_loop(model: nn.Module, quant: nn.Module, y: torch.Tensor, gen: torch.G
     def draw(logits: torch.Tensor, weight: Optional[float], bad: torch.Tensor):
         """Tokens and confidences of one pass (guided with ``weight = 1 + t`` when given), and ``bad`` updated."""
         return draw_tokens(logits, gen, weight, top_k, top_p, temperature, bad, fused)
+
     it = range(S)
     if progress:
         from tqdm.auto import tqdm
