@@ -235,11 +235,11 @@ class GraphedModel:
         self.fused_qk_norm_max_tokens = (FUSED_QK_NORM_MAX_TOKENS if fused_qk_norm_max_tokens == -1
                                          else fused_qk_norm_max_tokens)
         from .draw_kernel import available
-        if fused_draw and not available(model.device):
+        can_draw = available(model.device)
+        if fused_draw and not can_draw:
             raise ValueError("GraphedModel(fused_draw=True) needs Triton (pip install triton); leave it None to use "
                              "the kernel wherever it runs")
-        self.fused_draw = available(model.device) if fused_draw is None else fused_draw
-        model.fused_draw = self.fused_draw
+        model.fused_draw = self.fused_draw = can_draw if fused_draw is None else fused_draw
         for m in model.modules():
             if isinstance(m, FFN) and fused_gelu:
                 m.fused_gelu = True

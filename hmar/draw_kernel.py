@@ -93,7 +93,7 @@ if _HAS_TRITON:
         key = tl.where(valid, bits ^ ((bits >> 31) & 0x7FFFFFFF), ~tl.full((), 0x7FFFFFFF, tl.int32))
         keep = valid
         if TOP_K:
-            keep = keep & (key >= _largest_key_with(key, x, top_k, False))
+            keep = keep & (key >= _largest_key_with(key, x, top_k, False))   # (counting: x is not read)
         m = tl.max(x, 0)
         e = tl.where(keep, tl.exp(x - m), 0.0)
         if TOP_P:   # drop a token once the tokens strictly more likely than it hold top_p of the mass
