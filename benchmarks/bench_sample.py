@@ -40,6 +40,10 @@ for side-by-side ratios:
                 top-p filter, softmax and draw over fp32 logits: ``GraphedModel(fused_draw=False)``, the default until
                 the fourth session of 2026-12-03) instead of the one Triton kernel (``hmar.draw_kernel``) over the
                 head's bf16 logits
+  fp8           the blocks' four big linears in fp8 e4m3 (``GraphedModel(fp8=True)``, :mod:`hmar.model.fp8`: per-channel
+                weight scales, per-token input scales, ``torch._scaled_mm``; best with compiled, where inductor fuses
+                the quantisation into the kernel before each GEMM). Opt-in: the default stays bf16
+  fp8fast       fp8 with the GEMMs' fast accumulation (``fp8_fast_accum=True``)
   decgraph      the decoder's calls replayed as CUDA graphs in the loop graph's memory pool
                 (``accelerate(graph_decoder=True)``, ``FastDecoder(graphs=True)``; the default since the second
                 session of 2026-12-02, when it was measured under this name)
@@ -134,6 +138,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hmar import VQVAE, build_model, model_config, tokenizer_config  # noqa: E402
 from hmar.accel import FastDecoder, GraphedModel  # noqa: E402
+from hmar.model.fp8 import to_float8  # noqa: E402
 import hmar.sampling  # noqa: E402
 from hmar.sampling import sample  # noqa: E402
 from hmar.tokenizer import decode_chunk  # noqa: E402
@@ -290,7 +295,10 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
                                  fused_gelu="nogelu" not in mods, reserve_pool="noreserve" not in mods,
                                  compile_mode="max-autotune-no-cudagraphs" if "autotune" in mods else None,
                                  fused_draw=False if mods & {"torchdraw", "sortdraw"} else None,
+                                 fp8=bool(mods & {"fp8", "fp8fast"}), fp8_fast_accum="fp8fast" in mods,
                                  **_qk_norm_options(mods))
+            elif mods & {"fp8", "fp8fast"}:
+                to_float8(m)
             if dec_key not in fast_decoders:
                 fast_decoders[dec_key] = FastDecoder(tok, compile=device.type == "cuda" and not args.no_compile,
                                                      mode=args.compile_mode, nhwc_kernels=dec_key[0],
@@ -358,7 +366,7 @@ def print_pool_survivors(after: str) -> None:
 MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", "nogelu", "sortdraw",
              "decgraph", "nodecgraph", "reserve", "noreserve", "qknorm", "noqknorm", "autotune", "cdt", "nhwc",
              "nonhwc", "subpixel", "nosubpixel", "graphbreak", "trainfwd", "nodefer", "biascat", "noguest",
-             "warm1", "torchdraw")
+             "warm1", "torchdraw", "fp8", "fp8fast")
 QKMAX = re.compile(r"qkmax(\d+)")   # and qkmaxN: the fused q/k normalisation up to N tokens
 DECN = re.compile(r"dec(\d+)")      # and decN: N images per decoder call
 FRN = re.compile(r"fr(\d+)")        # and frN: the decoder's full-resolution part in N chunks

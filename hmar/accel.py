@@ -211,6 +211,11 @@ class GraphedModel:
     normalisation as ops before cuDNN's attention, which is faster on long dense passes. Both as measured on the
     H200 (BENCHMARKS.md section 3g).
 
+    ``fp8`` (off by default): the blocks' four big linears in e4m3 (:func:`hmar.model.fp8.to_float8`, in place,
+    before any compile): per-channel weight scales, per-token input scales, ``torch._scaled_mm`` (Ada / Hopper GPUs).
+    Faster GEMMs at an error that BENCHMARKS.md measures against bf16's; the default stays bf16. ``fp8_fast_accum``:
+    the GEMMs' faster accumulation (:class:`~hmar.model.fp8.Float8Linear`'s ``fast_accum``).
+
     ``fused_draw`` sets the model's ``fused_draw``: True draws every pass's tokens in one Triton kernel
     (:func:`hmar.draw_kernel.fused_draw`: the finite check, guidance, temperature, top-k, top-p and the draw,
     reading the head's bf16 logits once) instead of about 25 torch ops over fp32 logits and ``torch.topk``; the
@@ -221,12 +226,16 @@ class GraphedModel:
     def __init__(self, model: nn.Module, warmup: int = 1, compile: bool = False, compile_mode: Optional[str] = None,
                  whole_loop: bool = True, max_loops: int = 8, fused_gelu: bool = True, reserve_pool: bool = True,
                  fused_qk_norm: Optional[bool] = None, fused_qk_norm_max_tokens: Optional[int] = -1,
-                 fused_draw: Optional[bool] = None):
+                 fused_draw: Optional[bool] = None, fp8: bool = False, fp8_fast_accum: bool = False):
         if fused_qk_norm_max_tokens is not None and fused_qk_norm_max_tokens < -1:
             raise ValueError(f"GraphedModel: fused_qk_norm_max_tokens={fused_qk_norm_max_tokens}; use a number of "
                              f"tokens >= 0, None (no limit) or -1 (hmar.accel.FUSED_QK_NORM_MAX_TOKENS)")
         if not model.device.type == "cuda":
             raise ValueError("GraphedModel needs a model on a CUDA device")
+        self.fp8 = fp8
+        if fp8:   # first: an unsupported GPU fails before anything changed
+            from .model.fp8 import to_float8
+            to_float8(model, fp8_fast_accum)
         self.model, self.warmup, self.whole_loop, self.max_loops = model, warmup, whole_loop, max_loops
         self.reserve_pool = reserve_pool
         # on the model itself: fc1's bias + GELU in the GEMM epilogue, the q/k normalisation in the attention kernel
@@ -432,7 +441,7 @@ class FastDecoder(nn.Module):
                  mode: Optional[str] = None, channels_last: bool = True, max_batch: Optional[int] = None,
                  cudnn_benchmark: bool = True, offload_encoder: bool = True, subpixel: Optional[bool] = None,
                  nhwc_kernels: bool = True, graphs: bool = False, pool: Optional[Tuple[int, int]] = None,
-                 reserve_pool: bool = True, full_res_chunks: Optional[int] = None):
+                 reserve_pool: bool = True, full_res_chunks: Optional[int] = None, fp8: bool = False):
         super().__init__()
         from .tokenizer.autoencoder import GroupNorm, Upsample
         self.tokenizer = tokenizer
@@ -606,7 +615,7 @@ class FastDecoder(nn.Module):
 
 def accelerate(pipe, dtype: torch.dtype = torch.bfloat16, graphs: bool = True, compile_decoder: bool = True,
                compile_passes: bool = False, decode_batch: Optional[int] = None, graph_decoder: bool = True,
-               reserve_pool: bool = True, full_res_chunks: Optional[int] = None):
+               reserve_pool: bool = True, full_res_chunks: Optional[int] = None, fp8: bool = False):
     """Make a CUDA :class:`~hmar.pipeline.HMARPipeline` fast in place: the transformer in ``dtype`` in a
     :class:`GraphedModel` (the token loop as one CUDA graph; ``compile_passes``: with its blocks compiled,
     :func:`compile_blocks`), and :class:`FastDecoder` (``dtype``, channels_last, compiled).
@@ -614,13 +623,15 @@ def accelerate(pipe, dtype: torch.dtype = torch.bfloat16, graphs: bool = True, c
     ``max_batch``). ``graph_decoder`` (with ``graphs``): the decoder's calls replay CUDA graphs in the loop graph's
     memory pool (:class:`FastDecoder`'s ``graphs``). ``reserve_pool``: each capture first reserves its warm-up's
     peak as one block of the pool (:class:`GraphedModel`'s ``reserve_pool``). ``full_res_chunks``:
-    :class:`FastDecoder`'s. The decoder is the loop graph's ``pool_guest``: one pool block serves both. Returns the
-    pipeline."""
+    :class:`FastDecoder`'s. ``fp8`` (with ``graphs``): :class:`GraphedModel`'s (the blocks' GEMMs in e4m3). The
+    decoder is the loop graph's ``pool_guest``: one pool block serves both. Returns the pipeline."""
     if pipe.device.type != "cuda":
         return pipe
+    if fp8 and not graphs:
+        raise ValueError("accelerate(fp8=True) converts the graphed model's blocks: leave graphs on")
     pipe.model.to(dtype)
     if graphs:
-        pipe.model = GraphedModel(pipe.model, compile=compile_passes, reserve_pool=reserve_pool)
+        pipe.model = GraphedModel(pipe.model, compile=compile_passes, reserve_pool=reserve_pool, fp8=fp8)
     pool = pipe.model._loop_pool if graphs else None
     pipe.tokenizer = FastDecoder(pipe.tokenizer, dtype, compile_decoder, max_batch=decode_batch,
                                  graphs=graphs and graph_decoder, pool=pool, reserve_pool=reserve_pool,

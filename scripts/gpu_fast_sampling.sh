@@ -93,6 +93,10 @@
 #           keys below every candidate, the mass 0 outside the top-k set), 8 warps (~6 minutes)
 #           (ran then: the draw 3.0x / 2.6x faster than the torch ops at 256 / 512 px, token loops 1.02-1.06x faster;
 #           BENCHMARKS.md 3m)
+#   32 (2026-12-04): the blocks' GEMMs in fp8 e4m3 (hmar.model.fp8, opt-in): its GPU tests, the four linears alone at
+#           the largest passes of every goal config and the logits' error against fp32 next to bf16's
+#           (benchmarks/bench_fp8.py), then hmar-d16 and hmar-d16-512 against -fp8 and -fp8fast, fp8 profiled (~9 minutes)
+#   33: the same sampling comparison at hmar-d30 and hmar-d30-512 (~8 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -118,6 +122,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   24) STEPS="pool-test fr-sample leak-check" ;; 25) STEPS="decoder-tests" ;;
   26) STEPS="pool-test fr-sample decoder-tests" ;; 27|28) STEPS="fr-default-256" ;;
   29|30|31) STEPS="draw-tests draw-bench draw-sample" ;;
+  32) STEPS="fp8-tests fp8-bench fp8-sample-d16" ;; 33) STEPS="fp8-sample-d30" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
@@ -275,6 +280,17 @@ for s in $STEPS; do
       cat "$L/draw-bench.log" ;;
     draw-sample) bench draw hmar-d30,hmar-d16,hmar-d16-512,hmar-d30-512 fast-compiled,fast-compiled-torchdraw \
                    --profile --profile-variants fast-compiled --profile-rows 30 ;;
+    fp8-tests)
+      step "GPU tests: fp8 GEMMs (the layer against its reference, graphed fp8 sampling == eager fp8)"
+      gpu_tests fp8-tests 120 tests/test_fp8.py ;;
+    fp8-bench)
+      step "fp8: the four block linears alone, and the logits' error against fp32 (random weights, the shipped model)"
+      timeout "$(( $(left) < 200 ? $(left) : 200 ))" python3 benchmarks/bench_fp8.py --shipped \
+        --json "$L/fp8-bench.json" > "$L/fp8-bench.log" 2>&1; grep -E "sum over|error" "$L/fp8-bench.log" ;;
+    fp8-sample-d16) bench fp8-d16 hmar-d16,hmar-d16-512 fast-compiled,fast-compiled-fp8,fast-compiled-fp8fast \
+                      --profile --profile-variants fast-compiled-fp8 --profile-rows 30 ;;
+    fp8-sample-d30) bench fp8-d30 hmar-d30,hmar-d30-512 fast-compiled,fast-compiled-fp8,fast-compiled-fp8fast \
+                      --profile --profile-variants fast-compiled-fp8 --profile-rows 30 ;;
     leak-check)
       step "which live blocks pin a graph pool after its variant is dropped"
       timeout "$(left)" python3 $S --reps 1 --configs hmar-d16 --variants fast-compiled,fast-compiled-fr1 --leak-check \

@@ -22,6 +22,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "(about a minute of warm-up; BENCHMARKS.md section 3)")
     p.add_argument("--compile", action="store_true",
                    help="with --fast (implied): also torch.compile the transformer blocks")
+    p.add_argument("--fp8", action="store_true",
+                   help="with --fast (implied): the transformer blocks' GEMMs in fp8 e4m3 (GPUs of compute "
+                        "capability 8.9+: H100/H200, L4, RTX 40xx); faster, at a small error (BENCHMARKS.md)")
     p.add_argument("--decode-batch", type=int, default=None, metavar="N",
                    help="with --fast: images per decoder call (default: as many as keep one full-resolution "
                         "activation within 1.5 GiB, 16 at 256 and 512 px in bf16); fewer take less memory, more time")
@@ -80,7 +83,8 @@ def load_pipeline(args: argparse.Namespace, say=print):
     from ..pipeline import HMARPipeline, default_model_dir
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise HMARError(f"--device {args.device} asked for, but CUDA is not available here: use --device cpu")
-    fast = getattr(args, "fast", False) or getattr(args, "compile", False)
+    fp8 = getattr(args, "fp8", False)
+    fast = getattr(args, "fast", False) or getattr(args, "compile", False) or fp8
     decode_batch = getattr(args, "decode_batch", None)
     chunks = getattr(args, "full_res_chunks", None)
     for flag, value, what in (("--decode-batch", decode_batch, "sets the fast decoder's images per call"),
@@ -88,8 +92,13 @@ def load_pipeline(args: argparse.Namespace, say=print):
         if value is not None and (value < 1 or not fast):
             raise HMARError(f"{flag} {value}: it {what}, so it needs --fast (or --compile) and a value >= 1")
     if fast and not args.device.startswith("cuda"):
-        raise HMARError(f"--fast/--compile speed up sampling on CUDA; --device is {args.device}: "
+        raise HMARError(f"--fast/--compile/--fp8 speed up sampling on CUDA; --device is {args.device}: "
                         "drop them or use --device cuda")
+    if fp8:
+        from ..model.fp8 import supported
+        if not supported(args.device):
+            raise HMARError(f"--fp8: {args.device} has no fp8 GEMMs (compute capability 8.9+ needed, e.g. H100, "
+                            "L4, RTX 40xx): drop --fp8")
     if args.checkpoint is None:
         if default_model_dir() is not None:
             pipe = HMARPipeline.from_pretrained(None, device=args.device)
@@ -100,5 +109,5 @@ def load_pipeline(args: argparse.Namespace, say=print):
     else:
         pipe = HMARPipeline.from_pretrained(args.checkpoint, vqvae=args.vqvae, device=args.device,
                                             mask_checkpoint=args.mask_checkpoint)
-    return (pipe.enable_fast_sampling(compile=args.compile, decode_batch=decode_batch, full_res_chunks=chunks)
-            if fast else pipe)
+    return (pipe.enable_fast_sampling(compile=args.compile, decode_batch=decode_batch, full_res_chunks=chunks,
+                                      fp8=fp8) if fast else pipe)

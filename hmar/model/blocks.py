@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from .. import attention as _attn_module
 from ..attention import attention, inference_kernel, l2_normalize_qk
+from .fp8 import linear
 
 
 Branch = Tuple[torch.Tensor, torch.Tensor]
@@ -100,7 +101,7 @@ class SelfAttention(nn.Module):
     def _qkv(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None):
         """q, k, v (``[B, H, L, D]`` views of one packed projection of ``x``)."""
         B, L, _ = x.shape
-        qkv = F.linear(x, self.mat_qkv.weight, bias)
+        qkv = linear(self.mat_qkv, x, bias)   # an nn.Linear or an fp8 one (hmar.model.fp8)
         return qkv.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
 
     def _pass_kernel(self, x: torch.Tensor, lengths: Sequence[int], fuse: Optional[bool],
@@ -145,7 +146,7 @@ class FFN(nn.Module):
     fc1's bias and GELU run in the GEMM's epilogue (``torch._addmm_activation``: cuBLASLt's GELU-bias epilogue, tanh
     approximation, on the fp32 accumulator) instead of as a kernel of their own over fc1's output; torch.compile
     keeps that op as a call into ATen. CUDA only: on the CPU that op computes the exact (erf) GELU, another
-    function."""
+    function. An fp8 fc1 (:mod:`hmar.model.fp8`) has no such epilogue: its GELU stays an op of its own."""
 
     fused_gelu = False
 
@@ -155,7 +156,7 @@ class FFN(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_gelu and x.is_cuda and not torch.is_grad_enabled():
+        if self.fused_gelu and x.is_cuda and not torch.is_grad_enabled() and isinstance(self.fc1, nn.Linear):
             h = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(), use_gelu=True)
             return self.fc2(h.view(*x.shape[:-1], h.shape[-1]))
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
