@@ -5,8 +5,9 @@ error of whole models' logits.
 M = 2 x batch x tokens of its largest passes (guidance doubles the batch), side by side, medians of
 ``triton.testing.do_bench`` in microseconds: ``bf16`` (``F.linear`` with its bias), ``mm`` (``torch._scaled_mm``
 alone, with the bias, on an input quantised before), ``mmfa`` (the same with ``use_fast_accum``), ``fp8``
-(:class:`~hmar.model.fp8.Float8Linear`: the per-token quantisation as eager ops, then the GEMM) and ``fp8c`` (the
-quantisation compiled into one kernel, then the GEMM). The sampler's compiled blocks fuse the quantisation into the
+(:class:`~hmar.model.fp8.Float8Linear`: the per-token quantisation as eager ops, then the GEMM), ``fp8c`` (the
+quantisation compiled into one kernel, then the GEMM) and ``fp8k`` (hmar's Triton quantisation kernel, then the GEMM;
+for fc2 with the GELU of its input in that kernel, against a bf16 fc2 without it). The sampler's compiled blocks fuse the quantisation into the
 kernel before it (LayerNorm + modulation, GELU), so its cost there lies between ``mm`` and ``fp8c``.
 
 ``--part error`` (any device): the teacher-forced logits ``[B, L, V]`` of a model in fp32 (the reference), in bf16,
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from hmar import build_model, model_config  # noqa: E402
-from hmar.model.fp8 import Float8Linear, quantize_rows, to_float8  # noqa: E402
+from hmar.model.fp8 import Float8Linear, kernel_available, quantize_rows, to_float8  # noqa: E402
 
 def _timer(device: torch.device):
     """Microseconds per call: ``triton.testing.do_bench``'s median on CUDA, a median of wall times on the CPU
@@ -85,6 +86,8 @@ def gemm_rows(configs, batch: int, device: torch.device):
                     "fp8": lambda: f8(x),
                     "fp8c": lambda: mm(*quantize_compiled(x)),
                 }
+                if device.type == "cuda" and kernel_available(device):
+                    fns["fp8k"] = lambda: mm(*torch.ops.hmar.fp8_quantize_rows(x, layer == "fc2"))
                 r = {"config": name, "layer": layer, "M": M, "K": k, "N": n}
                 with torch.no_grad():
                     for key, fn in fns.items():
@@ -93,12 +96,12 @@ def gemm_rows(configs, batch: int, device: torch.device):
                 r["tflops_mm"] = 2 * M * k * n / r["mm"] / 1e6
                 rows.append(r)
                 print(f"{name:13s} {layer:4s} M={M:6d} K={k:5d} N={n:5d}  bf16 {r['bf16']:7.1f}  mm {r['mm']:7.1f}  "
-                      f"mmfa {r['mmfa']:7.1f}  fp8 {r['fp8']:7.1f}  fp8c {r['fp8c']:7.1f} us   "
+                      f"mmfa {r['mmfa']:7.1f}  fp8 {r['fp8']:7.1f}  fp8c {r['fp8c']:7.1f}  fp8k {r.get('fp8k', 0):7.1f} us   "
                       f"x{r['bf16'] / r['fp8c']:.2f} (compiled) x{r['bf16'] / r['mm']:.2f} (GEMM alone)  "
                       f"{r['tflops_bf16']:.0f} / {r['tflops_mm']:.0f} TF/s", flush=True)
     for name in configs:
         mine = [r for r in rows if r["config"] == name]
-        tot = {k: sum(r[k] for r in mine) for k in ("bf16", "mm", "mmfa", "fp8", "fp8c")}
+        tot = {k: sum(r.get(k, 0) for r in mine) for k in ("bf16", "mm", "mmfa", "fp8", "fp8c", "fp8k")}
         print(f"{name:13s} sum over its rows: " + "  ".join(f"{k} {v:8.1f}" for k, v in tot.items()) +
               f" us   bf16 / fp8c x{tot['bf16'] / tot['fp8c']:.2f}, bf16 / mm x{tot['bf16'] / tot['mm']:.2f}",
               flush=True)

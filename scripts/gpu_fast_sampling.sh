@@ -97,6 +97,13 @@
 #           the largest passes of every goal config and the logits' error against fp32 next to bf16's
 #           (benchmarks/bench_fp8.py), then hmar-d16 and hmar-d16-512 against -fp8 and -fp8fast, fp8 profiled (~9 minutes)
 #   33: the same sampling comparison at hmar-d30 and hmar-d30-512 (~8 minutes)
+#           (call 32 ran: the GEMMs alone 1.4-1.6x faster, but the loops 0.85-0.99x: inductor's GELU + quantisation
+#           of fc2's input made two passes over the 4x-wide rows, 12.7 ms at hmar-d16-512; now a Triton kernel)
+#   35: after call 34 (hmar-d16-512 tokens 68.6 ms with -fp8fast; hmar-d30 failed: cuBLAS has no fast-accumulation
+#           kernel for M = 32, K = 7680, N = 1920): the tests, then hmar-d30 / d30-512 against -fp8fast and -fp8
+#   36: call 34's hmar-d16 / d16-512 comparison again (one run of each so far; ~4 minutes)
+#   34: call 32 with that kernel (its tests too), the GEMMs alone (no error part), then hmar-d30 / hmar-d30-512
+#           against -fp8fast (~9 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -123,6 +130,8 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   26) STEPS="pool-test fr-sample decoder-tests" ;; 27|28) STEPS="fr-default-256" ;;
   29|30|31) STEPS="draw-tests draw-bench draw-sample" ;;
   32) STEPS="fp8-tests fp8-bench fp8-sample-d16" ;; 33) STEPS="fp8-sample-d30" ;;
+  34) STEPS="fp8-tests fp8-gemm fp8-sample-d16 fp8-sample-d30-fast" ;; 35) STEPS="fp8-tests fp8-sample-d30-all" ;;
+  36) STEPS="fp8-sample-d16-again" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
@@ -287,6 +296,13 @@ for s in $STEPS; do
       step "fp8: the four block linears alone, and the logits' error against fp32 (random weights, the shipped model)"
       timeout "$(( $(left) < 200 ? $(left) : 200 ))" python3 benchmarks/bench_fp8.py --shipped \
         --json "$L/fp8-bench.json" > "$L/fp8-bench.log" 2>&1; grep -E "sum over|error" "$L/fp8-bench.log" ;;
+    fp8-gemm)
+      step "fp8: the four block linears alone"
+      timeout "$(( $(left) < 120 ? $(left) : 120 ))" python3 benchmarks/bench_fp8.py --part gemm \
+        --json "$L/fp8-gemm.json" > "$L/fp8-gemm.log" 2>&1; grep -E "sum over" "$L/fp8-gemm.log" ;;
+    fp8-sample-d16-again) bench fp8-d16-again hmar-d16-512,hmar-d16 fast-compiled,fast-compiled-fp8fast,fast-compiled-fp8 ;;
+    fp8-sample-d30-all) bench fp8-d30-all hmar-d30,hmar-d30-512 fast-compiled,fast-compiled-fp8fast,fast-compiled-fp8 ;;
+    fp8-sample-d30-fast) bench fp8-d30 hmar-d30,hmar-d30-512 fast-compiled,fast-compiled-fp8fast ;;
     fp8-sample-d16) bench fp8-d16 hmar-d16,hmar-d16-512 fast-compiled,fast-compiled-fp8,fast-compiled-fp8fast \
                       --profile --profile-variants fast-compiled-fp8 --profile-rows 30 ;;
     fp8-sample-d30) bench fp8-d30 hmar-d30,hmar-d30-512 fast-compiled,fast-compiled-fp8,fast-compiled-fp8fast \

@@ -77,6 +77,43 @@ def test_bias_override_and_dtype_conversion():
     torch.testing.assert_close(out.float(), _simulated(lin, x.bfloat16(), None), rtol=0.02, atol=0.02)
 
 
+_KERNEL_CHECK = """
+import sys, torch
+import hmar.model.fp8 as fp8
+gelu = sys.argv[1] == "1"
+dev = "cuda" if torch.cuda.is_available() else "cpu"
+assert fp8.kernel_available(torch.device(dev))
+torch.manual_seed(0)
+wide = (torch.randn(37, 320) * torch.logspace(-3, 3, 37)[:, None]).bfloat16().to(dev)
+x = wide[:, :300]                                   # rows of no power-of-two length, a row stride wider than them
+q, s = fp8._quantize_with_kernel(x, gelu)
+q0, s0 = fp8._quantize_ops(x, gelu)
+assert q.dtype == fp8.E4M3 and s.shape == (37, 1)
+torch.testing.assert_close(s, s0, rtol=1e-5, atol=0)
+a, b = q.float(), q0.float()
+assert (a == b).float().mean() > 0.99               # the GELU's formula may move a value across a rounding
+assert ((a - b).abs() <= b.abs() / 8 + 2 ** -9).all()   # boundary: one e4m3 step at most
+print("ok", (a == b).float().mean().item())
+"""
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+def test_quantize_kernel_equals_the_torch_ops(gelu):
+    """The Triton row kernel (GELU + absolute maximum + e4m3 rounding) against the torch ops, on rows six decades
+    apart. On the GPU as it runs there; on the CPU in a process of its own under Triton's interpreter (which must be
+    on before Triton is first imported)."""
+    import os
+    import subprocess
+    import sys
+    import hmar.model.fp8 as fp8
+    if not fp8._HAS_TRITON:
+        pytest.skip("triton is not installed")
+    env = dict(os.environ) if torch.cuda.is_available() else {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", _KERNEL_CHECK, "1" if gelu else "0"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.startswith("ok"), run.stdout + run.stderr
+
+
 def test_float8_linear_refuses_autograd():
     f8 = Float8Linear(nn.Linear(32, 16))
     with pytest.raises(RuntimeError, match="inference"):
@@ -90,7 +127,8 @@ class _Simulated(nn.Module):
         super().__init__()
         self.lin = lin
 
-    def forward(self, x, bias=...):
+    def forward(self, x, bias=..., gelu=False):
+        x = nn.functional.gelu(x.float(), approximate="tanh") if gelu else x
         return _simulated(self.lin, x, self.lin.bias if bias is ... else bias)
 
 

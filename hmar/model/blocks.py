@@ -146,7 +146,7 @@ class FFN(nn.Module):
     fc1's bias and GELU run in the GEMM's epilogue (``torch._addmm_activation``: cuBLASLt's GELU-bias epilogue, tanh
     approximation, on the fp32 accumulator) instead of as a kernel of their own over fc1's output; torch.compile
     keeps that op as a call into ATen. CUDA only: on the CPU that op computes the exact (erf) GELU, another
-    function. An fp8 fc1 (:mod:`hmar.model.fp8`) has no such epilogue: its GELU stays an op of its own."""
+    function. With fp8 layers (:mod:`hmar.model.fp8`) the GELU runs in the kernel that quantises fc2's input."""
 
     fused_gelu = False
 
@@ -156,6 +156,8 @@ class FFN(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.fc2, nn.Linear):   # fp8 (hmar.model.fp8): the GELU inside fc2's input quantisation
+            return self.fc2(self.fc1(x), gelu=True)
         if self.fused_gelu and x.is_cuda and not torch.is_grad_enabled() and isinstance(self.fc1, nn.Linear):
             h = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(), use_gelu=True)
             return self.fc2(h.view(*x.shape[:-1], h.shape[-1]))

@@ -4,7 +4,8 @@
 few MB of a model's matmul weights) for :class:`Float8Linear`. A weight keeps one fp32 scale per output channel
 (its row's absolute maximum / 448, the largest e4m3 value); each input row (token) gets its own scale the same way
 at every call, and ``torch._scaled_mm`` multiplies the two e4m3 matrices and applies both scales and the bias to
-its fp32 accumulator (on Hopper GPUs at twice the bf16 rate; the CPU build runs it too, for tests). The output
+its fp32 accumulator (on Hopper GPUs at up to twice the bf16 rate; on the CPU, for tests, the same product of the
+rounded operands in fp32). FFNs quantise fc2's input and apply the GELU before it in one Triton kernel. The output
 head, the AdaLN ``ada_lin`` layers and the embeddings stay as they are.
 
 Inference only (``_scaled_mm`` has no backward), and a one-way conversion: the fp8 weights replace the originals
@@ -15,27 +16,112 @@ kernel before it; eager, it costs a few small kernels per layer. BENCHMARKS.md m
 against bf16."""
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # Triton is optional: without it every quantisation runs as torch ops
+    import triton
+    import triton.language as tl
+    _HAS_TRITON = True
+except Exception:  # pragma: no cover - depends on the machine
+    triton = tl = None
+    _HAS_TRITON = False
+
+# Triton decides at decoration time whether its kernels run in the CPU interpreter (see hmar.attention.triton_kernel)
+_INTERPRETED = _HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0   # torch.finfo(torch.float8_e4m3fn).max
 _KEEP = object()   # Float8Linear.forward's "use my own bias"
+FAST_ACCUM_MIN_ROWS = 256
+"""``fast_accum`` applies to GEMMs of at least this many rows: smaller ones are latency-bound anyway, and on the
+H200 (torch 2.11) cuBLAS had no fast-accumulation kernel for one of them (M = 32, K = 7680, N = 1920 with a bias:
+hmar-d30's fc2 at the first scale), raising CUBLAS_STATUS_NOT_SUPPORTED."""
 LAYERS = ("attn.mat_qkv", "attn.proj", "ffn.fc1", "ffn.fc2")   # the linears of an AdaLN block that to_float8 converts
 
 
-def quantize_rows(x: torch.Tensor):
-    """``x`` ([M, K]) as e4m3 with one fp32 scale per row: ``(q, scale)``, ``q * scale ~ x``, ``scale`` [M, 1]."""
+def _quantize_ops(x: torch.Tensor, gelu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     xf = x.float()
+    if gelu:
+        xf = F.gelu(xf, approximate="tanh")
     scale = xf.abs().amax(-1, keepdim=True).clamp(min=1e-12) / E4M3_MAX
     return (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
+if _HAS_TRITON:
+    @triton.jit
+    def _quantize_kernel(x_ptr, q_ptr, s_ptr, N, stride, GELU: tl.constexpr, FP8: tl.constexpr, BLOCK: tl.constexpr):
+        """One row per program: (GELU,) its absolute maximum, the row scaled to +-448 and rounded to e4m3."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        keep = cols < N
+        x = tl.load(x_ptr + row * stride + cols, mask=keep, other=0.0).to(tl.float32)
+        if GELU:   # tanh approximation: 0.5 x (1 + tanh(u)) = x sigmoid(2u)
+            x = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+        scale = tl.maximum(tl.max(tl.abs(x), 0), 1e-12) / 448.0
+        y = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+        if FP8:
+            tl.store(q_ptr + row * N + cols, y.to(tl.float8e4nv), mask=keep)
+        else:   # the CPU interpreter rounds to fp8 wrongly: fp32 out, rounded by torch below
+            tl.store(q_ptr + row * N + cols, y, mask=keep)
+        tl.store(s_ptr + row, scale)
+
+
+def _quantize_with_kernel(x: torch.Tensor, gelu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    M, N = x.shape
+    fp8 = not _INTERPRETED
+    q = torch.empty((M, N), dtype=E4M3 if fp8 else torch.float32, device=x.device)
+    scale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(N)
+    _quantize_kernel[(M,)](x, q, scale, N, x.stride(0), GELU=gelu, FP8=fp8, BLOCK=block,
+                           num_warps=1 if _INTERPRETED else max(1, min(16, block // 512)))
+    return (q if fp8 else q.to(E4M3)), scale
+
+
+def kernel_available(device: torch.device) -> bool:
+    """Whether the quantisation kernel runs on ``device`` (CUDA with Triton; the CPU under Triton's interpreter)."""
+    return _HAS_TRITON and (device.type == "cuda" or (_INTERPRETED and device.type == "cpu"))
+
+
+def _register_op() -> None:
+    from torch.library import custom_op
+    if hasattr(torch.ops.hmar, "fp8_quantize_rows"):
+        return
+
+    @custom_op("hmar::fp8_quantize_rows", mutates_args=())
+    def _op(x: torch.Tensor, gelu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _quantize_with_kernel(x, gelu)
+
+    @_op.register_fake
+    def _(x, gelu):
+        return x.new_empty(x.shape, dtype=E4M3), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+
+if _HAS_TRITON:
+    _register_op()
+
+
+def quantize_rows(x: torch.Tensor, gelu: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``x`` ([M, K]; with ``gelu``: its tanh GELU in fp32 first) as e4m3 with one fp32 scale per row:
+    ``(q, scale)``, ``q * scale ~ x``, ``scale`` [M, 1].
+
+    With ``gelu`` on CUDA, one Triton kernel reads each row once (inductor makes two passes over rows this long, a
+    4x-wider FFN row, at a fraction of the bandwidth); so does every quantisation in eager code on CUDA. Under
+    torch.compile the others stay torch ops, which inductor fuses into the LayerNorm kernel before them."""
+    if kernel_available(x.device) and (gelu or not torch.compiler.is_compiling()):
+        return torch.ops.hmar.fp8_quantize_rows(x, gelu)
+    return _quantize_ops(x, gelu)
+
+
 class Float8Linear(nn.Module):
     """An ``nn.Linear`` for inference with its weight in e4m3 (one scale per output channel) and its input quantised
-    per row at each call. ``fast_accum``: ``_scaled_mm``'s faster, less exact accumulation on Hopper.
+    per row at each call. ``fast_accum``: ``_scaled_mm``'s faster, less exact accumulation on Hopper (in GEMMs of
+    at least :data:`FAST_ACCUM_MIN_ROWS` rows).
 
     The fp8 weight is kept as its uint8 bytes, so that ``model.to(dtype)`` (which converts every floating point
     tensor, fp8 included) leaves it alone; the output has the input's dtype."""
@@ -53,17 +139,22 @@ class Float8Linear(nn.Module):
         """The weight this layer multiplies by, in fp32 ([N, K]): what the original weight rounded to."""
         return self.weight_fp8.view(E4M3).float() * self.weight_scale.float().t()
 
-    def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = _KEEP) -> torch.Tensor:   # type: ignore
-        """``x @ W.T + bias``; ``bias`` overrides the layer's own (None: none)."""
+    def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = _KEEP,   # type: ignore
+                gelu: bool = False) -> torch.Tensor:
+        """``x @ W.T + bias`` (``gelu``: ``GELU_tanh(x) @ W.T + bias``, the GELU fused into the quantisation);
+        ``bias`` overrides the layer's own (None: none)."""
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("Float8Linear is for inference (torch._scaled_mm has no backward): run the model "
                                "under torch.no_grad(), or train the model before hmar.model.fp8.to_float8")
         bias = self.bias if bias is _KEEP else bias
-        q, scale = quantize_rows(x.reshape(-1, self.in_features))
-        dtype = torch.bfloat16 if x.is_cuda else x.dtype   # CUDA's row-wise scaled GEMM writes bf16 only
-        out = torch._scaled_mm(q, self.weight_fp8.view(E4M3).t(), scale, self.weight_scale.float(),
-                               bias=None if bias is None else bias.to(dtype), out_dtype=dtype,
-                               use_fast_accum=self.fast_accum)
+        q, scale = quantize_rows(x.reshape(-1, self.in_features), gelu)
+        if x.is_cuda:   # (its row-wise scaled GEMM writes bf16 only)
+            out = torch._scaled_mm(q, self.weight_fp8.view(E4M3).t(), scale, self.weight_scale.float(),
+                                   bias=None if bias is None else bias.to(torch.bfloat16), out_dtype=torch.bfloat16,
+                                   use_fast_accum=self.fast_accum and q.shape[0] >= FAST_ACCUM_MIN_ROWS)
+        else:   # the same product of the rounded operands in fp32 (CPU builds before torch 2.13 scale per tensor only)
+            out = (q.float() * scale) @ self.dequantized_weight().t()
+            out = out if bias is None else out + bias.float()
         return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
