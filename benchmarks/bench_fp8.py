@@ -10,6 +10,9 @@ quantisation compiled into one kernel, then the GEMM) and ``fp8k`` (hmar's Trito
 for fc2 with the GELU of its input in that kernel, against a bf16 fc2 without it). The sampler's compiled blocks fuse the quantisation into the
 kernel before it (LayerNorm + modulation, GELU), so its cost there lies between ``mm`` and ``fp8c``.
 
+``--part shapes``: every block linear of widths 1024 and 1920 at every pass size of a guided 256 px call, with and
+without its bias and fast accumulation (``FAST_ACCUM_MIN_ROWS`` lifted), once each: which combinations cuBLAS refuses.
+
 ``--part error`` (any device): the teacher-forced logits ``[B, L, V]`` of a model in fp32 (the reference), in bf16,
 and in bf16 with fp8 blocks (and ``fast_accum`` on CUDA), over the same inputs: the relative RMS error of the logits,
 how often the argmax agrees with fp32's, and the mean KL(p_fp32 || p) per position. ``--configs`` take random
@@ -108,6 +111,39 @@ def gemm_rows(configs, batch: int, device: torch.device):
     return rows
 
 
+def shape_failures(device: torch.device, widths=(1024, 1920), batch: int = 16):
+    """Every block linear of the given widths at every pass size M of a guided sampling call (2 x batch x pn^2 for
+    the 256 px scales), with and without its bias and fast accumulation, run once eagerly: the combinations that
+    raise (cuBLAS has no kernel for some), as rows."""
+    import hmar.model.fp8 as fp8
+    Ms = [2 * batch * pn * pn for pn in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)]
+    rows = []
+    for C in widths:
+        for k, n in ((C, 3 * C), (C, C), (C, 4 * C), (4 * C, C)):
+            lin = nn.Linear(k, n, device=device, dtype=torch.bfloat16)
+            for fast in (False, True):
+                layer = Float8Linear(lin, fast_accum=fast)
+                kept = fp8.FAST_ACCUM_MIN_ROWS
+                fp8.FAST_ACCUM_MIN_ROWS = 0   # every size, the ones it keeps exact included
+                try:
+                    for M in Ms:
+                        for bias in (layer.bias, None):
+                            try:
+                                with torch.no_grad():
+                                    layer(torch.randn(M, k, device=device, dtype=torch.bfloat16), bias)
+                                if device.type == "cuda":
+                                    torch.cuda.synchronize()
+                            except RuntimeError as e:
+                                rows.append({"M": M, "K": k, "N": n, "fast_accum": fast, "bias": bias is not None,
+                                             "error": str(e)[:120]})
+                finally:
+                    fp8.FAST_ACCUM_MIN_ROWS = kept
+    for r in rows:
+        print(f"fails: M={r['M']} K={r['K']} N={r['N']} fast_accum={r['fast_accum']} bias={r['bias']}: {r['error']}")
+    print(f"{len(rows)} failing combinations of {len(widths) * 4 * 2 * len(Ms) * 2}", flush=True)
+    return rows
+
+
 def _errors(ref: torch.Tensor, got: torch.Tensor) -> dict:
     ref, got = ref.float(), got.float()
     kl = F.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True, reduction="none").sum(-1)
@@ -161,7 +197,7 @@ def _shipped(batch: int, device: torch.device):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("gemm", "error", "both"), default="both")
+    ap.add_argument("--part", choices=("gemm", "error", "both", "shapes"), default="both")
     ap.add_argument("--configs", default="hmar-d16,hmar-d30,hmar-d16-512,hmar-d30-512")
     ap.add_argument("--batch", type=int, default=16, help="images (the GEMMs: 2x that for guidance)")
     ap.add_argument("--error-batch", type=int, default=4, help="images per model in --part error")
@@ -172,6 +208,8 @@ def main() -> None:
     device = torch.device(args.device)
     configs = [c for c in args.configs.split(",") if c]
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
+    if args.part == "shapes":
+        out["failures"] = shape_failures(device)
     if args.part in ("gemm", "both"):
         out["gemm"] = gemm_rows(configs, args.batch, device)
     if args.part in ("error", "both"):
