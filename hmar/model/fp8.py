@@ -11,9 +11,9 @@ head, the AdaLN ``ada_lin`` layers and the embeddings stay as they are.
 Inference only (``_scaled_mm`` has no backward), and a one-way conversion: the fp8 weights replace the originals
 in memory, and the converted model's state dict has other keys (``weight_fp8``, ``weight_scale``). Convert a
 loaded model right before sampling (:class:`hmar.accel.GraphedModel`'s ``fp8``, ``hmar sample --fast --fp8``).
-With the blocks compiled (``--compile``), torch.compile fuses each row's quantisation into the LayerNorm or GELU
-kernel before it; eager, it costs a few small kernels per layer. BENCHMARKS.md measures its speed and its error
-against bf16."""
+With the blocks compiled (``--compile``), torch.compile fuses the quantisation of the qkv, proj and fc1 inputs into
+the LayerNorm + modulation kernel before qkv and fc1, and makes one kernel of its own over the attention output for
+proj; eager on CUDA, each quantisation is one launch of the Triton kernel. BENCHMARKS.md section 3n measures the speed and the error against bf16."""
 from __future__ import annotations
 
 import os
