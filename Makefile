@@ -20,10 +20,14 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/hmar sample --out demo_out
 
+# the suite in PYTEST_WORKERS pytest-xdist processes (tests/conftest.py gives each its share of the cores;
+# `make test PYTEST_WORKERS=0` runs it in one process); --dist loadgroup keeps the tests marked
+# xdist_group(NAME) on one worker, one after the other (the torchrun launches)
+PYTEST_WORKERS ?= 2
 # the browser test drives a server and Chromium: it runs in a pytest process of its own, so that no state
 # left by other tests (threads, Pillow limits, caches) can slow it past its timeouts
 test: setup
-	$(BIN)/python -m pytest -q --ignore=tests/test_webdemo.py
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadgroup --ignore=tests/test_webdemo.py
 	$(BIN)/python -m pytest -q tests/test_webdemo.py
 
 clean:

@@ -6,7 +6,17 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# `make test` runs this suite in pytest-xdist workers (-n 2): each worker gets its share of the cores, in torch
+# (the fixture below) and, through OMP_NUM_THREADS set before torch is imported, in the worker's own OpenMP pool
+# and in every process a test starts (a CLI run, torchrun ranks, a benchmark script). Two processes of 2 threads
+# each on 2 cores spin against each other in OpenMP barriers and run many times slower (seen here: a 7 s test took 117 s).
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, (os.cpu_count() or 1) // XDIST_WORKERS))
+if XDIST_WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     # Without CUDA the Triton kernels' tests (test_draw_kernel.py, test_triton_attention.py) run in Triton's CPU
@@ -42,7 +52,7 @@ def compat_dir() -> Path:
 
 @pytest.fixture(autouse=True)
 def _threads():
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(THREADS)
     yield
 
 

@@ -1,6 +1,7 @@
 """`hmar generate`: N images per class, identical files whatever the number of processes."""
 import hashlib
 
+import pytest
 import torch
 
 from hmar import VQVAE, build_model, model_config, tokenizer_config
@@ -28,6 +29,7 @@ def test_generate_is_rank_count_independent(tmp_path, monkeypatch):
     assert len(set(one.values())) == 9
 
 
+@pytest.mark.xdist_group("torchrun")   # one torchrun launch at a time (tests/test_training_ddp.py)
 def test_generate_under_torchrun_matches_one_process(tmp_path):
     """Real `torchrun --nproc_per_node 2` (CPU): the two ranks share the chunks and write the files of a
     1-process run, byte for byte."""

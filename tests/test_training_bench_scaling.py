@@ -11,6 +11,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# torchrun launches (2 gloo ranks each) run one at a time on one pytest-xdist worker (`make test` uses
+# --dist loadgroup): two at once would put 4 ranks on the 2 cores, beside the other worker's tests
+pytestmark = pytest.mark.xdist_group("torchrun")
+
 
 def test_bench_scaling_cpu_smoke(tmp_path):
     out = tmp_path / "scaling.json"

@@ -16,6 +16,10 @@ from safetensors.torch import load_file
 from hmar.training.synthetic import make_random_tokenizer, make_shapes_folder
 from hmar.training.tokenize import tokenize_folder
 
+# torchrun launches (2 gloo ranks each) run one at a time on one pytest-xdist worker (`make test` uses
+# --dist loadgroup): two at once would put 4 ranks on the 2 cores, beside the other worker's tests
+pytestmark = pytest.mark.xdist_group("torchrun")
+
 
 def _free_port() -> int:
     with socket.socket() as s:

@@ -44,6 +44,11 @@ DEVICE = os.environ.get("HMAR_WORLD_TEST_DEVICE", "cpu")
 STEPS, AT = 8, 4          # 8 optimiser steps; resume from the checkpoint of step 4 (3 batches per epoch)
 CKPT = f"step_{AT:08d}.pt"
 
+# torchrun launches (2 gloo ranks each) run one at a time on one pytest-xdist worker (`make test` uses
+# --dist loadgroup): two at once would put 4 ranks on the 2 cores, beside the other worker's tests. One worker
+# also makes this module's reference runs (the `runs` fixture, shared by its tests) once, not once per worker.
+pytestmark = pytest.mark.xdist_group("torchrun")
+
 
 def _free_port() -> int:
     with socket.socket() as s:
