@@ -22,10 +22,11 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
     # Without CUDA the Triton kernels' tests (test_draw_kernel.py, test_triton_attention.py) run in Triton's CPU
     # interpreter: they set TRITON_INTERPRET=1 when imported and re-import their kernel modules. Triton's own
     # library (tl.sum, tl.max, ...) is decorated once, when triton is first imported, for the interpreter only if
-    # the variable is set then; a test module collected before them that imports triton (test_accel.py: hmar.accel
-    # -> hmar.model.fp8) leaves it compiled-only, and every interpreted kernel fails ("Cannot call @triton.jit'd
-    # outside of the scope of a kernel": 89 failures at 9d3b061, in one process as in two). So triton is first
-    # imported here, under the interpreter, and the variable is restored: hmar's modules see it as before.
+    # the variable is set then; a test module collected before them that imports triton leaves it compiled-only,
+    # and every interpreted kernel fails ("Cannot call @triton.jit'd outside of the scope of a kernel": 89 failures
+    # at 9d3b061, when hmar.model.fp8 imported triton with hmar.accel; it now imports it with its first fp8 layer).
+    # So triton is first imported here, under the interpreter, and the variable is restored: hmar's modules see it
+    # as before.
     _prev = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:

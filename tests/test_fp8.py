@@ -1,6 +1,7 @@
 """FP8 inference (hmar.model.fp8): the scaling convention against a float reference of the same roundings, the
-conversion of exactly the blocks' four linears, every pass through them, and the errors on bad use. CPU
-(torch's CPU build runs torch._scaled_mm); the graphed-sampling test needs a CUDA GPU of compute capability 8.9+."""
+conversion of exactly the blocks' four linears, every pass through them, the Triton quantisation kernel against
+the torch ops, and the errors on bad use. CPU (fp8 layers compute the product of their rounded operands in fp32
+there); the graphed-sampling test needs a CUDA GPU of compute capability 8.9+."""
 import argparse
 
 import pytest
@@ -82,12 +83,13 @@ import sys, torch
 import hmar.model.fp8 as fp8
 gelu = sys.argv[1] == "1"
 dev = "cuda" if torch.cuda.is_available() else "cpu"
-assert fp8.kernel_available(torch.device(dev))
+from hmar.model import fp8_kernel
+assert fp8_kernel.available(torch.device(dev)) and fp8.kernel_available(torch.device(dev)) == (dev == "cuda")
 torch.manual_seed(0)
 wide = (torch.randn(37, 320) * torch.logspace(-3, 3, 37)[:, None]).bfloat16().to(dev)
 x = wide[:, :300]                                   # rows of no power-of-two length, a row stride wider than them
-q, s = fp8._quantize_with_kernel(x, gelu)
-q0, s0 = fp8._quantize_ops(x, gelu)
+q, s = fp8_kernel.quantize_with_kernel(x, gelu)
+q0, s0 = fp8.quantize_ops(x, gelu)
 assert q.dtype == fp8.E4M3 and s.shape == (37, 1)
 torch.testing.assert_close(s, s0, rtol=1e-5, atol=0)
 a, b = q.float(), q0.float()
@@ -102,16 +104,26 @@ def test_quantize_kernel_equals_the_torch_ops(gelu):
     """The Triton row kernel (GELU + absolute maximum + e4m3 rounding) against the torch ops, on rows six decades
     apart. On the GPU as it runs there; on the CPU in a process of its own under Triton's interpreter (which must be
     on before Triton is first imported)."""
+    import importlib.util
     import os
     import subprocess
     import sys
-    import hmar.model.fp8 as fp8
-    if not fp8._HAS_TRITON:
+    if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
     env = dict(os.environ) if torch.cuda.is_available() else {**os.environ, "TRITON_INTERPRET": "1"}
     run = subprocess.run([sys.executable, "-c", _KERNEL_CHECK, "1" if gelu else "0"], env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0 and run.stdout.startswith("ok"), run.stdout + run.stderr
+
+
+def test_importing_hmar_does_not_import_triton():
+    """The kernel module (and Triton) load with the first fp8 layer, not with hmar."""
+    import subprocess
+    import sys
+    code = ("import sys, hmar, hmar.accel, hmar.model.fp8, hmar.sampling; "
+            "print('triton' in sys.modules, 'hmar.model.fp8_kernel' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.stdout.split() == ["False", "False"], run.stdout + run.stderr
 
 
 def test_float8_linear_refuses_autograd():

@@ -16,23 +16,11 @@ the LayerNorm + modulation kernel before qkv and fc1, and makes one kernel of it
 proj; eager on CUDA, each quantisation is one launch of the Triton kernel. BENCHMARKS.md section 3n measures the speed and the error against bf16."""
 from __future__ import annotations
 
-import os
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-try:  # Triton is optional: without it every quantisation runs as torch ops
-    import triton
-    import triton.language as tl
-    _HAS_TRITON = True
-except Exception:  # pragma: no cover - depends on the machine
-    triton = tl = None
-    _HAS_TRITON = False
-
-# Triton decides at decoration time whether its kernels run in the CPU interpreter (see hmar.attention.triton_kernel)
-_INTERPRETED = _HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0   # torch.finfo(torch.float8_e4m3fn).max
@@ -44,7 +32,8 @@ hmar-d30's fc2 at the first scale), raising CUBLAS_STATUS_NOT_SUPPORTED."""
 LAYERS = ("attn.mat_qkv", "attn.proj", "ffn.fc1", "ffn.fc2")   # the linears of an AdaLN block that to_float8 converts
 
 
-def _quantize_ops(x: torch.Tensor, gelu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def quantize_ops(x: torch.Tensor, gelu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_rows` as torch ops (the reference of the Triton kernel)."""
     xf = x.float()
     if gelu:
         xf = F.gelu(xf, approximate="tanh")
@@ -52,58 +41,27 @@ def _quantize_ops(x: torch.Tensor, gelu: bool) -> Tuple[torch.Tensor, torch.Tens
     return (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3), scale
 
 
-if _HAS_TRITON:
-    @triton.jit
-    def _quantize_kernel(x_ptr, q_ptr, s_ptr, N, stride, GELU: tl.constexpr, FP8: tl.constexpr, BLOCK: tl.constexpr):
-        """One row per program: (GELU,) its absolute maximum, the row scaled to +-448 and rounded to e4m3."""
-        row = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK)
-        keep = cols < N
-        x = tl.load(x_ptr + row * stride + cols, mask=keep, other=0.0).to(tl.float32)
-        if GELU:   # tanh approximation: 0.5 x (1 + tanh(u)) = x sigmoid(2u)
-            x = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
-        scale = tl.maximum(tl.max(tl.abs(x), 0), 1e-12) / 448.0
-        y = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
-        if FP8:
-            tl.store(q_ptr + row * N + cols, y.to(tl.float8e4nv), mask=keep)
-        else:   # the CPU interpreter rounds to fp8 wrongly: fp32 out, rounded by torch below
-            tl.store(q_ptr + row * N + cols, y, mask=keep)
-        tl.store(s_ptr + row, scale)
+_UNSET = object()
+_KERNEL: Any = _UNSET   # hmar.model.fp8_kernel once imported, None without Triton
 
 
-def _quantize_with_kernel(x: torch.Tensor, gelu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    M, N = x.shape
-    fp8 = not _INTERPRETED
-    q = torch.empty((M, N), dtype=E4M3 if fp8 else torch.float32, device=x.device)
-    scale = torch.empty((M, 1), dtype=torch.float32, device=x.device)
-    block = triton.next_power_of_2(N)
-    _quantize_kernel[(M,)](x, q, scale, N, x.stride(0), GELU=gelu, FP8=fp8, BLOCK=block,
-                           num_warps=1 if _INTERPRETED else max(1, min(16, block // 512)))
-    return (q if fp8 else q.to(E4M3)), scale
+def _kernel():
+    """:mod:`hmar.model.fp8_kernel` (its import registers the custom op), or None without Triton. Imported when the
+    first :class:`Float8Linear` is built, not with hmar: importing hmar does not import Triton."""
+    global _KERNEL
+    if _KERNEL is _UNSET:
+        try:
+            from . import fp8_kernel
+            _KERNEL = fp8_kernel
+        except ImportError:   # pragma: no cover - depends on the machine
+            _KERNEL = None
+    return _KERNEL
 
 
 def kernel_available(device: torch.device) -> bool:
-    """Whether the quantisation kernel runs on ``device`` (CUDA with Triton; the CPU under Triton's interpreter)."""
-    return _HAS_TRITON and (device.type == "cuda" or (_INTERPRETED and device.type == "cpu"))
-
-
-def _register_op() -> None:
-    from torch.library import custom_op
-    if hasattr(torch.ops.hmar, "fp8_quantize_rows"):
-        return
-
-    @custom_op("hmar::fp8_quantize_rows", mutates_args=())
-    def _op(x: torch.Tensor, gelu: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        return _quantize_with_kernel(x, gelu)
-
-    @_op.register_fake
-    def _(x, gelu):
-        return x.new_empty(x.shape, dtype=E4M3), x.new_empty((x.shape[0], 1), dtype=torch.float32)
-
-
-if _HAS_TRITON:
-    _register_op()
+    """Whether :func:`quantize_rows` uses the Triton kernel on ``device``: on CUDA, with Triton installed. (On the
+    CPU it keeps the torch ops; tests run the kernel itself there under Triton's interpreter.)"""
+    return torch.device(device).type == "cuda" and _kernel() is not None
 
 
 def quantize_rows(x: torch.Tensor, gelu: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -115,7 +73,7 @@ def quantize_rows(x: torch.Tensor, gelu: bool = False) -> Tuple[torch.Tensor, to
     torch.compile the others stay torch ops, which inductor fuses into the LayerNorm kernel before them."""
     if kernel_available(x.device) and (gelu or not torch.compiler.is_compiling()):
         return torch.ops.hmar.fp8_quantize_rows(x, gelu)
-    return _quantize_ops(x, gelu)
+    return quantize_ops(x, gelu)
 
 
 class Float8Linear(nn.Module):
@@ -129,6 +87,7 @@ class Float8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, fast_accum: bool = False):
         super().__init__()
         self.in_features, self.out_features, self.fast_accum = linear.in_features, linear.out_features, fast_accum
+        _kernel()   # the quantisation op registered before any compile traces a forward
         w = linear.weight.detach().float()
         scale = w.abs().amax(1).clamp(min=1e-12) / E4M3_MAX
         self.register_buffer("weight_fp8", (w / scale[:, None]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).view(torch.uint8))
