@@ -441,7 +441,7 @@ class FastDecoder(nn.Module):
                  mode: Optional[str] = None, channels_last: bool = True, max_batch: Optional[int] = None,
                  cudnn_benchmark: bool = True, offload_encoder: bool = True, subpixel: Optional[bool] = None,
                  nhwc_kernels: bool = True, graphs: bool = False, pool: Optional[Tuple[int, int]] = None,
-                 reserve_pool: bool = True, full_res_chunks: Optional[int] = None, fp8: bool = False):
+                 reserve_pool: bool = True, full_res_chunks: Optional[int] = None):
         super().__init__()
         from .tokenizer.autoencoder import GroupNorm, Upsample
         self.tokenizer = tokenizer
