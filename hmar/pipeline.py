@@ -119,7 +119,7 @@ class HMARPipeline:
                                     sampling=self.sampling, dtype=dtype)
 
     def enable_fast_sampling(self, compile: bool = False, decode_batch: Optional[int] = None,
-                             full_res_chunks: Optional[int] = None, fp8: bool = False) -> "HMARPipeline":
+                             full_res_chunks: Optional[int] = None, fp8: Optional[bool] = None) -> "HMARPipeline":
         """CUDA only, in place: bf16 transformer whose whole token loop replays as one CUDA graph per batch size and
         set of options (edits: one graph per pass; ``compile=True``: with its blocks ``torch.compile``'d), and a bf16
         compiled decoder whose calls replay as CUDA graphs in the loop graph's memory pool (:mod:`hmar.accel`). The
@@ -133,16 +133,17 @@ class HMARPipeline:
         91.6 ms with 5.37 GB at 512 px; 2 x 8 at 256 px 33.1 ms with 0.68 GB, 8 x 2 at 512 px 119.6 ms with 0.72 GB.
         ``full_res_chunks``: :class:`~hmar.accel.FastDecoder`'s (default: none at 256 px, 2 at 512 px, batch 16).
         ``fp8``: the blocks' GEMMs in e4m3 (:mod:`hmar.model.fp8`; Ada / Hopper GPUs; best with ``compile``), a
-        one-way conversion of this pipeline's model; it is set when the pipeline first becomes fast."""
+        one-way conversion of this pipeline's model, set when the pipeline first becomes fast (None: off then, and
+        unchanged in later calls)."""
         if self.device.type != "cuda":
             raise HMARError(f"fast sampling needs a CUDA device, but the pipeline is on {self.device}: "
                             "load it with device='cuda'")
         from .accel import GraphedModel, accelerate
         if not isinstance(self.model, GraphedModel):
             accelerate(self, compile_passes=compile, decode_batch=decode_batch, full_res_chunks=full_res_chunks,
-                       fp8=fp8)
+                       fp8=bool(fp8))
         else:                                    # already fast: only the decoder's chunking can change
-            if fp8 != self.model.fp8:
+            if fp8 is not None and fp8 != self.model.fp8:
                 raise HMARError(f"enable_fast_sampling(fp8={fp8}): this pipeline is already fast with fp8="
                                 f"{self.model.fp8}; load the model again to change it")
             if decode_batch is not None:
