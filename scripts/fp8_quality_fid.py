@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hmar.evaluation.features import extract_features  # noqa: E402
-from hmar.evaluation.fid import ReferenceStats, compute_fid  # noqa: E402
+from hmar.evaluation.fid import ReferenceStats  # noqa: E402
 from hmar.evaluation.inception import load_inception  # noqa: E402
 
 
@@ -35,7 +35,7 @@ def main() -> None:
         print(f"{name}: {x.shape[0]} images", flush=True)
     first, *others = stats
     for name in others:
-        print(f"FID({first}, {name}) = {compute_fid(stats[first], stats[name], extractor):.3f}", flush=True)
+        print(f"FID({first}, {name}) = {stats[first].fid(stats[name]):.3f}", flush=True)
 
 
 if __name__ == "__main__":

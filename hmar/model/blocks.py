@@ -158,7 +158,7 @@ class FFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(self.fc2, nn.Linear):   # fp8 (hmar.model.fp8): the GELU inside fc2's input quantisation
             return self.fc2(self.fc1(x), gelu=True)
-        if self.fused_gelu and x.is_cuda and not torch.is_grad_enabled() and isinstance(self.fc1, nn.Linear):
+        if self.fused_gelu and x.is_cuda and not torch.is_grad_enabled():
             h = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(), use_gelu=True)
             return self.fc2(h.view(*x.shape[:-1], h.shape[-1]))
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
