@@ -44,6 +44,10 @@ for side-by-side ratios:
                 weight scales, per-token input scales, ``torch._scaled_mm``; best with compiled, where inductor fuses
                 the quantisation into the kernel before each GEMM). Opt-in: the default stays bf16
   fp8fast       fp8 with the GEMMs' fast accumulation (``fp8_fast_accum=True``)
+  opsnorm       each residual add + LayerNorm + modulation as torch ops (inductor's kernels once compiled:
+                ``GraphedModel(fused_norm=False)``, the default until 2026-12-04 and with fp8) instead of one Triton
+                kernel (``hmar.model.norm_kernel``)
+  fusednorm     the Triton kernel for them with fp8 too (``fused_norm=True``)
   decgraph      the decoder's calls replayed as CUDA graphs in the loop graph's memory pool
                 (``accelerate(graph_decoder=True)``, ``FastDecoder(graphs=True)``; the default since the second
                 session of 2026-12-02, when it was measured under this name)
@@ -296,6 +300,7 @@ def bench_config(name: str, args, device: torch.device, on_result=lambda: None, 
                                  compile_mode="max-autotune-no-cudagraphs" if "autotune" in mods else None,
                                  fused_draw=False if mods & {"torchdraw", "sortdraw"} else None,
                                  fp8=bool(mods & {"fp8", "fp8fast"}), fp8_fast_accum="fp8fast" in mods,
+                                 fused_norm=False if "opsnorm" in mods else True if "fusednorm" in mods else None,
                                  **_qk_norm_options(mods))
             elif mods & {"fp8", "fp8fast"}:
                 to_float8(m)
@@ -366,7 +371,7 @@ def print_pool_survivors(after: str) -> None:
 MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", "nogelu", "sortdraw",
              "decgraph", "nodecgraph", "reserve", "noreserve", "qknorm", "noqknorm", "autotune", "cdt", "nhwc",
              "nonhwc", "subpixel", "nosubpixel", "graphbreak", "trainfwd", "nodefer", "biascat", "noguest",
-             "warm1", "torchdraw", "fp8", "fp8fast")
+             "warm1", "torchdraw", "fp8", "fp8fast", "opsnorm", "fusednorm")
 QKMAX = re.compile(r"qkmax(\d+)")   # and qkmaxN: the fused q/k normalisation up to N tokens
 DECN = re.compile(r"dec(\d+)")      # and decN: N images per decoder call
 FRN = re.compile(r"fr(\d+)")        # and frN: the decoder's full-resolution part in N chunks

@@ -221,12 +221,20 @@ class GraphedModel:
     reading the head's bf16 logits once) instead of about 25 torch ops over fp32 logits and ``torch.topk``; the
     same Exp(1) draws from the generator, and the same tokens but where the two round a near-tie differently or
     torch.topk keeps exactly k of tied logits. None (default): on wherever Triton is importable. As with
-    ``fused_gelu``, the model's own eager sampling follows the switch too."""
+    ``fused_gelu``, the model's own eager sampling follows the switch too.
+
+    ``fused_norm`` sets ``fused_norm`` on the model's AdaLN blocks and head (:func:`hmar.model.blocks.enable_fused_norm`):
+    True runs each residual add + LayerNorm + modulation of a pass as one Triton kernel
+    (:mod:`hmar.model.norm_kernel`) that reads and writes each row once, instead of inductor's (or eager torch's)
+    kernels. None (default): on wherever Triton is importable, unless ``fp8`` (whose compiled blocks fuse the
+    quantisation of the qkv and fc1 inputs into inductor's LayerNorm kernels). The model's own eager sampling
+    follows the switch too."""
 
     def __init__(self, model: nn.Module, warmup: int = 1, compile: bool = False, compile_mode: Optional[str] = None,
                  whole_loop: bool = True, max_loops: int = 8, fused_gelu: bool = True, reserve_pool: bool = True,
                  fused_qk_norm: Optional[bool] = None, fused_qk_norm_max_tokens: Optional[int] = -1,
-                 fused_draw: Optional[bool] = None, fp8: bool = False, fp8_fast_accum: bool = False):
+                 fused_draw: Optional[bool] = None, fp8: bool = False, fp8_fast_accum: bool = False,
+                 fused_norm: Optional[bool] = None):
         if fused_qk_norm_max_tokens is not None and fused_qk_norm_max_tokens < -1:
             raise ValueError(f"GraphedModel: fused_qk_norm_max_tokens={fused_qk_norm_max_tokens}; use a number of "
                              f"tokens >= 0, None (no limit) or -1 (hmar.accel.FUSED_QK_NORM_MAX_TOKENS)")
@@ -249,6 +257,9 @@ class GraphedModel:
             raise ValueError("GraphedModel(fused_draw=True) needs Triton (pip install triton); leave it None to use "
                              "the kernel wherever it runs")
         model.fused_draw = self.fused_draw = can_draw if fused_draw is None else fused_draw
+        from .model.blocks import enable_fused_norm
+        self.fused_norm = (can_draw and not fp8) if fused_norm is None else fused_norm   # (can_draw: Triton runs)
+        enable_fused_norm(model, self.fused_norm)
         for m in model.modules():
             if isinstance(m, FFN) and fused_gelu:
                 m.fused_gelu = True

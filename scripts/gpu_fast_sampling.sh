@@ -104,6 +104,12 @@
 #   36: call 34's hmar-d16 / d16-512 comparison again (one run of each so far; ~4 minutes)
 #   34: call 32 with that kernel (its tests too), the GEMMs alone (no error part), then hmar-d30 / hmar-d30-512
 #           against -fp8fast (~9 minutes)
+#   37 (2026-12-04, second session): the residual add + LayerNorm + modulation as one Triton kernel
+#           (hmar.model.norm_kernel, GraphedModel's fused_norm, now on by default): its GPU tests, fp8's (the four
+#           commits after the first session's last call), the graphed-sampling equality tests; then the kernel alone
+#           against inductor's at every pass size (benchmarks/bench_norm.py --sweep), then every config against
+#           -opsnorm (inductor's kernels, the default until then) with profiles (~9 minutes)
+#   38: call 37's sampling comparison again, in the reverse order
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -132,6 +138,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   32) STEPS="fp8-tests fp8-bench fp8-sample-d16" ;; 33) STEPS="fp8-sample-d30" ;;
   34) STEPS="fp8-tests fp8-gemm fp8-sample-d16 fp8-sample-d30-fast" ;; 35) STEPS="fp8-tests fp8-sample-d30-all" ;;
   36) STEPS="fp8-sample-d16-again" ;;
+  37) STEPS="norm-tests norm-bench norm-sample" ;; 38) STEPS="norm-sample-again" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
@@ -300,6 +307,17 @@ for s in $STEPS; do
       step "fp8: the four block linears alone"
       timeout "$(( $(left) < 120 ? $(left) : 120 ))" python3 benchmarks/bench_fp8.py --part gemm \
         --json "$L/fp8-gemm.json" > "$L/fp8-gemm.log" 2>&1; grep -E "sum over" "$L/fp8-gemm.log" ;;
+    norm-tests)
+      step "GPU tests: the fused residual + LayerNorm + modulation kernel, fp8, graphed sampling == eager"
+      gpu_tests norm-tests 150 tests/test_norm_kernel.py tests/test_fp8.py
+      gpu_tests quick-tests 120 tests/test_accel.py -k "$QUICK" ;;
+    norm-bench)
+      step "the residual add + LayerNorm + modulation alone: hmar's kernel against inductor's, every pass size"
+      timeout "$(( $(left) < 150 ? $(left) : 150 ))" python3 benchmarks/bench_norm.py --sweep \
+        --json "$L/norm-bench.json" > "$L/norm-bench.log" 2>&1; grep -E "^hmar|per sampling" "$L/norm-bench.log" ;;
+    norm-sample) bench norm hmar-d30,hmar-d16,hmar-d16-512,hmar-d30-512 fast-compiled,fast-compiled-opsnorm \
+                   --profile --profile-variants fast-compiled --profile-rows 30 ;;
+    norm-sample-again) bench norm-again hmar-d30,hmar-d16-512,hmar-d30-512,hmar-d16 fast-compiled-opsnorm,fast-compiled ;;
     fp8-sample-d16-again) bench fp8-d16-again hmar-d16-512,hmar-d16 fast-compiled,fast-compiled-fp8fast,fast-compiled-fp8 ;;
     fp8-sample-d30-all) bench fp8-d30-all hmar-d30,hmar-d30-512 fast-compiled,fast-compiled-fp8fast,fast-compiled-fp8 ;;
     fp8-sample-d30-fast) bench fp8-d30 hmar-d30,hmar-d30-512 fast-compiled,fast-compiled-fp8fast ;;

@@ -117,13 +117,14 @@ def test_quantize_kernel_equals_the_torch_ops(gelu):
 
 
 def test_importing_hmar_does_not_import_triton():
-    """The kernel module (and Triton) load with the first fp8 layer, not with hmar."""
+    """The kernel modules (and Triton) load with the first fp8 layer or fused normalisation, not with hmar."""
     import subprocess
     import sys
     code = ("import sys, hmar, hmar.accel, hmar.model.fp8, hmar.sampling; "
-            "print('triton' in sys.modules, 'hmar.model.fp8_kernel' in sys.modules)")
+            "print('triton' in sys.modules, 'hmar.model.fp8_kernel' in sys.modules, "
+            "'hmar.model.norm_kernel' in sys.modules)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert run.stdout.split() == ["False", "False"], run.stdout + run.stderr
+    assert run.stdout.split() == ["False", "False", "False"], run.stdout + run.stderr
 
 
 def test_float8_linear_refuses_autograd():

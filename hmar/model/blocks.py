@@ -164,6 +164,58 @@ class FFN(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+def modulated_norm(ln: nn.LayerNorm, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                   h: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None,
+                   fused: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(x', ln(x') * (scale + 1) + shift)`` with ``x' = x + h * gate`` (``x' = x`` without ``h``); ``scale``,
+    ``shift`` and ``gate`` are ``[B, 1, C]`` rows of a modulation.
+
+    ``fused=True`` (inference; the blocks' and the head's ``fused_norm``, which :class:`hmar.accel.GraphedModel`
+    sets on CUDA): one Triton kernel (:mod:`hmar.model.norm_kernel`) reads ``x`` and ``h`` once and writes ``x'`` and
+    the output once, computing in fp32 (the ops round each step to the stream's dtype)."""
+    if fused:
+        ops = _norm_ops()
+        if h is None:
+            return x, ops.adaln_norm(x, scale, shift, ln.eps)
+        return ops.adaln_residual_norm(x, h, gate, scale, shift, ln.eps)
+    if h is not None:
+        x = x + h * gate
+    return x, ln(x) * (scale + 1) + shift
+
+
+_NORM_OPS = False   # hmar.model.norm_kernel imported (its ops registered)
+
+
+def _norm_ops():
+    """``torch.ops.hmar`` with :mod:`hmar.model.norm_kernel`'s ops registered (imported at the first fused call,
+    not with hmar: importing hmar does not import Triton)."""
+    global _NORM_OPS
+    if not _NORM_OPS:
+        from . import norm_kernel   # noqa: F401
+        _NORM_OPS = True
+    return torch.ops.hmar
+
+
+def enable_fused_norm(model: nn.Module, on: bool = True) -> int:
+    """Set ``fused_norm`` on every :class:`AdaLNBlock` and :class:`AdaLNHead` of ``model`` (see
+    :func:`modulated_norm`); returns how many modules were set. Turning it on needs the kernel to run on the
+    model's device: CUDA with Triton installed (or the CPU under ``TRITON_INTERPRET=1``, for tests)."""
+    if on:
+        try:
+            _norm_ops()
+            from .norm_kernel import available
+        except ImportError as e:
+            raise ValueError(f"fused_norm needs Triton (pip install triton): {e}") from None
+        device = next(model.parameters()).device
+        if not available(device):
+            raise ValueError(f"fused_norm: the Triton kernel does not run on {device}; use a CUDA device, or set "
+                             f"TRITON_INTERPRET=1 before importing Triton to run it on the CPU")
+    mods = [m for m in model.modules() if isinstance(m, (AdaLNBlock, AdaLNHead))]
+    for m in mods:
+        m.fused_norm = on
+    return len(mods)
+
+
 class AdaLNBlock(nn.Module):
     """Pre-norm block modulated by the class condition: six chunks (gamma1, gamma2, scale1, scale2,
     shift1, shift2) from ``Linear(SiLU(cond))``; LayerNorm without affine parameters."""
@@ -179,6 +231,7 @@ class AdaLNBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     chunks = 6           # modulation vectors per condition
+    fused_norm = False   # inference: each residual add + LayerNorm + modulation as one kernel (modulated_norm)
     mod_offset: Optional[int] = None   # where this block's modulation sits in a model's packed one
 
     def modulation(self, cond: torch.Tensor) -> torch.Tensor:
@@ -199,10 +252,15 @@ class AdaLNBlock(nn.Module):
         the same order: eager results are unchanged."""
         mod = self.modulation(cond) if cond.dim() == 2 else cond
         g1, g2, s1, s2, b1, b2 = mod[:, None].unbind(2)
-        if branch is not None:
-            x = x + branch[0] * branch_gate(branch)
-        x = x + self.drop_path(self.attn(self.ln(x) * (s1 + 1) + b1, lengths, pattern, cache, backend) * g1)
-        h = self.drop_path(self.ffn(self.ln(x) * (s2 + 1) + b2))   # (drop_path(h) * g2 == drop_path(h * g2))
+        fused = self.fused_norm and not torch.is_grad_enabled() and (not self.training or self.drop_path.p == 0)
+        x, y = modulated_norm(self.ln, x, s1, b1, *(branch[0], branch_gate(branch)) if branch else (), fused=fused)
+        a = self.attn(y, lengths, pattern, cache, backend)
+        if fused:   # (drop_path is the identity here)
+            x, y = modulated_norm(self.ln, x, s2, b2, a, g1, fused=True)
+        else:
+            x = x + self.drop_path(a * g1)
+            y = self.ln(x) * (s2 + 1) + b2
+        h = self.drop_path(self.ffn(y))   # (drop_path(h) * g2 == drop_path(h * g2))
         return (x, (h, mod)) if defer else x + h * g2
 
 
@@ -216,6 +274,7 @@ class AdaLNHead(nn.Module):
         self.ln = nn.LayerNorm(dim, eps=eps, elementwise_affine=False)
 
     chunks = 2
+    fused_norm = False   # as AdaLNBlock's
     mod_offset: Optional[int] = None
 
     def modulation(self, cond: torch.Tensor) -> torch.Tensor:
@@ -226,9 +285,9 @@ class AdaLNHead(nn.Module):
         """``cond``: the class condition ``[B, C]``, or this head's modulation ``[B, 2, C]``; ``branch``: the last
         block's residual branch, added first (:meth:`AdaLNBlock.forward`'s ``defer``)."""
         scale, shift = (self.modulation(cond) if cond.dim() == 2 else cond)[:, None].unbind(2)
-        if branch is not None:
-            x = x + branch[0] * branch_gate(branch)
-        return self.ln(x) * (scale + 1) + shift
+        fused = self.fused_norm and not torch.is_grad_enabled()
+        return modulated_norm(self.ln, x, scale, shift, *(branch[0], branch_gate(branch)) if branch else (),
+                              fused=fused)[1]
 
 
 def modulation_for(module: nn.Module, cond: torch.Tensor) -> torch.Tensor:
