@@ -4,7 +4,7 @@ compiled blocks), at every pass size of a guided sampling call.
 
 For each config (width C) and pass size (M = 2 x batch x tokens rows, bf16): microseconds per call (CUDA graphs of
 the call, ``triton.testing.do_bench_cudagraph``) of ``ops`` (``x + h * gate``, then ``LN * (1 + scale) + shift``,
-compiled) and ``kernel`` (the default launch configuration), the bandwidth each reaches (8 bytes an element: x and h
+compiled with dynamic shapes as the sampler's blocks are; ``--static``: for each size) and ``kernel`` (the default launch configuration), the bandwidth each reaches (8 bytes an element: x and h
 read, x' and the output written), and with ``--sweep`` the best (rows per program, warps) of a grid. The last column
 sums over a call's passes (2 x depth calls per pass, plus the head's). Max |error| of both against fp32 ops.
 
@@ -63,12 +63,15 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="images (guidance doubles the rows)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--sweep", action="store_true", help="also time a grid of (rows per program, warps)")
+    ap.add_argument("--static", action="store_true", help="compile the ops for each pass size (static shapes)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
     device = torch.device(args.device)
     from hmar.model import norm_kernel as nk
     torch._dynamo.config.cache_size_limit = 256
-    ops = torch.compile(_ops, dynamic=False) if device.type == "cuda" else _ops
+    # dynamic shapes, as hmar.accel.compile_blocks compiles the blocks (the static compile of one pass size made
+    # faster kernels than the sampler's at C = 1024: BENCHMARKS.md section 3o)
+    ops = torch.compile(_ops, dynamic=not args.static) if device.type == "cuda" else _ops
     timer = _timer(device)
     rows_out = []
     for name in args.configs.split(","):

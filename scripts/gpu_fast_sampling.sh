@@ -109,7 +109,10 @@
 #           commits after the first session's last call), the graphed-sampling equality tests; then the kernel alone
 #           against inductor's at every pass size (benchmarks/bench_norm.py --sweep), then every config against
 #           -opsnorm (inductor's kernels, the default until then) with profiles (~9 minutes)
-#   38: call 37's sampling comparison again, in the reverse order
+#   38: after call 37 (1.02-1.05x at d30 / d30-512 / d16-512, 0.98x at d16; the GPU test asked for class ids the tiny
+#           models lack): the kernel's tests, the kernel alone with its launch configurations from call 37's sweep
+#           against the ops compiled with dynamic shapes (as the blocks are), then call 37's comparison again in the
+#           reverse order (~8 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -138,7 +141,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   32) STEPS="fp8-tests fp8-bench fp8-sample-d16" ;; 33) STEPS="fp8-sample-d30" ;;
   34) STEPS="fp8-tests fp8-gemm fp8-sample-d16 fp8-sample-d30-fast" ;; 35) STEPS="fp8-tests fp8-sample-d30-all" ;;
   36) STEPS="fp8-sample-d16-again" ;;
-  37) STEPS="norm-tests norm-bench norm-sample" ;; 38) STEPS="norm-sample-again" ;;
+  37) STEPS="norm-tests norm-bench norm-sample" ;; 38) STEPS="norm-kernel-tests norm-bench norm-sample-again" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
@@ -311,6 +314,9 @@ for s in $STEPS; do
       step "GPU tests: the fused residual + LayerNorm + modulation kernel, fp8, graphed sampling == eager"
       gpu_tests norm-tests 150 tests/test_norm_kernel.py tests/test_fp8.py
       gpu_tests quick-tests 120 tests/test_accel.py -k "$QUICK" ;;
+    norm-kernel-tests)
+      step "GPU tests: the fused residual + LayerNorm + modulation kernel"
+      gpu_tests norm-kernel-tests 150 tests/test_norm_kernel.py ;;
     norm-bench)
       step "the residual add + LayerNorm + modulation alone: hmar's kernel against inductor's, every pass size"
       timeout "$(( $(left) < 150 ? $(left) : 150 ))" python3 benchmarks/bench_norm.py --sweep \

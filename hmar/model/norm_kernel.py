@@ -37,13 +37,21 @@ def available(device: torch.device) -> bool:
 
 
 def launch_config(rows: int, width: int) -> Tuple[int, int]:
-    """``(rows per program, warps)`` for ``rows`` rows of ``width`` channels: a tile of about 4,096 elements
-    (16 per thread at 8 warps), at least one row."""
+    """``(rows per program, warps)`` for ``rows`` rows of ``width`` channels: the fastest of a sweep on the H200 at
+    widths 1024 and 1920 over every pass size of a guided batch of 16 (``benchmarks/bench_norm.py --sweep``,
+    BENCHMARKS.md section 3o). :data:`ROWS` / :data:`NUM_WARPS` override it."""
     if _INTERPRETED:
         return 2, 1
     block = triton.next_power_of_2(width)
-    per = ROWS or max(1, 4096 // block)
-    return per, NUM_WARPS or max(1, min(16, per * block // 512))
+    if rows <= 128:
+        per, warps = 1, 8
+    elif rows <= 1152:
+        per, warps = 1, 4
+    elif block <= 1024 and rows >= 8192:
+        per, warps = (2 if rows >= 16384 else 1), 4
+    else:
+        per, warps = 1, 2
+    return ROWS or per, NUM_WARPS or warps
 
 
 @triton.jit
