@@ -217,9 +217,10 @@ def test_compiled_blocks_call_the_kernel_with_one_code_for_all_blocks():
 @gpu
 @pytest.mark.parametrize("name", ["hmar-tiny", "var-tiny"])
 def test_graphed_sampling_with_the_kernel_matches_eager(name):
-    """The graphed sampler runs the kernel (on by default) and samples the eager model's tokens; compiled, the
-    kernel's tokens against inductor's kernels' (``fused_norm=False``) at 99 % of positions."""
-    from hmar.accel import GraphedModel
+    """The graphed sampler runs the kernel (on by default) and samples the eager model's tokens. Compiled blocks
+    with the kernel against inductor's kernels (``fused_norm`` off), both in bf16: the logits of every pass kind
+    as close to fp32 eager ones (within 1.25x the error of inductor's)."""
+    from hmar.accel import GraphedModel, compile_blocks
     model = _model(name).to(torch.bfloat16)
     tok = VQVAE(tokenizer_config("vqvae-tiny")).cuda().eval()
     fast = GraphedModel(model)
@@ -228,12 +229,25 @@ def test_graphed_sampling_with_the_kernel_matches_eager(name):
         want = sample(model, tok, [1, 2, 3], generator=seed, decode=False)
         got = sample(fast, tok, [1, 2, 3], generator=seed, decode=False)
         assert all(torch.equal(a, b) for a, b in zip(want.indices, got.indices))
-    labels = [i % model.config.num_classes for i in range(16)]
-    runs = [sample(GraphedModel(_model(name).to(torch.bfloat16), compile=True, fused_norm=on), tok, labels,
-                   generator=0, decode=False).indices for on in (True, False)]
-    same = sum((a == b).sum().item() for a, b in zip(*runs)) / sum(a.numel() for a in runs[0])
-    assert same > 0.99, same
     assert not GraphedModel(_model(name).to(torch.bfloat16), fp8=True).fused_norm   # fp8 keeps inductor's
+    ref = _model(name)
+    for p in ref.parameters():   # non-zero modulations (the AdaLN layers start at zero)
+        p.data.add_(torch.randn_like(p), alpha=0.02)
+    m = _model(name).to(torch.bfloat16)
+    m.load_state_dict(ref.state_dict())
+    compile_blocks(m)
+    labels = torch.arange(8, device="cuda") % ref.config.num_classes
+    x = torch.randn(8, 16, ref.config.embed_dim, device="cuda")
+    methods = ["next_scale_logits"] + (["masked_logits"] if hasattr(ref, "masked_logits") else [])
+    with torch.no_grad():
+        for method in methods:
+            want = getattr(ref, method)(x, ref.precompute_condition(ref.class_cond(labels))).float()
+            err = {}
+            for on in (True, False):
+                enable_fused_norm(m, on)
+                got = getattr(m, method)(x.bfloat16(), m.precompute_condition(m.class_cond(labels))).float()
+                err[on] = ((got - want).norm() / want.norm()).item()
+            assert err[True] <= 1.25 * err[False] + 1e-3, (method, err)
 
 
 def test_bench_norm_smoke_run(tmp_path):
