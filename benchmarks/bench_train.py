@@ -8,6 +8,7 @@ the official loss weighting and clipping.
     python benchmarks/bench_train.py --preset hmar-d16 --matrix --attention-backend auto per_scale
     python benchmarks/bench_train.py --preset hmar-d16 var-d16 --compare-compile   # eager vs compiled
     python benchmarks/bench_train.py --preset hmar-d16 --compile --qk-norm both   # q/k normalisation in the kernels
+    python benchmarks/bench_train.py --preset hmar-d16 --compile --fused-norm both   # LayerNorm + AdaLN kernels
     python benchmarks/bench_train.py --preset hmar-tiny --device cpu --steps 5   # smoke test
 
 One configuration = preset x stage x (eager | ``--compile``) x (``--chunked-ce`` | ``--no-chunked-ce``) x
@@ -16,7 +17,9 @@ x the listed ``--attention-backend`` values side by side in one process (fresh m
 seed and data) and prints each one's speed relative to the first (eager, plain CE, first backend).
 ``--qk-norm both`` runs every configuration with the L2 normalisation of q and k as ops of their own (``unfused``,
 the default) and then inside the attention kernels (``fused``: :data:`hmar.attention.FUSED_QK_NORM`, an experiment),
-side by side, the second compared with the first.
+side by side, the second compared with the first. ``--fused-norm both`` does the same for each residual add +
+LayerNorm + modulation as torch ops (``off``) and as hmar's Triton kernel and its backward (``on``:
+:data:`hmar.model.blocks.FUSED_NORM_TRAINING`).
 
 Presets of the performance goals: ``hmar-d16`` (>= 500 img/s at batch 32), ``hmar-d30`` (>= 91 img/s),
 ``hmar-d16-512`` (>= 129 img/s); ``var-d16`` for the VAR comparison. At their goal batch each line ends with the
@@ -41,6 +44,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import hmar.attention  # noqa: E402  (FUSED_QK_NORM: --qk-norm)
+import hmar.model.blocks as blocks  # noqa: E402  (FUSED_NORM_TRAINING: --fused-norm)
 from _inductor import inductor_patch, inductor_settings  # noqa: E402  (benchmarks/, this script's folder)
 from hmar.attention import TRAINING_BACKENDS, choose_backend  # noqa: E402
 from hmar.model import HMAR, build_model, init_weights  # noqa: E402
@@ -85,17 +89,19 @@ def bench(preset: str, stage: str, batch: int, steps: int, warmup: int, precisio
           device: torch.device, chunked_ce: bool = True, attention_backend: str = "auto",
           compile_backend: str = "inductor", ce_chunk: Optional[int] = None,
           overrides: Optional[Dict[str, Any]] = None, profile: bool = False,
-          fused_qk_norm: bool = False, inductor: str = "") -> Dict[str, Any]:
+          fused_qk_norm: bool = False, inductor: str = "", fused_norm: bool = False) -> Dict[str, Any]:
     """One configuration's step time. ``inductor``: ``torch._inductor.config`` settings for its compile,
     comma-separated ``KEY=VALUE`` ("": the defaults)."""
     saved, hmar.attention.FUSED_QK_NORM = hmar.attention.FUSED_QK_NORM, fused_qk_norm
+    saved_norm, blocks.FUSED_NORM_TRAINING = blocks.FUSED_NORM_TRAINING, fused_norm
     try:
         with inductor_patch(inductor):
             res = _bench(preset, stage, batch, steps, warmup, precision, fused, compile, device, chunked_ce,
                          attention_backend, compile_backend, ce_chunk, overrides, profile)
-        return dict(res, inductor=inductor)
+        return dict(res, inductor=inductor, fused_norm=fused_norm)
     finally:
         hmar.attention.FUSED_QK_NORM = saved
+        blocks.FUSED_NORM_TRAINING = saved_norm
 
 
 def _bench(preset, stage, batch, steps, warmup, precision, fused, compile, device, chunked_ce, attention_backend,
@@ -169,6 +175,7 @@ def variant_name(r: Dict[str, Any]) -> str:
     return (f"{'compiled' if r['compile'] else 'eager'}+{'chunked' if r['chunked_ce'] else 'plain'}-CE+"
             f"{r['attention_backend']}" + (f"({r['attention_resolved']})" if r["attention_backend"] == "auto" else "")
             + ("+fused-qk-norm" if r.get("fused_qk_norm") else "")
+            + ("+fused-norm" if r.get("fused_norm") else "")
             + (f"+[{r['inductor']}]" if r.get("inductor") else ""))
 
 
@@ -198,9 +205,11 @@ def report(r: Dict[str, Any], base: Optional[Dict[str, Any]] = None, base_name: 
 
 
 def variants(a: argparse.Namespace) -> List[Dict[str, Any]]:
-    """The configurations to run, in order (``--qk-norm both``: each unfused, then fused)."""
+    """The configurations to run, in order (``--qk-norm both`` / ``--fused-norm both``: each without, then with)."""
     norms = {"unfused": (False,), "fused": (True,), "both": (False, True)}[a.qk_norm]
-    return [dict(v, fused_qk_norm=n, inductor=i) for v in _variants(a) for n in norms for i in a.inductor]
+    lns = {"off": (False,), "on": (True,), "both": (False, True)}[a.fused_norm]
+    return [dict(v, fused_qk_norm=n, inductor=i, fused_norm=f) for v in _variants(a) for n in norms
+            for i in a.inductor for f in lns]
 
 
 def _variants(a: argparse.Namespace) -> List[Dict[str, Any]]:
@@ -248,6 +257,9 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--qk-norm", default="unfused", choices=["unfused", "fused", "both"],
                    help="the L2 normalisation of q and k as ops of their own (default), inside the attention "
                         "kernels (hmar.attention.FUSED_QK_NORM), or both side by side")
+    p.add_argument("--fused-norm", default="off", choices=["off", "on", "both"],
+                   help="each residual add + LayerNorm + modulation as torch ops (default), as hmar's Triton kernel "
+                        "with its backward (hmar.model.blocks.FUSED_NORM_TRAINING), or both side by side")
     p.add_argument("--inductor", nargs="+", default=[""], metavar="SETTINGS",
                    help="with --compile: torch._inductor.config settings, comma-separated KEY=VALUE (\"\": the "
                         "defaults); several values run one variant each, side by side, each later one compared "
@@ -268,7 +280,7 @@ def main(argv: List[str] | None = None) -> int:
             try:
                 r = bench(preset, a.stage, a.batch, a.steps, a.warmup, a.precision, a.fused, v["compile"], dev,
                           v["chunked_ce"], v["attention_backend"], a.compile_backend, a.ce_chunk, overrides,
-                          a.profile, v["fused_qk_norm"], v["inductor"])
+                          a.profile, v["fused_qk_norm"], v["inductor"], v["fused_norm"])
             except torch.OutOfMemoryError as e:   # report it, keep measuring the other configurations
                 results.append(dict(preset=preset, stage=a.stage, batch=a.batch, **v, error=f"OOM: {e}"[:300]))
                 print(f"{preset:>12} {a.stage:<10} batch {a.batch}  {v}: out of memory", flush=True)
@@ -279,6 +291,9 @@ def main(argv: List[str] | None = None) -> int:
                 first = r if v["inductor"] == a.inductor[0] else first
                 print(report(r, first if r is not first else None, f"[{a.inductor[0]}]" if a.inductor[0]
                              else "inductor defaults"), flush=True)
+            elif a.fused_norm == "both":   # the kernel's run against the ops' one just before it
+                unfused = r if not v["fused_norm"] else unfused
+                print(report(r, unfused if v["fused_norm"] else None, "ops norm"), flush=True)
             elif a.qk_norm == "both":    # the fused run against the unfused one just before it
                 unfused = r if not v["fused_qk_norm"] else unfused
                 print(report(r, unfused if v["fused_qk_norm"] else None, "unfused"), flush=True)

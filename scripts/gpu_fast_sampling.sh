@@ -113,6 +113,8 @@
 #           models lack): the kernel's tests, the kernel alone with its launch configurations from call 37's sweep
 #           against the ops compiled with dynamic shapes (as the blocks are), then call 37's comparison again in the
 #           reverse order (~8 minutes)
+#   39: the kernel in training (its backward; blocks.FUSED_NORM_TRAINING): its GPU tests, then compiled hmar-d16
+#           training with the ops against the kernel (bench_train.py --fused-norm both; ~4 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -142,6 +144,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   34) STEPS="fp8-tests fp8-gemm fp8-sample-d16 fp8-sample-d30-fast" ;; 35) STEPS="fp8-tests fp8-sample-d30-all" ;;
   36) STEPS="fp8-sample-d16-again" ;;
   37) STEPS="norm-tests norm-bench norm-sample" ;; 38) STEPS="norm-kernel-tests norm-bench norm-sample-again" ;;
+  39) STEPS="norm-train-tests norm-train-d16" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
@@ -317,6 +320,14 @@ for s in $STEPS; do
     norm-kernel-tests)
       step "GPU tests: the fused residual + LayerNorm + modulation kernel"
       gpu_tests norm-kernel-tests 150 tests/test_norm_kernel.py ;;
+    norm-train-tests)
+      step "GPU tests: the kernel's backward (training)"
+      gpu_tests norm-train-tests 90 tests/test_norm_kernel.py -k "training" ;;
+    norm-train-d16)
+      step "compiled hmar-d16 training: LayerNorm + modulation as ops vs the kernel"
+      timeout "$(left)" python3 benchmarks/bench_train.py --preset hmar-d16 --batch 32 --compile --steps 10 \
+        --warmup 3 --fused-norm both --json "$L/train-norm-d16.json" > "$L/train-norm-d16.log" 2>&1
+      grep img/s "$L/train-norm-d16.log" ;;
     norm-bench)
       step "the residual add + LayerNorm + modulation alone: hmar's kernel against inductor's, every pass size"
       timeout "$(( $(left) < 150 ? $(left) : 150 ))" python3 benchmarks/bench_norm.py --sweep \

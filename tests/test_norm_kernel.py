@@ -27,6 +27,7 @@ if not ON_GPU and not nk._INTERPRETED:
     nk = importlib.reload(nk)  # imported earlier without the interpreter: decorate again
 
 from hmar import VQVAE, build_model, model_config, tokenizer_config  # noqa: E402
+import hmar.model.blocks as blocks  # noqa: E402
 from hmar.model.blocks import AdaLNBlock, AdaLNHead, enable_fused_norm, modulated_norm  # noqa: E402
 from hmar.sampling import sample  # noqa: E402
 
@@ -83,6 +84,75 @@ def test_kernel_equals_the_ops(dtype, B, L, C, shared):
                           shift.float().cpu())
         _close_to_one_step(x2.cpu(), want[0], torch.float32)
         _close_to_one_step(y2.cpu(), want[1], torch.float32)
+
+
+@pytest.mark.parametrize("branch", [True, False])
+@pytest.mark.parametrize("B,L,C,shared", [(2, 9, 48, False), (3, 5, 40, True)])
+def test_training_op_gradients_equal_autograd_of_the_ops(branch, B, L, C, shared):
+    """``hmar::adaln_norm_train``'s backward kernel against autograd through the fp64 ops: the gradients of x, h,
+    gate, scale and shift for losses on both outputs, over rows of no multiple of the backward's chunk (several
+    chunks per sample), a width of no power of two, and a modulation shared by the batch (its gradient summed)."""
+    g = torch.Generator().manual_seed(B * 10 + C)
+    x, h = torch.randn(B, L, C, generator=g), torch.randn(B, L, C, generator=g)
+    mod = torch.randn(1 if shared else B, 6, C, generator=g)
+    wy, wx = torch.randn(B, L, C, generator=g), torch.randn(B, L, C, generator=g)
+    leaves = [t.to(DEVICE).requires_grad_() for t in (x, h, mod)]
+
+    def run(fused, dtype):
+        x, h, mod = (t.to(dtype) for t in leaves)
+        gate, scale, shift = mod[:, None, 0], mod[:, None, 2], mod[:, None, 4]
+        ln = torch.nn.LayerNorm(C, eps=1e-6, elementwise_affine=False)
+        xo, y = modulated_norm(ln, x, scale, shift, *((h, gate) if branch else ()), fused=fused)
+        loss = (y * wy.to(y)).sum() + ((xo * wx.to(xo)).sum() if branch else 0)
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        return [xo, y], grads
+    (xo, y), got = run(True, torch.float32)
+    (xo0, y0), want = run(False, torch.float64)
+    torch.testing.assert_close(y.double(), y0, rtol=1e-5, atol=1e-5)
+    for a, b, name in zip(got, want, ("x", "h", "mod")):
+        if not branch and name == "h":
+            assert a is None and b is None
+            continue
+        torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_training_op_passes_opcheck():
+    """torch.library.opcheck: the training op's schema, fake implementation and autograd registration."""
+    x, h = torch.randn(2, 6, 32, device=DEVICE), torch.randn(2, 6, 32, device=DEVICE)
+    mod = torch.randn(2, 6, 32, device=DEVICE)
+    args = [x, h, mod[:, None, 0], mod[:, None, 2], mod[:, None, 4]]
+    for branch in (True, False):
+        a = [t.clone().requires_grad_() for t in args]
+        if not branch:
+            a[1] = a[2] = None
+        torch.library.opcheck(torch.ops.hmar.adaln_norm_train.default, (*a, 1e-6, torch.float32),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("name", ["hmar-tiny", "var-tiny"])
+def test_training_with_the_kernel_equals_the_ops(name, monkeypatch):
+    """``FUSED_NORM_TRAINING``: a training forward (drop-path on: the kernel takes it on the gate, with the same draws)
+    and its gradients against the ops, fp32; teacher-forced features defer each block's last branch to the next."""
+    cfg = model_config(name, drop_path_rate=0.2)
+    torch.manual_seed(0)
+    model = build_model(cfg).to(DEVICE).train()
+    for p in model.parameters():   # non-zero modulations (the AdaLN layers start at zero)
+        p.data.add_(torch.randn_like(p), alpha=0.05)
+    labels = torch.tensor([1, 2, 3], device=DEVICE)
+    x_in = torch.randn(3, cfg.seq_len - 1, cfg.z_channels, device=DEVICE)
+    outs = []
+    for fused in (False, True):
+        monkeypatch.setattr(blocks, "FUSED_NORM_TRAINING", fused)
+        model.zero_grad()
+        torch.manual_seed(1)
+        out = model(labels, x_in)
+        out.square().mean().backward()
+        outs.append((out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (o0, g0), (o1, g1) = outs
+    torch.testing.assert_close(o1, o0, rtol=1e-4, atol=1e-4)
+    assert len(g0) == len(g1)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
 def test_kernel_rejects_bad_shapes():

@@ -170,11 +170,18 @@ def modulated_norm(ln: nn.LayerNorm, x: torch.Tensor, scale: torch.Tensor, shift
     """``(x', ln(x') * (scale + 1) + shift)`` with ``x' = x + h * gate`` (``x' = x`` without ``h``); ``scale``,
     ``shift`` and ``gate`` are ``[B, 1, C]`` rows of a modulation.
 
-    ``fused=True`` (inference; the blocks' and the head's ``fused_norm``, which :class:`hmar.accel.GraphedModel`
-    sets on CUDA): one Triton kernel (:mod:`hmar.model.norm_kernel`) reads ``x`` and ``h`` once and writes ``x'`` and
-    the output once, computing in fp32 (the ops round each step to the stream's dtype)."""
+    ``fused=True``: one Triton kernel (:mod:`hmar.model.norm_kernel`) reads ``x`` and ``h`` once and writes ``x'``
+    and the output once, computing in fp32 (the ops round each step to the stream's dtype). In inference, the
+    blocks' and the head's ``fused_norm`` ask for it (:class:`hmar.accel.GraphedModel` sets it on CUDA); with
+    autograd, :data:`FUSED_NORM_TRAINING` does, and the kernel's backward computes the gradients (the output then
+    comes in the autocast dtype where autocast is on: the linears after it would cast it to that anyway)."""
     if fused:
         ops = _norm_ops()
+        if torch.is_grad_enabled():   # training: the op with a backward; the output in the autocast dtype, which
+            dev = x.device.type       # the linears after it would cast it to anyway
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+            xo, y, _ = ops.adaln_norm_train(x, h, gate, scale, shift, ln.eps, dtype)
+            return (x if h is None else xo), y
         if h is None:
             return x, ops.adaln_norm(x, scale, shift, ln.eps)
         return ops.adaln_residual_norm(x, h, gate, scale, shift, ln.eps)
@@ -184,6 +191,11 @@ def modulated_norm(ln: nn.LayerNorm, x: torch.Tensor, scale: torch.Tensor, shift
 
 
 _NORM_OPS = False   # hmar.model.norm_kernel imported (its ops registered)
+
+FUSED_NORM_TRAINING = False
+"""With autograd (training), every AdaLN block and head runs :func:`modulated_norm`'s kernel and its backward
+(CUDA with Triton, or the CPU under Triton's interpreter). Off by default: ``benchmarks/bench_train.py --fused-norm``
+measures it (BENCHMARKS.md)."""
 
 
 def _norm_ops():
@@ -252,11 +264,11 @@ class AdaLNBlock(nn.Module):
         the same order: eager results are unchanged."""
         mod = self.modulation(cond) if cond.dim() == 2 else cond
         g1, g2, s1, s2, b1, b2 = mod[:, None].unbind(2)
-        fused = self.fused_norm and not torch.is_grad_enabled() and (not self.training or self.drop_path.p == 0)
+        fused = FUSED_NORM_TRAINING if torch.is_grad_enabled() else self.fused_norm
         x, y = modulated_norm(self.ln, x, s1, b1, *(branch[0], branch_gate(branch)) if branch else (), fused=fused)
         a = self.attn(y, lengths, pattern, cache, backend)
-        if fused:   # (drop_path is the identity here)
-            x, y = modulated_norm(self.ln, x, s2, b2, a, g1, fused=True)
+        if fused:   # drop_path(a * g1) == a * drop_path(g1): one keep factor per sample, the same draws
+            x, y = modulated_norm(self.ln, x, s2, b2, a, self.drop_path(g1), fused=True)
         else:
             x = x + self.drop_path(a * g1)
             y = self.ln(x) * (s2 + 1) + b2
@@ -285,7 +297,7 @@ class AdaLNHead(nn.Module):
         """``cond``: the class condition ``[B, C]``, or this head's modulation ``[B, 2, C]``; ``branch``: the last
         block's residual branch, added first (:meth:`AdaLNBlock.forward`'s ``defer``)."""
         scale, shift = (self.modulation(cond) if cond.dim() == 2 else cond)[:, None].unbind(2)
-        fused = self.fused_norm and not torch.is_grad_enabled()
+        fused = FUSED_NORM_TRAINING if torch.is_grad_enabled() else self.fused_norm
         return modulated_norm(self.ln, x, scale, shift, *(branch[0], branch_gate(branch)) if branch else (),
                               fused=fused)[1]
 

@@ -55,9 +55,9 @@ def launch_config(rows: int, width: int) -> Tuple[int, int]:
 
 
 @triton.jit
-def _adaln_kernel(x_ptr, h_ptr, gate_ptr, scale_ptr, shift_ptr, xo_ptr, y_ptr, M, L, C,
+def _adaln_kernel(x_ptr, h_ptr, gate_ptr, scale_ptr, shift_ptr, xo_ptr, y_ptr, stats_ptr, M, L, C,
                   stride_x, stride_h, stride_gate, stride_scale, stride_shift, eps,
-                  BRANCH: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+                  BRANCH: tl.constexpr, STATS: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
     keep = (rows < M)[:, None] & (cols < C)[None, :]
@@ -72,6 +72,9 @@ def _adaln_kernel(x_ptr, h_ptr, gate_ptr, scale_ptr, shift_ptr, xo_ptr, y_ptr, M
     mean = tl.sum(x, 1) / C
     d = tl.where(keep, x - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(d * d, 1) / C + eps)
+    if STATS:   # for the backward (training): mean and 1 / std per row
+        tl.store(stats_ptr + rows, mean, mask=rows < M)
+        tl.store(stats_ptr + M + rows, rstd, mask=rows < M)
     scale = tl.load(scale_ptr + sample * stride_scale + cols[None, :], mask=keep, other=0.0).to(tl.float32)
     shift = tl.load(shift_ptr + sample * stride_shift + cols[None, :], mask=keep, other=0.0).to(tl.float32)
     y = d * rstd[:, None] * (1.0 + scale) + shift
@@ -97,33 +100,131 @@ def _sample_rows(v: torch.Tensor, batch: int, width: int, name: str) -> Tuple[to
 
 
 def adaln_norm_kernel(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float,
-                      h: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None
-                      ) -> Tuple[torch.Tensor, torch.Tensor]:
+                      h: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None,
+                      out_dtype: Optional[torch.dtype] = None, stats: bool = False):
     """``(x + h * gate, LN(x + h * gate) * (1 + scale) + shift)`` for ``x`` ``[B, L, C]`` (see the module's doc);
-    without ``h`` the first is ``x`` itself. Outputs in ``x``'s dtype, contiguous."""
+    without ``h`` the first is ``x`` itself. Outputs contiguous, ``x'`` in ``x``'s dtype, the second in ``out_dtype``
+    (default: ``x``'s). ``stats=True`` (training) also returns the rows' fp32 mean and 1 / std as ``[2, B * L]``."""
     if x.dim() != 3:
         raise ValueError(f"adaln_norm: x has shape {tuple(x.shape)}; expected [B, L, C]")
     B, L, C = x.shape
     xr = _rows(x)
     scale, s_scale = _sample_rows(scale, B, C, "scale")
     shift, s_shift = _sample_rows(shift, B, C, "shift")
-    y = torch.empty((B, L, C), dtype=x.dtype, device=x.device)
+    y = torch.empty((B, L, C), dtype=out_dtype or x.dtype, device=x.device)
+    st = torch.empty((2, B * L) if stats else (0,), dtype=torch.float32, device=x.device)
     branch = h is not None
     if branch:
         if h.shape != x.shape or gate is None:
             raise ValueError(f"adaln_norm: the branch h {tuple(h.shape)} must match x {tuple(x.shape)}, with a gate")
         hr = _rows(h)
         gate, s_gate = _sample_rows(gate, B, C, "gate")
-        xo = torch.empty_like(y)
+        xo = torch.empty((B, L, C), dtype=x.dtype, device=x.device)
     else:
         hr, gate, s_gate, xo = xr, scale, 0, x   # unused by the kernel
     M = B * L
     if M:
         per, warps = launch_config(M, C)
         _adaln_kernel[(triton.cdiv(M, per),)](
-            xr, hr, gate, scale, shift, xo, y, M, L, C, xr.stride(0), hr.stride(0), s_gate, s_scale, s_shift, eps,
-            BRANCH=branch, BLOCK=triton.next_power_of_2(C), ROWS=per, num_warps=warps)
-    return xo, y
+            xr, hr, gate, scale, shift, xo, y, st, M, L, C, xr.stride(0), hr.stride(0), s_gate, s_scale, s_shift,
+            eps, BRANCH=branch, STATS=stats, BLOCK=triton.next_power_of_2(C), ROWS=per, num_warps=warps)
+    return (xo, y, st) if stats else (xo, y)
+
+
+@triton.jit
+def _adaln_bwd_kernel(xs_ptr, h_ptr, gate_ptr, scale_ptr, stats_ptr, dy_ptr, dxo_ptr, dx_ptr, dh_ptr, part_ptr,
+                      M, L, C, CHUNK, stride_gate, stride_scale,
+                      BRANCH: tl.constexpr, HAS_DXO: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    """The backward of :func:`_adaln_kernel` over ``CHUNK`` rows of one sample (program (sample, chunk)): ``dx``
+    (the gradient of ``x'``: ``dxo`` + the LayerNorm's), ``dh = dx * gate``, and this chunk's partial sums of the
+    gradients of gate, scale and shift (``part`` [3, B, chunks, C], summed by the caller)."""
+    b = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    chunks = tl.num_programs(1)
+    cols = tl.arange(0, BLOCK)
+    ckeep = cols < C
+    scale = tl.load(scale_ptr + b * stride_scale + cols, mask=ckeep, other=0.0).to(tl.float32)
+    acc_scale = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_shift = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_gate = tl.zeros([BLOCK], dtype=tl.float32)
+    if BRANCH:
+        gate = tl.load(gate_ptr + b * stride_gate + cols, mask=ckeep, other=0.0).to(tl.float32)
+    start = chunk * CHUNK
+    end = tl.minimum(start + CHUNK, L)
+    for r0 in range(start, end, ROWS):
+        local = r0 + tl.arange(0, ROWS)
+        rkeep = local < end
+        rows = b * L + local
+        keep = rkeep[:, None] & ckeep[None, :]
+        at = rows[:, None] * C + cols[None, :]
+        mean = tl.load(stats_ptr + rows, mask=rkeep, other=0.0)
+        rstd = tl.load(stats_ptr + M + rows, mask=rkeep, other=0.0)
+        xs = tl.load(xs_ptr + at, mask=keep, other=0.0).to(tl.float32)
+        xhat = tl.where(keep, (xs - mean[:, None]) * rstd[:, None], 0.0)
+        dy = tl.load(dy_ptr + at, mask=keep, other=0.0).to(tl.float32)
+        acc_scale += tl.sum(dy * xhat, 0)
+        acc_shift += tl.sum(dy, 0)
+        dyh = dy * (1.0 + scale[None, :])
+        c1 = tl.sum(xhat * dyh, 1) / C
+        c2 = tl.sum(dyh, 1) / C
+        dx = (dyh - xhat * c1[:, None] - c2[:, None]) * rstd[:, None]
+        if HAS_DXO:
+            dx += tl.load(dxo_ptr + at, mask=keep, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=keep)
+        if BRANCH:
+            h = tl.load(h_ptr + at, mask=keep, other=0.0).to(tl.float32)
+            acc_gate += tl.sum(tl.where(keep, dx * h, 0.0), 0)
+            tl.store(dh_ptr + at, (dx * gate[None, :]).to(dh_ptr.dtype.element_ty), mask=keep)
+    part = (b * chunks + chunk) * C + cols
+    plane = tl.num_programs(0) * chunks * C
+    tl.store(part_ptr + part, acc_gate, mask=ckeep)
+    tl.store(part_ptr + plane + part, acc_scale, mask=ckeep)
+    tl.store(part_ptr + 2 * plane + part, acc_shift, mask=ckeep)
+
+
+BWD_CHUNK_ROWS: Optional[int] = None
+"""Rows of one sample per backward program (None: 16 tiles of :func:`launch_config`'s rows)."""
+
+
+def adaln_norm_backward(xs: torch.Tensor, scale: torch.Tensor, stats: torch.Tensor, dy: torch.Tensor,
+                        dxo: Optional[torch.Tensor] = None, h: Optional[torch.Tensor] = None,
+                        gate: Optional[torch.Tensor] = None):
+    """Gradients of :func:`adaln_norm_kernel` (``stats=True``'s): ``(dx, dh, dgate, dscale, dshift)`` given the
+    output's ``dy``, ``x'``'s ``dxo`` (None: unused) and the saved ``x'`` (``xs``), ``stats``, ``h`` and ``gate``
+    (None without a branch: ``dh`` and ``dgate`` are None). ``dgate`` / ``dscale`` / ``dshift`` are fp32 ``[B, C]``,
+    one row per sample (:func:`_grad_like` folds them to the inputs' shapes)."""
+    B, L, C = xs.shape
+    scale, s_scale = _sample_rows(scale, B, C, "scale")
+    branch = h is not None
+    if branch:
+        gate, s_gate = _sample_rows(gate, B, C, "gate")
+        h = h.contiguous()
+    else:
+        gate, s_gate = scale, 0
+    xs, dy = xs.contiguous(), dy.contiguous()
+    dxo = None if dxo is None else dxo.contiguous()
+    dx = torch.empty_like(xs)
+    dh = torch.empty_like(h) if branch else dx
+    per = launch_config(B * L, C)[0]
+    rows = BWD_CHUNK_ROWS or (4 if _INTERPRETED else 16 * per)
+    chunks = triton.cdiv(L, rows)
+    part = torch.empty((3, B, chunks, C), dtype=torch.float32, device=xs.device)
+    if B * L:
+        _adaln_bwd_kernel[(B, chunks)](
+            xs, h if branch else xs, gate, scale, stats, dy, xs if dxo is None else dxo, dx, dh, part,
+            B * L, L, C, rows, s_gate, s_scale, BRANCH=branch, HAS_DXO=dxo is not None,
+            BLOCK=triton.next_power_of_2(C), ROWS=per, num_warps=1 if _INTERPRETED else 4)
+    else:
+        part.zero_()
+    dgate, dscale, dshift = (part[i].sum(1) for i in range(3))   # [B, C] each (separate tensors: op outputs)
+    return dx, dh if branch else None, dgate if branch else None, dscale, dshift
+
+
+def _grad_like(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-sample gradient ``[B, C]`` as the gradient of the modulation vector ``like`` (``[B or 1, (1,) C]``)."""
+    if like.shape[0] == 1 and g.shape[0] != 1:
+        g = g.sum(0, keepdim=True)
+    return g.view(like.shape).to(like.dtype)
 
 
 def _register_ops() -> None:
@@ -150,4 +251,58 @@ def _register_ops() -> None:
                 torch.empty_like(x, memory_format=torch.contiguous_format))
 
 
+def _register_training_ops() -> None:
+    """``hmar::adaln_norm_train`` (the forward, also returning the rows' statistics) and its backward
+    ``hmar::adaln_norm_train_bwd``, joined by a registered autograd formula."""
+    from torch.library import custom_op, register_autograd
+    if hasattr(torch.ops.hmar, "adaln_norm_train"):
+        return
+
+    @custom_op("hmar::adaln_norm_train", mutates_args=())
+    def _train(x: torch.Tensor, h: Optional[torch.Tensor], gate: Optional[torch.Tensor], scale: torch.Tensor,
+               shift: torch.Tensor, eps: float, out_dtype: torch.dtype
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        xo, y, st = adaln_norm_kernel(x, scale, shift, eps, h, gate, out_dtype, stats=True)
+        return (xo if h is not None else x.new_empty(0)), y, st   # (no branch: x' is x, not returned)
+
+    @_train.register_fake
+    def _(x, h, gate, scale, shift, eps, out_dtype):
+        B, L, C = x.shape
+        xo = torch.empty_like(x, memory_format=torch.contiguous_format) if h is not None else x.new_empty(0)
+        return xo, x.new_empty((B, L, C), dtype=out_dtype), x.new_empty((2, B * L), dtype=torch.float32)
+
+    @custom_op("hmar::adaln_norm_train_bwd", mutates_args=())
+    def _train_bwd(xs: torch.Tensor, h: Optional[torch.Tensor], gate: Optional[torch.Tensor], scale: torch.Tensor,
+                   stats: torch.Tensor, dy: torch.Tensor, dxo: Optional[torch.Tensor]
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        dx, dh, dg, ds, db = adaln_norm_backward(xs, scale, stats, dy, dxo, h, gate)
+        return dx, xs.new_empty(0) if dh is None else dh, xs.new_empty(0) if dg is None else dg, ds, db
+
+    @_train_bwd.register_fake
+    def _(xs, h, gate, scale, stats, dy, dxo):
+        B, L, C = xs.shape
+        per_sample = xs.new_empty((B, C), dtype=torch.float32)
+        return (torch.empty_like(xs, memory_format=torch.contiguous_format),
+                xs.new_empty(0) if h is None else torch.empty_like(h, memory_format=torch.contiguous_format),
+                xs.new_empty(0) if h is None else torch.empty_like(per_sample), per_sample, torch.empty_like(per_sample))
+
+    def setup_context(ctx, inputs, output):
+        x, h, gate, scale, shift, eps, out_dtype = inputs
+        xo, y, st = output
+        ctx.save_for_backward(x if h is None else xo, h, gate, scale, shift, st)
+
+    def backward(ctx, dxo, dy, dstats):
+        xs, h, gate, scale, shift, st = ctx.saved_tensors
+        branch = h is not None
+        if dy is None:
+            dy = torch.zeros(xs.shape, dtype=torch.float32, device=xs.device)
+        dx, dh, dg, ds, db = torch.ops.hmar.adaln_norm_train_bwd(xs, h, gate, scale, st, dy,
+                                                                 dxo if branch else None)
+        return (dx.to(xs.dtype), dh if branch else None, _grad_like(dg, gate) if branch else None,
+                _grad_like(ds, scale), _grad_like(db, shift), None, None)
+
+    register_autograd("hmar::adaln_norm_train", backward, setup_context=setup_context)
+
+
 _register_ops()
+_register_training_ops()

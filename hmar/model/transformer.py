@@ -123,9 +123,10 @@ class _ScaleModel(nn.Module):
     def _run(blocks: nn.ModuleList, x: torch.Tensor, cond: torch.Tensor, lengths: Sequence[int], pattern: str,
              caches: Optional[List[KVCache]] = None, backend: Optional[str] = None, branch: Optional[Branch] = None,
              defer: bool = False):
-        """The blocks in turn. ``defer=True`` (the inference passes): each block adds the residual branch of the
-        one before inside its own kernels, and the result is ``(x, branch)``, the last branch not added
-        (:meth:`AdaLNBlock.forward`); ``branch`` is added by the first block."""
+        """The blocks in turn. ``defer=True`` (the inference passes and teacher-forced features): each block adds
+        the residual branch of the one before inside its own kernels, and the result is ``(x, branch)``, the last
+        branch not added (:meth:`AdaLNBlock.forward`); ``branch`` is added by the first block. The same ops in the
+        same order as without it."""
         for i, b in enumerate(blocks):
             out = b(x, modulation_for(b, cond), lengths, pattern, None if caches is None else caches[i], backend,
                     branch, defer)
@@ -239,8 +240,8 @@ class ScaleTransformer(_ScaleModel):
         self._check_input(labels, x_in)
         cond = self.class_cond(labels)
         x = self._embed_sequence(cond, self._word(x_in))
-        x = self._run(self.blocks, x, cond, self.lengths, self.pattern, backend=backend)
-        return self._norm_head(self.head_nm, x, cond)
+        x, branch = self._run(self.blocks, x, cond, self.lengths, self.pattern, backend=backend, defer=True)
+        return self._norm_head(self.head_nm, x, cond, branch)
 
     def output_head(self, masked: bool = False) -> nn.Linear:
         """The final ``Linear`` applied to :meth:`features`."""
@@ -305,9 +306,10 @@ class HMAR(_ScaleModel):
         self._check_input(labels, x_in)
         cond = self.class_cond(labels)
         x = self._embed_sequence(cond, self._word(x_in))
-        x = self._run(self.base_blocks, x, cond, self.lengths, self.pattern, backend=backend)
-        x = self._run(self.ns_blocks, x, cond, self.lengths, self.pattern, backend=backend)
-        return self._norm_head(self.ns_head_nm, x, cond)
+        x, branch = self._run(self.base_blocks, x, cond, self.lengths, self.pattern, backend=backend, defer=True)
+        x, branch = self._run(self.ns_blocks, x, cond, self.lengths, self.pattern, backend=backend, branch=branch,
+                              defer=True)
+        return self._norm_head(self.ns_head_nm, x, cond, branch)
 
     def forward_masked(self, labels: torch.Tensor, x_ns: torch.Tensor, x_cur: torch.Tensor, mask: torch.Tensor,
                        backend: Optional[str] = None) -> torch.Tensor:
@@ -322,9 +324,10 @@ class HMAR(_ScaleModel):
         cond = self.class_cond(labels)
         tok = self._masked_tokens(x_ns, x_cur, mask[:, 1:])
         x = self._embed_sequence(cond, tok)
-        x = self._run(self.base_blocks, x, cond, self.lengths, self.pattern, backend=backend)
-        x = self._run(self.mask_blocks, x, cond, self.lengths, self.pattern, backend=backend)
-        return self._norm_head(self.mask_head_nm, x, cond)
+        x, branch = self._run(self.base_blocks, x, cond, self.lengths, self.pattern, backend=backend, defer=True)
+        x, branch = self._run(self.mask_blocks, x, cond, self.lengths, self.pattern, backend=backend, branch=branch,
+                              defer=True)
+        return self._norm_head(self.mask_head_nm, x, cond, branch)
 
     def output_head(self, masked: bool = False) -> nn.Linear:
         """The final ``Linear`` of the next-scale (or the masked) branch."""
