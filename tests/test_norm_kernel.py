@@ -155,6 +155,34 @@ def test_training_with_the_kernel_equals_the_ops(name, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
+def test_compiled_training_with_the_kernel_has_no_graph_break(monkeypatch):
+    """torch.compile of a training forward + backward with the kernel (aot_eager: the traced graph with the ops'
+    fake implementations and autograd formula, no code generation), under bf16 autocast as the trainer runs it:
+    no graph break, the eager run's output and gradients."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(blocks, "FUSED_NORM_TRAINING", True)
+    torch.manual_seed(0)
+    model = build_model(model_config("hmar-tiny", drop_path_rate=0.0)).to(DEVICE).train()
+    labels = torch.tensor([1, 2], device=DEVICE)
+    x_in = torch.randn(2, model.config.seq_len - 1, model.config.z_channels, device=DEVICE)
+
+    def step(fn):
+        model.zero_grad()
+        torch.manual_seed(1)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            out = fn(labels, x_in)
+        out.float().square().mean().backward()
+        return out.detach().float(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    want = step(model)
+    torch._dynamo.reset()
+    counters.clear()
+    got = step(torch.compile(model, backend="aot_eager"))
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(got[0], want[0], rtol=0.02, atol=0.02)
+    assert len(got[1]) == len(want[1])
+
+
 def test_kernel_rejects_bad_shapes():
     x = torch.randn(2, 3, 16, device=DEVICE)
     s = torch.randn(2, 1, 16, device=DEVICE)
