@@ -65,3 +65,27 @@ def tiny():
     models = {k: build_model(model_config(f"{k}-tiny")).eval() for k in ("hmar", "var", "nsp")}
     tok = VQVAE(tokenizer_config("vqvae-tiny")).eval()
     return models["hmar"], models["var"], models["nsp"], tok
+
+
+def check_compiled_blocks_graphs(m) -> None:
+    """``hmar.accel.compile_blocks`` on ``m`` (a 5-block, 2-head hmar-tiny with non-zero modulations): the eager
+    logits to fp32 rounding at scale sizes 1, 4, 9 and 16, and 3 graphs for the one-token size, then 3 more for all
+    the others (the first block, the blocks adding the branch before, the head)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from hmar.accel import compile_blocks
+    dev = m.device
+    pre = m.precompute_condition(m.class_emb(torch.tensor([0, 1, 2], device=dev)))
+    xs = {n: torch.randn(3, n, m.config.embed_dim, device=dev) for n in (1, 4, 9, 16)}
+    with torch.no_grad():
+        want = {n: (m.next_scale_logits(x, pre), m.masked_logits(x, pre)) for n, x in xs.items()}
+        torch._dynamo.reset()
+        counters.clear()
+        compile_blocks(m)
+        graphs = []
+        for n, x in xs.items():
+            torch.testing.assert_close(m.next_scale_logits(x, pre), want[n][0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(m.masked_logits(x, pre), want[n][1], atol=1e-5, rtol=1e-5)
+            graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs == [3, 6, 6, 6], graphs

@@ -270,24 +270,9 @@ def test_compiled_blocks_equal_eager_at_every_scale_with_one_code_for_all_blocks
     number of graphs depends neither on the depth nor on the scale size. Each size has a graph for the first block
     of a pass, one for the blocks that add the branch of the block before (``_run(..., defer=True)``) and one for
     the head; dynamo specialises sizes of 1, so the one-token scale gets its own three."""
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    from hmar.accel import compile_blocks
+    from conftest import check_compiled_blocks_graphs
     torch.manual_seed(0)
-    m = _nonzero_adaln(build_model(model_config("hmar-tiny", depth=3, branch_depth=1)).eval())   # 5 blocks, 2 heads
-    pre = m.precompute_condition(m.class_emb(torch.tensor([0, 1, 2])))
-    xs = {n: torch.randn(3, n, m.config.embed_dim) for n in (1, 4, 9, 16)}
-    want = {n: (m.next_scale_logits(x, pre), m.masked_logits(x, pre)) for n, x in xs.items()}
-    torch._dynamo.reset()
-    counters.clear()
-    compile_blocks(m)
-    graphs = []
-    for n, x in xs.items():
-        torch.testing.assert_close(m.next_scale_logits(x, pre), want[n][0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(m.masked_logits(x, pre), want[n][1], atol=1e-5, rtol=1e-5)
-        graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs == [3, 6, 6, 6], graphs
+    check_compiled_blocks_graphs(_nonzero_adaln(build_model(model_config("hmar-tiny", depth=3, branch_depth=1)).eval()))
 
 
 @pytest.mark.slow

@@ -290,26 +290,12 @@ def test_kernel_at_the_goal_widths_on_the_gpu(C):
 def test_compiled_blocks_call_the_kernel_with_one_code_for_all_blocks():
     """``compile_blocks`` (inductor, dynamic shapes) with ``fused_norm``: the fused eager model's logits at every
     scale size, in as many graphs as without it (the ops trace with symbolic sizes)."""
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    from hmar.accel import compile_blocks
+    from conftest import check_compiled_blocks_graphs
     m = build_model(model_config("hmar-tiny", depth=3, branch_depth=1)).to(DEVICE).eval()
     for p in m.parameters():   # non-zero modulations (the AdaLN layers start at zero)
         p.data.normal_(0, 0.05, generator=torch.Generator(DEVICE).manual_seed(p.numel()))
     enable_fused_norm(m)
-    pre = m.precompute_condition(m.class_emb(torch.tensor([0, 1, 2], device=DEVICE)))
-    xs = {n: torch.randn(3, n, m.config.embed_dim, device=DEVICE) for n in (1, 4, 9, 16)}
-    want = {n: (m.next_scale_logits(x, pre), m.masked_logits(x, pre)) for n, x in xs.items()}
-    torch._dynamo.reset()
-    counters.clear()
-    compile_blocks(m)
-    graphs = []
-    for n, x in xs.items():
-        torch.testing.assert_close(m.next_scale_logits(x, pre), want[n][0], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(m.masked_logits(x, pre), want[n][1], atol=1e-5, rtol=1e-5)
-        graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs == [3, 6, 6, 6], graphs
+    check_compiled_blocks_graphs(m)
 
 
 @gpu
