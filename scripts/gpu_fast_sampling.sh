@@ -114,7 +114,10 @@
 #           against the ops compiled with dynamic shapes (as the blocks are), then call 37's comparison again in the
 #           reverse order (~8 minutes)
 #   39: the kernel in training (its backward; blocks.FUSED_NORM_TRAINING): its GPU tests, then compiled hmar-d16
-#           training with the ops against the kernel (bench_train.py --fused-norm both; ~4 minutes)
+#           training with the ops against the kernel (bench_train.py --fused-norm both). Each variant's first step
+#           compiles for more than 2 minutes: run it with LIMIT=480 (~8 minutes). It ran on 2026-12-04 with the last
+#           160 s of device time: the tests passed, the first compile did not finish.
+#   40: the same for hmar-d30 (batch 16) and hmar-d16-512 (batch 8), after call 39 (~10 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -144,7 +147,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   34) STEPS="fp8-tests fp8-gemm fp8-sample-d16 fp8-sample-d30-fast" ;; 35) STEPS="fp8-tests fp8-sample-d30-all" ;;
   36) STEPS="fp8-sample-d16-again" ;;
   37) STEPS="norm-tests norm-bench norm-sample" ;; 38) STEPS="norm-kernel-tests norm-bench norm-sample-again" ;;
-  39) STEPS="norm-train-tests norm-train-d16" ;;
+  39) STEPS="norm-train-tests norm-train-d16" ;; 40) STEPS="norm-train-d30 norm-train-d16-512" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
@@ -323,11 +326,12 @@ for s in $STEPS; do
     norm-train-tests)
       step "GPU tests: the kernel's backward (training)"
       gpu_tests norm-train-tests 90 tests/test_norm_kernel.py -k "training" ;;
-    norm-train-d16)
-      step "compiled hmar-d16 training: LayerNorm + modulation as ops vs the kernel"
-      timeout "$(left)" python3 benchmarks/bench_train.py --preset hmar-d16 --batch 32 --compile --steps 10 \
-        --warmup 3 --fused-norm both --json "$L/train-norm-d16.json" > "$L/train-norm-d16.log" 2>&1
-      grep img/s "$L/train-norm-d16.log" ;;
+    norm-train-d16|norm-train-d30|norm-train-d16-512)
+      preset=hmar-${s#norm-train-}; batch=$(case $preset in hmar-d16) echo 32;; hmar-d30) echo 16;; *) echo 8;; esac)
+      step "compiled $preset training (batch $batch): LayerNorm + modulation as ops vs the kernel"
+      timeout "$(left)" python3 benchmarks/bench_train.py --preset "$preset" --batch "$batch" --compile --steps 10 \
+        --warmup 3 --fused-norm both --json "$L/train-norm-$preset.json" > "$L/train-norm-$preset.log" 2>&1
+      grep img/s "$L/train-norm-$preset.log" ;;
     norm-bench)
       step "the residual add + LayerNorm + modulation alone: hmar's kernel against inductor's, every pass size"
       timeout "$(( $(left) < 150 ? $(left) : 150 ))" python3 benchmarks/bench_norm.py --sweep \
