@@ -1,4 +1,4 @@
-"""One Triton kernel for an AdaLN block's residual add + LayerNorm + modulation in inference:
+"""One Triton kernel for an AdaLN block's residual add + LayerNorm + modulation (inference; training with a backward):
 
     x' = x + h * gate        (the residual branch; optional)
     y  = LN(x') * (1 + scale) + shift
@@ -12,7 +12,12 @@ Registered as the custom ops ``hmar::adaln_norm`` (no branch) and ``hmar::adaln_
 torch.compile keeps each as one call inside a compiled block. :class:`hmar.accel.GraphedModel` switches them on
 (``fused_norm``); :meth:`hmar.model.blocks.AdaLNBlock.forward` and :class:`~hmar.model.blocks.AdaLNHead` call them
 (:func:`hmar.model.blocks.modulated_norm`). Imported with that switch, not with hmar. Under ``TRITON_INTERPRET=1`` it
-runs on CPU tensors (tests). BENCHMARKS.md section 3o measures it against inductor's kernels."""
+runs on CPU tensors (tests). BENCHMARKS.md section 3o measures it against inductor's kernels.
+
+For training (:data:`hmar.model.blocks.FUSED_NORM_TRAINING`, off by default), ``hmar::adaln_norm_train`` also keeps
+each row's mean and 1 / std, and its registered backward (``hmar::adaln_norm_train_bwd``, :func:`adaln_norm_backward`)
+computes the gradients of ``x`` and ``h`` per row and those of ``gate``, ``scale`` and ``shift`` as per-sample sums
+over chunks of rows."""
 from __future__ import annotations
 
 import os
