@@ -183,6 +183,19 @@ def test_compiled_training_with_the_kernel_has_no_graph_break(monkeypatch):
     assert len(got[1]) == len(want[1])
 
 
+def test_launch_configs_are_the_measured_ones_and_bound_the_registers(monkeypatch):
+    """The (rows per program, warps) of call 37's sweep at widths 1024 and 1920 (BENCHMARKS.md 3o), and for any
+    width up to 8192 at most 32 elements of a tile per thread."""
+    monkeypatch.setattr(nk, "_INTERPRETED", False)
+    rows = (32, 512, 2048, 8192, 32768)
+    assert [nk.launch_config(r, 1024) for r in rows] == [(1, 8), (1, 4), (1, 2), (1, 4), (2, 4)]
+    assert [nk.launch_config(r, 1920) for r in rows] == [(1, 8), (1, 4), (1, 2), (1, 2), (1, 2)]
+    for width in (64, 768, 1536, 2304, 3072, 4096, 8192):
+        for r in rows:
+            per, warps = nk.launch_config(r, width)
+            assert per * triton.next_power_of_2(width) <= 32 * 32 * warps, (width, r, per, warps)
+
+
 def test_kernel_rejects_bad_shapes():
     x = torch.randn(2, 3, 16, device=DEVICE)
     s = torch.randn(2, 1, 16, device=DEVICE)

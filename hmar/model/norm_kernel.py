@@ -56,6 +56,7 @@ def launch_config(rows: int, width: int) -> Tuple[int, int]:
         per, warps = (2 if rows >= 16384 else 1), 4
     else:
         per, warps = 1, 2
+    warps = max(warps, min(16, per * block // 1024))   # wider rows than the sweep's: at most 32 elements a thread
     return ROWS or per, NUM_WARPS or warps
 
 
