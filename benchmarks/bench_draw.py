@@ -8,13 +8,16 @@ replays graphs too, so no host time is counted):
   check, ``torch.lerp``, ``torch.topk`` and the top-p filter, softmax and draw over the candidates
   (:func:`hmar.sampling.draw_tokens` with ``fused=False``);
 * ``fused`` at each of ``--warps``: :func:`hmar.draw_kernel.fused_draw` on the bf16 logits (with the same Exp(1)
-  draws from the generator).
+  draws from the generator);
+* with ``--hist``, ``hist`` at each of ``--warps``: the same with the k-th largest logit found by histograms
+  (``hmar.draw_kernel.HISTOGRAM_TOP_K``).
 
 Then the sum over a sampling call's passes per config, and how many tokens the two drew alike (the same draws: they
 differ only where torch.topk keeps exactly k of tied logits or a near-tie rounds differently).
 
     python benchmarks/bench_draw.py
     python benchmarks/bench_draw.py --configs hmar-d16-512 --warps 4,8,16 --json out.json
+    python benchmarks/bench_draw.py --warps 8 --hist
 """
 from __future__ import annotations
 
@@ -74,6 +77,7 @@ def main() -> None:
     ap.add_argument("--warps", default="4,8,16")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--hist", action="store_true", help="also time the histogram select (HISTOGRAM_TOP_K)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     warps = [int(w) for w in args.warps.split(",")]
@@ -88,11 +92,13 @@ def main() -> None:
             w = 2.0 if guided else None
             bad = torch.zeros((), dtype=torch.bool, device="cuda")
             row = {"torch": graph_time(lambda: draw_tokens(logits.float(), gen, w, k, p, 1.0, bad), args.reps, gen)}
-            for nw in warps:
-                dk.NUM_WARPS = nw
-                fused = lambda: draw_tokens(logits, gen, w, k, p, 1.0, bad, True)  # noqa: E731
-                row[f"fused{nw}"] = graph_time(fused, args.reps, gen)
-            dk.NUM_WARPS = None
+            fused = lambda: draw_tokens(logits, gen, w, k, p, 1.0, bad, True)  # noqa: E731
+            for name, hist in (("fused", False), ("hist", True))[:2 if args.hist else 1]:
+                dk.HISTOGRAM_TOP_K = hist
+                for nw in warps:
+                    dk.NUM_WARPS = nw
+                    row[f"{name}{nw}"] = graph_time(fused, args.reps, gen)
+            dk.NUM_WARPS, dk.HISTOGRAM_TOP_K = None, False
             state = gen.get_state()
             a = draw_tokens(logits.float(), gen, w, k, p, 1.0, bad)[0]
             gen.set_state(state)

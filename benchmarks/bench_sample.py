@@ -48,6 +48,8 @@ for side-by-side ratios:
                 ``GraphedModel(fused_norm=False)``, the default until 2026-12-04 and with fp8) instead of one Triton
                 kernel (``hmar.model.norm_kernel``)
   fusednorm     the Triton kernel for them with fp8 too (``fused_norm=True``)
+  histdraw      the draw kernel's k-th largest logit in four 8-bit histogram rounds instead of 32 one-bit steps
+                (``hmar.draw_kernel.HISTOGRAM_TOP_K``)
   decgraph      the decoder's calls replayed as CUDA graphs in the loop graph's memory pool
                 (``accelerate(graph_decoder=True)``, ``FastDecoder(graphs=True)``; the default since the second
                 session of 2026-12-02, when it was measured under this name)
@@ -191,10 +193,12 @@ def _variant_patches(variant: str):
     between them; tests/test_triton_attention.py checks that a block is one graph now). ``trainfwd``: the training
     forward in the passes that run the inference kernel now (``DENSE_INFERENCE = False``). ``nodefer``: each block
     adds its own last residual branch (``DEFER_RESIDUAL = False``). ``biascat``: ``SelfAttention.kernel_constants =
-    False``. ``warm1``: ``hmar.accel.MEASURE_SECOND_WARMUP = False``."""
+    False``. ``warm1``: ``hmar.accel.MEASURE_SECOND_WARMUP = False``. ``histdraw``: the draw kernel's k-th largest
+    logit by histograms (``hmar.draw_kernel.HISTOGRAM_TOP_K = True``)."""
     mods = variant.split("-")[1:]
     import hmar.accel as accel
     import hmar.attention.triton_kernel as tk
+    import hmar.draw_kernel as dk
     import hmar.model.transformer as T
     from hmar.model.blocks import SelfAttention
     check, dense, defer, second = tk._check, tk.DENSE_INFERENCE, T.DEFER_RESIDUAL, accel.MEASURE_SECOND_WARMUP
@@ -212,11 +216,14 @@ def _variant_patches(variant: str):
         SelfAttention.kernel_constants = False
     if "warm1" in mods:
         accel.MEASURE_SECOND_WARMUP = False
+    if "histdraw" in mods:
+        dk.HISTOGRAM_TOP_K = True
     try:
         yield
     finally:
         tk._check, tk.DENSE_INFERENCE, T.DEFER_RESIDUAL, accel.MEASURE_SECOND_WARMUP = check, dense, defer, second
         SelfAttention.kernel_constants = True
+        dk.HISTOGRAM_TOP_K = False
 
 
 def _measure(m, t, labels, kw, args, device: torch.device, profile: bool = False) -> dict:
@@ -371,7 +378,8 @@ def print_pool_survivors(after: str) -> None:
 MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", "nogelu", "sortdraw",
              "decgraph", "nodecgraph", "reserve", "noreserve", "qknorm", "noqknorm", "autotune", "cdt", "nhwc",
              "nonhwc", "subpixel", "nosubpixel", "graphbreak", "trainfwd", "nodefer", "biascat", "noguest",
-             "warm1", "torchdraw", "fp8", "fp8fast", "opsnorm", "fusednorm")
+             "warm1", "torchdraw", "fp8", "fp8fast", "opsnorm", "fusednorm",
+             "histdraw")
 QKMAX = re.compile(r"qkmax(\d+)")   # and qkmaxN: the fused q/k normalisation up to N tokens
 DECN = re.compile(r"dec(\d+)")      # and decN: N images per decoder call
 FRN = re.compile(r"fr(\d+)")        # and frN: the decoder's full-resolution part in N chunks

@@ -41,6 +41,10 @@ except Exception:  # pragma: no cover - depends on the machine
 _INTERPRETED = _HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
+HISTOGRAM_TOP_K = False
+"""Find the k-th largest logit with four 8-bit histogram rounds (``tl.histogram``) instead of 32 one-bit counting
+steps (an experiment, off: ``benchmarks/bench_draw.py --hist`` times both; the same threshold either way)."""
+
 NUM_WARPS: Optional[int] = None
 """Warps per program (one position's draw); None: one per 512 logits of the vocabulary, 1-8 (8 at V = 4096, as
 measured fastest on the H200 against 4 and 16: BENCHMARKS.md section 3m)."""
@@ -74,9 +78,35 @@ if _HAS_TRITON:
         return theta
 
     @triton.jit
+    def _kth_key_by_histograms(key, target):
+        """:func:`_largest_key_with` for counting (``BY_MASS=False``) in four rounds of one 256-bin histogram each:
+        the keys as unsigned (``key ^ 2^31``: the same order), 8 bits a round from the top. A round puts each lane's
+        next byte in its bin when the lane's higher bytes equal the prefix so far, a lane above the prefix in the top
+        bin (it is at least every candidate of the round) and one below in bin 0, whose count is never read: the
+        largest byte ``d >= 1`` whose lanes, with those above, reach ``target`` extends the prefix, else 0 does
+        (the rounds before guarantee it). Padding lanes (key -2^31) are unsigned 0: bin 0 in every round."""
+        ukey = key.to(tl.uint32, bitcast=True) ^ 0x80000000
+        bins = tl.arange(0, 256)
+        prefix = tl.full((), 0, tl.uint32)
+        for r in tl.static_range(4):
+            shift: tl.constexpr = 24 - 8 * r
+            byte = (ukey >> shift) & 0xFF
+            if r == 0:
+                digit = byte
+            else:
+                high = ukey >> (shift + 8)
+                digit = tl.where(high == prefix, byte, tl.where(high > prefix, 0xFF, 0))
+            hist = tl.histogram(digit.to(tl.int32), 256)
+            at_least = tl.flip(tl.cumsum(tl.flip(hist, 0), 0), 0)       # lanes with a byte >= d (and above)
+            d = tl.max(tl.where((at_least >= target) & (bins >= 1), bins, 0), 0)
+            prefix = (prefix << 8) | d.to(tl.uint32)
+        return (prefix ^ 0x80000000).to(tl.int32, bitcast=True)
+
+    @triton.jit
     def _draw_kernel(logits_ptr, q_ptr, tok_ptr, conf_ptr, bad_ptr, rows, V, stride_l, stride_q,
                      weight, temperature, top_k, top_p,
-                     GUIDED: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, BLOCK: tl.constexpr):
+                     GUIDED: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, BLOCK: tl.constexpr,
+                     HIST: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         valid = cols < V
@@ -93,7 +123,10 @@ if _HAS_TRITON:
         key = tl.where(valid, bits ^ ((bits >> 31) & 0x7FFFFFFF), ~tl.full((), 0x7FFFFFFF, tl.int32))
         keep = valid
         if TOP_K:
-            keep = keep & (key >= _largest_key_with(key, x, top_k, False))   # (counting: x is not read)
+            if HIST:
+                keep = keep & (key >= _kth_key_by_histograms(key, top_k))
+            else:
+                keep = keep & (key >= _largest_key_with(key, x, top_k, False))   # (counting: x is not read)
         m = tl.max(x, 0)
         e = tl.where(keep, tl.exp(x - m), 0.0)
         if TOP_P:   # drop a token once the tokens strictly more likely than it hold top_p of the mass
@@ -140,5 +173,5 @@ def fused_draw(logits: torch.Tensor, q: torch.Tensor, weight: Optional[float] = 
     _draw_kernel[(rows,)](flat, q, tok, conf, bad, rows, V, flat.stride(0), q.stride(0),
                           float(1.0 if weight is None else weight), float(temperature), int(top_k), float(top_p),
                           GUIDED=weight is not None, TOP_K=0 < top_k < V, TOP_P=0.0 < top_p < 1.0, BLOCK=block,
-                          num_warps=warps)
+                          HIST=HISTOGRAM_TOP_K, num_warps=warps)
     return tok.view(B, n), conf.view(B, n), bad.view(B, n)

@@ -118,6 +118,9 @@
 #           compiles for more than 2 minutes: run it with LIMIT=480 (~8 minutes). It ran on 2026-12-04 with the last
 #           160 s of device time: the tests passed, the first compile did not finish.
 #   40: the same for hmar-d30 (batch 16) and hmar-d16-512 (batch 8), after call 39 (~10 minutes)
+#   41: the draw kernel's k-th largest logit by four 8-bit histogram rounds (hmar.draw_kernel.HISTOGRAM_TOP_K, off):
+#           the norm kernel's GPU tests again (after the training commit) and the draw tests, then the draw alone
+#           (bench_draw.py --warps 8 --hist), then hmar-d16-512 and hmar-d30 against -histdraw (~7 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -148,6 +151,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   36) STEPS="fp8-sample-d16-again" ;;
   37) STEPS="norm-tests norm-bench norm-sample" ;; 38) STEPS="norm-kernel-tests norm-bench norm-sample-again" ;;
   39) STEPS="norm-train-tests norm-train-d16" ;; 40) STEPS="norm-train-d30 norm-train-d16-512" ;;
+  41) STEPS="norm-kernel-tests hist-draw-tests hist-draw-bench hist-draw-sample" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
@@ -303,6 +307,14 @@ for s in $STEPS; do
       step "the draw alone, per pass shape: fused (4 / 8 / 16 warps) against the torch ops"
       timeout "$(left)" python3 benchmarks/bench_draw.py --json "$L/draw-bench.json" > "$L/draw-bench.log" 2>&1
       cat "$L/draw-bench.log" ;;
+    hist-draw-tests)
+      step "GPU tests: the draw kernel (the histogram select included)"
+      gpu_tests hist-draw-tests 150 tests/test_draw_kernel.py ;;
+    hist-draw-bench)
+      step "the draw alone: the one-bit select against the histogram select (8 warps)"
+      timeout "$(( $(left) < 120 ? $(left) : 120 ))" python3 benchmarks/bench_draw.py --warps 8 --hist \
+        --json "$L/hist-draw-bench.json" > "$L/hist-draw-bench.log" 2>&1; tail -5 "$L/hist-draw-bench.log" ;;
+    hist-draw-sample) bench hist-draw hmar-d16-512,hmar-d30 fast-compiled,fast-compiled-histdraw ;;
     draw-sample) bench draw hmar-d30,hmar-d16,hmar-d16-512,hmar-d30-512 fast-compiled,fast-compiled-torchdraw \
                    --profile --profile-variants fast-compiled --profile-rows 30 ;;
     fp8-tests)

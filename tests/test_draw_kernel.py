@@ -62,6 +62,63 @@ def _reference(logits, q, weight, top_k, top_p, temperature):
 SETTINGS = [(0, 0.0, 1.0), (20, 0.0, 1.3), (0, 0.9, 0.7), (20, 0.9, 1.0), (99, 0.5, 1.0)]
 
 
+if dk._HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _thresholds(x_ptr, out_ptr, V, k, BLOCK: tl.constexpr):
+        """The two selects' k-th largest keys of one row (the draw kernel's key mapping and padding)."""
+        cols = tl.arange(0, BLOCK)
+        valid = cols < V
+        x = tl.where(valid, tl.load(x_ptr + cols, mask=valid, other=0.0), -float("inf"))
+        bits = x.to(tl.int32, bitcast=True)
+        key = tl.where(valid, bits ^ ((bits >> 31) & 0x7FFFFFFF), ~tl.full((), 0x7FFFFFFF, tl.int32))
+        tl.store(out_ptr, dk._largest_key_with(key, x, k, False))
+        tl.store(out_ptr + 1, dk._kth_key_by_histograms(key, k))
+
+
+@pytest.mark.parametrize("V", [100, 256])
+@pytest.mark.parametrize("kind", ["continuous", "ties", "negative", "with -inf"])
+def test_histogram_select_finds_the_bit_steps_threshold(V, kind):
+    """``_kth_key_by_histograms`` returns ``_largest_key_with``'s key (the k-th largest logit's) for every k from 1
+    to V - 1: rows of continuous values, of a few tied values, all negative, and with -inf entries; and the number
+    of logits at least that large is k but for ties."""
+    g = torch.Generator().manual_seed(V)
+    x = torch.randn(V, generator=g) * 3
+    if kind == "ties":
+        x = torch.randint(-3, 4, (V,), generator=g).float() * 0.5
+    elif kind == "negative":
+        x = -x.abs() - 1
+    elif kind == "with -inf":
+        x[::7] = float("-inf")
+    x = x.to(DEVICE)
+    out = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    for k in sorted({1, 2, 3, V // 3, V // 2, V - 2, V - 1}):
+        _thresholds[(1,)](x, out, V, k, BLOCK=triton.next_power_of_2(V), num_warps=1 if not ON_GPU else 4)
+        bit, hist = out.tolist()
+        assert bit == hist, (kind, k, bit, hist)
+        kth = x.sort(descending=True).values[k - 1]
+        assert (x >= kth).sum() >= k and ((x > kth).sum() < k)
+
+
+def test_fused_draw_with_histograms_draws_the_same(monkeypatch):
+    """``HISTOGRAM_TOP_K``: the whole draw with the histogram select, on tied bf16 logits with and without guidance,
+    gives the bit-step kernel's tokens and probabilities (the thresholds are equal: the test above)."""
+    torch.manual_seed(1)
+    B, n, V = 2, 3, 128
+    logits = (torch.randint(-6, 7, (2 * B, n, V), device=DEVICE) * 0.5).to(torch.bfloat16)
+    for weight in (None, 2.0):
+        x = logits if weight is not None else logits[:B]
+        for top_k, top_p, temp in [(20, 0.0, 1.3), (99, 0.5, 1.0)]:
+            q, _ = _exp_draws(B * n, V, 2)
+            runs = []
+            for hist in (False, True):
+                monkeypatch.setattr(dk, "HISTOGRAM_TOP_K", hist)
+                runs.append(dk.fused_draw(x, q, weight, top_k, top_p, temp))
+            assert all(torch.equal(a, b) for a, b in zip(*runs)), (weight, top_k, top_p)
+
+
 @pytest.mark.parametrize("V", [100, 256])
 @pytest.mark.parametrize("guided", [False, True])
 def test_fused_draw_matches_the_torch_draw(V, guided):
