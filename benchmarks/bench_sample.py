@@ -50,6 +50,8 @@ for side-by-side ratios:
   fusednorm     the Triton kernel for them with fp8 too (``fused_norm=True``)
   histdraw      the draw kernel's k-th largest logit in four 8-bit histogram rounds instead of 32 one-bit steps
                 (``hmar.draw_kernel.HISTOGRAM_TOP_K``)
+  skinnyN       the blocks' four linears through hmar's small-pass Triton GEMM (``hmar.model.skinny_gemm``) for
+                inputs of at most N rows (``hmar.model.blocks.SKINNY_GEMM_MAX_ROWS``), e.g. skinny1152
   decgraph      the decoder's calls replayed as CUDA graphs in the loop graph's memory pool
                 (``accelerate(graph_decoder=True)``, ``FastDecoder(graphs=True)``; the default since the second
                 session of 2026-12-02, when it was measured under this name)
@@ -194,7 +196,8 @@ def _variant_patches(variant: str):
     forward in the passes that run the inference kernel now (``DENSE_INFERENCE = False``). ``nodefer``: each block
     adds its own last residual branch (``DEFER_RESIDUAL = False``). ``biascat``: ``SelfAttention.kernel_constants =
     False``. ``warm1``: ``hmar.accel.MEASURE_SECOND_WARMUP = False``. ``histdraw``: the draw kernel's k-th largest
-    logit by histograms (``hmar.draw_kernel.HISTOGRAM_TOP_K = True``)."""
+    logit by histograms (``hmar.draw_kernel.HISTOGRAM_TOP_K = True``). ``skinnyN``: the blocks' linears through
+    hmar's small-pass Triton GEMM for inputs of at most N rows (``hmar.model.blocks.SKINNY_GEMM_MAX_ROWS = N``)."""
     mods = variant.split("-")[1:]
     import hmar.accel as accel
     import hmar.attention.triton_kernel as tk
@@ -218,12 +221,16 @@ def _variant_patches(variant: str):
         accel.MEASURE_SECOND_WARMUP = False
     if "histdraw" in mods:
         dk.HISTOGRAM_TOP_K = True
+    import hmar.model.blocks as blocks
+    skinny = next((int(m[6:]) for m in mods if SKINNY.fullmatch(m)), 0)
+    blocks.SKINNY_GEMM_MAX_ROWS = skinny
     try:
         yield
     finally:
         tk._check, tk.DENSE_INFERENCE, T.DEFER_RESIDUAL, accel.MEASURE_SECOND_WARMUP = check, dense, defer, second
         SelfAttention.kernel_constants = True
         dk.HISTOGRAM_TOP_K = False
+        blocks.SKINNY_GEMM_MAX_ROWS = 0
 
 
 def _measure(m, t, labels, kw, args, device: torch.device, profile: bool = False) -> dict:
@@ -383,6 +390,7 @@ MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", 
 QKMAX = re.compile(r"qkmax(\d+)")   # and qkmaxN: the fused q/k normalisation up to N tokens
 DECN = re.compile(r"dec(\d+)")      # and decN: N images per decoder call
 FRN = re.compile(r"fr(\d+)")        # and frN: the decoder's full-resolution part in N chunks
+SKINNY = re.compile(r"skinny(\d+)")  # and skinnyN: the small-pass GEMM for inputs of at most N rows
 TOPK_DRAW = hmar.sampling.sample_from_logits
 
 
@@ -415,7 +423,7 @@ def check_variant(v: str) -> bool:
     """fp32-eager, bf16-eager, fast, or fast-<modifier>[-<modifier>...] with modifiers from :data:`MODIFIERS`."""
     parts = v.split("-")
     return v in ("fp32-eager", "bf16-eager") or (parts[0] == "fast" and all(
-        p in MODIFIERS or any(r.fullmatch(p) for r in (QKMAX, DECN, FRN)) for p in parts[1:]))
+        p in MODIFIERS or any(r.fullmatch(p) for r in (QKMAX, DECN, FRN, SKINNY)) for p in parts[1:]))
 
 
 def _private_segments() -> list:

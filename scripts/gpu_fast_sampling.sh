@@ -121,6 +121,9 @@
 #   41: the draw kernel's k-th largest logit by four 8-bit histogram rounds (hmar.draw_kernel.HISTOGRAM_TOP_K, off):
 #           the norm kernel's GPU tests again (after the training commit) and the draw tests, then the draw alone
 #           (bench_draw.py --warps 8 --hist), then hmar-d16-512 and hmar-d30 against -histdraw (~7 minutes)
+#   42: the small-pass Triton GEMM (hmar.model.skinny_gemm, blocks.SKINNY_GEMM_MAX_ROWS, off): its GPU tests, the
+#           GEMMs alone against cuBLAS at every pass of <= 1152 rows (bench_skinny.py), then hmar-d30, hmar-d16 and
+#           hmar-d16-512 against -skinny1152 (~9 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -152,6 +155,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   37) STEPS="norm-tests norm-bench norm-sample" ;; 38) STEPS="norm-kernel-tests norm-bench norm-sample-again" ;;
   39) STEPS="norm-train-tests norm-train-d16" ;; 40) STEPS="norm-train-d30 norm-train-d16-512" ;;
   41) STEPS="norm-kernel-tests hist-draw-tests hist-draw-bench hist-draw-sample" ;;
+  42) STEPS="skinny-tests skinny-bench skinny-sample" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
@@ -315,6 +319,14 @@ for s in $STEPS; do
       timeout "$(( $(left) < 120 ? $(left) : 120 ))" python3 benchmarks/bench_draw.py --warps 8 --hist \
         --json "$L/hist-draw-bench.json" > "$L/hist-draw-bench.log" 2>&1; tail -5 "$L/hist-draw-bench.log" ;;
     hist-draw-sample) bench hist-draw hmar-d16-512,hmar-d30 fast-compiled,fast-compiled-histdraw ;;
+    skinny-tests)
+      step "GPU tests: the small-pass GEMM"
+      gpu_tests skinny-tests 150 tests/test_skinny_gemm.py ;;
+    skinny-bench)
+      step "the small-pass GEMMs alone: hmar's Triton GEMM against cuBLAS"
+      timeout "$(( $(left) < 150 ? $(left) : 150 ))" python3 benchmarks/bench_skinny.py \
+        --json "$L/skinny-bench.json" > "$L/skinny-bench.log" 2>&1; grep -E "^hmar|per sampling" "$L/skinny-bench.log" ;;
+    skinny-sample) bench skinny hmar-d30,hmar-d16,hmar-d16-512 fast-compiled,fast-compiled-skinny1152 ;;
     draw-sample) bench draw hmar-d30,hmar-d16,hmar-d16-512,hmar-d30-512 fast-compiled,fast-compiled-torchdraw \
                    --profile --profile-variants fast-compiled --profile-rows 30 ;;
     fp8-tests)

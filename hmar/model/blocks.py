@@ -65,6 +65,33 @@ class KVCache:
         self.len = 0
 
 
+SKINNY_GEMM_MAX_ROWS = 0
+"""In inference on CUDA, the blocks' four linears run :mod:`hmar.model.skinny_gemm`'s Triton GEMM for inputs of at most
+this many rows (0: never; an experiment: ``benchmarks/bench_skinny.py`` and the bench modifier ``skinny`` measure it).
+"""
+_KEEP = object()
+_SKINNY_DEVICES = ("cuda",)   # (tests add "cpu" under Triton's interpreter)
+
+
+def dense(layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = _KEEP,  # type: ignore[assignment]
+          gelu: bool = False) -> torch.Tensor:
+    """``layer``'s ``x @ W.T + bias`` (``bias``: the layer's own unless given; ``gelu``: the tanh GELU of it, the
+    caller's fused epilogue), through :data:`SKINNY_GEMM_MAX_ROWS`'s kernel where it applies, else as before:
+    :func:`hmar.model.fp8.linear` (an ``nn.Linear`` through ``F.linear``, an fp8 layer called)."""
+    b = getattr(layer, "bias", None) if bias is _KEEP else bias
+    if (SKINNY_GEMM_MAX_ROWS and isinstance(layer, nn.Linear) and x.device.type in _SKINNY_DEVICES
+            and not torch.is_grad_enabled()
+            and x.numel() <= SKINNY_GEMM_MAX_ROWS * x.shape[-1]):
+        from . import skinny_gemm   # noqa: F401  (registers the op)
+        return torch.ops.hmar.skinny_linear(x, layer.weight, b, gelu)
+    if gelu:
+        if not isinstance(layer, nn.Linear):   # an fp8 fc1: the GELU goes with fc2's input (FFN.forward)
+            raise ValueError("dense(gelu=True) takes an nn.Linear")
+        h = torch._addmm_activation(b, x.reshape(-1, x.shape[-1]), layer.weight.t(), use_gelu=True)
+        return h.view(*x.shape[:-1], h.shape[-1])
+    return linear(layer, x, b) if isinstance(layer, nn.Linear) or bias is not _KEEP else layer(x)
+
+
 class SelfAttention(nn.Module):
     """Multi-head attention with a bias-free qkv projection plus separate q/v biases (no k bias),
     L2-normalised q and k with a learnable per-head temperature ``exp(min(s, ln 100))`` (init ln 4).
@@ -101,7 +128,7 @@ class SelfAttention(nn.Module):
     def _qkv(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None):
         """q, k, v (``[B, H, L, D]`` views of one packed projection of ``x``)."""
         B, L, _ = x.shape
-        qkv = linear(self.mat_qkv, x, bias)   # an nn.Linear or an fp8 one (hmar.model.fp8)
+        qkv = dense(self.mat_qkv, x, bias)   # an nn.Linear or an fp8 one (hmar.model.fp8)
         return qkv.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
 
     def _pass_kernel(self, x: torch.Tensor, lengths: Sequence[int], fuse: Optional[bool],
@@ -123,7 +150,7 @@ class SelfAttention(nn.Module):
         if kernel is not None:   # a sampling pass: biases and temperature read by the kernel, nothing else launched
             q, k, v = self._qkv(x)
             out = kernel(q, k, v, self.scale, self.scale_mul_1H11, self.max_scale_mul, self.q_bias, self.v_bias)
-            return self.proj(out.transpose(1, 2).reshape(B, L, C))
+            return dense(self.proj, out.transpose(1, 2).reshape(B, L, C))
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         q, k, v = self._qkv(x, bias)
         # the per-head temperature of the L2-normalised attention (the normalisation itself: l2_normalize_qk)
@@ -136,7 +163,7 @@ class SelfAttention(nn.Module):
         else:
             out = attention(q, k, v, lengths=lengths, pattern=pattern, scale=self.scale, backend=backend,
                             qk_norm=qk_norm, fuse_qk_norm=fuse)
-        return self.proj(out.transpose(1, 2).reshape(B, L, C))
+        return dense(self.proj, out.transpose(1, 2).reshape(B, L, C))
 
 
 class FFN(nn.Module):
@@ -159,9 +186,8 @@ class FFN(nn.Module):
         if not isinstance(self.fc2, nn.Linear):   # fp8 (hmar.model.fp8): the GELU inside fc2's input quantisation
             return self.fc2(self.fc1(x), gelu=True)
         if self.fused_gelu and x.is_cuda and not torch.is_grad_enabled():
-            h = torch._addmm_activation(self.fc1.bias, x.reshape(-1, x.shape[-1]), self.fc1.weight.t(), use_gelu=True)
-            return self.fc2(h.view(*x.shape[:-1], h.shape[-1]))
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+            return dense(self.fc2, dense(self.fc1, x, gelu=True))
+        return dense(self.fc2, F.gelu(dense(self.fc1, x), approximate="tanh"))
 
 
 def modulated_norm(ln: nn.LayerNorm, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
