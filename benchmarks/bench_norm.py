@@ -18,6 +18,7 @@ import itertools
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -119,8 +120,7 @@ def main() -> None:
         print(f"  per sampling call: ops {totals['ops'] / 1e3:.2f} ms, kernel {totals['kernel'] / 1e3:.2f} ms "
               f"({totals['ops'] / max(totals['kernel'], 1e-9):.2f}x), best of the sweep {totals['best'] / 1e3:.2f} ms")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows_out, f, indent=1)
+        Path(args.json).write_text(json.dumps(rows_out, indent=1))
 
 
 if __name__ == "__main__":

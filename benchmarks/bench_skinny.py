@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -71,8 +72,7 @@ def main() -> None:
         print(f"  per sampling call: cuBLAS {total['cublas'] / 1e3:.2f} ms, skinny {total['skinny'] / 1e3:.2f} ms "
               f"({total['cublas'] / max(total['skinny'], 1e-9):.2f}x)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        Path(args.json).write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":
