@@ -1,4 +1,11 @@
-"""VAR's AdaLN transformer block and head, with attention routed through :mod:`hmar.attention`."""
+"""VAR's AdaLN transformer block and head, with attention routed through :mod:`hmar.attention`.
+
+Every block linear goes through :func:`dense` and every residual add + LayerNorm + modulation through
+:func:`modulated_norm`: the places where the fast paths swap in their kernels. The switches (all off here;
+:class:`hmar.accel.GraphedModel` sets the ones measured faster): the blocks' and head's ``fused_norm`` (inference,
+:mod:`hmar.model.norm_kernel`), :data:`FUSED_NORM_TRAINING` (its backward), :data:`SKINNY_GEMM_MAX_ROWS`
+(:mod:`hmar.model.skinny_gemm`), ``FFN.fused_gelu`` and ``SelfAttention.fused_qk_norm``; fp8 layers
+(:mod:`hmar.model.fp8`) replace the linears themselves."""
 from __future__ import annotations
 
 import math
