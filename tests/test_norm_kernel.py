@@ -116,8 +116,10 @@ def test_training_op_gradients_equal_autograd_of_the_ops(branch, B, L, C, shared
         torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-def test_training_op_passes_opcheck():
-    """torch.library.opcheck: the training op's schema, fake implementation and autograd registration."""
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the interpreter's numpy on opcheck's random inputs
+def test_ops_pass_opcheck():
+    """torch.library.opcheck (schema, fake implementation, autograd registration, AOT dispatch with dynamic shapes)
+    of the training op with and without a branch, and of both inference ops."""
     x, h = torch.randn(2, 6, 32, device=DEVICE), torch.randn(2, 6, 32, device=DEVICE)
     mod = torch.randn(2, 6, 32, device=DEVICE)
     args = [x, h, mod[:, None, 0], mod[:, None, 2], mod[:, None, 4]]
@@ -125,8 +127,9 @@ def test_training_op_passes_opcheck():
         a = [t.clone().requires_grad_() for t in args]
         if not branch:
             a[1] = a[2] = None
-        torch.library.opcheck(torch.ops.hmar.adaln_norm_train.default, (*a, 1e-6, torch.float32),
-                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+        torch.library.opcheck(torch.ops.hmar.adaln_norm_train.default, (*a, 1e-6, torch.float32))
+    torch.library.opcheck(torch.ops.hmar.adaln_residual_norm.default, (*args, 1e-6))
+    torch.library.opcheck(torch.ops.hmar.adaln_norm.default, (x, args[3], args[4], 1e-6))
 
 
 @pytest.mark.parametrize("name", ["hmar-tiny", "var-tiny"])

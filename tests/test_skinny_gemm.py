@@ -88,7 +88,9 @@ def test_blocks_through_the_kernel_equal_the_linears(name, monkeypatch):
 
 
 def test_op_traces_under_torch_compile():
+    """The op through torch.compile's tracing (aot_eager), and torch.library.opcheck of it."""
     x, w, b = torch.randn(3, 4, 32, device=DEVICE), torch.randn(16, 32, device=DEVICE), torch.randn(16, device=DEVICE)
+    torch.library.opcheck(torch.ops.hmar.skinny_linear.default, (x, w, b, True))
     fn = torch.compile(lambda x: torch.ops.hmar.skinny_linear(x, w, b, True) * 2, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(fn(x), torch.ops.hmar.skinny_linear(x, w, b, True) * 2)
 
