@@ -124,6 +124,8 @@
 #   42: the small-pass Triton GEMM (hmar.model.skinny_gemm, blocks.SKINNY_GEMM_MAX_ROWS, off): its GPU tests, the
 #           GEMMs alone against cuBLAS at every pass of <= 1152 rows (bench_skinny.py), then hmar-d30, hmar-d16 and
 #           hmar-d16-512 against -skinny1152 (~9 minutes)
+#   43: calls 41 and 42 in one (for a session short of device time): both experiments' tests and benches, then
+#           hmar-d16-512 and hmar-d30 against -histdraw, -skinny1152 and both (~9 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -156,6 +158,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   39) STEPS="norm-train-tests norm-train-d16" ;; 40) STEPS="norm-train-d30 norm-train-d16-512" ;;
   41) STEPS="norm-kernel-tests hist-draw-tests hist-draw-bench hist-draw-sample" ;;
   42) STEPS="skinny-tests skinny-bench skinny-sample" ;;
+  43) STEPS="hist-draw-tests skinny-tests hist-draw-bench skinny-bench combo-sample" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
@@ -327,6 +330,8 @@ for s in $STEPS; do
       timeout "$(( $(left) < 150 ? $(left) : 150 ))" python3 benchmarks/bench_skinny.py \
         --json "$L/skinny-bench.json" > "$L/skinny-bench.log" 2>&1; grep -E "^hmar|per sampling" "$L/skinny-bench.log" ;;
     skinny-sample) bench skinny hmar-d30,hmar-d16,hmar-d16-512 fast-compiled,fast-compiled-skinny1152 ;;
+    combo-sample) bench combo hmar-d16-512,hmar-d30 \
+                    fast-compiled,fast-compiled-histdraw,fast-compiled-skinny1152,fast-compiled-histdraw-skinny1152 ;;
     draw-sample) bench draw hmar-d30,hmar-d16,hmar-d16-512,hmar-d30-512 fast-compiled,fast-compiled-torchdraw \
                    --profile --profile-variants fast-compiled --profile-rows 30 ;;
     fp8-tests)
@@ -348,8 +353,8 @@ for s in $STEPS; do
       step "GPU tests: the fused residual + LayerNorm + modulation kernel"
       gpu_tests norm-kernel-tests 150 tests/test_norm_kernel.py ;;
     norm-train-tests)
-      step "GPU tests: the kernel's backward (training)"
-      gpu_tests norm-train-tests 90 tests/test_norm_kernel.py -k "training" ;;
+      step "GPU tests: the norm kernel (its backward for training included)"
+      gpu_tests norm-train-tests 200 tests/test_norm_kernel.py ;;
     norm-train-d16|norm-train-d30|norm-train-d16-512)
       preset=hmar-${s#norm-train-}; batch=$(case $preset in hmar-d16) echo 32;; hmar-d30) echo 16;; *) echo 8;; esac)
       step "compiled $preset training (batch $batch): LayerNorm + modulation as ops vs the kernel"
