@@ -115,7 +115,7 @@
 #           reverse order (~8 minutes)
 #   39: the kernel in training (its backward; blocks.FUSED_NORM_TRAINING): its GPU tests, then compiled hmar-d16
 #           training with the ops against the kernel (bench_train.py --fused-norm both). Each variant's first step
-#           compiles for more than 2 minutes: run it with LIMIT=480 (~8 minutes). It ran on 2026-12-04 with the last
+#           compiles for more than 2 minutes: run it with LIMIT=580 (~9.5 minutes). It ran on 2026-12-04 with the last
 #           160 s of device time: the tests passed, the first compile did not finish.
 #   40: the same for hmar-d30 (batch 16) and hmar-d16-512 (batch 8), after call 39 (~10 minutes)
 #   41: the draw kernel's k-th largest logit by four 8-bit histogram rounds (hmar.draw_kernel.HISTOGRAM_TOP_K, off):
