@@ -51,7 +51,8 @@ for side-by-side ratios:
   histdraw      the draw kernel's k-th largest logit in four 8-bit histogram rounds instead of 32 one-bit steps
                 (``hmar.draw_kernel.HISTOGRAM_TOP_K``)
   skinnyN       the blocks' four linears through hmar's small-pass Triton GEMM (``hmar.model.skinny_gemm``) for
-                inputs of at most N rows (``hmar.model.blocks.SKINNY_GEMM_MAX_ROWS``), e.g. skinny1152
+                inputs of at most N rows (``hmar.model.blocks.SKINNY_GEMM_MAX_ROWS``), e.g. skinny1152;
+                skinnywideN: for qkv and fc1 only (``SKINNY_GEMM_WIDE_ONLY``)
   decgraph      the decoder's calls replayed as CUDA graphs in the loop graph's memory pool
                 (``accelerate(graph_decoder=True)``, ``FastDecoder(graphs=True)``; the default since the second
                 session of 2026-12-02, when it was measured under this name)
@@ -197,7 +198,8 @@ def _variant_patches(variant: str):
     adds its own last residual branch (``DEFER_RESIDUAL = False``). ``biascat``: ``SelfAttention.kernel_constants =
     False``. ``warm1``: ``hmar.accel.MEASURE_SECOND_WARMUP = False``. ``histdraw``: the draw kernel's k-th largest
     logit by histograms (``hmar.draw_kernel.HISTOGRAM_TOP_K = True``). ``skinnyN``: the blocks' linears through
-    hmar's small-pass Triton GEMM for inputs of at most N rows (``hmar.model.blocks.SKINNY_GEMM_MAX_ROWS = N``)."""
+    hmar's small-pass Triton GEMM for inputs of at most N rows (``hmar.model.blocks.SKINNY_GEMM_MAX_ROWS = N``;
+    ``skinnywideN``: qkv and fc1 only, ``SKINNY_GEMM_WIDE_ONLY``)."""
     mods = variant.split("-")[1:]
     import hmar.accel as accel
     import hmar.attention.triton_kernel as tk
@@ -222,15 +224,16 @@ def _variant_patches(variant: str):
     if "histdraw" in mods:
         dk.HISTOGRAM_TOP_K = True
     import hmar.model.blocks as blocks
-    skinny = next((int(m[6:]) for m in mods if SKINNY.fullmatch(m)), 0)
-    blocks.SKINNY_GEMM_MAX_ROWS = skinny
+    skinny = next((SKINNY.fullmatch(m) for m in mods if SKINNY.fullmatch(m)), None)
+    blocks.SKINNY_GEMM_MAX_ROWS = int(skinny.group(2)) if skinny else 0
+    blocks.SKINNY_GEMM_WIDE_ONLY = bool(skinny and skinny.group(1))
     try:
         yield
     finally:
         tk._check, tk.DENSE_INFERENCE, T.DEFER_RESIDUAL, accel.MEASURE_SECOND_WARMUP = check, dense, defer, second
         SelfAttention.kernel_constants = True
         dk.HISTOGRAM_TOP_K = False
-        blocks.SKINNY_GEMM_MAX_ROWS = 0
+        blocks.SKINNY_GEMM_MAX_ROWS, blocks.SKINNY_GEMM_WIDE_ONLY = 0, False
 
 
 def _measure(m, t, labels, kw, args, device: torch.device, profile: bool = False) -> dict:
@@ -390,7 +393,7 @@ MODIFIERS = ("compiled", "passgraphs", "percall", "onecall", "chunked", "gelu", 
 QKMAX = re.compile(r"qkmax(\d+)")   # and qkmaxN: the fused q/k normalisation up to N tokens
 DECN = re.compile(r"dec(\d+)")      # and decN: N images per decoder call
 FRN = re.compile(r"fr(\d+)")        # and frN: the decoder's full-resolution part in N chunks
-SKINNY = re.compile(r"skinny(\d+)")  # and skinnyN: the small-pass GEMM for inputs of at most N rows
+SKINNY = re.compile(r"skinny(wide)?(\d+)")  # skinnyN / skinnywideN: the small-pass GEMM for <= N rows
 TOPK_DRAW = hmar.sampling.sample_from_logits
 
 

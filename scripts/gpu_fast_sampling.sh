@@ -125,7 +125,8 @@
 #           GEMMs alone against cuBLAS at every pass of <= 1152 rows (bench_skinny.py), then hmar-d30, hmar-d16 and
 #           hmar-d16-512 against -skinny1152 (~9 minutes)
 #   43: calls 41 and 42 in one (for a session short of device time): both experiments' tests and benches, then
-#           hmar-d16-512 and hmar-d30 against -histdraw, -skinny1152 and both (~9 minutes)
+#           hmar-d16-512 and hmar-d30 against -histdraw, -skinny1152, -skinnywide1152 (qkv / fc1 only) and
+#           -histdraw-skinny1152 (~10 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -331,7 +332,7 @@ for s in $STEPS; do
         --json "$L/skinny-bench.json" > "$L/skinny-bench.log" 2>&1; grep -E "^hmar|per sampling" "$L/skinny-bench.log" ;;
     skinny-sample) bench skinny hmar-d30,hmar-d16,hmar-d16-512 fast-compiled,fast-compiled-skinny1152 ;;
     combo-sample) bench combo hmar-d16-512,hmar-d30 \
-                    fast-compiled,fast-compiled-histdraw,fast-compiled-skinny1152,fast-compiled-histdraw-skinny1152 ;;
+                    fast-compiled,fast-compiled-histdraw,fast-compiled-skinny1152,fast-compiled-skinnywide1152,fast-compiled-histdraw-skinny1152 ;;
     draw-sample) bench draw hmar-d30,hmar-d16,hmar-d16-512,hmar-d30-512 fast-compiled,fast-compiled-torchdraw \
                    --profile --profile-variants fast-compiled --profile-rows 30 ;;
     fp8-tests)

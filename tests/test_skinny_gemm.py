@@ -82,6 +82,11 @@ def test_blocks_through_the_kernel_equal_the_linears(name, monkeypatch):
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         calls.clear()
+        monkeypatch.setattr(blocks, "SKINNY_GEMM_WIDE_ONLY", True)   # qkv and fc1 only
+        [getattr(model, m)(x, cond) for m in methods]
+        assert len(calls) == 2 * model.config.depth * len(methods)
+        monkeypatch.setattr(blocks, "SKINNY_GEMM_WIDE_ONLY", False)
+        calls.clear()
         monkeypatch.setattr(blocks, "SKINNY_GEMM_MAX_ROWS", 17)   # 2 x 9 = 18 rows: above it
         [getattr(model, m)(x, cond) for m in methods]
         assert not calls

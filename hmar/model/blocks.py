@@ -76,6 +76,9 @@ SKINNY_GEMM_MAX_ROWS = 0
 """In inference on CUDA, the blocks' four linears run :mod:`hmar.model.skinny_gemm`'s Triton GEMM for inputs of at most
 this many rows (0: never; an experiment: ``benchmarks/bench_skinny.py`` and the bench modifier ``skinny`` measure it).
 """
+SKINNY_GEMM_WIDE_ONLY = False
+"""With :data:`SKINNY_GEMM_MAX_ROWS`: only the linears wider out than in (qkv, fc1) take the kernel; proj and fc2,
+whose few output columns give it few programs, keep cuBLAS (the bench modifier ``skinnywideN``)."""
 _KEEP = object()
 _SKINNY_DEVICES = ("cuda",)   # (tests add "cpu" under Triton's interpreter)
 
@@ -87,8 +90,8 @@ def dense(layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = _KEE
     :func:`hmar.model.fp8.linear` (an ``nn.Linear`` through ``F.linear``, an fp8 layer called)."""
     b = getattr(layer, "bias", None) if bias is _KEEP else bias
     if (SKINNY_GEMM_MAX_ROWS and isinstance(layer, nn.Linear) and x.device.type in _SKINNY_DEVICES
-            and not torch.is_grad_enabled()
-            and x.numel() <= SKINNY_GEMM_MAX_ROWS * x.shape[-1]):
+            and not torch.is_grad_enabled() and x.numel() <= SKINNY_GEMM_MAX_ROWS * x.shape[-1]
+            and (not SKINNY_GEMM_WIDE_ONLY or layer.out_features > layer.in_features)):
         from . import skinny_gemm   # noqa: F401  (registers the op)
         return torch.ops.hmar.skinny_linear(x, layer.weight, b, gelu)
     if gelu:
