@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+from collections import Counter
 import json
 import os
 import sys
@@ -26,7 +27,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from hmar import model_config  # noqa: E402
-from hmar.presets import default_schedule  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from floors import passes as call_passes  # noqa: E402  (every pass of a sampling call)
 
 
 def _ops(x, h, gate, scale, shift):
@@ -49,15 +52,6 @@ def _timer(device: torch.device):
     return wall
 
 
-def pass_sizes(name: str):
-    """``{tokens: passes}`` of one sampling call of ``name``'s default schedule."""
-    cfg = model_config(name)
-    out = {}
-    for pn, steps in zip(cfg.patch_nums, default_schedule(cfg.patch_nums)):
-        out[pn * pn] = out.get(pn * pn, 0) + len(steps)
-    return cfg, out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="hmar-d16,hmar-d30,hmar-d16-512,hmar-d30-512")
@@ -76,7 +70,8 @@ def main() -> None:
     timer = _timer(device)
     rows_out = []
     for name in args.configs.split(","):
-        cfg, sizes = pass_sizes(name)
+        cfg = model_config(name)
+        sizes = Counter(n for n, _ in call_passes(name))   # {tokens: passes}
         C, calls = cfg.embed_dim, 2 * cfg.depth + 1
         totals = {"ops": 0.0, "kernel": 0.0, "best": 0.0}
         print(f"{name} (C = {C}, {calls} calls a pass)")

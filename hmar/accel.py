@@ -247,18 +247,17 @@ class GraphedModel:
         self.model, self.warmup, self.whole_loop, self.max_loops = model, warmup, whole_loop, max_loops
         self.reserve_pool = reserve_pool
         # on the model itself: fc1's bias + GELU in the GEMM epilogue, the q/k normalisation in the attention kernel
-        from .model.blocks import FFN, SelfAttention
+        from .model.blocks import FFN, SelfAttention, enable_fused_norm
         self.fused_qk_norm = fuse_qk_norm_by_default() if fused_qk_norm is None else fused_qk_norm
         self.fused_qk_norm_max_tokens = (FUSED_QK_NORM_MAX_TOKENS if fused_qk_norm_max_tokens == -1
                                          else fused_qk_norm_max_tokens)
         from .draw_kernel import available
-        can_draw = available(model.device)
-        if fused_draw and not can_draw:
+        triton_runs = available(model.device)   # (the draw kernel's test: Triton imports and runs on this device)
+        if fused_draw and not triton_runs:
             raise ValueError("GraphedModel(fused_draw=True) needs Triton (pip install triton); leave it None to use "
                              "the kernel wherever it runs")
-        model.fused_draw = self.fused_draw = can_draw if fused_draw is None else fused_draw
-        from .model.blocks import enable_fused_norm
-        self.fused_norm = (can_draw and not fp8) if fused_norm is None else fused_norm   # (can_draw: Triton runs)
+        model.fused_draw = self.fused_draw = triton_runs if fused_draw is None else fused_draw
+        self.fused_norm = (triton_runs and not fp8) if fused_norm is None else fused_norm
         enable_fused_norm(model, self.fused_norm)
         for m in model.modules():
             if isinstance(m, FFN) and fused_gelu:

@@ -86,20 +86,20 @@ _SKINNY_DEVICES = ("cuda",)   # (tests add "cpu" under Triton's interpreter)
 def dense(layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = _KEEP,  # type: ignore[assignment]
           gelu: bool = False) -> torch.Tensor:
     """``layer``'s ``x @ W.T + bias`` (``bias``: the layer's own unless given; ``gelu``: the tanh GELU of it, the
-    caller's fused epilogue), through :data:`SKINNY_GEMM_MAX_ROWS`'s kernel where it applies, else as before:
-    :func:`hmar.model.fp8.linear` (an ``nn.Linear`` through ``F.linear``, an fp8 layer called)."""
+    caller's fused epilogue), through :data:`SKINNY_GEMM_MAX_ROWS`'s kernel where it applies, else the layer
+    itself, or with ``bias`` :func:`hmar.model.fp8.linear` (an ``nn.Linear`` through ``F.linear``, an fp8 layer
+    called with it)."""
     b = getattr(layer, "bias", None) if bias is _KEEP else bias
     if (SKINNY_GEMM_MAX_ROWS and isinstance(layer, nn.Linear) and x.device.type in _SKINNY_DEVICES
             and not torch.is_grad_enabled() and x.numel() <= SKINNY_GEMM_MAX_ROWS * x.shape[-1]
             and (not SKINNY_GEMM_WIDE_ONLY or layer.out_features > layer.in_features)):
-        from . import skinny_gemm   # noqa: F401  (registers the op)
-        return torch.ops.hmar.skinny_linear(x, layer.weight, b, gelu)
+        return _kernel_ops().skinny_linear(x, layer.weight, b, gelu)
     if gelu:
         if not isinstance(layer, nn.Linear):   # an fp8 fc1: the GELU goes with fc2's input (FFN.forward)
             raise ValueError("dense(gelu=True) takes an nn.Linear")
         h = torch._addmm_activation(b, x.reshape(-1, x.shape[-1]), layer.weight.t(), use_gelu=True)
         return h.view(*x.shape[:-1], h.shape[-1])
-    return linear(layer, x, b) if isinstance(layer, nn.Linear) or bias is not _KEEP else layer(x)
+    return layer(x) if bias is _KEEP else linear(layer, x, bias)
 
 
 class SelfAttention(nn.Module):
@@ -212,7 +212,7 @@ def modulated_norm(ln: nn.LayerNorm, x: torch.Tensor, scale: torch.Tensor, shift
     autograd, :data:`FUSED_NORM_TRAINING` does, and the kernel's backward computes the gradients (the output then
     comes in the autocast dtype where autocast is on: the linears after it would cast it to that anyway)."""
     if fused:
-        ops = _norm_ops()
+        ops = _kernel_ops()
         if torch.is_grad_enabled():   # training: the op with a backward; the output in the autocast dtype, which
             dev = x.device.type       # the linears after it would cast it to anyway
             dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
@@ -226,21 +226,21 @@ def modulated_norm(ln: nn.LayerNorm, x: torch.Tensor, scale: torch.Tensor, shift
     return x, ln(x) * (scale + 1) + shift
 
 
-_NORM_OPS = False   # hmar.model.norm_kernel imported (its ops registered)
-
 FUSED_NORM_TRAINING = False
 """With autograd (training), every AdaLN block and head runs :func:`modulated_norm`'s kernel and its backward
 (CUDA with Triton, or the CPU under Triton's interpreter). Off by default: ``benchmarks/bench_train.py --fused-norm``
 measures it (BENCHMARKS.md)."""
 
+_KERNEL_OPS = False   # hmar.model.norm_kernel and skinny_gemm imported (their ops registered)
 
-def _norm_ops():
-    """``torch.ops.hmar`` with :mod:`hmar.model.norm_kernel`'s ops registered (imported at the first fused call,
-    not with hmar: importing hmar does not import Triton)."""
-    global _NORM_OPS
-    if not _NORM_OPS:
-        from . import norm_kernel   # noqa: F401
-        _NORM_OPS = True
+
+def _kernel_ops():
+    """``torch.ops.hmar`` with the ops of :mod:`hmar.model.norm_kernel` and :mod:`hmar.model.skinny_gemm` registered
+    (imported at the first call that needs one, not with hmar: importing hmar does not import Triton)."""
+    global _KERNEL_OPS
+    if not _KERNEL_OPS:
+        from . import norm_kernel, skinny_gemm   # noqa: F401
+        _KERNEL_OPS = True
     return torch.ops.hmar
 
 
@@ -250,7 +250,7 @@ def enable_fused_norm(model: nn.Module, on: bool = True) -> int:
     model's device: CUDA with Triton installed (or the CPU under ``TRITON_INTERPRET=1``, for tests)."""
     if on:
         try:
-            _norm_ops()
+            _kernel_ops()
             from .norm_kernel import available
         except ImportError as e:
             raise ValueError(f"fused_norm needs Triton (pip install triton): {e}") from None
@@ -306,8 +306,7 @@ class AdaLNBlock(nn.Module):
         if fused:   # drop_path(a * g1) == a * drop_path(g1): one keep factor per sample, the same draws
             x, y = modulated_norm(self.ln, x, s2, b2, a, self.drop_path(g1), fused=True)
         else:
-            x = x + self.drop_path(a * g1)
-            y = self.ln(x) * (s2 + 1) + b2
+            x, y = modulated_norm(self.ln, x + self.drop_path(a * g1), s2, b2)
         h = self.drop_path(self.ffn(y))   # (drop_path(h) * g2 == drop_path(h * g2))
         return (x, (h, mod)) if defer else x + h * g2
 

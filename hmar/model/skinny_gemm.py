@@ -38,9 +38,10 @@ def _configs():
             for bn in (16, 32, 64) for bk in (64, 128) for w in (4,) for s in (3, 4)]
 
 
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS", "GELU"])
 @triton.jit
-def _skinny_body(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y,
-                 HAS_BIAS: tl.constexpr, GELU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y, M_BUCKET,
+                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """One (row block, column block) of the output: the whole K loop, then bias and GELU in fp32."""
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -59,13 +60,6 @@ def _skinny_body(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_w, stride
         acc = acc * tl.sigmoid(1.5957691216057308 * (acc + 0.044715 * acc * acc * acc))
     tl.store(y_ptr + rm[:, None].to(tl.int64) * stride_y + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
-
-
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS", "GELU"])
-@triton.jit
-def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y, M_BUCKET,
-                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    _skinny_body(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y, HAS_BIAS, GELU, BM, BN, BK)
 
 
 def skinny_linear_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
