@@ -9,6 +9,7 @@ the official loss weighting and clipping.
     python benchmarks/bench_train.py --preset hmar-d16 var-d16 --compare-compile   # eager vs compiled
     python benchmarks/bench_train.py --preset hmar-d16 --compile --qk-norm both   # q/k normalisation in the kernels
     python benchmarks/bench_train.py --preset hmar-d16 --compile --fused-norm both   # LayerNorm + AdaLN kernels
+    python benchmarks/bench_train.py --preset hmar-d30 --compile --compile-scope both   # whole model vs per block
     python benchmarks/bench_train.py --preset hmar-tiny --device cpu --steps 5   # smoke test
 
 One configuration = preset x stage x (eager | ``--compile``) x (``--chunked-ce`` | ``--no-chunked-ce``) x
@@ -19,7 +20,9 @@ seed and data) and prints each one's speed relative to the first (eager, plain C
 the default) and then inside the attention kernels (``fused``: :data:`hmar.attention.FUSED_QK_NORM`, an experiment),
 side by side, the second compared with the first. ``--fused-norm both`` does the same for each residual add +
 LayerNorm + modulation as torch ops (``off``) and as hmar's Triton kernel and its backward (``on``:
-:data:`hmar.model.blocks.FUSED_NORM_TRAINING`).
+:data:`hmar.model.blocks.FUSED_NORM_TRAINING`). ``--compile-scope both`` compiles the whole forward as one graph
+(``model``, the default) and then each block on its own (``blocks``: one compiled graph shared by every block, so the
+first step's compile time, printed too, does not grow with depth).
 
 Presets of the performance goals: ``hmar-d16`` (>= 500 img/s at batch 32), ``hmar-d30`` (>= 91 img/s),
 ``hmar-d16-512`` (>= 129 img/s); ``var-d16`` for the VAR comparison. At their goal batch each line ends with the
@@ -89,7 +92,8 @@ def bench(preset: str, stage: str, batch: int, steps: int, warmup: int, precisio
           device: torch.device, chunked_ce: bool = True, attention_backend: str = "auto",
           compile_backend: str = "inductor", ce_chunk: Optional[int] = None,
           overrides: Optional[Dict[str, Any]] = None, profile: bool = False,
-          fused_qk_norm: bool = False, inductor: str = "", fused_norm: bool = False) -> Dict[str, Any]:
+          fused_qk_norm: bool = False, inductor: str = "", fused_norm: bool = False,
+          compile_scope: str = "model") -> Dict[str, Any]:
     """One configuration's step time. ``inductor``: ``torch._inductor.config`` settings for its compile,
     comma-separated ``KEY=VALUE`` ("": the defaults)."""
     saved, hmar.attention.FUSED_QK_NORM = hmar.attention.FUSED_QK_NORM, fused_qk_norm
@@ -97,7 +101,7 @@ def bench(preset: str, stage: str, batch: int, steps: int, warmup: int, precisio
     try:
         with inductor_patch(inductor):
             res = _bench(preset, stage, batch, steps, warmup, precision, fused, compile, device, chunked_ce,
-                         attention_backend, compile_backend, ce_chunk, overrides, profile)
+                         attention_backend, compile_backend, ce_chunk, overrides, profile, compile_scope)
         return dict(res, inductor=inductor, fused_norm=fused_norm)
     finally:
         hmar.attention.FUSED_QK_NORM = saved
@@ -105,7 +109,7 @@ def bench(preset: str, stage: str, batch: int, steps: int, warmup: int, precisio
 
 
 def _bench(preset, stage, batch, steps, warmup, precision, fused, compile, device, chunked_ce, attention_backend,
-           compile_backend, ce_chunk, overrides, profile) -> Dict[str, Any]:
+           compile_backend, ce_chunk, overrides, profile, compile_scope="model") -> Dict[str, Any]:
     torch.manual_seed(0)
     model = build(preset, stage, device, overrides)
     cfg = model.config
@@ -113,7 +117,8 @@ def _bench(preset, stage, batch, steps, warmup, precision, fused, compile, devic
     weighting = "uniform" if cfg.kind == "var" else "gaussian"
     st = prepare_training(model, quant, stage, DistInfo(device=device), loss_weight=weighting, precision=precision,
                           fused=fused, lr=3e-4, compile=compile, chunked_ce=chunked_ce,
-                          attention_backend=attention_backend, ce_chunk=ce_chunk, compile_backend=compile_backend)
+                          attention_backend=attention_backend, ce_chunk=ce_chunk, compile_backend=compile_backend,
+                          compile_scope=compile_scope)
     apply_schedule(st.optimizer, 3e-4, 0.05)
     L = cfg.seq_len
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -144,7 +149,8 @@ def _bench(preset, stage, batch, steps, warmup, precision, fused, compile, devic
            "trained_params_m": round(sum(p.numel() for p in st.params) / 1e6, 2),
            "precision": str(st.amp_dtype).replace("torch.", "") if st.amp_dtype else "fp32",
            "fused_adamw": bool(st.optimizer.defaults.get("fused")), "compile": compile,
-           "compile_backend": compile_backend if compile else None, "chunked_ce": chunked_ce,
+           "compile_backend": compile_backend if compile else None,
+           "compile_scope": compile_scope if compile else None, "chunked_ce": chunked_ce,
            "fused_qk_norm": hmar.attention.FUSED_QK_NORM,
            "attention_backend": os.environ.get("HMAR_ATTN_BACKEND") or attention_backend,
            "attention_resolved": resolved_backend(os.environ.get("HMAR_ATTN_BACKEND") or attention_backend, cfg,
@@ -172,7 +178,8 @@ def release(device: torch.device, compiled: bool) -> None:
 
 
 def variant_name(r: Dict[str, Any]) -> str:
-    return (f"{'compiled' if r['compile'] else 'eager'}+{'chunked' if r['chunked_ce'] else 'plain'}-CE+"
+    compiled = "compiled" + ("-blocks" if r.get("compile_scope") == "blocks" else "")
+    return (f"{compiled if r['compile'] else 'eager'}+{'chunked' if r['chunked_ce'] else 'plain'}-CE+"
             f"{r['attention_backend']}" + (f"({r['attention_resolved']})" if r["attention_backend"] == "auto" else "")
             + ("+fused-qk-norm" if r.get("fused_qk_norm") else "")
             + ("+fused-norm" if r.get("fused_norm") else "")
@@ -205,11 +212,13 @@ def report(r: Dict[str, Any], base: Optional[Dict[str, Any]] = None, base_name: 
 
 
 def variants(a: argparse.Namespace) -> List[Dict[str, Any]]:
-    """The configurations to run, in order (``--qk-norm both`` / ``--fused-norm both``: each without, then with)."""
+    """The configurations to run, in order (``--qk-norm both`` / ``--fused-norm both``: each without, then with;
+    ``--compile-scope both``: model, then blocks)."""
     norms = {"unfused": (False,), "fused": (True,), "both": (False, True)}[a.qk_norm]
     lns = {"off": (False,), "on": (True,), "both": (False, True)}[a.fused_norm]
-    return [dict(v, fused_qk_norm=n, inductor=i, fused_norm=f) for v in _variants(a) for n in norms
-            for i in a.inductor for f in lns]
+    scopes = ("model", "blocks") if a.compile_scope == "both" else (a.compile_scope,)
+    return [dict(v, fused_qk_norm=n, inductor=i, fused_norm=f, compile_scope=sc) for v in _variants(a)
+            for n in norms for i in a.inductor for f in lns for sc in scopes if v["compile"] or sc == scopes[0]]
 
 
 def _variants(a: argparse.Namespace) -> List[Dict[str, Any]]:
@@ -260,6 +269,9 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--fused-norm", default="off", choices=["off", "on", "both"],
                    help="each residual add + LayerNorm + modulation as torch ops (default), as hmar's Triton kernel "
                         "with its backward (hmar.model.blocks.FUSED_NORM_TRAINING), or both side by side")
+    p.add_argument("--compile-scope", default="model", choices=["model", "blocks", "both"],
+                   help="with --compile: the whole forward as one graph (default), each block on its own "
+                        "(hmar train --compile-scope blocks), or both side by side")
     p.add_argument("--inductor", nargs="+", default=[""], metavar="SETTINGS",
                    help="with --compile: torch._inductor.config settings, comma-separated KEY=VALUE (\"\": the "
                         "defaults); several values run one variant each, side by side, each later one compared "
@@ -280,7 +292,7 @@ def main(argv: List[str] | None = None) -> int:
             try:
                 r = bench(preset, a.stage, a.batch, a.steps, a.warmup, a.precision, a.fused, v["compile"], dev,
                           v["chunked_ce"], v["attention_backend"], a.compile_backend, a.ce_chunk, overrides,
-                          a.profile, v["fused_qk_norm"], v["inductor"], v["fused_norm"])
+                          a.profile, v["fused_qk_norm"], v["inductor"], v["fused_norm"], v["compile_scope"])
             except torch.OutOfMemoryError as e:   # report it, keep measuring the other configurations
                 results.append(dict(preset=preset, stage=a.stage, batch=a.batch, **v, error=f"OOM: {e}"[:300]))
                 print(f"{preset:>12} {a.stage:<10} batch {a.batch}  {v}: out of memory", flush=True)
@@ -291,6 +303,10 @@ def main(argv: List[str] | None = None) -> int:
                 first = r if v["inductor"] == a.inductor[0] else first
                 print(report(r, first if r is not first else None, f"[{a.inductor[0]}]" if a.inductor[0]
                              else "inductor defaults"), flush=True)
+            elif a.compile_scope == "both":   # per-block compilation against the whole model's just before it
+                unfused = r if v["compile_scope"] == "model" else unfused
+                print(report(r, unfused if v["compile_scope"] == "blocks" else None, "whole-model compile"),
+                      flush=True)
             elif a.fused_norm == "both":   # the kernel's run against the ops' one just before it
                 unfused = r if not v["fused_norm"] else unfused
                 print(report(r, unfused if v["fused_norm"] else None, "ops norm"), flush=True)

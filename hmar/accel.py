@@ -132,8 +132,8 @@ model compiled after a few others in one process ran eagerly, with a warning onl
 45.0 instead of about 33.5 ms after two hmar-d30 variants in one process (BENCHMARKS.md section 3j)."""
 
 
-def compile_blocks(model: nn.Module, mode: Optional[str] = None, backend: Union[str, Callable] = "inductor"
-                   ) -> nn.Module:
+def compile_blocks(model: nn.Module, mode: Optional[str] = None, backend: Union[str, Callable] = "inductor",
+                   dynamic: Optional[bool] = True) -> nn.Module:
     """``torch.compile`` every AdaLN block and head of ``model`` in place (regional compilation), with dynamic
     shapes. Inductor fuses each block's elementwise work (LayerNorm + modulation, q/k normalisation, gating,
     residuals, GELU), which eager runs as about 35 kernels per block around its 4 GEMMs and attention. All blocks
@@ -143,14 +143,15 @@ def compile_blocks(model: nn.Module, mode: Optional[str] = None, backend: Union[
     fill level is traced as a symbol, plus one graph for the last scale, where the cache is full. Returns
     ``model``. ``backend``: torch.compile's (e.g. ``"eager"`` to check tracing alone). Raises dynamo's recompile
     limit to :data:`COMPILE_RECOMPILE_LIMIT` (a process-wide setting), so that the blocks of many models compiled
-    in one process all stay compiled."""
+    in one process all stay compiled. ``dynamic``: torch.compile's (training passes None: its shapes are fixed, so
+    the kernels are compiled for them; ``hmar train --compile-scope blocks``)."""
     from .model.blocks import AdaLNBlock, AdaLNHead
     cfg = torch._dynamo.config
     limit = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"   # (torch < 2.7)
     setattr(cfg, limit, max(getattr(cfg, limit), COMPILE_RECOMPILE_LIMIT))
     for m in model.modules():
         if isinstance(m, (AdaLNBlock, AdaLNHead)):
-            m.compile(dynamic=True, mode=mode, backend=backend)
+            m.compile(dynamic=dynamic, mode=mode, backend=backend)
     return model
 
 

@@ -127,6 +127,13 @@
 #   43: calls 41 and 42 in one (for a session short of device time): both experiments' tests and benches, then
 #           hmar-d16-512 and hmar-d30 against -histdraw, -skinny1152, -skinnywide1152 (qkv / fc1 only) and
 #           -histdraw-skinny1152 (~10 minutes)
+#   44: training with each block compiled on its own (hmar train --compile-scope blocks, torchtitan's regional
+#           compilation: one compiled graph for every block, so the compile no longer grows with depth) against the
+#           whole model compiled, side by side: hmar-d30 (batch 16; its whole-model compile took 108-147 s), then
+#           hmar-d16 (batch 32) (~8 minutes)
+#   45: with blocks compiled one by one (cheap compiles), the norm kernel in training against the ops for hmar-d16,
+#           hmar-d30 and hmar-d16-512, then a profile of compiled hmar-d30 training, which has none (~9 minutes;
+#           after call 44 shows the per-block compile as fast as the whole model's)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -160,6 +167,8 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   41) STEPS="norm-kernel-tests hist-draw-tests hist-draw-bench hist-draw-sample" ;;
   42) STEPS="skinny-tests skinny-bench skinny-sample" ;;
   43) STEPS="hist-draw-tests skinny-tests hist-draw-bench skinny-bench combo-sample" ;;
+  44) STEPS="scope-train-d30 scope-train-d16" ;;
+  45) STEPS="blocks-norm-train-d16 blocks-norm-train-d30 blocks-norm-train-d16-512 blocks-profile-d30" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
@@ -176,6 +185,14 @@ bench() {  # bench NAME CONFIGS VARIANTS [more args]
   timeout "$(left)" python3 $S --reps 3 --configs "$configs" --variants "$variants" "$@" \
     --json "$L/sample-$name.json" > "$L/sample-$name.log" 2>&1
   grep -E '^  (hmar|var)|x$|x,' "$L/sample-$name.log"
+}
+train_bench() {  # train_bench NAME PRESET WHAT [bench_train args]: compiled training at the goal batch of PRESET
+  local name=$1 preset=$2 what=$3 batch; shift 3
+  batch=$(case $preset in hmar-d16) echo 32;; hmar-d30) echo 16;; *) echo 8;; esac)
+  step "compiled $preset training (batch $batch): $what"
+  timeout "$(left)" python3 benchmarks/bench_train.py --preset "$preset" --batch "$batch" --compile --steps 10 \
+    --warmup 3 "$@" --json "$L/train-$name-$preset.json" > "$L/train-$name-$preset.log" 2>&1
+  grep img/s "$L/train-$name-$preset.log"
 }
 gpu_tests() {  # gpu_tests NAME CAP_S FILE -k EXPR: one pytest selection, at most CAP_S seconds, log NAME.log
   local name=$1 cap=$2 file=$3; shift 3
@@ -357,11 +374,16 @@ for s in $STEPS; do
       step "GPU tests: the norm kernel (its backward for training included)"
       gpu_tests norm-train-tests 200 tests/test_norm_kernel.py ;;
     norm-train-d16|norm-train-d30|norm-train-d16-512)
-      preset=hmar-${s#norm-train-}; batch=$(case $preset in hmar-d16) echo 32;; hmar-d30) echo 16;; *) echo 8;; esac)
-      step "compiled $preset training (batch $batch): LayerNorm + modulation as ops vs the kernel"
-      timeout "$(left)" python3 benchmarks/bench_train.py --preset "$preset" --batch "$batch" --compile --steps 10 \
-        --warmup 3 --fused-norm both --json "$L/train-norm-$preset.json" > "$L/train-norm-$preset.log" 2>&1
-      grep img/s "$L/train-norm-$preset.log" ;;
+      train_bench norm "hmar-${s#norm-train-}" "LayerNorm + modulation as ops vs the kernel" --fused-norm both ;;
+    scope-train-d16|scope-train-d30|scope-train-d16-512)
+      train_bench scope "hmar-${s#scope-train-}" "the whole model compiled vs each block on its own" \
+        --compile-scope both ;;
+    blocks-norm-train-d16|blocks-norm-train-d30|blocks-norm-train-d16-512)
+      train_bench blocks-norm "hmar-${s#blocks-norm-train-}" "blocks compiled one by one; norm as ops vs the kernel" \
+        --compile-scope blocks --fused-norm both ;;
+    blocks-profile-d16|blocks-profile-d30|blocks-profile-d16-512)
+      train_bench blocks-profile "hmar-${s#blocks-profile-}" "blocks compiled one by one, profiled" \
+        --compile-scope blocks --profile ;;
     norm-bench)
       step "the residual add + LayerNorm + modulation alone: hmar's kernel against inductor's, every pass size"
       timeout "$(( $(left) < 150 ? $(left) : 150 ))" python3 benchmarks/bench_norm.py --sweep \

@@ -1,6 +1,6 @@
 """Two gloo processes (torchrun, CPU) follow the loss trajectory of one process at the same global batch
 (fp32, deterministic data order; class dropout and drop path off, since their random draws are per rank),
-with DDP and with FSDP2."""
+with DDP and with FSDP2, each also with its blocks compiled one by one (``--compile-scope blocks``)."""
 from __future__ import annotations
 
 import json
@@ -56,10 +56,13 @@ def test_two_processes_match_one(tmp_path):
     finish(one)
     finish(ddp)
     finish(launch("fsdp", [*torchrun, "--master_port", str(_free_port())], "--fsdp"))
+    blocks = ["--compile", "--compile-backend", "aot_eager", "--compile-scope", "blocks"]   # each block compiled
+    finish(launch("ddp-blocks", [*torchrun, "--master_port", str(_free_port())], *blocks))
+    finish(launch("fsdp-blocks", [*torchrun, "--master_port", str(_free_port())], "--fsdp", *blocks))
     l1, v1 = _losses(tmp_path / "one")
     assert len(l1) == 8 and l1[-1] < l1[0] - 0.1            # it learns
     w1 = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
-    for name in ("ddp", "fsdp"):
+    for name in ("ddp", "fsdp", "ddp-blocks", "fsdp-blocks"):
         l2, v2 = _losses(tmp_path / name)
         assert l2 == pytest.approx(l1, rel=1e-5, abs=1e-6), (name, l1, l2)
         assert [v["val_loss"] for v in v2] == pytest.approx([v["val_loss"] for v in v1], rel=1e-5)

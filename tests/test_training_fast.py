@@ -194,6 +194,64 @@ def test_hmar_train_compile_cli_matches_eager(tmp_path):
     assert len(la) == 4 and lb == pytest.approx(la, rel=1e-5, abs=1e-6)
 
 
+@pytest.mark.parametrize("stage,preset", [("next-scale", "hmar-tiny"), ("next-scale", "var-tiny"),
+                                          ("masked", "hmar-tiny")])
+def test_compiled_blocks_train_step_equals_eager(stage, preset):
+    """``compile_scope="blocks"``: each block compiled on its own (aot_eager: the graphs inductor would get), the same
+    losses, gradient norms and weights as eager; nothing else is compiled and the state dict keys are unchanged."""
+    base = _model(stage, preset)
+    a, ma = _train(copy.deepcopy(base), stage, steps=3)
+    b, mb = _train(copy.deepcopy(base), stage, steps=3, compile=True, compile_backend="aot_eager",
+                   compile_scope="blocks")
+    torch._dynamo.reset()
+    assert all(getattr(blk, "_compiled_call_impl", None) is not None for blk in mb.modules()
+               if type(blk).__name__ in ("AdaLNBlock", "AdaLNHead"))
+    assert list(mb.state_dict()) == list(base.state_dict())
+    for x, y in zip(a, b):
+        for k in ("loss", "grad_norm"):
+            torch.testing.assert_close(y[k], x[k], rtol=1e-5, atol=1e-6, msg=k)
+    for (n, p), q in zip(ma.named_parameters(), mb.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_compiled_blocks_share_one_graph_whatever_the_depth():
+    """With drop-path on (a different rate in every block) the blocks of a model of depth 3 and of depth 8 compile to
+    the same few graphs (the first block, which has no branch to add and rate 0; every other block; the head): the
+    rate is read from a buffer, not baked into the graph, so the compile time does not grow with depth."""
+    from torch._dynamo.utils import counters
+    graphs = []
+    for depth in (3, 8):
+        torch._dynamo.reset()
+        counters.clear()
+        m = _model("next-scale", depth=depth, drop_path_rate=0.2)
+        _train(m, "next-scale", steps=2, compile=True, compile_backend="eager", compile_scope="blocks")
+        graphs.append(counters["stats"]["unique_graphs"])
+        rates = [blk.drop_path.p for blk in m.blocks]
+        assert len(set(rates)) == depth and "drop_path.keep_prob" not in "".join(m.state_dict())
+    torch._dynamo.reset()
+    assert graphs[0] == graphs[1] == 3, graphs
+
+
+def test_drop_path_keeps_its_rate():
+    from hmar.model.blocks import DropPath
+    d = DropPath(0.25).train()
+    torch.manual_seed(0)
+    y = d(torch.ones(20000, 2, 3))
+    kept = y[:, 0, 0] != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.015
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.75))   # rescaled so the mean is kept
+    x = torch.randn(4, 3)
+    assert d.eval()(x) is x and DropPath(0.0).train()(x) is x
+
+
+def test_compile_scope_errors():
+    m = _model("next-scale")
+    quant = MultiScaleQuantizer(m.config.vocab_size, m.config.z_channels, m.config.patch_nums)
+    cpu = DistInfo(device=torch.device("cpu"))
+    with pytest.raises(HMARError, match="--compile-scope: 'layers' is not one of model, blocks"):
+        prepare_training(m, quant, "next-scale", cpu, compile=True, compile_scope="layers")
+
+
 # ------------------------------------------------------------------------------------ attention backend
 def test_attention_backend_option_and_size_rule():
     from hmar.attention import check_backend, prefers_masked_sdpa
@@ -290,6 +348,18 @@ def test_bench_train_compare_compile_runs_eager_then_compiled(tmp_path):
     for r in res:
         assert "Self CPU" in r["profile"] and "AdamW" in r["profile"] and "aten::" in r["profile"]
     assert text.count("Self CPU %") == 2
+
+
+def test_bench_train_compile_scope_both(tmp_path):
+    """``--compile-scope both``: the whole-model compile, then the per-block one compared with it; eager variants
+    run once (the scope only applies to compiled ones)."""
+    out = tmp_path / "r.json"
+    text = _bench("--compare-compile", "--compile-scope", "both", "--json", str(out))
+    res = json.loads(out.read_text())
+    assert [(r["compile"], r["compile_scope"]) for r in res] == [(False, None), (True, "model"), (True, "blocks")]
+    lines = [ln for ln in text.splitlines() if "img/s" in ln]
+    assert "compiled-blocks+" in lines[2] and "vs whole-model compile" in lines[2]
+    assert max(r["loss"] for r in res) - min(r["loss"] for r in res) < 1e-4
 
 
 def _interpreter_works() -> bool:

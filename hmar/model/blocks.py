@@ -37,13 +37,16 @@ class DropPath(nn.Module):
 
     def __init__(self, p: float = 0.0):
         super().__init__()
-        self.p = p
+        self.p = float(p)
+        # the rate as a tensor too (not saved): a compiled block reads it as an input, so blocks of different rates
+        # share one compiled graph (``compile_blocks``); a float would be a constant of the graph, one compile each
+        self.register_buffer("keep_prob", torch.tensor(1.0 - self.p), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:   # eval first: a compiled eval block must not depend on p
             return x
-        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1 - self.p)
-        return x * keep / (1 - self.p)
+        keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(self.keep_prob)
+        return x * keep / self.keep_prob
 
 
 class KVCache:

@@ -103,6 +103,10 @@ class TrainConfig(CommonConfig):
     chunked_ce: bool = opt(True, "compute the output head and the cross-entropy in chunks of tokens, so the fp32 "
                                  "[batch, tokens, vocabulary] logits and their gradient never exist (same loss and "
                                  "gradients; --no-chunked-ce: the plain path)")
+    compile_scope: str = opt("model", "what --compile compiles: model (the whole forward as one graph) or blocks "
+                                      "(each transformer block compiled once and shared by every layer, as "
+                                      "torchtitan does: the compile time does not grow with depth)", type=str,
+                             choices=["model", "blocks"])
     compile_backend: str = opt("inductor", "torch.compile backend used with --compile (inductor; aot_eager or eager "
                                            "to debug compilation problems)", type=str)
     attention_backend: str = opt("auto", "attention kernel in training: auto (CUDA: the fused Triton kernel, or one "

@@ -76,6 +76,10 @@ def transformer_blocks(model: nn.Module) -> List[nn.Module]:
     return list(model.blocks)
 
 
+COMPILE_SCOPES = ("model", "blocks")
+"""What ``--compile`` compiles in training (:func:`prepare_training`'s ``compile_scope``)."""
+
+
 @dataclass
 class StepState:
     """Everything :func:`train_step` needs."""
@@ -113,12 +117,18 @@ def prepare_training(model: nn.Module, quantizer: nn.Module, stage: str, info: D
                      lr: float = 1e-4, grad_clip: float = 2.0, label_smoothing: float = 0.0, mask_loss: str = "token",
                      fsdp: bool = False, compile: bool = False, chunked_ce: bool = True,
                      attention_backend: str = "auto", ce_chunk: Optional[int] = None,
-                     compile_backend: str = "inductor") -> StepState:
+                     compile_backend: str = "inductor", compile_scope: str = "model") -> StepState:
     """Freeze what the stage does not train, move to the device, wrap (DDP/FSDP, compile) and build AdamW.
 
     ``chunked_ce``: the head + cross-entropy in chunks of ``ce_chunk`` tokens (default: 128 MiB of fp32 logits
     per chunk), same loss and gradients as the plain path. ``attention_backend``: auto (chosen per call, see
-    :func:`hmar.attention.choose_backend`), reference, per_scale or triton."""
+    :func:`hmar.attention.choose_backend`), reference, per_scale or triton. ``compile_scope`` (with ``compile``):
+    ``model``, the whole forward as one graph, or ``blocks``, each transformer block and AdaLN head compiled on its
+    own (:func:`hmar.accel.compile_blocks`, torchtitan's regional compilation): every block shares one compiled
+    graph, so the compile time does not grow with depth; the embedding and the chunked head + CE stay eager. Both
+    work under DDP and FSDP2 (the blocks are compiled before they are wrapped; FSDP's hooks run around them)."""
+    if compile_scope not in COMPILE_SCOPES:
+        raise HMARError(f"--compile-scope: {compile_scope!r} is not one of {', '.join(COMPILE_SCOPES)}")
     dev = info.device
     from ..attention import check_backend
     try:
@@ -135,8 +145,11 @@ def prepare_training(model: nn.Module, quantizer: nn.Module, stage: str, info: D
     model.to(dev).train()
     quantizer.to(dev).eval()
     fwd = TrainForward(model, stage, backend, label_smoothing, ce_chunk)
+    if compile and compile_scope == "blocks":
+        from ..accel import compile_blocks
+        compile_blocks(model, backend=compile_backend, dynamic=None)
     wrapped = wrap_model(fwd, info, fsdp=fsdp, blocks=lambda: transformer_blocks(model))
-    module = torch.compile(wrapped, backend=compile_backend) if compile else wrapped
+    module = torch.compile(wrapped, backend=compile_backend) if compile and compile_scope == "model" else wrapped
     groups = param_groups(wrapped.named_parameters())
     opt = build_adamw(groups, lr, betas, fused, dev)
     amp = amp_dtype_for(precision, dev)
@@ -300,7 +313,7 @@ class Trainer:
                                    grad_clip=cfg.grad_clip, label_smoothing=cfg.label_smoothing,
                                    mask_loss=cfg.mask_loss, fsdp=cfg.fsdp, compile=cfg.compile,
                                    chunked_ce=cfg.chunked_ce, attention_backend=cfg.attention_backend,
-                                   compile_backend=cfg.compile_backend)
+                                   compile_backend=cfg.compile_backend, compile_scope=cfg.compile_scope)
         self.model = model
         n = len(self.data.train)
         self.iters_per_epoch = EpochBatches.batches_per_epoch(n, cfg.batch_size)
