@@ -22,7 +22,9 @@ side by side, the second compared with the first. ``--fused-norm both`` does the
 LayerNorm + modulation as torch ops (``off``) and as hmar's Triton kernel and its backward (``on``:
 :data:`hmar.model.blocks.FUSED_NORM_TRAINING`). ``--compile-scope both`` compiles the whole forward as one graph
 (``model``, the default) and then each block on its own (``blocks``: one compiled graph shared by every block, so the
-first step's compile time, printed too, does not grow with depth).
+first step's compile time, printed too, does not grow with depth). ``--compile-mode default reduce-overhead`` runs
+torch.compile's modes side by side (reduce-overhead: the compiled forward and backward as CUDA graphs). Several
+side-by-side options combine; each configuration is compared with the one that has them at their first values.
 
 Presets of the performance goals: ``hmar-d16`` (>= 500 img/s at batch 32), ``hmar-d30`` (>= 91 img/s),
 ``hmar-d16-512`` (>= 129 img/s); ``var-d16`` for the VAR comparison. At their goal batch each line ends with the
@@ -88,28 +90,36 @@ def resolved_backend(backend: str, cfg: ModelConfig, batch: int, amp: Optional[t
     return choose_backend(q, [p * p for p in cfg.patch_nums], pattern)
 
 
-def bench(preset: str, stage: str, batch: int, steps: int, warmup: int, precision: str, fused: str, compile: bool,
-          device: torch.device, chunked_ce: bool = True, attention_backend: str = "auto",
-          compile_backend: str = "inductor", ce_chunk: Optional[int] = None,
-          overrides: Optional[Dict[str, Any]] = None, profile: bool = False,
-          fused_qk_norm: bool = False, inductor: str = "", fused_norm: bool = False,
-          compile_scope: str = "model") -> Dict[str, Any]:
-    """One configuration's step time. ``inductor``: ``torch._inductor.config`` settings for its compile,
-    comma-separated ``KEY=VALUE`` ("": the defaults)."""
-    saved, hmar.attention.FUSED_QK_NORM = hmar.attention.FUSED_QK_NORM, fused_qk_norm
-    saved_norm, blocks.FUSED_NORM_TRAINING = blocks.FUSED_NORM_TRAINING, fused_norm
+def bench(preset: str, stage: str, batch: int, steps: int, warmup: int, precision: str, fused: str,
+          device: torch.device, compile_backend: str = "inductor", ce_chunk: Optional[int] = None,
+          overrides: Optional[Dict[str, Any]] = None, profile: bool = False, **variant: Any) -> Dict[str, Any]:
+    """One configuration's step time. ``variant``: the keys of :data:`VARIANT` (each defaults to its value there);
+    ``inductor``: ``torch._inductor.config`` settings for the compile, comma-separated ``KEY=VALUE`` ("": the
+    defaults)."""
+    unknown = set(variant) - set(VARIANT)
+    if unknown:
+        raise TypeError(f"bench() got unknown variant keys {sorted(unknown)}")
+    v = {**VARIANT, **variant}
+    saved, hmar.attention.FUSED_QK_NORM = hmar.attention.FUSED_QK_NORM, v["fused_qk_norm"]
+    saved_norm, blocks.FUSED_NORM_TRAINING = blocks.FUSED_NORM_TRAINING, v["fused_norm"]
     try:
-        with inductor_patch(inductor):
-            res = _bench(preset, stage, batch, steps, warmup, precision, fused, compile, device, chunked_ce,
-                         attention_backend, compile_backend, ce_chunk, overrides, profile, compile_scope)
-        return dict(res, inductor=inductor, fused_norm=fused_norm)
+        with inductor_patch(v["inductor"]):
+            res = _bench(preset, stage, batch, steps, warmup, precision, fused, device, compile_backend, ce_chunk,
+                         overrides, profile, v)
+        return dict(res, inductor=v["inductor"], fused_norm=v["fused_norm"])
     finally:
         hmar.attention.FUSED_QK_NORM = saved
         blocks.FUSED_NORM_TRAINING = saved_norm
 
 
-def _bench(preset, stage, batch, steps, warmup, precision, fused, compile, device, chunked_ce, attention_backend,
-           compile_backend, ce_chunk, overrides, profile, compile_scope="model") -> Dict[str, Any]:
+VARIANT: Dict[str, Any] = dict(compile=False, chunked_ce=True, attention_backend="auto", fused_qk_norm=False,
+                               inductor="", fused_norm=False, compile_scope="model", compile_mode="default")
+"""What one configuration of a run may change, and the defaults (``hmar train``'s)."""
+
+
+def _bench(preset, stage, batch, steps, warmup, precision, fused, device, compile_backend, ce_chunk, overrides,
+           profile, v) -> Dict[str, Any]:
+    compile, chunked_ce, attention_backend = v["compile"], v["chunked_ce"], v["attention_backend"]
     torch.manual_seed(0)
     model = build(preset, stage, device, overrides)
     cfg = model.config
@@ -118,7 +128,7 @@ def _bench(preset, stage, batch, steps, warmup, precision, fused, compile, devic
     st = prepare_training(model, quant, stage, DistInfo(device=device), loss_weight=weighting, precision=precision,
                           fused=fused, lr=3e-4, compile=compile, chunked_ce=chunked_ce,
                           attention_backend=attention_backend, ce_chunk=ce_chunk, compile_backend=compile_backend,
-                          compile_scope=compile_scope)
+                          compile_scope=v["compile_scope"], compile_mode=v["compile_mode"])
     apply_schedule(st.optimizer, 3e-4, 0.05)
     L = cfg.seq_len
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -150,7 +160,8 @@ def _bench(preset, stage, batch, steps, warmup, precision, fused, compile, devic
            "precision": str(st.amp_dtype).replace("torch.", "") if st.amp_dtype else "fp32",
            "fused_adamw": bool(st.optimizer.defaults.get("fused")), "compile": compile,
            "compile_backend": compile_backend if compile else None,
-           "compile_scope": compile_scope if compile else None, "chunked_ce": chunked_ce,
+           "compile_scope": v["compile_scope"] if compile else None,
+           "compile_mode": v["compile_mode"] if compile else None, "chunked_ce": chunked_ce,
            "fused_qk_norm": hmar.attention.FUSED_QK_NORM,
            "attention_backend": os.environ.get("HMAR_ATTN_BACKEND") or attention_backend,
            "attention_resolved": resolved_backend(os.environ.get("HMAR_ATTN_BACKEND") or attention_backend, cfg,
@@ -178,7 +189,8 @@ def release(device: torch.device, compiled: bool) -> None:
 
 
 def variant_name(r: Dict[str, Any]) -> str:
-    compiled = "compiled" + ("-blocks" if r.get("compile_scope") == "blocks" else "")
+    compiled = ("compiled" + ("-blocks" if r.get("compile_scope") == "blocks" else "")
+                + (f"-{r['compile_mode']}" if r.get("compile_mode") not in (None, "default") else ""))
     return (f"{compiled if r['compile'] else 'eager'}+{'chunked' if r['chunked_ce'] else 'plain'}-CE+"
             f"{r['attention_backend']}" + (f"({r['attention_resolved']})" if r["attention_backend"] == "auto" else "")
             + ("+fused-qk-norm" if r.get("fused_qk_norm") else "")
@@ -211,14 +223,38 @@ def report(r: Dict[str, Any], base: Optional[Dict[str, Any]] = None, base_name: 
             f"{r['fused_adamw']}, first step {r['first_step_s']} s, {r['device']})")
 
 
+def axes(a: argparse.Namespace) -> Dict[str, tuple]:
+    """The values of each side-by-side option (``--qk-norm both`` / ``--fused-norm both``: without, then with;
+    ``--compile-scope both``: model, then blocks; ``--inductor`` / ``--compile-mode``: the values given)."""
+    return {"fused_qk_norm": {"unfused": (False,), "fused": (True,), "both": (False, True)}[a.qk_norm],
+            "inductor": tuple(a.inductor),
+            "fused_norm": {"off": (False,), "on": (True,), "both": (False, True)}[a.fused_norm],
+            "compile_scope": ("model", "blocks") if a.compile_scope == "both" else (a.compile_scope,),
+            "compile_mode": tuple(a.compile_mode)}
+
+
+COMPILE_ONLY = ("inductor", "compile_scope", "compile_mode")
+"""Options that change a compiled configuration only: an eager one runs once, with their first values."""
+
+
+def baseline_name(key: str, first: Any) -> str:
+    """How the ratios name the first value of a side-by-side option: ``x1.05 vs ops norm``."""
+    if key == "inductor":
+        return f"[{first}]" if first else "inductor defaults"
+    return {"fused_qk_norm": "unfused", "fused_norm": "ops norm", "compile_scope": "whole-model compile",
+            "compile_mode": f"mode {first}"}[key]
+
+
 def variants(a: argparse.Namespace) -> List[Dict[str, Any]]:
-    """The configurations to run, in order (``--qk-norm both`` / ``--fused-norm both``: each without, then with;
-    ``--compile-scope both``: model, then blocks)."""
-    norms = {"unfused": (False,), "fused": (True,), "both": (False, True)}[a.qk_norm]
-    lns = {"off": (False,), "on": (True,), "both": (False, True)}[a.fused_norm]
-    scopes = ("model", "blocks") if a.compile_scope == "both" else (a.compile_scope,)
-    return [dict(v, fused_qk_norm=n, inductor=i, fused_norm=f, compile_scope=sc) for v in _variants(a)
-            for n in norms for i in a.inductor for f in lns for sc in scopes if v["compile"] or sc == scopes[0]]
+    """The configurations to run, in order: each of :func:`_variants` with every combination of :func:`axes`."""
+    ax = axes(a)
+    out = []
+    for v in _variants(a):
+        for combo in itertools.product(*ax.values()):
+            d = dict(v, **dict(zip(ax, combo)))
+            if v["compile"] or all(d[k] == ax[k][0] for k in COMPILE_ONLY):
+                out.append(d)
+    return out
 
 
 def _variants(a: argparse.Namespace) -> List[Dict[str, Any]]:
@@ -272,6 +308,10 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--compile-scope", default="model", choices=["model", "blocks", "both"],
                    help="with --compile: the whole forward as one graph (default), each block on its own "
                         "(hmar train --compile-scope blocks), or both side by side")
+    p.add_argument("--compile-mode", nargs="+", default=["default"], metavar="MODE",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="with --compile: torch.compile's mode (hmar train --compile-mode); several values run one "
+                        "variant each, side by side, e.g. --compile-mode default reduce-overhead (CUDA graphs)")
     p.add_argument("--inductor", nargs="+", default=[""], metavar="SETTINGS",
                    help="with --compile: torch._inductor.config settings, comma-separated KEY=VALUE (\"\": the "
                         "defaults); several values run one variant each, side by side, each later one compared "
@@ -286,33 +326,28 @@ def main(argv: List[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     results = []
+    ax = axes(a)
+    several = [k for k, vals in ax.items() if len(vals) > 1]
     for preset in a.preset:
-        base = unfused = first = None
+        base, done = None, []
         for v in variants(a):
             try:
-                r = bench(preset, a.stage, a.batch, a.steps, a.warmup, a.precision, a.fused, v["compile"], dev,
-                          v["chunked_ce"], v["attention_backend"], a.compile_backend, a.ce_chunk, overrides,
-                          a.profile, v["fused_qk_norm"], v["inductor"], v["fused_norm"], v["compile_scope"])
+                r = bench(preset, a.stage, a.batch, a.steps, a.warmup, a.precision, a.fused, dev, a.compile_backend,
+                          a.ce_chunk, overrides, a.profile, **v)
             except torch.OutOfMemoryError as e:   # report it, keep measuring the other configurations
                 results.append(dict(preset=preset, stage=a.stage, batch=a.batch, **v, error=f"OOM: {e}"[:300]))
                 print(f"{preset:>12} {a.stage:<10} batch {a.batch}  {v}: out of memory", flush=True)
                 release(dev, v["compile"])
                 continue
             results.append(r)
-            if len(a.inductor) > 1:      # each inductor variant against the first one of its configuration
-                first = r if v["inductor"] == a.inductor[0] else first
-                print(report(r, first if r is not first else None, f"[{a.inductor[0]}]" if a.inductor[0]
-                             else "inductor defaults"), flush=True)
-            elif a.compile_scope == "both":   # per-block compilation against the whole model's just before it
-                unfused = r if v["compile_scope"] == "model" else unfused
-                print(report(r, unfused if v["compile_scope"] == "blocks" else None, "whole-model compile"),
-                      flush=True)
-            elif a.fused_norm == "both":   # the kernel's run against the ops' one just before it
-                unfused = r if not v["fused_norm"] else unfused
-                print(report(r, unfused if v["fused_norm"] else None, "ops norm"), flush=True)
-            elif a.qk_norm == "both":    # the fused run against the unfused one just before it
-                unfused = r if not v["fused_qk_norm"] else unfused
-                print(report(r, unfused if v["fused_qk_norm"] else None, "unfused"), flush=True)
+            done.append((v, r))
+            differ = [k for k in several if v[k] != ax[k][0]]
+            if differ:   # against the same configuration with those options at their first values, run before it
+                want = dict(v, **{k: ax[k][0] for k in differ})
+                ref = next((rr for vv, rr in done if vv == want), None)
+                print(report(r, ref, " + ".join(baseline_name(k, ax[k][0]) for k in differ)), flush=True)
+            elif several:
+                print(report(r), flush=True)
             else:
                 if a.compare_compile and not v["compile"]:
                     base = r             # the eager run of this backend: the compiled one is compared with it

@@ -129,11 +129,15 @@
 #           -histdraw-skinny1152 (~10 minutes)
 #   44: training with each block compiled on its own (hmar train --compile-scope blocks, torchtitan's regional
 #           compilation: one compiled graph for every block, so the compile no longer grows with depth) against the
-#           whole model compiled, side by side: hmar-d30 (batch 16; its whole-model compile took 108-147 s), then
-#           hmar-d16 (batch 32) (~8 minutes)
+#           whole model compiled, side by side: the training GPU tests first (every compile variant against the
+#           eager plain path), then hmar-d30 (batch 16; its whole-model compile took 108-147 s), then hmar-d16
+#           (batch 32) (~9 minutes)
 #   45: with blocks compiled one by one (cheap compiles), the norm kernel in training against the ops for hmar-d16,
-#           hmar-d30 and hmar-d16-512, then a profile of compiled hmar-d30 training, which has none (~9 minutes;
-#           after call 44 shows the per-block compile as fast as the whole model's)
+#           hmar-d30 and hmar-d16-512 (~8 minutes; after call 44 shows the per-block compile as fast as the whole
+#           model's)
+#   46: compiled hmar-d16 training in torch.compile's default mode against reduce-overhead (the forward and backward
+#           as CUDA graphs: a d16 step had 3.4 ms between its kernels, 2g), then a profile of compiled hmar-d30
+#           training, which has none (~7 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -167,8 +171,9 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   41) STEPS="norm-kernel-tests hist-draw-tests hist-draw-bench hist-draw-sample" ;;
   42) STEPS="skinny-tests skinny-bench skinny-sample" ;;
   43) STEPS="hist-draw-tests skinny-tests hist-draw-bench skinny-bench combo-sample" ;;
-  44) STEPS="scope-train-d30 scope-train-d16" ;;
-  45) STEPS="blocks-norm-train-d16 blocks-norm-train-d30 blocks-norm-train-d16-512 blocks-profile-d30" ;;
+  44) STEPS="train-gpu-tests scope-train-d30 scope-train-d16" ;;
+  45) STEPS="blocks-norm-train-d16 blocks-norm-train-d30 blocks-norm-train-d16-512" ;;
+  46) STEPS="graphs-train-d16 blocks-profile-d30" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
@@ -381,6 +386,12 @@ for s in $STEPS; do
     blocks-norm-train-d16|blocks-norm-train-d30|blocks-norm-train-d16-512)
       train_bench blocks-norm "hmar-${s#blocks-norm-train-}" "blocks compiled one by one; norm as ops vs the kernel" \
         --compile-scope blocks --fused-norm both ;;
+    graphs-train-d16|graphs-train-d30|graphs-train-d16-512)
+      train_bench graphs "hmar-${s#graphs-train-}" "torch.compile's default mode vs reduce-overhead (CUDA graphs)" \
+        --compile-mode default reduce-overhead ;;
+    train-gpu-tests)
+      step "GPU tests of training: eager, compiled, blocks compiled, CUDA graphs follow the eager plain path"
+      gpu_tests train-gpu-tests 240 tests/test_training_fast.py -k gpu ;;
     blocks-profile-d16|blocks-profile-d30|blocks-profile-d16-512)
       train_bench blocks-profile "hmar-${s#blocks-profile-}" "blocks compiled one by one, profiled" \
         --compile-scope blocks --profile ;;

@@ -250,6 +250,13 @@ def test_compile_scope_errors():
     cpu = DistInfo(device=torch.device("cpu"))
     with pytest.raises(HMARError, match="--compile-scope: 'layers' is not one of model, blocks"):
         prepare_training(m, quant, "next-scale", cpu, compile=True, compile_scope="layers")
+    with pytest.raises(HMARError, match="--compile-mode: 'fast' is not one of default, reduce-overhead"):
+        prepare_training(m, quant, "next-scale", cpu, compile=True, compile_mode="fast")
+    for mode, graphs in (("reduce-overhead", True), ("default", False), (None, False)):
+        st = prepare_training(copy.deepcopy(m), quant, "next-scale", cpu, compile=True, compile_mode=mode,
+                              compile_backend="eager")
+        assert st.cuda_graphs is graphs
+    assert not prepare_training(m, quant, "next-scale", cpu, compile_mode="reduce-overhead").cuda_graphs
 
 
 # ------------------------------------------------------------------------------------ attention backend
@@ -362,6 +369,25 @@ def test_bench_train_compile_scope_both(tmp_path):
     assert max(r["loss"] for r in res) - min(r["loss"] for r in res) < 1e-4
 
 
+def test_bench_train_side_by_side_options_combine(tmp_path):
+    """Two side-by-side options: every combination, each compared with the one that has the options it changes at
+    their first values (blocks + reduce-overhead against whole-model + default); the modes are kept in the JSON."""
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--device", "cpu", "--preset", "hmar-tiny",
+           "--batch", "2", "--steps", "1", "--warmup", "1", "--compile", "--compile-backend", "aot_eager",
+           "--compile-scope", "both", "--compile-mode", "default", "reduce-overhead", "--json", str(out)]
+    p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    text, res = p.stdout, json.loads(out.read_text())
+    assert [(r["compile_scope"], r["compile_mode"]) for r in res] == [
+        ("model", "default"), ("model", "reduce-overhead"), ("blocks", "default"), ("blocks", "reduce-overhead")]
+    lines = [ln for ln in text.splitlines() if "img/s" in ln]
+    assert " vs " not in lines[0].split("loss")[1].split("(")[0]
+    assert "compiled-reduce-overhead+" in lines[1] and "vs mode default" in lines[1]
+    assert "compiled-blocks+" in lines[2] and "vs whole-model compile" in lines[2]
+    assert "compiled-blocks-reduce-overhead+" in lines[3] and "vs whole-model compile + mode default" in lines[3]
+
+
 def _interpreter_works() -> bool:
     """Triton's CPU interpreter before 3.8 fails under numpy >= 2.5 ("only 0-dimensional arrays can be converted
     to Python scalars"; seen with the GPU machine's triton 3.6 + numpy 2.5.2). CI pins triton 3.8."""
@@ -419,13 +445,17 @@ def test_gpu_checkpoint_states_are_on_the_cpu():
 @pytest.mark.parametrize("stage", ["next-scale", "masked"])
 def test_gpu_fast_path_follows_the_eager_plain_path(stage):
     """bf16 on CUDA: (eager, plain CE, per-scale SDPA) vs (eager, chunked CE, Triton) vs (inductor, chunked CE,
-    Triton) over a few steps of a model with head dim 64: the same losses up to bf16 rounding."""
+    Triton: the whole model, each block on its own, the whole model as CUDA graphs) over a few steps of a model with
+    head dim 64: the same losses up to bf16 rounding."""
     pytest.importorskip("triton")
     runs = {}
     for name, kw in {"eager-plain-per_scale": dict(chunked_ce=False, attention_backend="per_scale"),
                      "eager-chunked-triton": dict(chunked_ce=True, attention_backend="triton"),
                      "compiled-chunked-triton": dict(chunked_ce=True, attention_backend="triton",
-                                                     compile=True)}.items():
+                                                     compile=True),
+                     "compiled-blocks": dict(attention_backend="triton", compile=True, compile_scope="blocks"),
+                     "compiled-cuda-graphs": dict(attention_backend="triton", compile=True,
+                                                  compile_mode="reduce-overhead")}.items():
         torch.manual_seed(0)
         d = model_config("hmar-small", num_heads=4, embed_dim=256, **NO_DROP).to_dict()   # head dim 64
         d["kind"] = "nsp"

@@ -107,6 +107,10 @@ class TrainConfig(CommonConfig):
                                       "(each transformer block compiled once and shared by every layer, as "
                                       "torchtitan does: the compile time does not grow with depth)", type=str,
                              choices=["model", "blocks"])
+    compile_mode: str = opt("default", "torch.compile mode with --compile: default, reduce-overhead (the compiled "
+                                       "forward and backward replayed as CUDA graphs), max-autotune, "
+                                       "max-autotune-no-cudagraphs", type=str,
+                            choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     compile_backend: str = opt("inductor", "torch.compile backend used with --compile (inductor; aot_eager or eager "
                                            "to debug compilation problems)", type=str)
     attention_backend: str = opt("auto", "attention kernel in training: auto (CUDA: the fused Triton kernel, or one "

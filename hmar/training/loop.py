@@ -78,6 +78,8 @@ def transformer_blocks(model: nn.Module) -> List[nn.Module]:
 
 COMPILE_SCOPES = ("model", "blocks")
 """What ``--compile`` compiles in training (:func:`prepare_training`'s ``compile_scope``)."""
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+"""torch.compile's modes (:func:`prepare_training`'s ``compile_mode``; None: the default)."""
 
 
 @dataclass
@@ -99,6 +101,7 @@ class StepState:
     info: DistInfo
     fsdp: bool = False
     chunked_ce: bool = False              # chunked head + CE (the [B, L, V] logits never exist)
+    cuda_graphs: bool = False             # compiled in reduce-overhead mode
 
     @property
     def patch_nums(self) -> Tuple[int, ...]:
@@ -117,7 +120,8 @@ def prepare_training(model: nn.Module, quantizer: nn.Module, stage: str, info: D
                      lr: float = 1e-4, grad_clip: float = 2.0, label_smoothing: float = 0.0, mask_loss: str = "token",
                      fsdp: bool = False, compile: bool = False, chunked_ce: bool = True,
                      attention_backend: str = "auto", ce_chunk: Optional[int] = None,
-                     compile_backend: str = "inductor", compile_scope: str = "model") -> StepState:
+                     compile_backend: str = "inductor", compile_scope: str = "model",
+                     compile_mode: Optional[str] = None) -> StepState:
     """Freeze what the stage does not train, move to the device, wrap (DDP/FSDP, compile) and build AdamW.
 
     ``chunked_ce``: the head + cross-entropy in chunks of ``ce_chunk`` tokens (default: 128 MiB of fp32 logits
@@ -126,9 +130,14 @@ def prepare_training(model: nn.Module, quantizer: nn.Module, stage: str, info: D
     ``model``, the whole forward as one graph, or ``blocks``, each transformer block and AdaLN head compiled on its
     own (:func:`hmar.accel.compile_blocks`, torchtitan's regional compilation): every block shares one compiled
     graph, so the compile time does not grow with depth; the embedding and the chunked head + CE stay eager. Both
-    work under DDP and FSDP2 (the blocks are compiled before they are wrapped; FSDP's hooks run around them)."""
+    work under DDP and FSDP2 (the blocks are compiled before they are wrapped; FSDP's hooks run around them).
+    ``compile_mode``: torch.compile's (None or ``default``; ``reduce-overhead`` replays the compiled forward and
+    backward as CUDA graphs, :func:`train_step` marks each step's start for them)."""
     if compile_scope not in COMPILE_SCOPES:
         raise HMARError(f"--compile-scope: {compile_scope!r} is not one of {', '.join(COMPILE_SCOPES)}")
+    if compile_mode not in COMPILE_MODES:
+        raise HMARError(f"--compile-mode: {compile_mode!r} is not one of {', '.join(map(str, COMPILE_MODES[1:]))}")
+    mode = None if compile_mode == "default" else compile_mode
     dev = info.device
     from ..attention import check_backend
     try:
@@ -147,9 +156,10 @@ def prepare_training(model: nn.Module, quantizer: nn.Module, stage: str, info: D
     fwd = TrainForward(model, stage, backend, label_smoothing, ce_chunk)
     if compile and compile_scope == "blocks":
         from ..accel import compile_blocks
-        compile_blocks(model, backend=compile_backend, dynamic=None)
+        compile_blocks(model, mode, backend=compile_backend, dynamic=None)
     wrapped = wrap_model(fwd, info, fsdp=fsdp, blocks=lambda: transformer_blocks(model))
-    module = torch.compile(wrapped, backend=compile_backend) if compile and compile_scope == "model" else wrapped
+    whole = compile and compile_scope == "model"
+    module = torch.compile(wrapped, backend=compile_backend, mode=mode) if whole else wrapped
     groups = param_groups(wrapped.named_parameters())
     opt = build_adamw(groups, lr, betas, fused, dev)
     amp = amp_dtype_for(precision, dev)
@@ -157,7 +167,8 @@ def prepare_training(model: nn.Module, quantizer: nn.Module, stage: str, info: D
     params = [p for g in opt.param_groups for p in g["params"]]
     w = token_loss_weights(model.config.patch_nums, loss_weight).to(dev)
     return StepState(module, wrapped, model, opt, params, quantizer, stage, w, amp, scaler, grad_clip,
-                     label_smoothing, mask_loss, info, fsdp, chunked_ce)
+                     label_smoothing, mask_loss, info, fsdp, chunked_ce,
+                     cuda_graphs=compile and compile_mode == "reduce-overhead")
 
 
 def _grad_norm(params: Sequence[nn.Parameter], clip: float) -> torch.Tensor:
@@ -170,6 +181,8 @@ def train_step(st: StepState, indices: torch.Tensor, labels: torch.Tensor, mask:
     """One optimiser step on token indices ``[B, L]`` (this rank's share) and labels ``[B]``; ``mask``
     ``[B, L]`` for stage 2. Returns detached tensors (``loss``, ``grad_norm``; with ``metrics`` also the
     plain mean CE and accuracy over the trained tokens and the last scale's CE)."""
+    if st.cuda_graphs:   # a new step: the CUDA graphs may overwrite the outputs of the step before
+        torch.compiler.cudagraph_mark_step_begin()
     idx = split_scales(indices, st.patch_nums)
     masked = st.stage == "masked"
     with torch.no_grad():
@@ -313,7 +326,8 @@ class Trainer:
                                    grad_clip=cfg.grad_clip, label_smoothing=cfg.label_smoothing,
                                    mask_loss=cfg.mask_loss, fsdp=cfg.fsdp, compile=cfg.compile,
                                    chunked_ce=cfg.chunked_ce, attention_backend=cfg.attention_backend,
-                                   compile_backend=cfg.compile_backend, compile_scope=cfg.compile_scope)
+                                   compile_backend=cfg.compile_backend, compile_scope=cfg.compile_scope,
+                                   compile_mode=cfg.compile_mode)
         self.model = model
         n = len(self.data.train)
         self.iters_per_epoch = EpochBatches.batches_per_epoch(n, cfg.batch_size)
