@@ -186,12 +186,20 @@ def test_hmar_train_compile_cli_matches_eager(tmp_path):
     assert main([*common, "--out", str(tmp_path / "comp"), "--compile", "--compile-backend", "aot_eager",
                  "--attention-backend", "per_scale"]) == 0
     torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    counters.clear()
+    # each block compiled on its own; the final sample grid runs them eagerly (no compile for inference shapes)
+    blocks = [a if a != "-1" else "0" for a in common]   # --sample-every 0: a grid at the end
+    assert main([*blocks, "--out", str(tmp_path / "blocks"), "--compile", "--compile-backend", "aot_eager",
+                 "--compile-scope", "blocks"]) == 0
+    assert (tmp_path / "blocks" / "samples").is_dir() and counters["stats"]["unique_graphs"] == 3
+    torch._dynamo.reset()
 
     def losses(run):
         recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         return [r["loss"] for r in recs if r["kind"] == "train"]
-    la, lb = losses(tmp_path / "eager"), losses(tmp_path / "comp")
-    assert len(la) == 4 and lb == pytest.approx(la, rel=1e-5, abs=1e-6)
+    la, lb, lc = losses(tmp_path / "eager"), losses(tmp_path / "comp"), losses(tmp_path / "blocks")
+    assert len(la) == 4 and lb == pytest.approx(la, rel=1e-5, abs=1e-6) and lc == pytest.approx(la, rel=1e-5, abs=1e-6)
 
 
 @pytest.mark.parametrize("stage,preset", [("next-scale", "hmar-tiny"), ("next-scale", "var-tiny"),

@@ -479,7 +479,8 @@ class Trainer:
         m.eval()
         C = min(self.cfg.sample_classes, len(self.class_names))
         labels = [c for c in range(C) for _ in range(self.cfg.sample_per_class)]
-        out = sample(m, self.tokenizer, labels, cfg=self.cfg.sample_cfg, generator=self.cfg.seed)
+        with torch.compiler.set_stance("force_eager"):   # blocks compiled for training (--compile-scope blocks)
+            out = sample(m, self.tokenizer, labels, cfg=self.cfg.sample_cfg, generator=self.cfg.seed)
         m.train(was)
         path = self.run_dir / "samples" / f"{tag}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
