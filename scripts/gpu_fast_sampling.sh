@@ -138,6 +138,10 @@
 #   46: compiled hmar-d16 training in torch.compile's default mode against reduce-overhead (the forward and backward
 #           as CUDA graphs: a d16 step had 3.4 ms between its kernels, 2g), then a profile of compiled hmar-d30
 #           training, which has none (~7 minutes)
+#   47: with blocks compiled one by one, torch.compile's default mode against max-autotune-no-cudagraphs (Triton GEMM
+#           templates autotuned against cuBLAS, with the bias / GELU / gate work fused into their epilogues and the
+#           modulation into their prologues where inductor can), hmar-d16 then hmar-d30 (~9 minutes; slower in
+#           sampling, 3d, where the passes are small and dynamic; training's are large and static)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -173,7 +177,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   43) STEPS="hist-draw-tests skinny-tests hist-draw-bench skinny-bench combo-sample" ;;
   44) STEPS="train-gpu-tests scope-train-d30 scope-train-d16" ;;
   45) STEPS="blocks-norm-train-d16 blocks-norm-train-d30 blocks-norm-train-d16-512" ;;
-  46) STEPS="graphs-train-d16 blocks-profile-d30" ;;
+  46) STEPS="graphs-train-d16 blocks-profile-d30" ;; 47) STEPS="autotune-train-d16 autotune-train-d30" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
@@ -389,6 +393,9 @@ for s in $STEPS; do
     graphs-train-d16|graphs-train-d30|graphs-train-d16-512)
       train_bench graphs "hmar-${s#graphs-train-}" "torch.compile's default mode vs reduce-overhead (CUDA graphs)" \
         --compile-mode default reduce-overhead ;;
+    autotune-train-d16|autotune-train-d30|autotune-train-d16-512)
+      train_bench autotune "hmar-${s#autotune-train-}" "blocks compiled one by one, default mode vs max-autotune" \
+        --compile-scope blocks --compile-mode default max-autotune-no-cudagraphs ;;
     train-gpu-tests)
       step "GPU tests of training: eager, compiled, blocks compiled, CUDA graphs follow the eager plain path"
       gpu_tests train-gpu-tests 240 tests/test_training_fast.py -k gpu ;;
