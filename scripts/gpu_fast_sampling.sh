@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The sampling fast path on one H200: correctness first, then every change against the path it replaces, side by
-# side in one process (benchmarks/bench_sample.py). Nothing to carry; logs come back as $OUT/fastN.tgz. Each call
-# keeps inside its LIMIT (a deadline per step); send call 2 while the machine is warm (it goes back after 30 s idle).
+# side in one process (benchmarks/bench_sample.py). Nothing to carry (but see the compile caches below); logs come
+# back as $OUT/fastN.tgz. Each call keeps inside its LIMIT (a deadline per step); send call 2 while the machine is
+# warm (it goes back after 30 s idle).
 #   call 1: the graphed-sampling equality tests (and the fused-GELU, sub-pixel and freed-graph ones), then hmar-d16
 #           and hmar-d16-512 in the variants of 2026-12-02 (the top-k draw against the sort draw, fused GELU,
 #           one-call decode), each with a profile of one compiled variant
@@ -183,7 +184,17 @@ TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
 L=/tmp/logs/$TAG T0=$SECONDS LIMIT=${LIMIT:-560}
 mkdir -p "$L" "${OUT:=/tmp/out}"
-trap 'tar czf "$OUT/$TAG.tgz" -C /tmp/logs "$TAG"' EXIT
+# inductor's and Triton's compile caches: each call starts on a fresh machine, so they come back as
+# $OUT/compile-cache.tgz (when under 60 MB); copy that file to .carry/ here and send the next call with
+# carry [".carry/compile-cache.tgz"] to skip recompiling what an earlier call compiled (the caches key on the code)
+C=/tmp/compile-cache
+[ -f .carry/compile-cache.tgz ] && tar xzf .carry/compile-cache.tgz -C /tmp && echo "compile caches: $(du -sh $C | cut -f1) carried"
+export TORCHINDUCTOR_CACHE_DIR=$C/inductor TRITON_CACHE_DIR=$C/triton
+save_caches() {
+  [ -d $C ] && tar czf "$OUT/compile-cache.tgz" -C /tmp compile-cache 2>/dev/null || return 0
+  [ "$(stat -c %s "$OUT/compile-cache.tgz")" -lt 60000000 ] || { rm -f "$OUT/compile-cache.tgz"; echo "compile caches over 60 MB: not kept"; }
+}
+trap 'tar czf "$OUT/$TAG.tgz" -C /tmp/logs "$TAG"; save_caches' EXIT
 left() { local s=$(( LIMIT - (SECONDS - T0) )); echo $(( s > 1 ? s : 1 )); }
 step() { echo "== $(date -u +%T) $*"; }
 S=benchmarks/bench_sample.py
