@@ -250,6 +250,10 @@ def test_drop_path_keeps_its_rate():
     torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.75))   # rescaled so the mean is kept
     x = torch.randn(4, 3)
     assert d.eval()(x) is x and DropPath(0.0).train()(x) is x
+    with torch.device("meta"):   # how hmar.checkpoint builds models: the unsaved rate comes back with the load
+        m = DropPath(0.25)
+    m.load_state_dict({}, assign=True)
+    assert not m.keep_prob.is_meta and m.keep_prob.item() == 0.75
 
 
 def test_compile_scope_errors():

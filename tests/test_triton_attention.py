@@ -680,6 +680,43 @@ def test_a_sampling_pass_reads_the_biases_and_temperature_in_the_kernel(dtype, m
 
 
 @needs_triton
+@needs_triton
+def test_inference_kernel_splits_a_batch_over_the_grid_limit(monkeypatch):
+    """More (batch, head) pairs than CUDA's grid axis takes: one launch per slice of the batch, the same output."""
+    torch.manual_seed(0)
+    B, H, N, D = 5, 2, 9, 64
+    q, k, v = (torch.randn(B, H, N, D, device=DEVICE, dtype=torch.float16) for _ in range(3))
+    ls = torch.full((H,), 1.5, device=DEVICE)
+    whole = tk.dense_inference_attention(q, k, v, 1.0, ls, 4.6)
+    calls = []
+    launch = tk._dense_kernel.__getitem__
+    monkeypatch.setattr(tk, "GRID_Y_MAX", 4)     # 2 images (4 pairs) per launch: slices of 2, 2 and 1
+    monkeypatch.setattr(tk, "_dense_kernel", type("K", (), {"__getitem__": lambda self, g: calls.append(g) or launch(g)})())
+    split = tk.dense_inference_attention(q, k, v, 1.0, ls, 4.6)
+    assert [g[1] for g in calls] == [4, 4, 2]
+    torch.testing.assert_close(split, whole, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", [None, "reference", "per_scale", "triton"])
+@pytest.mark.parametrize("D", [32, 64])
+@pytest.mark.parametrize("fuse", [False, True], ids=["ops", "fused"])
+def test_half_inputs_with_an_fp32_qk_norm(backend, D, fuse):
+    """fp16 q, k, v with an fp32 per-head scale and no autocast: every backend gives the fp16 result of the fp32
+    reference, whether the normalisation runs as ops or in the kernels, and where the kernels decline (head dim 32)
+    the call falls back instead of mixing dtypes; a scalar scale (broadcast, not one per head) runs as ops."""
+    if backend == "triton" and (D != 64 or not tk._HAS_TRITON):
+        pytest.skip("the Triton kernels take head dims 64 and 128")
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 14, D, device=DEVICE, dtype=torch.float16) for _ in range(3))
+    lengths, pattern = (1, 4, 9), "block_causal"
+    for s in (torch.tensor([[[[3.0]], [[5.0]]]], device=DEVICE), torch.tensor(4.0, device=DEVICE)):
+        ref = attention(q.float(), k.float(), v.float(), lengths=lengths, pattern=pattern, qk_norm=s,
+                        backend="reference", fuse_qk_norm=False)
+        out = attention(q, k, v, lengths=lengths, pattern=pattern, qk_norm=s, backend=backend, fuse_qk_norm=fuse)
+        assert out.dtype == torch.float16
+        torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
 def test_dense_candidates_fit_the_pass():
     one = tk.dense_candidates(1)
     assert one == [tk.FwdConfig(16, 16, 1, 3), tk.FwdConfig(16, 16, 1, 2)]

@@ -247,8 +247,8 @@ def _fused_qk_norm_call(q, k, v, lengths, pattern, scale, backend, qk_norm):
     name = backend or _forced_backend() or "triton"
     _maybe_load_triton()
     fn, sup = _QK_NORM_BACKENDS.get(name), _SUPPORTS.get(name)
-    if fn is None or (sup is not None and not sup(q, lengths, pattern)):
-        return None
+    if fn is None or (sup is not None and not sup(q, lengths, pattern)) or qk_norm.numel() != q.shape[1]:
+        return None   # (the kernels take one scale per head; another broadcast shape runs as ops)
     return fn(q, k, v, lengths, pattern, scale, qk_norm)
 
 
@@ -301,6 +301,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lengths: Seq
             return out
     if qk_norm is not None:
         q, k = l2_normalize_qk(q, k, qk_norm)
+        if dt is None and q.dtype != v.dtype:   # half inputs, an fp32 scale: q came back in fp32
+            q, k = q.to(v.dtype), k.to(v.dtype)
     if dt is not None:       # (autocast knows no meta device)
         # What autocast does to SDPA's inputs, done before the choice so every backend sees one dtype: under bf16
         # autocast the L2-normalised q (and, on CUDA, k) arrive in fp32 (norm/exp run in fp32), and the fused

@@ -780,12 +780,20 @@ def _launch_dense(q, k, v, o, hs, scale, cfg: FwdConfig, qb=None, vb=None, hs_lo
     L2-normalised q (times ``hs``, or with ``hs_log_max`` times ``exp(min(hs, hs_log_max))``) and k; ``qb`` /
     ``vb`` ([H * D]): biases added to q and v."""
     B, H, N, D = q.shape
-    _dense_kernel[(triton.cdiv(N, cfg.block_m), B * H)](
-        q, k, v, o, o if hs is None else hs, o if qb is None else qb, o if vb is None else vb,
-        *_strides(q, k, v, o), H, N, scale * _LOG2E, 0.0 if hs_log_max is None else float(hs_log_max),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D, UPCAST=_upcast(q), QK_NORM=hs is not None,
-        HS_LOG=hs_log_max is not None, HAS_QB=qb is not None, HAS_VB=vb is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    step = max(1, GRID_Y_MAX // H)   # (batch, head) pairs go on the grid's second axis, which CUDA caps
+    for b0 in range(0, B, step):
+        qs, ks, vs, os_ = (t[b0:b0 + step] for t in (q, k, v, o))
+        _dense_kernel[(triton.cdiv(N, cfg.block_m), qs.shape[0] * H)](
+            qs, ks, vs, os_, os_ if hs is None else hs, os_ if qb is None else qb, os_ if vb is None else vb,
+            *_strides(qs, ks, vs, os_), H, N, scale * _LOG2E, 0.0 if hs_log_max is None else float(hs_log_max),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_D=D, UPCAST=_upcast(q), QK_NORM=hs is not None,
+            HS_LOG=hs_log_max is not None, HAS_QB=qb is not None, HAS_VB=vb is not None,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+GRID_Y_MAX = 65535
+"""CUDA's limit on a grid's second axis: the inference kernel launches once per slice of the batch whose
+``batch * heads`` fits (e.g. more than 1,092 guided images at 30 heads need two launches)."""
 
 
 def _launch_rows(x, y, out, norms: bool):

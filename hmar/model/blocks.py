@@ -42,6 +42,11 @@ class DropPath(nn.Module):
         # share one compiled graph (``compile_blocks``); a float would be a constant of the graph, one compile each
         self.register_buffer("keep_prob", torch.tensor(1.0 - self.p), persistent=False)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.keep_prob.is_meta:   # built on the meta device, then loaded (hmar.checkpoint): the rate is not saved
+            self.keep_prob = torch.tensor(1.0 - self.p)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:   # eval first: a compiled eval block must not depend on p
             return x
@@ -94,6 +99,7 @@ def dense(layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = _KEE
     called with it)."""
     b = getattr(layer, "bias", None) if bias is _KEEP else bias
     if (SKINNY_GEMM_MAX_ROWS and isinstance(layer, nn.Linear) and x.device.type in _SKINNY_DEVICES
+            and x.dtype in (torch.float16, torch.bfloat16)   # (an fp32 tl.dot would be TF32 on the GPU)
             and not torch.is_grad_enabled() and x.numel() <= SKINNY_GEMM_MAX_ROWS * x.shape[-1]
             and (not SKINNY_GEMM_WIDE_ONLY or layer.out_features > layer.in_features)):
         return _kernel_ops().skinny_linear(x, layer.weight, b, gelu)
