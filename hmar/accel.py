@@ -221,7 +221,8 @@ class GraphedModel:
     (:func:`hmar.draw_kernel.fused_draw`: the finite check, guidance, temperature, top-k, top-p and the draw,
     reading the head's bf16 logits once) instead of about 25 torch ops over fp32 logits and ``torch.topk``; the
     same Exp(1) draws from the generator, and the same tokens but where the two round a near-tie differently or
-    torch.topk keeps exactly k of tied logits. None (default): on wherever Triton is importable. As with
+    torch.topk keeps exactly k of tied logits. None (default): on wherever Triton is importable, for vocabularies of
+    at most :data:`hmar.draw_kernel.MAX_VOCAB` tokens (one program holds a position's whole row). As with
     ``fused_gelu``, the model's own eager sampling follows the switch too.
 
     ``fused_norm`` sets ``fused_norm`` on the model's AdaLN blocks and head (:func:`hmar.model.blocks.enable_fused_norm`):
@@ -257,7 +258,9 @@ class GraphedModel:
         if fused_draw and not triton_runs:
             raise ValueError("GraphedModel(fused_draw=True) needs Triton (pip install triton); leave it None to use "
                              "the kernel wherever it runs")
-        model.fused_draw = self.fused_draw = triton_runs if fused_draw is None else fused_draw
+        from .draw_kernel import MAX_VOCAB
+        auto_draw = triton_runs and model.config.vocab_size <= MAX_VOCAB
+        model.fused_draw = self.fused_draw = auto_draw if fused_draw is None else fused_draw
         self.fused_norm = (triton_runs and not fp8) if fused_norm is None else fused_norm
         enable_fused_norm(model, self.fused_norm)
         for m in model.modules():

@@ -45,6 +45,11 @@ HISTOGRAM_TOP_K = False
 """Find the k-th largest logit with four 8-bit histogram rounds (``tl.histogram``) instead of 32 one-bit counting
 steps (an experiment, off: ``benchmarks/bench_draw.py --hist`` times both; the same threshold either way)."""
 
+MAX_VOCAB = 16384
+"""The largest vocabulary :class:`hmar.accel.GraphedModel` draws with the kernel by default: one program holds a
+position's whole row of logits in registers (checked under the interpreter up to 16384; the H200 ran 4096). Larger
+ones keep the torch ops unless ``fused_draw=True`` is asked for."""
+
 NUM_WARPS: Optional[int] = None
 """Warps per program (one position's draw); None: one per 512 logits of the vocabulary, 1-8 (8 at V = 4096, as
 measured fastest on the H200 against 4 and 16: BENCHMARKS.md section 3m)."""

@@ -13,6 +13,18 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 @cuda
+def test_large_vocabularies_keep_the_torch_draw(monkeypatch):
+    """A vocabulary above draw_kernel.MAX_VOCAB keeps the torch draw by default; fused_draw=True still asks for it."""
+    from hmar.accel import GraphedModel
+    monkeypatch.setattr("hmar.draw_kernel.MAX_VOCAB", 32)   # hmar-tiny's vocabulary is 64
+    model = build_model(model_config("hmar-tiny")).cuda().eval().to(torch.bfloat16)
+    GraphedModel(model)
+    assert not model.fused_draw
+    GraphedModel(model, fused_draw=True)
+    assert model.fused_draw
+
+
+@cuda
 @pytest.mark.parametrize("name", ["hmar-tiny", "var-tiny"])
 def test_graphed_sampling_matches_eager(name):
     from hmar.accel import GraphedModel
