@@ -143,6 +143,10 @@
 #           templates autotuned against cuBLAS, with the bias / GELU / gate work fused into their epilogues and the
 #           modulation into their prologues where inductor can), hmar-d16 then hmar-d30 (~9 minutes; slower in
 #           sampling, 3d, where the passes are small and dynamic; training's are large and static)
+#   48 (written in the first session of 2026-12-05, which had no GPU, for a session short of device time): the three
+#           training experiments of calls 44, 46 and 47 on hmar-d16 alone, its compiles being the cheapest (whole
+#           model vs blocks, default vs reduce-overhead, blocks in default vs max-autotune-no-cudagraphs; ~9 minutes,
+#           LIMIT=560); the GPU tests of call 44 and the d30 / d16-512 runs follow in a later call
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -179,6 +183,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   44) STEPS="train-gpu-tests scope-train-d30 scope-train-d16" ;;
   45) STEPS="blocks-norm-train-d16 blocks-norm-train-d30 blocks-norm-train-d16-512" ;;
   46) STEPS="graphs-train-d16 blocks-profile-d30" ;; 47) STEPS="autotune-train-d16 autotune-train-d30" ;;
+  48) STEPS="scope-train-d16 graphs-train-d16 autotune-train-d16" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
