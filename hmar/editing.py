@@ -399,6 +399,10 @@ def _label(label: Union[int, str, None], names: Optional[List[str]], num_classes
         if label.lower() not in low:
             raise HMARError(f"unknown class name {label!r}; known: {', '.join(names or []) or 'none (use ids)'}")
         return low.index(label.lower())
+    if isinstance(label, torch.Tensor) and label.numel() == 1 and not label.is_floating_point():
+        label = label.item()
+    if not isinstance(label, str) and (isinstance(label, bool) or not isinstance(label, numbers.Integral)):
+        raise HMARError(f"a class label must be an integer id, a class name or None, got {label!r}")
     lab = int(label)
     if not -1 <= lab < num_classes:
         raise HMARError(f"class id {lab} is out of range: this model has {num_classes} classes "

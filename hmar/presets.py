@@ -7,6 +7,7 @@ Transformer presets follow the official size rule: width ``64 * depth``, ``depth
 """
 from __future__ import annotations
 
+import numbers
 import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -117,6 +118,23 @@ def validate_schedule(sched: Sequence[Sequence[int]], patch_nums: Sequence[int])
                             f"{pn * pn} tokens: the counts of each scale must sum to its token count")
 
 
+def check_patch_nums(patch_nums: Sequence[Any], what: str = "patch_nums", first_is_one: bool = False) -> Tuple[int, ...]:
+    """``patch_nums`` as a tuple of ints, or :class:`HMARError` unless it is a non-empty, strictly increasing list of
+    positive integers (and, for a transformer, starting at 1: the start token is one position)."""
+    try:
+        pn = tuple(patch_nums)
+    except TypeError:
+        raise HMARError(f"{what} must be a list of scale sides like (1, 2, 3, 4), got {patch_nums!r}") from None
+    if not pn or not all(isinstance(p, numbers.Real) and not isinstance(p, bool) and float(p).is_integer() for p in pn):
+        raise HMARError(f"{what} must be a non-empty list of integer scale sides like (1, 2, 3, 4), got {patch_nums!r}")
+    pn = tuple(int(p) for p in pn)
+    if pn[0] < 1 or any(b <= a for a, b in zip(pn, pn[1:])):
+        raise HMARError(f"{what} {pn} must be positive and strictly increasing (coarse to fine), e.g. (1, 2, 3, 4)")
+    if first_is_one and pn[0] != 1:
+        raise HMARError(f"{what} {pn} must start with 1: the first scale is the single start token (1x1)")
+    return pn
+
+
 @dataclass
 class TokenizerConfig:
     """VAR's multi-scale residual VQ-VAE. Defaults are the official ``vae_ch160v4096z32``."""
@@ -133,6 +151,9 @@ class TokenizerConfig:
     using_sa: bool = True
     using_mid_sa: bool = True
     norm_groups: int = 32
+
+    def __post_init__(self) -> None:
+        self.patch_nums = check_patch_nums(self.patch_nums, "the tokenizer's patch_nums")
 
     @property
     def downsample(self) -> int:
@@ -194,9 +215,15 @@ class ModelConfig:
             self.num_heads = self.depth
         if self.drop_path_rate is None:
             self.drop_path_rate = 0.1 * self.depth / 24
-        self.patch_nums = tuple(int(p) for p in self.patch_nums)
+        self.patch_nums = check_patch_nums(self.patch_nums, "the model's patch_nums", first_is_one=True)
         if self.depth < 1:
             raise HMARError(f"depth must be >= 1, got {self.depth}")
+        for name in ("embed_dim", "num_heads", "vocab_size", "z_channels"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise HMARError(f"{name} must be an integer >= 1, got {v!r}")
+        if not self.mlp_ratio > 0 or round(self.embed_dim * self.mlp_ratio) < 1:
+            raise HMARError(f"mlp_ratio must be > 0 (the FFN's hidden width is embed_dim * mlp_ratio), got {self.mlp_ratio!r}")
         if self.embed_dim % self.num_heads:
             raise HMARError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.kind == "hmar" and not (1 <= self.branch_depth <= self.depth):

@@ -81,6 +81,9 @@ def _top_p_of_sorted(vals: torch.Tensor, top_p: float) -> torch.Tensor:
     return vals.masked_fill(before >= top_p, float("-inf"))
 
 
+_SHIFT_BELOW_TEMPERATURE = 1e-4   # (fp32 logits would need |x| > 3e34 to overflow above it)
+
+
 def sample_from_logits(logits: torch.Tensor, generator: torch.Generator, top_k: int = 0, top_p: float = 0.0,
                        temperature: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per position of ``logits`` ``[B, n, V]``; returns (tokens, their probabilities after the
@@ -93,11 +96,22 @@ def sample_from_logits(logits: torch.Tensor, generator: torch.Generator, top_k: 
     if temperature <= 0:
         raise HMARError(f"temperature must be > 0, got {temperature}")
     V = logits.shape[-1]
+    # a tiny temperature: ``logits / temperature`` would overflow to inf (softmax NaN: token 0 everywhere); the row's
+    # max is subtracted first (the same distribution, the greedy limit); above the threshold it cannot overflow
+    shift = temperature < _SHIFT_BELOW_TEMPERATURE
+    if shift:   # (and one that is 0 in fp32 would make the max 0 / 0: the smallest normal fp32 is greedy already)
+        temperature = max(temperature, torch.finfo(torch.float32).tiny)
     if 0 < top_k < V:
         vals, cand = logits.topk(top_k, dim=-1)            # descending; temperature keeps the order
-        probs = _top_p_of_sorted(vals.float() / temperature, top_p).softmax(-1)
+        vals = vals.float()
+        if shift:
+            vals = vals - vals[..., :1]
+        probs = _top_p_of_sorted(vals / temperature, top_p).softmax(-1)
     else:
-        probs, cand = filter_logits(logits.float() / temperature, 0, top_p).softmax(-1), None
+        x = logits.float()
+        if shift:
+            x = x - x.amax(-1, keepdim=True)
+        probs, cand = filter_logits(x / temperature, 0, top_p).softmax(-1), None
     flat = probs.reshape(-1, probs.shape[-1])
     # one draw per row as torch.multinomial makes it over the V tokens (argmax of p / q, q ~ Exp(1); the same
     # generator calls, so the same tokens for a seed), without its host-side validity checks: no GPU
@@ -174,7 +188,13 @@ def check_options(cfg: float, top_k: int, top_p: float, temperature: float) -> N
 def check_labels(labels: Union[Sequence[int], torch.Tensor], num_classes: int, device: torch.device) -> torch.Tensor:
     """Labels as a LongTensor (``-1``, unconditional, becomes the null class ``num_classes``).
     Raises :class:`HMARError` for ids outside ``-1 .. num_classes - 1``."""
-    t = torch.as_tensor(labels, dtype=torch.long).flatten()
+    try:
+        t = torch.as_tensor(labels)
+    except (TypeError, ValueError, RuntimeError):
+        raise HMARError(f"class labels must be integer ids (-1 for unconditional), got {labels!r}") from None
+    if t.numel() and (t.dtype == torch.bool or t.is_floating_point() or t.is_complex()):   # 1.5 / True: no ids
+        raise HMARError(f"class labels must be integer ids (-1 for unconditional), got {labels!r}")
+    t = t.long().flatten()
     if t.numel() == 0:
         raise HMARError("no class labels given: pass at least one class id (-1 for unconditional)")
     bad = [int(x) for x in t if not (-1 <= int(x) < num_classes)]

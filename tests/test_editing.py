@@ -271,6 +271,15 @@ def test_bad_inputs_raise_one_line_errors(hmar_pipe, tmp_path):
             assert "\n" not in str(err)
 
 
+def test_non_integer_class_labels_are_refused(hmar_pipe):
+    # a float or a bool is not a class id: it must not be truncated to one (3.5 -> class 3, True -> class 1)
+    for bad in (3.5, 2.0, True, torch.tensor(1.5)):
+        with pytest.raises(HMARError, match="integer id"):
+            hmar_pipe.class_edit(_image(), _left_half(), bad)
+    with pytest.raises(HMARError, match="integer id"):
+        hmar_pipe.inpaint(_image(), _left_half(), 0.5)
+
+
 # ------------------------------------------------------------------------------ the CLI
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):

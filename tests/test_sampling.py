@@ -232,3 +232,31 @@ def test_topk_draw_equals_the_full_vocabulary_draw(top_k, top_p, temperature):
         rel = (conf.reshape(-1) - ref).abs() / ref
         assert (rel <= 1e-5 + 1.01 * least).all() and (rel > 1e-5).float().mean() < 0.01, rel.max()
         assert (probs.gather(1, tok.reshape(-1, 1)) > 0).all()     # never a filtered token
+
+
+def test_tiny_temperature_is_greedy_not_token_zero(tiny):
+    """``logits / temperature`` overflowed to inf below ~1e-38 (softmax NaN): every token came out as 0, silently.
+    A temperature towards 0 is the greedy limit: the argmax, for both draw paths and in the whole sampler."""
+    from hmar.sampling import sample_from_logits
+    logits = torch.randn(2, 30, 64, generator=torch.Generator().manual_seed(0)) * 10
+    for t in (1e-30, 1e-45, 1e-60):
+        for top_k in (0, 5):
+            tok, conf = sample_from_logits(logits, torch.Generator().manual_seed(1), top_k, 0.9, t)
+            assert torch.equal(tok, logits.argmax(-1)) and torch.equal(conf, torch.ones_like(conf))
+    hmar, var, _, tok = tiny
+    for m in (hmar, var):
+        cold = sample(m, tok, [1, 2], generator=0, temperature=1e-45, decode=False)
+        greedy = sample(m, tok, [1, 2], generator=0, top_k=1, decode=False)
+        assert all(torch.equal(a, b) for a, b in zip(cold.indices, greedy.indices))
+
+
+def test_float_and_bool_labels_are_refused_not_truncated(tiny):
+    """``sample(..., [1.5])`` drew class 1 and ``[True]`` class 1 (a cast to long): a float or a bool is no class id."""
+    from hmar.sampling import check_labels
+    hmar, _, _, tok = tiny
+    for bad in ([1.5], torch.tensor([0.7]), [True], torch.tensor([True, False])):
+        with pytest.raises(HMARError, match="integer ids"):
+            sample(hmar, tok, bad, generator=0, decode=False)
+    assert check_labels(torch.tensor([3, -1]), 10, torch.device("cpu")).tolist() == [3, 10]
+    with pytest.raises(HMARError, match="no class labels"):
+        check_labels([], 10, torch.device("cpu"))

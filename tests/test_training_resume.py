@@ -141,3 +141,37 @@ def test_sigterm_stops_tokenizer_training_with_a_checkpoint(tmp_path):
                        cmd[cmd.index("--max-steps") + 2:] + ["--resume"], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "tokenizer" / "tokenizer.safetensors").exists()
+
+
+def test_resume_from_a_checkpoint_inside_a_log_window_logs_the_same_loss(tmp_path):
+    """A checkpoint at step 5 of a 10-step log window: the resumed run's mean loss at step 10 is the mean of steps
+    1..10 (the window's first half comes back from the checkpoint), equal to the uninterrupted run's."""
+    import json
+    import shutil
+    tok, cache, env = _prepare(tmp_path)
+    a_dir, b_dir = tmp_path / "A", tmp_path / "B"
+    cmd = [sys.executable, "-m", "hmar", "train", "--model", "hmar-tiny", "--tokenizer", str(tok), "--data",
+           str(cache), "--out", str(a_dir), "--max-steps", "20", "--ckpt-every", "5", "--batch-size", "8",
+           "--lr", "1e-3", "--no-progress", "--sample-every", "-1", "--log-every", "10", "--seed", "7",
+           "--keep-last", "10"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    shutil.copytree(a_dir, b_dir)
+    shutil.rmtree(b_dir / "model")
+    for p in (b_dir / "checkpoints").glob("step_*.pt"):
+        if p.name != "step_00000005.pt":
+            p.unlink()
+    r = subprocess.run(cmd[:cmd.index("--out") + 1] + [str(b_dir)] + cmd[cmd.index("--out") + 2:] + ["--resume"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "step 5," in r.stderr
+
+    def losses(run):
+        recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in recs if r["kind"] == "train"}
+    la, lb = losses(a_dir), losses(b_dir)
+    assert sorted(la) == sorted(lb) == [10, 20]
+    assert lb == la, (la, lb)
+    ck = torch.load(a_dir / "checkpoints" / "step_00000005.pt", map_location="cpu", weights_only=False)
+    (total, n), = ck["log_window"]
+    assert n == 5 and total > 0

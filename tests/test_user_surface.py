@@ -52,6 +52,35 @@ def test_seeds_and_schedule_specs_of_the_wrong_type():
     assert resolve_schedule(((1,), (1, 3), (9,), (16,)), TINY_PN) == [[1], [1, 3], [9], [16]]
 
 
+def test_scale_schedules_that_cannot_work_are_refused():
+    from hmar.presets import ModelConfig, TokenizerConfig, tokenizer_config
+    from hmar.tokenizer import VQVAE
+    # zero / negative sides, non-monotone or repeated scales, an empty list: one clear error, not a shape error
+    # deep inside sampling (or a silently broken model)
+    for bad in ((0, 1, 2), (1, 3, 2), (1, 1, 2), (1, -2, 3), (), (1, 2.5)):
+        with pytest.raises(HMARError, match="patch_nums"):
+            model_config("hmar-tiny", patch_nums=bad)
+        with pytest.raises(HMARError, match="patch_nums"):
+            TokenizerConfig(patch_nums=bad)
+    # the start token is one position: a transformer's first scale is 1x1
+    with pytest.raises(HMARError, match="start with 1"):
+        model_config("var-tiny", patch_nums=(4,))
+    with pytest.raises(HMARError, match="patch_nums"):
+        VQVAE(tokenizer_config("vqvae-tiny")).set_patch_nums((1, 3, 2))
+    assert ModelConfig(kind="var", depth=2, patch_nums=[1, 3, 5]).patch_nums == (1, 3, 5)
+    assert model_config("hmar-tiny", patch_nums=(1,)).seq_len == 1
+
+
+def test_model_sizes_that_cannot_work_are_refused():
+    # zero heads / width used to raise ZeroDivisionError or a negative-dimension RuntimeError from torch
+    for kw, needle in [(dict(num_heads=0), "num_heads"), (dict(num_heads=-2), "num_heads"), (dict(embed_dim=0), "embed_dim"),
+                       (dict(vocab_size=0), "vocab_size"), (dict(z_channels=0), "z_channels"),
+                       (dict(mlp_ratio=0), "mlp_ratio")]:
+        with pytest.raises(HMARError, match=needle):
+            model_config("hmar-tiny", **kw)
+    assert model_config("hmar-tiny", embed_dim=48, num_heads=3).head_dim == 16
+
+
 def test_pipeline_call_arguments(pipe):
     for kw, needle in [(dict(num_images_per_label=0), "num_images_per_label"), (dict(batch_size=0), "batch_size"),
                        (dict(output_type="jpg"), "output_type"), (dict(guidance_scale=float("nan")), "cfg")]:

@@ -43,7 +43,7 @@ class VQVAE(nn.Module):
     def set_patch_nums(self, patch_nums: Sequence[int]) -> None:
         """Switch the scale schedule (e.g. to the one a transformer was trained with)."""
         self.quantize.set_patch_nums(patch_nums)
-        self.config.patch_nums = tuple(patch_nums)
+        self.config.patch_nums = self.quantize.patch_nums
 
     # -------------------------------------------------------------- encode / decode
     def encode_features(self, img: torch.Tensor) -> torch.Tensor:

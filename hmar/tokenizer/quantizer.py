@@ -17,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..presets import check_patch_nums
+
 
 class Phi(nn.Conv2d):
     """``phi(h) = (1 - r) * h + r * conv3x3(h)``."""
@@ -101,7 +103,7 @@ class MultiScaleQuantizer(nn.Module):
                  quant_resi: float = 0.5, share_quant_resi: int = 4):
         super().__init__()
         self.vocab_size, self.z_channels, self.beta = vocab_size, z_channels, beta
-        self.patch_nums = tuple(patch_nums)
+        self.patch_nums = check_patch_nums(patch_nums)
         # codebook hit statistics (tokenizer training only); kept for checkpoint compatibility
         self.register_buffer("ema_vocab_hit_SV", torch.zeros(len(self.patch_nums), vocab_size))
         self.quant_resi = _PhiList(z_channels, quant_resi, share_quant_resi, len(self.patch_nums))
@@ -111,7 +113,7 @@ class MultiScaleQuantizer(nn.Module):
     # ------------------------------------------------------------------ helpers
     def set_patch_nums(self, patch_nums: Sequence[int]) -> None:
         """Use another scale schedule (same latent size) without touching the weights."""
-        patch_nums = tuple(patch_nums)
+        patch_nums = check_patch_nums(patch_nums)
         if patch_nums != self.patch_nums:
             self.patch_nums = patch_nums
             self.quant_resi.set_num_scales(len(patch_nums))

@@ -25,7 +25,8 @@ from .checkpointing import (CheckpointManager, get_states, require_fresh_or_resu
 from .config import TrainConfig, config_to_dict, preset_config
 from .data import (CorruptFiles, EpochBatches, EvalBatches, PaddedEval, TrainData, build_data, is_token_cache,
                    make_loader, quantizer_fingerprint, read_token_cache)
-from .distributed import DistInfo, all_reduce_, all_reduce_max, cleanup, init_distributed, seed_everything, wrap_model
+from .distributed import (DistInfo, all_gather_object, all_reduce_, all_reduce_max, cleanup, init_distributed,
+                          seed_everything, wrap_model)
 from .fused_ce import linear_cross_entropy
 from .losses import (draw_masks, masked_ce, masked_coefficients, per_scale_stats, scale_loss_weights, split_scales,
                      token_loss_weights, weighted_ce, weighted_coefficients)
@@ -489,7 +490,10 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         states = get_states(self.st.wrapped, [self.st.optimizer], self.info)
+        # every rank's running loss sum since the last log line, so a resumed run logs the same means
+        window = all_gather_object((float(self.acc_loss), self.acc_n), self.info)
         payload = {"states": states, "epoch": self.epoch, "batch": self.batch, "stage": self.stage,
+                   "log_window": [list(w) for w in window],
                    "scaler": self.st.scaler.state_dict() if self.st.scaler is not None else None,
                    "corrupt": sorted(self.corrupt.seen), "config": config_to_dict(self.cfg),
                    "model_config": self.model.config.to_dict()}
@@ -508,6 +512,10 @@ class Trainer:
                             "resume with the options of the original run") from None
         if self.st.scaler is not None and ck.get("scaler"):
             self.st.scaler.load_state_dict(ck["scaler"])
+        window = ck.get("log_window") or []
+        if len(window) == self.info.world:   # same processes: continue this rank's loss window
+            self.acc_loss.fill_(float(window[self.info.rank][0]))
+            self.acc_n = int(window[self.info.rank][1])
         restore_position(self, ck)
 
     # ---------------------------------------------------------------- the loop
@@ -517,6 +525,8 @@ class Trainer:
         if info.is_main:
             self.log.record(0, "config", {"train": config_to_dict(cfg), "model": self.model.config.to_dict(),
                                           "world": info.world}, echo=False)
+        self.acc_loss = torch.zeros((), device=info.device, dtype=torch.float64)   # loss sum since the last log
+        self.acc_n = 0
         if cfg.resume:
             self._resume()
         else:
@@ -526,8 +536,6 @@ class Trainer:
                    disable=not (info.is_main and cfg.progress), desc=self.stage)
         self.log.bar = bar if not bar.disable else None
         meter = Throughput()
-        acc_loss = torch.zeros((), device=info.device, dtype=torch.float64)
-        acc_n = 0
         last: Dict[str, torch.Tensor] = {}
         evaluated = sampled = saved = False
         pin = info.device.type == "cuda"
@@ -547,8 +555,8 @@ class Trainer:
                     apply_schedule(st.optimizer, lr, wd)
                     log_now = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == self.total
                     last = train_step(st, tokens, labels, mask, metrics=log_now)
-                    acc_loss += last["loss"].double()
-                    acc_n += 1
+                    self.acc_loss += last["loss"].double()
+                    self.acc_n += 1
                     meter.add(cfg.batch_size)
                     self.step += 1
                     self.batch += 1
@@ -560,9 +568,9 @@ class Trainer:
                         self._fit_budget(budget, bar)
                     evaluated = sampled = saved = False
                     if log_now:
-                        self._log_train(last, acc_loss, acc_n, meter.rate(), lr, wd, bar)
-                        acc_loss.zero_()
-                        acc_n = 0
+                        self._log_train(last, self.acc_loss, self.acc_n, meter.rate(), lr, wd, bar)
+                        self.acc_loss.zero_()
+                        self.acc_n = 0
                     if is_due(cfg.eval_every, self.step, end_epoch):
                         self._log_eval()
                         evaluated = True
