@@ -111,7 +111,7 @@ if _HAS_TRITON:
     def _draw_kernel(logits_ptr, q_ptr, tok_ptr, conf_ptr, bad_ptr, rows, V, stride_l, stride_q,
                      weight, temperature, top_k, top_p,
                      GUIDED: tl.constexpr, TOP_K: tl.constexpr, TOP_P: tl.constexpr, BLOCK: tl.constexpr,
-                     HIST: tl.constexpr):
+                     HIST: tl.constexpr, SHIFT: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         valid = cols < V
@@ -122,6 +122,8 @@ if _HAS_TRITON:
             ok = ok & (tl.abs(lu) <= 3.4028234663852886e38)
             lc = lc - (lc - lu) * (1.0 - weight)
         tl.store(bad_ptr + row, tl.sum((valid & ~ok).to(tl.int32), 0) > 0)
+        if SHIFT:   # a tiny temperature (as in the torch draw): the row's max first, so lc / temperature cannot overflow
+            lc = lc - tl.max(tl.where(valid, lc, -float("inf")), 0)
         x = tl.where(valid, lc / temperature, -float("inf"))
         bits = x.to(tl.int32, bitcast=True)
         # int32 keys in the order of the float values; -2^31 (a NaN's) on the padding lanes
@@ -159,6 +161,9 @@ def fused_draw(logits: torch.Tensor, q: torch.Tensor, weight: Optional[float] = 
                          f"on {logits.device} here: set the model's fused_draw = False to draw with torch ops")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    from .sampling import _SHIFT_BELOW_TEMPERATURE
+    shift = temperature < _SHIFT_BELOW_TEMPERATURE
+    temperature = max(temperature, torch.finfo(torch.float32).tiny) if shift else temperature
     V = logits.shape[-1]
     B2, n = logits.shape[0], logits.numel() // (logits.shape[0] * V)
     B = B2 // 2 if weight is not None else B2
@@ -178,5 +183,5 @@ def fused_draw(logits: torch.Tensor, q: torch.Tensor, weight: Optional[float] = 
     _draw_kernel[(rows,)](flat, q, tok, conf, bad, rows, V, flat.stride(0), q.stride(0),
                           float(1.0 if weight is None else weight), float(temperature), int(top_k), float(top_p),
                           GUIDED=weight is not None, TOP_K=0 < top_k < V, TOP_P=0.0 < top_p < 1.0, BLOCK=block,
-                          HIST=HISTOGRAM_TOP_K, num_warps=warps)
+                          HIST=HISTOGRAM_TOP_K, SHIFT=shift, num_warps=warps)
     return tok.view(B, n), conf.view(B, n), bad.view(B, n)

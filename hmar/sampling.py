@@ -212,21 +212,22 @@ def sample(model: nn.Module, tokenizer: nn.Module, labels: Union[Sequence[int], 
            callback: Optional[Callable[[StepInfo], None]] = None, progress: bool = False) -> SampleOutput:
     """Generate images of ``labels`` with an HMAR, stage-1 or VAR ``model`` and its ``tokenizer``.
 
-    ``schedule``: masked-step schedule (see :func:`hmar.presets.resolve_schedule`); ignored for models
-    without a masked branch. Returns a :class:`SampleOutput` (images in [0, 1] if ``decode``).
+    ``schedule``: masked-step schedule (see :func:`hmar.presets.resolve_schedule`); checked for every model
+    but used only by one with a masked branch. Returns a :class:`SampleOutput` (images in [0, 1] if ``decode``).
     Raises :class:`HMARError` when the model's logits are not finite (NaN / inf: broken weights, or an
     overflow in low precision).
     """
     check_options(cfg, top_k, top_p, temperature)
     cfgm = model.config
     quant = tokenizer.quantize if hasattr(tokenizer, "quantize") else tokenizer
-    if tuple(quant.patch_nums) != tuple(cfgm.patch_nums):
-        quant.set_patch_nums(cfgm.patch_nums)
+    if tuple(quant.patch_nums) != tuple(cfgm.patch_nums):   # the tokenizer's own setter keeps its config in step
+        (tokenizer if hasattr(tokenizer, "set_patch_nums") else quant).set_patch_nums(cfgm.patch_nums)
     if quant.vocab_size != cfgm.vocab_size or quant.z_channels != cfgm.z_channels:
         raise HMARError(f"tokenizer (vocab {quant.vocab_size}, {quant.z_channels} latent channels) does not match "
                         f"the model (vocab {cfgm.vocab_size}, {cfgm.z_channels} channels): pass the tokenizer it was trained with")
     has_mask = hasattr(model, "masked_logits")
-    sched = resolve_schedule(schedule, cfgm.patch_nums) if has_mask else None
+    sched = resolve_schedule(schedule, cfgm.patch_nums)   # checked for every model, used by a masked branch
+    sched = sched if has_mask else None
     y = check_labels(labels, cfgm.num_classes, model.device)
     gen = make_generator(generator, model.device)
     if constraints is not None and len(constraints) != len(cfgm.patch_nums):

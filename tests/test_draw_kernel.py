@@ -238,3 +238,20 @@ def test_fused_draw_at_the_official_vocabulary_on_the_gpu():
     x = torch.lerp(logits[B:].float(), logits[:B].float(), 2.5)
     torch_tok, _ = sample_from_logits(x, g, 900, 0.96)
     assert (torch_tok == tok).float().mean() > 0.99
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the interpreter's numpy: (lc - max) / 1e-38 is -inf
+@pytest.mark.parametrize("top_k", [0, 20])
+def test_fused_draw_at_a_tiny_temperature_is_greedy_like_the_torch_draw(top_k):
+    """``lc / 1e-37`` overflows fp32 (inf - inf: a NaN row): the kernel subtracts the row's max first (as ``sample_from_logits`` does below
+    1e-4), so it draws the argmax with probability 1, not token 0 of a NaN row."""
+    torch.manual_seed(3)
+    B, n, V = 2, 7, 100
+    logits = torch.randn(B, n, V, device=DEVICE) * 3 + 50
+    for temp in (1e-37, 1e-45, 1e-6):
+        q, g = _exp_draws(B * n, V, 5)
+        tok, conf, bad = dk.fused_draw(logits, q, None, top_k, 0.0, temp)
+        assert torch.equal(tok, logits.argmax(-1)), temp
+        assert torch.equal(conf, torch.ones_like(conf)) and not bad.any()
+        want, _ = sample_from_logits(logits, g, top_k, 0.0, temp)
+        assert torch.equal(tok, want)

@@ -325,6 +325,7 @@ def test_cli_inpaint_seeds_and_strip(files, capsys):
     ("oversized image", ["inpaint", "--mask", "mask.png", "--image", "huge.png"], "more than the limit"),
     ("bad pad", ["outpaint", "--pad", "1,2"], "--pad"),
     ("class out of range", ["class", "--mask", "mask.png", "--class", "42"], "out of range"),
+    ("repeated seed", ["inpaint", "--mask", "mask.png", "--seeds", "0,0"], "repeats a seed"),
 ])
 def test_cli_errors_are_one_line(files, capsys, case, args, needle):
     op, rest = args[0], args[1:]

@@ -260,3 +260,21 @@ def test_float_and_bool_labels_are_refused_not_truncated(tiny):
     assert check_labels(torch.tensor([3, -1]), 10, torch.device("cpu")).tolist() == [3, 10]
     with pytest.raises(HMARError, match="no class labels"):
         check_labels([], 10, torch.device("cpu"))
+
+
+def test_every_model_checks_the_schedule_and_the_tokenizer_follows_the_model_scales():
+    """A VAR (no masked branch) uses no schedule but refuses one that cannot be right, as HMAR does; sampling with a
+    model of other scales switches the tokenizer through its own setter, so its config says the scales it now has."""
+    from hmar import VQVAE, build_model, model_config, tokenizer_config
+    from hmar.errors import HMARError
+    torch.manual_seed(0)
+    tok = VQVAE(tokenizer_config("vqvae-tiny")).eval()
+    for kind in ("var", "hmar"):
+        m = build_model(model_config(f"{kind}-tiny")).eval()
+        with pytest.raises(HMARError, match="schedule"):
+            sample(m, tok, [1], schedule="no-such-schedule", decode=False)
+    pn = (1, 2, 4)
+    m = build_model(model_config("var-tiny", patch_nums=pn)).eval()
+    out = sample(m, tok, [1], decode=False)
+    assert tuple(tok.quantize.patch_nums) == tuple(tok.config.patch_nums) == pn
+    assert [t.shape[-1] for t in out.indices] == [p * p for p in pn]

@@ -235,3 +235,12 @@ def test_edit_methods_take_guidance_scale_like_call():
         pipe.inpaint(img, mask, 1, guidance_scale=float("nan"))
     with pytest.raises(HMARError, match="not both"):
         pipe.inpaint(img, mask, 1, guidance_scale=3.0, cfg=3.0)
+
+
+def test_stage2_from_a_stage1_model_refuses_a_zero_branch_depth():
+    from hmar import HMAR, build_model, model_config
+    from hmar.errors import HMARError
+    nsp = build_model(model_config("nsp-tiny"))
+    with pytest.raises(HMARError, match="branch_depth 0"):
+        HMAR.from_next_scale(nsp, branch_depth=0)
+    assert HMAR.from_next_scale(nsp, branch_depth=1).config.branch_depth == 1

@@ -93,6 +93,9 @@ def run(args: argparse.Namespace) -> int:
     seeds: Optional[List[int]] = parse_int_list(args.seeds, "--seeds") if args.seeds else None
     if seeds is not None and not seeds:
         raise HMARError("--seeds is empty: give at least one seed, e.g. 0,1,2")
+    if seeds is not None and len(set(seeds)) != len(seeds):
+        raise HMARError(f"--seeds {args.seeds} repeats a seed: each seed gives one image (OUT_s<seed>.png), "
+                        "so a repeated one would overwrite itself; give distinct seeds, e.g. 0,1,2")
     # read the inputs before loading a model, so that bad files fail fast
     img = editing.load_image(args.image, max_pixels=args.max_pixels)
     if args.edit_op == "outpaint":

@@ -362,8 +362,8 @@ class HMAR(_ScaleModel):
     def from_next_scale(cls, nsp: ScaleTransformer, branch_depth: Optional[int] = None) -> "HMAR":
         """Assemble an HMAR from a stage-1 model: trunk = its first ``depth - b`` blocks, both branches
         start as copies of its last ``b`` blocks and head, ``mask_embed`` freshly initialised."""
-        cfg = ModelConfig.from_dict({**nsp.config.to_dict(), "kind": "hmar",
-                                     "branch_depth": branch_depth or min(nsp.config.branch_depth, nsp.config.depth)})
+        b = min(nsp.config.branch_depth, nsp.config.depth) if branch_depth is None else branch_depth
+        cfg = ModelConfig.from_dict({**nsp.config.to_dict(), "kind": "hmar", "branch_depth": b})
         model = cls(cfg).to(nsp.device)
         from .keymaps import nsp_to_hmar
         sd = nsp_to_hmar(nsp.state_dict(), cfg.depth, cfg.branch_depth)
