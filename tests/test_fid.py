@@ -247,3 +247,16 @@ def test_real_inception_matches_torchscript_and_fid(tmp_path: Path) -> None:
     with torch.no_grad():
         f16 = small(load_plain(folders[0])[:2]).numpy()
     assert np.abs(f16 - ref_feats[0][:2]).max() < 2e-2 * np.abs(ref_feats[0][:2]).max()
+
+
+def test_truncated_stats_file_is_a_one_line_error_and_a_cache_miss(two_folders: List[Path], tmp_path: Path) -> None:
+    net = TinyNet()
+    cache = tmp_path / "cache"
+    first = reference_stats(two_folders[0], [net], cache, batch_size=32)[net.name]
+    (cached,) = cache.glob("*.npz")
+    cached.write_bytes(cached.read_bytes()[:200])      # e.g. a copy cut short
+    with pytest.raises(HMARError, match="not an hmar statistics file"):
+        load_stats(cached)
+    again = reference_stats(two_folders[0], [net], cache, batch_size=32)[net.name]   # recomputed, rewritten
+    np.testing.assert_array_equal(again.sigma, first.sigma)
+    assert load_stats(cached)[net.name].count == 60

@@ -186,3 +186,65 @@ def test_bad_config_overrides_are_one_line_errors(tmp_path, capsys, argv, needle
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("error: ") and needle in err[-1], err
     assert not (tmp_path / "r").exists()
+
+
+def test_symlinked_class_folders_are_followed_and_hidden_ones_ignored(tmp_path):
+    import shutil
+    make_shapes_folder(tmp_path / "src", 2, 2, 64)
+    (tmp_path / "d").mkdir()
+    for c in sorted(p for p in (tmp_path / "src").iterdir() if p.is_dir()):
+        (tmp_path / "d" / c.name).symlink_to(c, target_is_directory=True)
+    first = sorted((tmp_path / "d").iterdir())[0]
+    (first / "loop").symlink_to(tmp_path / "d", target_is_directory=True)   # a cycle is not walked forever
+    data = build_data(str(tmp_path / "d"), 64, False, 0)
+    assert len(data.train) == 4 and data.class_names == ["circle", "cross"]
+    (first / "loop").unlink()
+    # Jupyter's .ipynb_checkpoints/ (and macOS ._x.png files) are neither a class nor images of one
+    hidden = tmp_path / "src" / ".ipynb_checkpoints"
+    hidden.mkdir()
+    png = next((tmp_path / "src").rglob("*.png"))
+    shutil.copy(png, hidden / "x-checkpoint.png")
+    shutil.copy(png, png.parent / "._0000.png")
+    data = build_data(str(tmp_path / "src"), 64, False, 0)
+    assert len(data.train) == 4 and data.class_names == ["circle", "cross"]
+
+
+def test_unusable_val_split_is_an_error_not_silently_dropped(tmp_path):
+    import shutil
+    make_shapes_folder(tmp_path / "d", 2, 2, 64, val_per_class=1)
+    (tmp_path / "d" / "val" / "zzz").mkdir()        # a class the train split does not have
+    shutil.copy(next((tmp_path / "d" / "val").rglob("*.png")), tmp_path / "d" / "val" / "zzz" / "a.png")
+    with pytest.raises(HMARError, match="val split .*zzz is not one of the training classes"):
+        build_data(str(tmp_path / "d"), 64, False, 0)
+    shutil.rmtree(tmp_path / "d" / "val")            # an empty val folder still is no val split
+    (tmp_path / "d" / "val").mkdir()
+    assert build_data(str(tmp_path / "d"), 64, False, 0).val is None
+
+
+def test_resume_after_the_data_shrank_starts_the_next_epoch(tmp_path, capsys):
+    """A checkpoint at batch 3 of 4, resumed on data with 2 batches per epoch: the position is past the end of
+    the epoch, whose batch sampler was then empty, so the loop spun forever without a step."""
+    from hmar.training import TrainConfig
+    from hmar.training.loop import Trainer
+    make_shapes_folder(tmp_path / "d", 2, 4, 64)
+    common = dict(progress=False, tensorboard=False, batch_size=2, sample_every=-1, data=str(tmp_path / "d"),
+                  tokenizer=str(make_random_tokenizer(tmp_path / "tok")), out=str(tmp_path / "r"))
+    Trainer(TrainConfig(max_steps=3, **common)).run()
+    for c in (p for p in (tmp_path / "d").iterdir() if p.is_dir()):
+        for f in sorted(c.iterdir())[2:]:
+            f.unlink()
+    tr = Trainer(TrainConfig(max_steps=5, resume=True, **common))
+    tr.acc_loss, tr.acc_n = torch.zeros((), dtype=torch.float64), 0
+    tr._resume()
+    assert (tr.step, tr.epoch, tr.batch) == (3, 1, 0) and tr.iters_per_epoch == 2
+    assert "was written for 8 training samples, --data has 4 now" in capsys.readouterr().err
+    tr.run()
+    assert tr.step == 5
+
+
+def test_tokenize_refuses_a_batch_size_below_one(tmp_path):
+    from hmar.training.tokenize import tokenize_folder
+    make_shapes_folder(tmp_path / "d", 2, 1, 64)
+    with pytest.raises(HMARError, match="--batch-size must be >= 1, got 0"):   # was range()'s ValueError
+        tokenize_folder(tmp_path / "d", make_random_tokenizer(tmp_path / "tok"), tmp_path / "c.safetensors",
+                        batch_size=0, progress=False, say=lambda m: None)

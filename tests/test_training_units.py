@@ -250,3 +250,42 @@ def test_checkpoint_manager_keeps_last_n_and_restores_rng(tmp_path):
     restore_rng(st)
     b = (torch.rand(3), np.random.rand(), __import__("random").random())
     assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_yaml_values_are_typed_and_checked_like_flags(tmp_path):
+    import argparse
+    p = argparse.ArgumentParser()
+    add_config_args(p, TrainConfig)
+    y = tmp_path / "c.yaml"
+    y.write_text("lr: 3e-4\nwarmup_epochs: 1\nout: 7\n")     # YAML 1.1 reads 3e-4 (no dot) as a string
+    cfg = build_config(TrainConfig, p.parse_args(["--config", str(y)]))
+    assert cfg.lr == 3e-4 and isinstance(cfg.lr, float) and cfg.warmup_epochs == 1.0 and cfg.out == "7"
+    for text, needle in [("precision: fp8\n", "--precision: 'fp8' is not one of"),
+                         ("batch_size: many\n", "--batch-size: expected an integer"),
+                         ("lr: fast\n", "--lr: expected a number"),
+                         ("hflip: 1\n", "--hflip: expected true or false"),
+                         ("betas: [0.9]\n", "--betas: expected 2 values")]:
+        y.write_text(text)
+        with pytest.raises(HMARError, match=needle):
+            build_config(TrainConfig, p.parse_args(["--config", str(y)]))
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "--log-every", "0"], "--log-every must be at least 1"),
+    (["train", "--max-steps", "0"], "--max-steps must be at least 1"),
+    (["train", "--sample-classes", "0"], "--sample-classes must be at least 1"),
+    (["train", "--workers", "-1"], "--workers must be at least 0"),
+    (["train-tokenizer", "--log-every", "0"], "--log-every must be at least 1"),
+])
+def test_bad_loop_options_fail_before_training(tmp_path, capsys, argv, needle):
+    """Options that used to fail only mid-run (a ZeroDivisionError at the first log line, a sample grid of no
+    images after the last step) or be ignored (--max-steps 0 trained the --epochs) are refused up front."""
+    from hmar.cli import main
+    from hmar.training.synthetic import make_random_tokenizer, make_shapes_folder
+    make_shapes_folder(tmp_path / "d", 2, 2, 64)
+    extra = ["--tokenizer", str(make_random_tokenizer(tmp_path / "tok"))] if argv[0] == "train" else []
+    rc = main(argv + extra + ["--data", str(tmp_path / "d"), "--out", str(tmp_path / "r"), "--no-progress",
+                              "--no-tensorboard", "--batch-size", "2", "--epochs", "1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: ") and needle in err[-1], err
+    assert not (tmp_path / "r").exists()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,10 +94,30 @@ def folder_class_index(folder: str, class_names: Optional[Sequence[str]] = None)
 
 
 def list_images(folder: Path) -> List[Path]:
-    """All image files under ``folder`` (recursive), sorted for a stable order."""
+    """All image files under ``folder`` (recursive), sorted for a stable order.
+
+    Symlinked folders are followed (``Path.rglob`` skips them: a data set of linked class folders looked empty);
+    hidden files and folders (``.ipynb_checkpoints/``, macOS ``._x.png``) are not images of the data set."""
     if not folder.is_dir():
         raise HMARError(f"image folder {folder} does not exist; pass a folder of images")
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    out = []
+    for d, dirs, names in os.walk(folder, followlinks=True):
+        if os.path.islink(d) and _links_to_ancestor(Path(d), folder):
+            dirs[:] = []   # a link back up the tree: walking it would never end
+            continue
+        dirs[:] = [x for x in dirs if not x.startswith(".")]
+        out += [Path(d) / n for n in names if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS
+                and (Path(d) / n).is_file()]
+    return sorted(out)
+
+
+def _links_to_ancestor(d: Path, top: Path) -> bool:
+    real = os.path.realpath(d)
+    for a in [p for p in d.parents if p == top or top in p.parents]:
+        ra = os.path.realpath(a)
+        if ra == real or ra.startswith(real.rstrip(os.sep) + os.sep):
+            return True
+    return False
 
 
 def refuse_empty_class_folders(root: Path, with_images: Sequence[str]) -> None:

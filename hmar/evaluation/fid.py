@@ -10,6 +10,7 @@ images than feature dimensions), where ``sqrtm`` needs pytorch-fid's ``eps`` ret
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -112,7 +113,7 @@ def load_stats(path: Union[str, Path]) -> Dict[str, ReferenceStats]:
                                    z[f"s{i}_mu"], z[f"s{i}_sigma"],
                                    z[f"s{i}_features"] if f"s{i}_features" in z.files else None)
                 out[s.extractor] = s
-    except (KeyError, ValueError, OSError) as e:
+    except (KeyError, ValueError, OSError, zipfile.BadZipFile) as e:   # BadZipFile: a truncated file
         raise HMARError(f"{path} is not an hmar statistics file ({e}); recreate it with `hmar eval-reference`") from e
     return out
 
@@ -140,7 +141,10 @@ def reference_stats(folder: Union[str, Path], extractors: Sequence[Extractor], c
         digest = folder_hash(folder, ext.name, files)
         cached = cache_dir / f"{folder.name}-{digest[:16]}.npz" if cache_dir is not None else None
         if cached is not None and cached.is_file():
-            s = load_stats(cached).get(ext.name)
+            try:
+                s = load_stats(cached).get(ext.name)
+            except HMARError:   # an unreadable cache file is a cache miss: it is recomputed and rewritten
+                s = None
             if s is not None and s.source_hash == digest and (s.features is not None or not keep_features):
                 out[ext.name] = s
                 continue

@@ -209,7 +209,15 @@ def resume_point(trainer: Any, stage: str) -> Optional[Dict[str, Any]]:
 def restore_position(trainer: Any, ck: Dict[str, Any]) -> None:
     """Step, epoch, batch within the epoch, skipped files and RNG states of a resumed ``trainer``."""
     from .distributed import seed_everything
+    from .data import EpochBatches
     trainer.step, trainer.epoch, trainer.batch = int(ck["step"]), int(ck["epoch"]), int(ck["batch"])
+    n = len(trainer.data.train)
+    if ck.get("num_train") is not None and int(ck["num_train"]) != n:
+        trainer.say(f"warning: {ck['path']} was written for {ck['num_train']} training samples, --data has {n} now: "
+                    "the resumed run's data order differs from the original run's")
+    if trainer.batch >= EpochBatches.batches_per_epoch(n, trainer.cfg.batch_size):
+        # past the end of a (now shorter) epoch: an empty epoch would never advance the loop; start the next one
+        trainer.epoch, trainer.batch = trainer.epoch + 1, 0
     trainer.log.drop_after(trainer.step)
     trainer.corrupt.seen.update(ck.get("corrupt", []))
     if not trainer.ckpts.restore_rng(ck, trainer.say):

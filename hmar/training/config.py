@@ -292,9 +292,63 @@ def build_config(cls: Type[C], args: Optional[argparse.Namespace] = None, **valu
     for f in fields(cls):
         if f.name in merged and isinstance(f.default_factory() if f.default is MISSING else f.default, dict):  # type: ignore[misc]
             merged[f.name] = parse_overrides(merged[f.name], _flag(f.name))
+        elif f.name in merged:
+            merged[f.name] = _typed(f, merged[f.name])
     if "betas" in merged:
         merged["betas"] = tuple(float(b) for b in merged["betas"])
     return cls(**merged)
+
+
+def _typed(f: Any, value: Any) -> Any:
+    """A YAML (or keyword) value checked and converted as argparse would the flag's: YAML 1.1 reads ``1e-4``
+    (no dot) as a string, and a value outside ``choices`` would otherwise fail deep inside the run."""
+    meta, flag = f.metadata, _flag(f.name)
+    kind, default = meta.get("type"), f.default
+    if value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise HMARError(f"{flag}: expected true or false, got {value!r}")
+        return value
+    if meta.get("nargs"):
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if len(items) != meta["nargs"]:
+            raise HMARError(f"{flag}: expected {meta['nargs']} values, got {value!r}")
+        return [_scalar(kind, v, flag) for v in items]
+    value = _scalar(kind, value, flag)
+    if meta.get("choices") and value not in meta["choices"]:
+        raise HMARError(f"{flag}: {value!r} is not one of {', '.join(meta['choices'])}")
+    return value
+
+
+def _scalar(kind: Any, value: Any, flag: str) -> Any:
+    if kind not in (int, float, str) or isinstance(value, kind) and not isinstance(value, bool):
+        return value
+    ok = (kind is str and isinstance(value, (int, float)) and not isinstance(value, bool)) or \
+         (kind is float and not isinstance(value, bool) and isinstance(value, (int, str))) or \
+         (kind is int and isinstance(value, float) and value.is_integer())
+    if ok:
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    raise HMARError(f"{flag}: expected {'a number' if kind is float else 'an integer' if kind is int else 'text'}, "
+                    f"got {value!r}" + (" (write floats in YAML with a dot: 1.0e-4)" if kind is float else ""))
+
+
+def check_common(cfg: CommonConfig) -> None:
+    """Refuse values that would fail only later (a division by zero at the first log line, a negative
+    worker count) or be silently ignored (``--max-steps 0``)."""
+    for name, low in (("log_every", 1), ("workers", 0), ("epochs", 0), ("max_steps", 1), ("keep_last", 1),
+                      ("eval_batches", 0)):
+        v = getattr(cfg, name, None)
+        if v is not None and v < low:
+            raise HMARError(f"{_flag(name)} must be at least {low}, got {v}")
+    sampled = getattr(cfg, "sample_every", -1) >= 0
+    for name in ("sample_classes", "sample_per_class"):
+        if sampled and getattr(cfg, name) < 1:
+            raise HMARError(f"{_flag(name)} must be at least 1, got {getattr(cfg, name)} (--sample-every -1: "
+                            "no sample grids)")
 
 
 def config_to_dict(cfg: CommonConfig) -> Dict[str, Any]:

@@ -394,7 +394,10 @@ def build_image_data(root: Union[str, Path], resolution: int, hflip: bool, seed:
     if val_dir is not None:
         try:
             val = ImageFolderDataset(val_dir, resolution, train=False, seed=seed, class_names=train.class_names)
-        except HMARError:
+        except HMARError as e:
+            if list_images(val_dir):   # a val split with images that cannot be used: say so, not skip it silently
+                raise HMARError(f"val split {val_dir}: {e} (give it class folders of the train split, or remove "
+                                "it)") from None
             val = None  # an empty val folder is not fatal
     return TrainData("images", train, val, train.class_names, {})
 

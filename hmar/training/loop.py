@@ -22,7 +22,7 @@ from ..model import HMAR, build_model, init_weights
 from ..presets import ModelConfig, model_config
 from .checkpointing import (CheckpointManager, get_states, require_fresh_or_resume, restore_position, resume_point,
                             set_states)
-from .config import TrainConfig, config_to_dict, preset_config
+from .config import TrainConfig, check_common, config_to_dict, preset_config
 from .data import (CorruptFiles, EpochBatches, EvalBatches, PaddedEval, TrainData, build_data, is_token_cache,
                    make_loader, quantizer_fingerprint, read_token_cache)
 from .distributed import (DistInfo, all_gather_object, all_reduce_, all_reduce_max, cleanup, init_distributed,
@@ -255,6 +255,7 @@ class Trainer:
         if cfg.batch_size < 1 or cfg.batch_size % self.info.world:
             raise HMARError(f"--batch-size {cfg.batch_size} must be a positive multiple of the {self.info.world} "
                             "processes (it is the global batch)")
+        check_common(cfg)
         require_fresh_or_resume(self.run_dir, cfg.resume)
         existed = self.run_dir.exists()
         self.log = RunLogger(self.run_dir, self.info.is_main, cfg.tensorboard)
@@ -496,6 +497,7 @@ class Trainer:
                    "log_window": [list(w) for w in window],
                    "scaler": self.st.scaler.state_dict() if self.st.scaler is not None else None,
                    "corrupt": sorted(self.corrupt.seen), "config": config_to_dict(self.cfg),
+                   "num_train": len(self.data.train),
                    "model_config": self.model.config.to_dict()}
         path = self.ckpts.save(self.step, payload)
         if path is not None:

@@ -68,6 +68,8 @@ def tokenize_folder(data: Union[str, Path], tokenizer: Union[str, Path], out: Un
     """
     if views < 1:
         raise HMARError(f"--views must be >= 1, got {views}")
+    if batch_size < 1:
+        raise HMARError(f"--batch-size must be >= 1, got {batch_size}")
     out = Path(out)
     if out.suffix != ".safetensors":
         raise HMARError(f"--out {str(out)!r} must end in .safetensors (the trainer recognises caches by it)")

@@ -23,7 +23,7 @@ from ..presets import TokenizerConfig, tokenizer_config
 from ..tokenizer import VQVAE
 from .checkpointing import (CheckpointManager, get_states, require_fresh_or_resume, restore_position, resume_point,
                             set_states)
-from .config import TokenizerTrainConfig, config_to_dict, preset_config
+from .config import TokenizerTrainConfig, check_common, config_to_dict, preset_config
 from .data import CorruptFiles, EpochBatches, EvalBatches, PaddedEval, build_image_data, is_token_cache, make_loader
 from .distributed import DistInfo, all_reduce_, all_reduce_max, broadcast_, cleanup, init_distributed, seed_everything, wrap_model
 from .gan import PatchDiscriminator, PerceptualLoss, adaptive_weight, hinge_d_loss
@@ -93,6 +93,7 @@ class TokenizerTrainer:
             raise HMARError("no reconstruction loss: give --l1 and/or --l2 a positive weight")
         if is_token_cache(cfg.data):
             raise HMARError("train-tokenizer needs an image folder, not a token cache")
+        check_common(cfg)
         require_fresh_or_resume(self.run_dir, cfg.resume)
         existed = self.run_dir.exists()
         self.log = RunLogger(self.run_dir, self.info.is_main, cfg.tensorboard)
@@ -271,6 +272,7 @@ class TokenizerTrainer:
         payload: Dict[str, Any] = {"states": get_states(self.fwd, opts, self.info), "epoch": self.epoch,
                                    "batch": self.batch, "stage": "tokenizer", "last_used": self.last_used.cpu(),
                                    "ema_updates": self.ema_updates, "corrupt": sorted(self.corrupt.seen),
+                                   "num_train": len(self.data.train),
                                    "config": config_to_dict(self.cfg)}
         if self.disc is not None:
             payload["disc"] = get_states(self.disc_fwd, [self.dopt], self.info)
