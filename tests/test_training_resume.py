@@ -175,3 +175,90 @@ def test_resume_from_a_checkpoint_inside_a_log_window_logs_the_same_loss(tmp_pat
     ck = torch.load(a_dir / "checkpoints" / "step_00000005.pt", map_location="cpu", weights_only=False)
     (total, n), = ck["log_window"]
     assert n == 5 and total > 0
+
+
+def _finished_run(tmp_path, capsys, val=True):
+    """A 4-step run (2 epochs of 2 batches) from a token cache of 8 images, with a val split, a sample grid at
+    the end and a checkpoint per epoch; returns the CLI arguments that made it (in-process, one torch thread)."""
+    from hmar.cli import main
+    make_shapes_folder(tmp_path / "d", 2, 4, 64, val_per_class=2 if val else 0)
+    tok = make_random_tokenizer(tmp_path / "tok")
+    cache = tokenize_folder(tmp_path / "d", tok, tmp_path / "c.safetensors", views=1, progress=False,
+                            say=lambda m: None)
+    argv = ["train", "--model", "hmar-tiny", "--tokenizer", str(tok), "--data", str(cache), "--out",
+            str(tmp_path / "run"), "--epochs", "2", "--batch-size", "4", "--no-progress", "--no-tensorboard",
+            "--log-every", "1", "--sample-classes", "1", "--sample-per-class", "1", "--eval-batches", "1"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    return argv
+
+
+def _snapshot(run):
+    """Every file of a run directory (but log.txt) with its bytes and modification time."""
+    return {str(p.relative_to(run)): (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(run.rglob("*"))
+            if p.is_file() and p.name != "log.txt"}
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_resume_of_a_finished_run_is_a_no_op(tmp_path, capsys, one_thread):
+    """--resume after the last step (final model written): no second evaluation of the same step in
+    metrics.jsonl, no rewritten checkpoint, model or sample grid; one note, and the model directory back."""
+    from hmar.cli import main
+    from hmar.training.config import TrainConfig, build_config
+    from hmar.training.loop import Trainer
+    argv = _finished_run(tmp_path, capsys)
+    run = tmp_path / "run"
+    before = _snapshot(run)
+    assert "samples/final_step_00000004.png" in before and "checkpoints/step_00000004.pt" in before
+    assert main(argv + ["--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "run already finished at step 4: nothing to do" in err, err
+    assert _snapshot(run) == before
+    cfg = build_config(TrainConfig, data=argv[argv.index("--data") + 1], tokenizer=argv[argv.index("--tokenizer") + 1],
+                       out=str(run), epochs=2, batch_size=4, progress=False, tensorboard=False, resume=True)
+    assert Trainer(cfg).run() == run / "model"
+    assert _snapshot(run) == before
+
+
+def test_resume_below_the_checkpoint_step_is_an_error(tmp_path, capsys, one_thread):
+    """A checkpoint at step 4 resumed with --max-steps 3 (or --epochs 1: 2 steps) used to end quietly at step 4."""
+    from hmar.cli import main
+    argv = _finished_run(tmp_path, capsys, val=False)
+    run = tmp_path / "run"
+    before = _snapshot(run)
+    assert main(argv + ["--resume", "--max-steps", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "the checkpoint is at step 4; --max-steps 3 is below it" in err and "--max-steps >= 4" in err, err
+    epochs = argv.index("--epochs") + 1
+    assert main(argv[:epochs] + ["1"] + argv[epochs + 1:] + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "the checkpoint is at step 4; --epochs 1 gives only 2 steps" in err, err
+    assert _snapshot(run) == before
+    assert main(argv + ["--resume", "--max-steps", "5"]) == 0     # a longer run goes on from the checkpoint
+    assert "resumed from" in capsys.readouterr().err and (run / "checkpoints" / "step_00000005.pt").exists()
+
+
+def test_resume_of_a_finished_tokenizer_run_is_a_no_op(tmp_path, capsys, one_thread):
+    from hmar.cli import main
+    from hmar.training.synthetic import SMALL_TOKENIZER
+    make_shapes_folder(tmp_path / "d", 2, 2, 32)
+    run = tmp_path / "tok"
+    argv = ["train-tokenizer", "--data", str(tmp_path / "d"), "--out", str(run), "--max-steps", "2",
+            "--batch-size", "2", "--no-progress", "--no-tensorboard", "--eval-batches", "1", "--tokenizer-override",
+            *[f"{k}={v}" for k, v in SMALL_TOKENIZER.items()]]
+    assert main(argv) == 0
+    before = _snapshot(run)
+    assert "tokenizer/tokenizer.safetensors" in before and "checkpoints/step_00000002.pt" in before
+    capsys.readouterr()
+    assert main(argv + ["--resume"]) == 0
+    assert "run already finished at step 2: nothing to do" in capsys.readouterr().err
+    assert _snapshot(run) == before
+    assert main(argv + ["--resume", "--max-steps", "1"]) == 2
+    assert "the checkpoint is at step 2; --max-steps 1 is below it" in capsys.readouterr().err

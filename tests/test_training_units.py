@@ -173,6 +173,21 @@ def test_help_documents_every_option(capsys):
             assert "--" + f.name.replace("_", "-") in out, f.name
 
 
+def test_help_says_what_negative_sample_every_and_zero_eval_batches_do(capsys):
+    """--sample-every: any negative value means no grids at all (the loop tests ``>= 0``); --eval-batches 0:
+    no cap, the whole split (EvalBatches takes 0 as no limit)."""
+    from hmar.cli import main
+    from hmar.training.data import EvalBatches
+    assert len(EvalBatches(10, 2, 0, 1, 0)) == 5 == len(EvalBatches(10, 2, 0, 1, None)) > len(EvalBatches(10, 2, 0, 1, 1))
+    for cmd in ("train", "train-tokenizer"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        out = " ".join(capsys.readouterr().out.split())
+        assert "(0: the whole val split" in out.rsplit("--eval-batches EVAL_BATCHES", 1)[1].split("--")[0], cmd
+        if cmd == "train":
+            assert "any negative value, e.g. -1: never" in out.rsplit("--sample-every SAMPLE_EVERY", 1)[1].split("--")[0]
+
+
 # ------------------------------------------------------------------------------------ tokenizer parts
 def test_ema_hits_rule_and_usage():
     from hmar.training.tokenizer_trainer import code_usage, update_ema_hits
@@ -276,6 +291,9 @@ def test_yaml_values_are_typed_and_checked_like_flags(tmp_path):
     (["train", "--sample-classes", "0"], "--sample-classes must be at least 1"),
     (["train", "--workers", "-1"], "--workers must be at least 0"),
     (["train-tokenizer", "--log-every", "0"], "--log-every must be at least 1"),
+    (["train", "--warmup-steps", "-3"], "--warmup-steps must be at least 0, got -3"),
+    (["train", "--warmup-epochs", "-0.5"], "--warmup-epochs must be at least 0, got -0.5"),
+    (["train-tokenizer", "--warmup-steps", "-1"], "--warmup-steps must be at least 0, got -1"),
 ])
 def test_bad_loop_options_fail_before_training(tmp_path, capsys, argv, needle):
     """Options that used to fail only mid-run (a ZeroDivisionError at the first log line, a sample grid of no

@@ -25,6 +25,7 @@ uninterrupted processes differ at that level.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -204,6 +205,30 @@ def resume_point(trainer: Any, stage: str) -> Optional[Dict[str, Any]]:
                         f"{old_batch} when resuming with {trainer.info.world} process(es) (each gets "
                         f"{old_batch} / {trainer.info.world})")
     return ck
+
+
+def already_finished(trainer: Any, ck: Dict[str, Any], output: Path) -> bool:
+    """Whether resuming from ``ck`` has nothing to do: the checkpoint is at the run's last step and ``output``
+    (the final model / tokenizer directory) was written at that step (a one-line note says so). A checkpoint
+    past the last step is an error: the run would quietly end at the checkpoint's step instead of the one asked
+    for (with --time-budget the number of steps is fitted during the run, so it is not checked here)."""
+    step, total, cfg = int(ck["step"]), trainer.total, trainer.cfg
+    if step > total and not cfg.time_budget:
+        if cfg.max_steps:
+            raise HMARError(f"{ck['path']}: the checkpoint is at step {step}; --max-steps {cfg.max_steps} is below "
+                            f"it: pass --max-steps >= {step} or resume without it")
+        raise HMARError(f"{ck['path']}: the checkpoint is at step {step}; --epochs {cfg.epochs} gives only {total} "
+                        f"steps: pass more --epochs or --max-steps >= {step}")
+    if step != total:
+        return False
+    try:
+        done = int(json.loads((output / "config.json").read_text())["training"]["steps"]) == step
+    except (OSError, ValueError, KeyError, TypeError):   # not written (killed before the end), or torn
+        done = False
+    if done:
+        trainer.say(f"run already finished at step {step}: nothing to do; pass a larger --max-steps (or --epochs) "
+                    f"to train on; output: {output}")
+    return done
 
 
 def restore_position(trainer: Any, ck: Dict[str, Any]) -> None:

@@ -128,9 +128,10 @@ class TrainConfig(CommonConfig):
     init_head: float = opt(0.02, "scale of the output head at init (official hd)", type=float)
     eval_every: int = opt(0, "validate every N steps (0: at the end of every epoch); needs a val split",
                           type=int)
-    eval_batches: int = opt(50, "at most this many validation batches per evaluation", type=int)
-    sample_every: int = opt(0, "write a sample grid to RUNDIR/samples every N steps (0: only at the end; -1: never)",
+    eval_batches: int = opt(50, "at most this many validation batches per evaluation (0: the whole val split)",
                             type=int)
+    sample_every: int = opt(0, "write a sample grid to RUNDIR/samples every N steps (0: only at the end; any "
+                               "negative value, e.g. -1: never)", type=int)
     sample_classes: int = opt(8, "classes in a sample grid (the first N)", type=int)
     sample_per_class: int = opt(4, "images per class in a sample grid", type=int)
     sample_cfg: float = opt(1.5, "classifier-free guidance of the sample grids", type=float)
@@ -161,7 +162,8 @@ class TokenizerTrainConfig(CommonConfig):
     disc_channels: int = opt(64, "channels of the first discriminator layer", type=int)
     dead_code_steps: int = opt(200, "re-initialise codes unused for this many steps with encoder features of the "
                                     "current batch (0: never)", type=int)
-    eval_batches: int = opt(20, "at most this many validation batches for the per-epoch PSNR", type=int)
+    eval_batches: int = opt(20, "at most this many validation batches for the per-epoch PSNR (0: the whole val "
+                                "split, or the whole training set when there is no val split)", type=int)
 
 
 C = TypeVar("C", bound=CommonConfig)
@@ -338,9 +340,9 @@ def _scalar(kind: Any, value: Any, flag: str) -> Any:
 
 def check_common(cfg: CommonConfig) -> None:
     """Refuse values that would fail only later (a division by zero at the first log line, a negative
-    worker count) or be silently ignored (``--max-steps 0``)."""
+    worker count), be silently ignored (``--max-steps 0``) or shift the lr schedule (a negative warm-up)."""
     for name, low in (("log_every", 1), ("workers", 0), ("epochs", 0), ("max_steps", 1), ("keep_last", 1),
-                      ("eval_batches", 0)):
+                      ("eval_batches", 0), ("warmup_steps", 0), ("warmup_epochs", 0)):
         v = getattr(cfg, name, None)
         if v is not None and v < low:
             raise HMARError(f"{_flag(name)} must be at least {low}, got {v}")

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from ..errors import HMARError
 from ..model import HMAR, build_model, init_weights
 from ..presets import ModelConfig, model_config
-from .checkpointing import (CheckpointManager, get_states, require_fresh_or_resume, restore_position, resume_point,
-                            set_states)
+from .checkpointing import (CheckpointManager, already_finished, get_states, require_fresh_or_resume,
+                            restore_position, resume_point, set_states)
 from .config import TrainConfig, check_common, config_to_dict, preset_config
 from .data import (CorruptFiles, EpochBatches, EvalBatches, PaddedEval, TrainData, build_data, is_token_cache,
                    make_loader, quantizer_fingerprint, read_token_cache)
@@ -503,10 +503,13 @@ class Trainer:
         if path is not None:
             self.say(f"saved checkpoint {path}")
 
-    def _resume(self) -> None:
+    def _resume(self) -> bool:
+        """Restore the newest checkpoint; True when the run had already finished (nothing restored)."""
         ck = resume_point(self, self.stage)
         if ck is None:
-            return
+            return False
+        if already_finished(self, ck, self.run_dir / "model"):
+            return True
         try:
             set_states(self.st.wrapped, [self.st.optimizer], ck["states"], self.info)
         except (RuntimeError, KeyError, ValueError) as e:
@@ -519,20 +522,24 @@ class Trainer:
             self.acc_loss.fill_(float(window[self.info.rank][0]))
             self.acc_n = int(window[self.info.rank][1])
         restore_position(self, ck)
+        return False
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> Path:
         """Train to the end; returns the final model directory (``RUNDIR/model``)."""
         cfg, info, st = self.cfg, self.info, self.st
-        if info.is_main:
-            self.log.record(0, "config", {"train": config_to_dict(cfg), "model": self.model.config.to_dict(),
-                                          "world": info.world}, echo=False)
         self.acc_loss = torch.zeros((), device=info.device, dtype=torch.float64)   # loss sum since the last log
         self.acc_n = 0
         if cfg.resume:
-            self._resume()
+            if self._resume():   # finished: leave metrics, checkpoints, model and samples as they are
+                self.log.close()
+                cleanup(info)
+                return self.run_dir / "model"
         else:
             seed_everything(cfg.seed * 1000 + info.rank + 1)   # per-rank streams (class dropout, drop path)
+        if info.is_main:
+            self.log.record(0, "config", {"train": config_to_dict(cfg), "model": self.model.config.to_dict(),
+                                          "world": info.world}, echo=False)
         from tqdm.auto import tqdm
         bar = tqdm(total=self.total, initial=self.step, unit="step", dynamic_ncols=True, leave=True,
                    disable=not (info.is_main and cfg.progress), desc=self.stage)

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from ..errors import HMARError
 from ..presets import TokenizerConfig, tokenizer_config
 from ..tokenizer import VQVAE
-from .checkpointing import (CheckpointManager, get_states, require_fresh_or_resume, restore_position, resume_point,
-                            set_states)
+from .checkpointing import (CheckpointManager, already_finished, get_states, require_fresh_or_resume,
+                            restore_position, resume_point, set_states)
 from .config import TokenizerTrainConfig, check_common, config_to_dict, preset_config
 from .data import CorruptFiles, EpochBatches, EvalBatches, PaddedEval, build_image_data, is_token_cache, make_loader
 from .distributed import DistInfo, all_reduce_, all_reduce_max, broadcast_, cleanup, init_distributed, seed_everything, wrap_model
@@ -280,10 +280,13 @@ class TokenizerTrainer:
         if path is not None:
             self.say(f"saved checkpoint {path}")
 
-    def _resume(self) -> None:
+    def _resume(self) -> bool:
+        """Restore the newest checkpoint; True when the run had already finished (nothing restored)."""
         ck = resume_point(self, "tokenizer")
         if ck is None:
-            return
+            return False
+        if already_finished(self, ck, self.run_dir / "tokenizer"):
+            return True
         try:
             set_states(self.fwd, [self.opt], ck["states"], self.info)
             if self.disc is not None and "disc" in ck:
@@ -294,18 +297,22 @@ class TokenizerTrainer:
         self.last_used = ck["last_used"].to(self.info.device)
         self.ema_updates = int(ck["ema_updates"])
         restore_position(self, ck)
+        return False
 
     # ---------------------------------------------------------------- loop
     def run(self) -> Path:
         """Train; returns ``RUNDIR/tokenizer``."""
         cfg, info = self.cfg, self.info
+        if cfg.resume:
+            if self._resume():   # finished: leave metrics, checkpoints and the tokenizer as they are
+                self.log.close()
+                cleanup(info)
+                return self.run_dir / "tokenizer"
+        else:
+            seed_everything(cfg.seed * 1000 + info.rank + 1)
         if info.is_main:
             self.log.record(0, "config", {"train": config_to_dict(cfg), "tokenizer": self.vq.config.to_dict(),
                                           "world": info.world}, echo=False)
-        if cfg.resume:
-            self._resume()
-        else:
-            seed_everything(cfg.seed * 1000 + info.rank + 1)
         from tqdm.auto import tqdm
         bar = tqdm(total=self.total, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (info.is_main and cfg.progress), desc="tokenizer")
