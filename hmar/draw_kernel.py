@@ -94,7 +94,7 @@ if _HAS_TRITON:
         bins = tl.arange(0, 256)
         prefix = tl.full((), 0, tl.uint32)
         for r in tl.static_range(4):
-            shift: tl.constexpr = 24 - 8 * r
+            shift = 24 - 8 * r   # (a constexpr annotation cannot be reassigned in a static_range on Triton 3.6)
             byte = (ukey >> shift) & 0xFF
             if r == 0:
                 digit = byte

@@ -147,6 +147,8 @@
 #           training experiments of calls 44, 46 and 47 on hmar-d16 alone, its compiles being the cheapest (whole
 #           model vs blocks, default vs reduce-overhead, blocks in default vs max-autotune-no-cudagraphs; ~9 minutes,
 #           LIMIT=560); the GPU tests of call 44 and the d30 / d16-512 runs follow in a later call
+#           (2026-12-06, on an H100: its first two steps and train-gpu-tests ran, BENCHMARKS.md 2h: blocks 0.95x,
+#           reduce-overhead 1.01x, 3 GPU tests passed; autotune-train-d16 did not fit the device time left)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
