@@ -1,10 +1,10 @@
 """Every Triton kernel hmar launches, compiled ahead of time for an H100 / H200 (sm_90) by the CUDA backend of the
 installed Triton, which needs no GPU: the attention's forward, backward, row-norm / delta and inference kernels, the
-AdaLN norm's forward and backward, the skinny GEMM and the fp8 row quantisation.
+AdaLN norm's forward and backward, the skinny GEMM, the fp8 row quantisation and the token draw.
 
 Without CUDA the kernels' other tests run them in Triton's CPU interpreter (``TRITON_INTERPRET=1``), which executes
 them as Python and accepts code the compiler refuses (the draw kernel's histogram select once failed on the GPU
-only: a ``tl.constexpr`` re-assigned in a ``tl.static_range``; ``test_draw_kernel.py`` compiles that one). Here each
+only: a ``tl.constexpr`` re-assigned in a ``tl.static_range``). Here each
 kernel file's variants are compiled in one fresh process without the interpreter (this file run as a script): the
 argument dtypes, the compile-time constants and the ``num_warps`` / ``num_stages`` each launch site passes by default,
 and its main alternatives (bf16 and fp16, head dim 64 and 128, the L2-normalised attention, the inference and
@@ -170,8 +170,26 @@ def _fp8_variants():
     return fk, out, set()
 
 
+def _draw_variants():
+    import hmar.draw_kernel as dk
+
+    def v(dt, V, hist, guided=True, shift=False):   # fused_draw: BLOCK = next_power_of_2(V), warps = block // 512
+        block = 1 << (V - 1).bit_length()
+        warps = max(1, min(8, block // 512))
+        sig = {"logits_ptr": f"*{dt}", "q_ptr": "*fp32", "tok_ptr": "*i64", "conf_ptr": "*fp32", "bad_ptr": "*i1",
+               **_ints("rows", "V", "stride_l", "stride_q", "top_k"), "weight": "fp32", "temperature": "fp32",
+               "top_p": "fp32"}
+        return (f"draw-{dt}-v{V}{'-hist' if hist else ''}{'-guided' if guided else ''}{'-shift' if shift else ''}",
+                dk._draw_kernel, sig, {"GUIDED": guided, "TOP_K": True, "TOP_P": True, "BLOCK": block, "HIST": hist,
+                                       "SHIFT": shift}, warps, 3)
+
+    out = [v("bf16", 4096, False), v("bf16", 4096, True),   # the official vocabulary, both top-k selects
+           v("fp32", 4096, True, guided=False, shift=True), v("fp16", 16384, False, shift=True)]
+    return dk, out, {"_enough", "_largest_key_with", "_kth_key_by_histograms"}
+
+
 _VARIANTS = {"attention": _attention_variants, "norm": _norm_variants, "skinny_gemm": _skinny_variants,
-             "fp8": _fp8_variants}
+             "fp8": _fp8_variants, "draw": _draw_variants}
 
 # "file:variant" -> why it fails to compile for sm_90 as launched (none known)
 KNOWN_FAILURES: dict = {}
