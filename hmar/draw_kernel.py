@@ -161,9 +161,8 @@ def fused_draw(logits: torch.Tensor, q: torch.Tensor, weight: Optional[float] = 
                          f"on {logits.device} here: set the model's fused_draw = False to draw with torch ops")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    from .sampling import _SHIFT_BELOW_TEMPERATURE
-    shift = temperature < _SHIFT_BELOW_TEMPERATURE
-    temperature = max(temperature, torch.finfo(torch.float32).tiny) if shift else temperature
+    from .sampling import shifted_temperature
+    temperature, shift = shifted_temperature(temperature)
     V = logits.shape[-1]
     B2, n = logits.shape[0], logits.numel() // (logits.shape[0] * V)
     B = B2 // 2 if weight is not None else B2

@@ -84,6 +84,15 @@ def _top_p_of_sorted(vals: torch.Tensor, top_p: float) -> torch.Tensor:
 _SHIFT_BELOW_TEMPERATURE = 1e-4   # (fp32 logits would need |x| > 3e34 to overflow above it)
 
 
+def shifted_temperature(temperature: float) -> Tuple[float, bool]:
+    """(the temperature to divide by, whether each row's max must be subtracted first). Below 1e-4,
+    ``logits / temperature`` could overflow to inf (a NaN softmax: token 0 everywhere); with the max subtracted it is
+    the same distribution, the greedy limit. A temperature that is 0 in fp32 would make the max 0 / 0: it is floored
+    at the smallest normal fp32, greedy already. Shared by the torch draw and the Triton draw kernel."""
+    shift = temperature < _SHIFT_BELOW_TEMPERATURE
+    return (max(temperature, torch.finfo(torch.float32).tiny) if shift else temperature), shift
+
+
 def sample_from_logits(logits: torch.Tensor, generator: torch.Generator, top_k: int = 0, top_p: float = 0.0,
                        temperature: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per position of ``logits`` ``[B, n, V]``; returns (tokens, their probabilities after the
@@ -96,11 +105,7 @@ def sample_from_logits(logits: torch.Tensor, generator: torch.Generator, top_k: 
     if temperature <= 0:
         raise HMARError(f"temperature must be > 0, got {temperature}")
     V = logits.shape[-1]
-    # a tiny temperature: ``logits / temperature`` would overflow to inf (softmax NaN: token 0 everywhere); the row's
-    # max is subtracted first (the same distribution, the greedy limit); above the threshold it cannot overflow
-    shift = temperature < _SHIFT_BELOW_TEMPERATURE
-    if shift:   # (and one that is 0 in fp32 would make the max 0 / 0: the smallest normal fp32 is greedy already)
-        temperature = max(temperature, torch.finfo(torch.float32).tiny)
+    temperature, shift = shifted_temperature(temperature)   # a tiny one: the row's max first (no overflow)
     if 0 < top_k < V:
         vals, cand = logits.topk(top_k, dim=-1)            # descending; temperature keeps the order
         vals = vals.float()
