@@ -88,6 +88,22 @@ def test_fashion_mnist_limit_and_splits(fake_fmnist: Path, tmp_path: Path) -> No
     assert (tmp_path / "o" / "train" / "notes.txt").exists()
 
 
+def test_fashion_mnist_test_split_is_the_trainers_validation_split(fake_fmnist: Path, tmp_path: Path) -> None:
+    """`hmar data fashion-mnist` writes train/ and test/; the trainer looked for val/ only, so it never validated."""
+    import shutil
+
+    from hmar.training.data import build_data
+    out = tmp_path / "out"
+    build_fashion_mnist(out, fake_fmnist)
+    data = build_data(str(out), 32, False, 0)
+    assert data.val is not None and len(data.val) == 20 and len(data.train) == 30
+    assert data.val.root == out / "test" and data.val.train is False
+    assert sorted(data.val.labels) == sorted(np.repeat(np.arange(10), 2).tolist())
+    shutil.copytree(out / "test", out / "val")                    # a val/ folder, when there is one, comes first
+    shutil.rmtree(out / "val" / class_dir_name(0, CLASS_NAMES[0], 10))
+    assert build_data(str(out), 32, False, 0).val.root == out / "val"
+
+
 def test_fashion_mnist_missing_names_package(tmp_path: Path) -> None:
     with pytest.raises(HMARError) as e:
         build_fashion_mnist(tmp_path / "o", tmp_path / "nowhere")

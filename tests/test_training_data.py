@@ -248,3 +248,110 @@ def test_tokenize_refuses_a_batch_size_below_one(tmp_path):
     with pytest.raises(HMARError, match="--batch-size must be >= 1, got 0"):   # was range()'s ValueError
         tokenize_folder(tmp_path / "d", make_random_tokenizer(tmp_path / "tok"), tmp_path / "c.safetensors",
                         batch_size=0, progress=False, say=lambda m: None)
+
+
+def test_two_links_to_one_class_folder_are_refused_not_read_twice(tmp_path):
+    """Two symlinks to one class folder (or a link beside the folder itself) made two classes of the same images."""
+    make_shapes_folder(tmp_path / "src", 2, 2, 64)
+    (tmp_path / "d").mkdir()
+    for name in ("a_circle", "b_circle"):
+        (tmp_path / "d" / name).symlink_to(tmp_path / "src" / "circle", target_is_directory=True)
+    with pytest.raises(HMARError, match="a_circle and .*b_circle are the same folder") as e:
+        build_data(str(tmp_path / "d"), 64, False, 0)
+    assert str((tmp_path / "src" / "circle").resolve()) in str(e.value)
+    (tmp_path / "src" / "twin").symlink_to(tmp_path / "src" / "cross", target_is_directory=True)
+    with pytest.raises(HMARError, match="cross and .*twin are the same folder"):
+        build_data(str(tmp_path / "src"), 64, False, 0)
+    (tmp_path / "src" / "twin").unlink()
+    (tmp_path / "src" / "cross" / "more").symlink_to(tmp_path / "src" / "circle", target_is_directory=True)
+    with pytest.raises(HMARError, match="same folder"):                 # duplicates inside one class, too
+        build_data(str(tmp_path / "src"), 64, False, 0)
+    (tmp_path / "split" / "train").mkdir(parents=True)                # a val split that is the train split
+    (tmp_path / "split" / "train" / "circle").symlink_to(tmp_path / "src" / "circle", target_is_directory=True)
+    (tmp_path / "split" / "val").symlink_to(tmp_path / "split" / "train", target_is_directory=True)
+    with pytest.raises(HMARError, match="val and .*train are the same folder"):
+        build_data(str(tmp_path / "split"), 64, False, 0)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A camera stores a portrait photo as landscape pixels plus an EXIF Orientation tag: it loaded sideways."""
+    from hmar.datasets.folder import load_image
+    arr = np.zeros((60, 80, 3), np.uint8)
+    arr[:, :40] = 255                                    # stored: left half white, right half black
+    exif = Image.Exif()
+    exif[0x0112] = 6                                     # Orientation 6: turn 90 degrees clockwise to view
+    d = tmp_path / "a" / "x"
+    d.mkdir(parents=True)
+    Image.fromarray(arr).save(d / "photo.jpg", quality=95, exif=exif)
+    img = ImageFolderDataset(tmp_path / "a", 64, train=False)[0]["img"]
+    # upright, the photo is 60 wide and 80 tall, white on top: the centre crop is white above, black below
+    assert img[:, :28].mean() > 0.9 and img[:, 36:].mean() < -0.9, img.mean(dim=(0, 2))
+    up = load_image(d / "photo.jpg")                     # the evaluation / classifier reader
+    assert up.shape == (80, 60, 3) and up[:36].mean() > 230 and up[44:].mean() < 25
+    plain = d / "plain.jpg"                              # without the tag nothing turns
+    Image.fromarray(arr).save(plain, quality=95)
+    assert load_image(plain).shape == (60, 80, 3)
+
+
+def _cache_with_other_scales(tmp_path):
+    """A cache of tokenizer t1 (scales 1,2,3,4) and t1b: the same weights (same fingerprint), scales 1,2,4."""
+    import json
+    import shutil
+
+    from hmar.training.tokenize import tokenize_folder
+    make_shapes_folder(tmp_path / "d", 2, 2, 64)
+    t1 = make_random_tokenizer(tmp_path / "t1", seed=1)
+    cache = tokenize_folder(tmp_path / "d", t1, tmp_path / "c.safetensors", progress=False, say=lambda m: None)
+    shutil.copytree(t1, tmp_path / "t1b")
+    cfg = json.loads((tmp_path / "t1b" / "config.json").read_text())
+    cfg["tokenizer"]["patch_nums"] = [1, 2, 4]
+    (tmp_path / "t1b" / "config.json").write_text(json.dumps(cfg))
+    return cache, t1, tmp_path / "t1b"
+
+
+def test_cache_of_other_scales_or_length_is_refused_before_training(tmp_path):
+    """The quantizer fingerprint does not see the scales: such a cache passed the checks and failed at the first step
+    with torch's split_with_sizes RuntimeError (or, with an equal token count, trained on misread tokens)."""
+    from hmar.training import TrainConfig
+    from hmar.training.data import write_token_cache
+    from hmar.training.loop import Trainer
+    cache, t1, t1b = _cache_with_other_scales(tmp_path)
+    common = dict(progress=False, tensorboard=False, max_steps=1, batch_size=2, sample_every=-1)
+    with pytest.raises(HMARError, match=r"scales \(1, 2, 3, 4\) but the model uses \(1, 2, 4\): re-run `hmar tokenize"):
+        Trainer(TrainConfig(data=str(cache), tokenizer=str(t1b), out=str(tmp_path / "r"), **common))
+    assert not (tmp_path / "r").exists()
+    splits, meta = read_token_cache(cache)                # a cache that does not say its scales: its length tells
+    meta.pop("patch_nums")
+    write_token_cache(tmp_path / "short.safetensors", {"train": (splits["train"][0][..., :29], splits["train"][1])},
+                      meta)
+    with pytest.raises(HMARError, match=r"holds 29 tokens per image \(train split\) but the model's scales "
+                                        r"\(1, 2, 3, 4\) take 30"):
+        Trainer(TrainConfig(data=str(tmp_path / "short.safetensors"), tokenizer=str(t1), out=str(tmp_path / "r"),
+                            **common))
+    Trainer(TrainConfig(data=str(cache), tokenizer=str(t1), out=str(tmp_path / "ok"), **common)).run()
+
+
+def test_hflip_on_a_cache_and_eval_every_without_val_are_refused(tmp_path, capsys):
+    """Both were silently ignored: cached tokens cannot be flipped, and without a val split nothing is evaluated."""
+    from hmar.training.tokenize import tokenize_folder
+    make_shapes_folder(tmp_path / "d", 2, 2, 64)
+    make_shapes_folder(tmp_path / "v", 2, 2, 64, val_per_class=1)
+    tok = make_random_tokenizer(tmp_path / "tok")
+    quiet = dict(progress=False, say=lambda m: None)
+    plain = tokenize_folder(tmp_path / "d", tok, tmp_path / "plain.safetensors", views=3, **quiet)
+    flipped = tokenize_folder(tmp_path / "v", tok, tmp_path / "flipped.safetensors", views=3, hflip=True, **quiet)
+    common = ["--tokenizer", str(tok), "--no-progress", "--no-tensorboard", "--batch-size", "2", "--max-steps", "1",
+              "--sample-every", "-1"]
+    for argv, needle in [(["--data", str(plain), "--hflip"], "--hflip cannot flip the tokens of the token cache"),
+                         (["--data", str(plain), "--eval-every", "1"], "--eval-every 1 needs a validation split"),
+                         (["--data", str(tmp_path / "d"), "--eval-every", "5"], "--eval-every 5 needs a validation "
+                                                                               "split")]:
+        rc = main(["train", *argv, "--out", str(tmp_path / "r"), *common])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and err[-1].startswith("error: ") and needle in err[-1], err
+        assert not (tmp_path / "r").exists()              # refused before the run directory is made
+    # a cache that stored flipped views, with a val split, takes both; so does an image folder with val/
+    assert main(["train", "--data", str(flipped), "--hflip", "--eval-every", "1", "--out", str(tmp_path / "r1"),
+                 *common]) == 0
+    assert main(["train", "--data", str(tmp_path / "v"), "--hflip", "--eval-every", "1", "--out",
+                 str(tmp_path / "r2"), *common]) == 0

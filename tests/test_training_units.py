@@ -294,6 +294,8 @@ def test_yaml_values_are_typed_and_checked_like_flags(tmp_path):
     (["train", "--warmup-steps", "-3"], "--warmup-steps must be at least 0, got -3"),
     (["train", "--warmup-epochs", "-0.5"], "--warmup-epochs must be at least 0, got -0.5"),
     (["train-tokenizer", "--warmup-steps", "-1"], "--warmup-steps must be at least 0, got -1"),
+    (["train", "--eval-every", "-5"], "--eval-every must be at least 0, got -5"),
+    (["train-tokenizer", "--ckpt-every", "-1"], "--ckpt-every must be at least 0, got -1"),
 ])
 def test_bad_loop_options_fail_before_training(tmp_path, capsys, argv, needle):
     """Options that used to fail only mid-run (a ZeroDivisionError at the first log line, a sample grid of no

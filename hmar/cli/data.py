@@ -32,7 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "fashion-mnist", formatter_class=fmt, help="Fashion-MNIST, 10 classes, 32x32 grayscale (train/test)",
         description="Fashion-MNIST from Debian's dataset-fashion-mnist package (apt-get update && apt-get "
                     "install -y dataset-fashion-mnist): 60k train / 10k test images, 28x28 padded to 32x32 "
-                    "with a black border, saved as 8-bit grayscale PNGs (mode L).")
+                    "with a black border, saved as 8-bit grayscale PNGs (mode L). hmar train, train-tokenizer "
+                    "and tokenize use OUT/test as the validation split (a folder named val/ would come first).")
     fm.add_argument("--out", type=Path, required=True, help="output folder")
     fm.add_argument("--source", type=Path, default=Path("/usr/share/datasets/fashion-mnist"),
                     help="folder holding the four *-ubyte.gz files")

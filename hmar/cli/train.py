@@ -52,7 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "cache (.safetensors: int16/int32 indices per view, labels, class names). Pass the cache to "
                     "`hmar train --data CACHE` so the encoder does not run at every step.\n\nexample:\n"
                     "  hmar tokenize --data shapes/ --tokenizer runs/tok --out runs/shapes.safetensors --views 4")
-    k.add_argument("--data", required=True, help="image folder (ROOT/<class>/* or ROOT/train + ROOT/val)")
+    k.add_argument("--data", required=True, help="image folder (ROOT/<class>/* or ROOT/train + a validation split "
+                                                 "ROOT/val, validate, validation or test)")
     k.add_argument("--tokenizer", required=True, help="tokenizer directory (train-tokenizer output or run dir), "
                                                       "hmar model directory, or vae_ch160v4096z32.pth")
     k.add_argument("--out", required=True, help="output cache file, ending in .safetensors")

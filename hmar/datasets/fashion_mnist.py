@@ -2,7 +2,8 @@
 
 The 28x28 images are padded with 2 black pixels on every side (centred, value 0) and saved as
 8-bit grayscale PNGs (mode ``L``); readers convert to RGB. File names keep the index of the
-image in its source split (``train/03_dress/00017.png`` is training image 17).
+image in its source split (``train/03_dress/00017.png`` is training image 17). The trainers take
+``test/`` as the validation split (:data:`hmar.training.data.VAL_DIRS`).
 """
 from __future__ import annotations
 

@@ -17,12 +17,13 @@ import hashlib
 import json
 import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ..errors import HMARError
 
@@ -97,15 +98,23 @@ def list_images(folder: Path) -> List[Path]:
     """All image files under ``folder`` (recursive), sorted for a stable order.
 
     Symlinked folders are followed (``Path.rglob`` skips them: a data set of linked class folders looked empty);
-    hidden files and folders (``.ipynb_checkpoints/``, macOS ``._x.png``) are not images of the data set."""
+    hidden files and folders (``.ipynb_checkpoints/``, macOS ``._x.png``) are not images of the data set. Two
+    folders that are one folder on disk (two links to it, or a link and the folder itself) would count its images
+    twice, as two classes of identical images or duplicates in one: :class:`HMARError` naming both."""
     if not folder.is_dir():
         raise HMARError(f"image folder {folder} does not exist; pass a folder of images")
     out = []
+    seen: Dict[str, Path] = {}   # real path -> the first folder walked there
     for d, dirs, names in os.walk(folder, followlinks=True):
         if os.path.islink(d) and _links_to_ancestor(Path(d), folder):
             dirs[:] = []   # a link back up the tree: walking it would never end
             continue
-        dirs[:] = [x for x in dirs if not x.startswith(".")]
+        real = os.path.realpath(d)
+        if real in seen:
+            raise HMARError(f"folders {seen[real]} and {d} are the same folder ({real}), so its images would be "
+                            "read twice: remove one of them (or link single images, not the whole folder)")
+        seen[real] = Path(d)
+        dirs[:] = sorted(x for x in dirs if not x.startswith("."))   # sorted: the same folder is named first
         out += [Path(d) / n for n in names if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS
                 and (Path(d) / n).is_file()]
     return sorted(out)
@@ -180,12 +189,24 @@ def load_image_folder(root: Path, class_names: Optional[Sequence[str]] = None) -
 
 
 def load_image(path: Path, size: Optional[int] = None) -> np.ndarray:
-    """Read an image as ``uint8 [H, W, 3]`` RGB (alpha composited on white, Lanczos resize to ``size``)."""
+    """Read an image as ``uint8 [H, W, 3]`` RGB (upright by its EXIF orientation, alpha composited on white,
+    Lanczos resize to ``size``)."""
     with Image.open(path) as im:
-        im = to_rgb(im)
+        im = to_rgb(upright(im))
         if size is not None and im.size != (size, size):
             im = im.resize((size, size), Image.Resampling.LANCZOS)
         return np.asarray(im, dtype=np.uint8)
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """``im`` turned by its EXIF orientation tag, in place (cameras store a portrait photo sideways and tag it; PIL
+    does not apply the tag). An image without the tag, or with an EXIF block PIL cannot parse, is left as it is."""
+    im.load()   # a file that does not decode raises here, as it would without the orientation step
+    try:
+        ImageOps.exif_transpose(im, in_place=True)
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError, struct.error):
+        pass   # a damaged EXIF block: the pixels are still the image, only their orientation is unknown
+    return im
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

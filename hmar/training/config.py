@@ -35,15 +35,17 @@ def type_copy(d: Any) -> Any:
 @dataclass
 class CommonConfig:
     """Options shared by the transformer and the tokenizer trainers."""
-    data: Optional[str] = opt(None, "image folder (ROOT/<class>/*.png, or ROOT/train + ROOT/val) or a token cache "
-                                    "written by `hmar tokenize` (transformer training only)", type=str)
+    data: Optional[str] = opt(None, "image folder (ROOT/<class>/*.png, or ROOT/train + a validation split ROOT/val, "
+                                    "validate, validation or test) or a token cache written by `hmar tokenize` "
+                                    "(transformer training only)", type=str)
     out: str = opt("runs/run", "run directory: checkpoints/, log.txt, metrics.jsonl, samples/ and the final model",
                    type=str)
     epochs: int = opt(10, "number of passes over the training set", type=int)
     max_steps: Optional[int] = opt(None, "stop after this many optimiser steps (overrides --epochs for the "
                                          "schedule length)", type=int)
     batch_size: int = opt(32, "GLOBAL batch size (each of N processes gets batch_size / N)", type=int)
-    hflip: bool = opt(False, "random horizontal flips of training images (official recipe: off)")
+    hflip: bool = opt(False, "random horizontal flips of training images (official recipe: off); a token cache "
+                             "takes it only if made with `hmar tokenize --hflip --views N`")
     workers: int = opt(0, "DataLoader worker processes (0: load in the main process)", type=int)
     seed: int = opt(42, "random seed (model init, data order, augmentation, masks)", type=int)
     device: str = opt("auto", "torch device: auto (cuda if available, else cpu), cpu, cuda, cuda:1", type=str)
@@ -126,8 +128,8 @@ class TrainConfig(CommonConfig):
     init_adaln_gamma: Optional[float] = opt(None, "scale of the AdaLN gamma rows at init (official alng; default "
                                                   "1e-3 up to depth 20, 1e-4 to 24, else 1e-5)", type=float)
     init_head: float = opt(0.02, "scale of the output head at init (official hd)", type=float)
-    eval_every: int = opt(0, "validate every N steps (0: at the end of every epoch); needs a val split",
-                          type=int)
+    eval_every: int = opt(0, "validate every N steps (0: at the end of every epoch, if there is a val split); "
+                             "N > 0 needs a val split", type=int)
     eval_batches: int = opt(50, "at most this many validation batches per evaluation (0: the whole val split)",
                             type=int)
     sample_every: int = opt(0, "write a sample grid to RUNDIR/samples every N steps (0: only at the end; any "
@@ -342,7 +344,8 @@ def check_common(cfg: CommonConfig) -> None:
     """Refuse values that would fail only later (a division by zero at the first log line, a negative
     worker count), be silently ignored (``--max-steps 0``) or shift the lr schedule (a negative warm-up)."""
     for name, low in (("log_every", 1), ("workers", 0), ("epochs", 0), ("max_steps", 1), ("keep_last", 1),
-                      ("eval_batches", 0), ("warmup_steps", 0), ("warmup_epochs", 0)):
+                      ("eval_batches", 0), ("warmup_steps", 0), ("warmup_epochs", 0), ("eval_every", 0),
+                      ("ckpt_every", 0)):
         v = getattr(cfg, name, None)
         if v is not None and v < low:
             raise HMARError(f"{_flag(name)} must be at least {low}, got {v}")

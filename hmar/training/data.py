@@ -23,12 +23,14 @@ import torch
 from PIL import Image
 
 from ..datasets.folder import (IMAGE_EXTENSIONS, list_images, load_image_folder, read_class_names,
-                               refuse_empty_class_folders, to_rgb)
+                               refuse_empty_class_folders, to_rgb, upright)
 from ..errors import HMARError
 
 CACHE_FORMAT = "hmar-token-cache"
 CACHE_VERSION = 1
-VAL_DIRS = ("val", "validate", "validation")
+VAL_DIRS = ("val", "validate", "validation", "test")
+"""Names of the validation split next to ``ROOT/train``, first match wins: ``test`` (Fashion-MNIST's held-out split,
+as ``hmar data fashion-mnist`` writes it) serves when there is no ``val``."""
 Key = Union[int, Tuple[int, int]]
 
 
@@ -44,10 +46,11 @@ def mid_size(resolution: int) -> int:
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Open and fully decode an image as RGB (alpha composited on white). Raises on a corrupt file."""
+    """Open and fully decode an image as RGB (alpha composited on white), turned upright by its EXIF orientation
+    (a portrait photo from a camera is stored sideways). Raises on a corrupt file."""
     with Image.open(path) as im:
         im.load()
-        return to_rgb(im)
+        return to_rgb(upright(im))
 
 
 def transform(im: Image.Image, resolution: int, train: bool, hflip: bool = False,
@@ -76,7 +79,8 @@ def transform(im: Image.Image, resolution: int, train: bool, hflip: bool = False
 
 # ------------------------------------------------------------------------------------ image folders
 def find_splits(root: Union[str, Path]) -> Tuple[Path, Optional[Path]]:
-    """``(train_dir, val_dir or None)``: ``ROOT/train`` (+ ``ROOT/val``) if present, else ``ROOT`` alone."""
+    """``(train_dir, val_dir or None)``: ``ROOT/train`` (+ the first of ``ROOT/val``, ``validate``, ``validation``
+    or ``test``: :data:`VAL_DIRS`) if present, else ``ROOT`` alone."""
     root = Path(root)
     if not root.exists():
         raise HMARError(f"data folder {str(root)!r} does not exist: pass a folder ROOT/<class>/*.png "
@@ -85,6 +89,9 @@ def find_splits(root: Union[str, Path]) -> Tuple[Path, Optional[Path]]:
         raise HMARError(f"{str(root)!r} is a file, not an image folder (token caches end in .safetensors)")
     if (root / "train").is_dir():
         val = next((root / d for d in VAL_DIRS if (root / d).is_dir()), None)
+        if val is not None and (root / "train").resolve() == val.resolve():
+            raise HMARError(f"{val} and {root / 'train'} are the same folder: validating on the training images "
+                            "measures nothing; give ROOT/val images of their own, or remove it")
         return root / "train", val
     return root, None
 
@@ -213,19 +220,30 @@ def write_token_cache(path: Union[str, Path], splits: Dict[str, Tuple[torch.Tens
     return path
 
 
-def read_token_cache(path: Union[str, Path]) -> Tuple[Dict[str, Tuple[torch.Tensor, torch.Tensor]], Dict[str, Any]]:
-    """``(splits, meta)`` of a token cache (see :func:`write_token_cache`)."""
+def _read_cache(path: Path, tensors: bool) -> Tuple[Dict[str, torch.Tensor], List[str], Dict[str, Any]]:
+    """``(tensors or {}, tensor names, meta)`` of a token cache; without ``tensors`` only its header is read."""
     from safetensors import safe_open
-    path = Path(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             raw = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            names = list(f.keys())
+            loaded = {k: f.get_tensor(k) for k in names} if tensors else {}
     except Exception as e:
         raise HMARError(f"{str(path)!r} is not a readable token cache ({e})") from None
     if raw.get("format") != CACHE_FORMAT:
         raise HMARError(f"{str(path)!r} is a safetensors file but not a token cache from `hmar tokenize`")
-    meta = {k: json.loads(v) for k, v in raw.items() if k not in ("format", "version")}
+    return loaded, names, {k: json.loads(v) for k, v in raw.items() if k not in ("format", "version")}
+
+
+def read_token_cache_header(path: Union[str, Path]) -> Tuple[List[str], Dict[str, Any]]:
+    """``(split names, meta)`` of a token cache, without loading its tokens."""
+    _, names, meta = _read_cache(Path(path), tensors=False)
+    return [k[: -len("_indices")] for k in names if k.endswith("_indices")], meta
+
+
+def read_token_cache(path: Union[str, Path]) -> Tuple[Dict[str, Tuple[torch.Tensor, torch.Tensor]], Dict[str, Any]]:
+    """``(splits, meta)`` of a token cache (see :func:`write_token_cache`)."""
+    tensors, _, meta = _read_cache(Path(path), tensors=True)
     splits = {}
     for k in tensors:
         if k.endswith("_indices"):
@@ -411,6 +429,59 @@ def build_cache_data(path: Union[str, Path], seed: int) -> TrainData:
     train = TokenCacheDataset(*splits["train"], names, train=True, seed=seed)
     val = TokenCacheDataset(*splits["val"], names, train=False, seed=seed) if "val" in splits else None
     return TrainData("tokens", train, val, names, meta)
+
+
+def check_data_options(path: Optional[str], hflip: bool, eval_every: int) -> None:
+    """Refuse, before a run directory is made, options the data cannot honour (they would be silently ignored):
+    ``--hflip`` on a token cache whose views were encoded without flips (tokens cannot be flipped), and
+    ``--eval-every N`` without a validation split."""
+    if not path:
+        return   # build_data says what is missing
+    cache = is_token_cache(path)
+    if cache and hflip:
+        _, meta = read_token_cache_header(path)
+        if not (meta.get("hflip") and int(meta.get("views", 1)) > 1):
+            raise HMARError(f"--hflip cannot flip the tokens of the token cache {path} (made "
+                            f"{'with' if meta.get('hflip') else 'without'} --hflip, {meta.get('views', 1)} view(s)): "
+                            "re-run `hmar tokenize --hflip --views N` (N > 1) to store flipped views, train on the "
+                            "image folder, or drop --hflip")
+    if eval_every > 0 and not has_val_split(path):
+        fix = ("re-run `hmar tokenize` on a folder of ROOT/train and ROOT/val (or ROOT/test)" if cache else
+               "add images in ROOT/val/<class>/ (or validate/, validation/, test/) next to ROOT/train/")
+        raise HMARError(f"--eval-every {eval_every} needs a validation split, but {path} has none: {fix}, or drop "
+                        "--eval-every")
+
+
+def has_val_split(path: Union[str, Path]) -> bool:
+    """Whether training on ``path`` (an image folder or a token cache) gets a validation split."""
+    if is_token_cache(path):
+        return "val" in read_token_cache_header(path)[0]
+    _, val_dir = find_splits(path)
+    return val_dir is not None and bool(list_images(val_dir))
+
+
+def check_cache_fits(meta: Dict[str, Any], splits: Dict[str, torch.utils.data.Dataset], patch_nums: Sequence[int],
+                     vocab_size: int, path: str, fix: str) -> None:
+    """Refuse a token cache whose tokens are not the model's: other scales (``patch_nums``), another number of
+    tokens per image, another vocabulary. ``fix`` names what to re-run ``hmar tokenize`` with."""
+    pn = tuple(int(p) for p in patch_nums)
+    length = sum(p * p for p in pn)
+    hint = f"re-run `hmar tokenize --data IMAGES --tokenizer {fix} --out NEW.safetensors` and train on the new cache"
+    if meta.get("tokenizer_path"):
+        hint += f" (this one was made with the tokenizer {meta['tokenizer_path']})"
+    cached = meta.get("patch_nums")
+    if cached is not None and tuple(int(p) for p in cached) != pn:
+        raise HMARError(f"token cache {path} holds tokens of the scales {tuple(cached)} but the model uses {pn}: "
+                        f"{hint}")
+    for name, ds in splits.items():
+        n = int(ds.indices.shape[-1])
+        if n != length:
+            raise HMARError(f"token cache {path} holds {n} tokens per image ({name} split) but the model's scales "
+                            f"{pn} take {length}: {hint}")
+    vocab = meta.get("vocab_size")
+    if vocab is not None and int(vocab) != int(vocab_size):
+        raise HMARError(f"token cache {path} holds tokens of a {vocab}-code vocabulary but the model has "
+                        f"{vocab_size} codes: {hint}")
 
 
 def build_data(path: Optional[str], resolution: int, hflip: bool, seed: int) -> TrainData:

@@ -23,8 +23,8 @@ from ..presets import ModelConfig, model_config
 from .checkpointing import (CheckpointManager, already_finished, get_states, require_fresh_or_resume,
                             restore_position, resume_point, set_states)
 from .config import TrainConfig, check_common, config_to_dict, preset_config
-from .data import (CorruptFiles, EpochBatches, EvalBatches, PaddedEval, TrainData, build_data, is_token_cache,
-                   make_loader, quantizer_fingerprint, read_token_cache)
+from .data import (CorruptFiles, EpochBatches, EvalBatches, PaddedEval, TrainData, build_data, check_cache_fits,
+                   check_data_options, is_token_cache, make_loader, quantizer_fingerprint, read_token_cache)
 from .distributed import (DistInfo, all_gather_object, all_reduce_, all_reduce_max, cleanup, init_distributed,
                           seed_everything, wrap_model)
 from .fused_ce import linear_cross_entropy
@@ -256,6 +256,7 @@ class Trainer:
             raise HMARError(f"--batch-size {cfg.batch_size} must be a positive multiple of the {self.info.world} "
                             "processes (it is the global batch)")
         check_common(cfg)
+        check_data_options(cfg.data, cfg.hflip, cfg.eval_every)
         require_fresh_or_resume(self.run_dir, cfg.resume)
         existed = self.run_dir.exists()
         self.log = RunLogger(self.run_dir, self.info.is_main, cfg.tensorboard)
@@ -321,6 +322,10 @@ class Trainer:
                 self.tokenizer.quantize.vocab_size != model.config.vocab_size:
             raise HMARError("the tokenizer does not match the model (scales / vocabulary): use the tokenizer it was "
                             "trained with")
+        if self.data.kind == "tokens":
+            splits = {"train": self.data.train, **({"val": self.data.val} if self.data.val is not None else {})}
+            check_cache_fits(cache_meta, splits, model.config.patch_nums, model.config.vocab_size, cfg.data,
+                             fix=str(cfg.init if init_tok is not None else tok_path))
         model.config.class_names = self.class_names
         self.weighting = weighting
         self.st = prepare_training(model, self.tokenizer.quantize, self.stage, self.info, loss_weight=weighting,
