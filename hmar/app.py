@@ -23,6 +23,8 @@ Element ids (stable, used by ``tests/test_webdemo.py``): ``notice``; ``gen_class
 """
 from __future__ import annotations
 
+import math
+import numbers
 import os
 import threading
 import warnings
@@ -40,6 +42,14 @@ DEFAULT_MAX_UPLOAD_MB = 10.0
 # small model outputs (64 px for the tiny presets) are shown enlarged, without smoothing
 _CSS = ("#gen_out img, #inp_out img, #out_out img { width: 256px !important; height: 256px !important; "
         "object-fit: contain; image-rendering: pixelated; }")
+
+
+def check_limits(max_upload_mb: float, max_pixels: int, concurrency: int, max_queue: int) -> None:
+    """:class:`HMARError` unless every server limit is a positive (finite) number."""
+    for flag, v in (("--max-upload-mb", max_upload_mb), ("--max-pixels", max_pixels),
+                    ("--concurrency", concurrency), ("--max-queue", max_queue)):
+        if not (isinstance(v, numbers.Real) and math.isfinite(v) and v > 0):   # NaN fails too
+            raise HMARError(f"{flag} must be a positive number, got {v!r}")
 
 
 def limit_pixels(max_pixels: int) -> None:
@@ -96,7 +106,10 @@ class DemoHandlers:
 
     @staticmethod
     def _cfg(cfg: Any) -> float:
-        c = float(cfg)
+        try:
+            c = float(cfg)
+        except (TypeError, ValueError):
+            raise HMARError(f"guidance must be a number, got {cfg!r}") from None
         if not 0.0 <= c <= 20.0:
             raise HMARError(f"guidance must be between 0 and 20, got {c}")
         return c
@@ -171,8 +184,11 @@ class DemoHandlers:
         """Extend the image by the given percentages of its size on each side -> PIL image."""
         try:
             img = self._image(image, "image")
-            pct = [float(v or 0) for v in (left, top, right, bottom)]
-            if min(pct) < 0 or max(pct) > 100:
+            try:
+                pct = [float(v or 0) for v in (left, top, right, bottom)]
+            except (TypeError, ValueError):
+                raise HMARError("padding must be numbers (percent of the image size)") from None
+            if not all(0 <= v <= 100 for v in pct):            # NaN fails too
                 raise HMARError("padding must be between 0 and 100 % of the image size")
             w, h = img.size
             pad = [round(pct[0] * w / 100), round(pct[1] * h / 100), round(pct[2] * w / 100), round(pct[3] * h / 100)]
@@ -281,8 +297,7 @@ def launch(pipe: Any = None, *, host: str = "127.0.0.1", port: int = 7860, max_u
            notice: Optional[str] = None, block: bool = True):
     """Build and serve the demo. ``pipe=None``: the shipped default model, else a random tiny one (with a
     visible notice). Returns Gradio's ``(app, local_url, share_url)`` when ``block=False``."""
-    if max_upload_mb <= 0 or max_pixels <= 0 or concurrency < 1 or max_queue < 1:
-        raise HMARError("--max-upload-mb, --max-pixels, --concurrency and --max-queue must be positive")
+    check_limits(max_upload_mb, max_pixels, concurrency, max_queue)
     if pipe is None:
         pipe, notice = default_pipeline()
     limit_pixels(max_pixels)

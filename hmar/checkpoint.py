@@ -39,6 +39,9 @@ def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
         raise HMARError(f"checkpoint {str(p)!r} does not exist: check the path")
     if p.is_dir():
         raise HMARError(f"{str(p)!r} is a directory: pass a checkpoint file, or load it with from_pretrained")
+    if p.name in ("config.json", "model.safetensors", "tokenizer.safetensors") and _is_model_dir(p.parent):
+        raise HMARError(f"{str(p)!r} is one file of the hmar model directory {str(p.parent)!r}: pass the "
+                        "directory itself")
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
         try:
@@ -68,13 +71,22 @@ def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
     return obj
 
 
+def _is_model_dir(d: Path) -> bool:
+    """Whether ``d`` holds a ``config.json`` of our format (not another library's)."""
+    try:
+        return json.loads((d / "config.json").read_text()).get("format") == "hmar"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def detect_kind(sd: Dict[str, torch.Tensor]) -> str:
     """``vqvae``, ``hmar``, ``mp`` (stage-2), ``nsp`` (stage-1) or ``var`` from the keys (and mask)."""
-    if "encoder.conv_in.weight" in sd and "quantize.embedding.weight" in sd:
+    if any(k.startswith("encoder.") for k in sd) and any(k.startswith("quantize.") for k in sd):
         return "vqvae"
-    if "base_blocks.0.attn.mat_qkv.weight" in sd or "ns_head.weight" in sd:
+    # by key families, not single keys: a file missing one key is still recognised (and the load names the key)
+    if any(k.startswith(("base_blocks.", "ns_blocks.", "mask_blocks.", "ns_head")) for k in sd):
         return "hmar"
-    if "blocks.0.attn.mat_qkv.weight" in sd:
+    if any(k.startswith("blocks.") for k in sd):
         if "mask_embed.weight" in sd:
             return "mp"
         bias = sd.get("attn_bias_for_masking")
@@ -90,7 +102,7 @@ def _patch_nums_from_levels(lvl: torch.Tensor) -> Tuple[int, ...]:
     counts = torch.bincount(lvl.flatten()).tolist()
     pn = tuple(int(round(math.sqrt(c))) for c in counts)
     if any(p * p != c for p, c in zip(pn, counts)):
-        raise HMARError(f"cannot infer the scale schedule: level sizes {counts} are not squares")
+        raise HMARError(f"cannot infer the scale schedule from 'lvl_1L': level sizes {counts} are not squares")
     return pn
 
 
@@ -99,46 +111,77 @@ def infer_model_config(sd: Dict[str, torch.Tensor], kind: Optional[str] = None) 
     kind = kind or detect_kind(sd)
     if kind == "vqvae":
         raise HMARError("this checkpoint is a VQ-VAE (tokenizer), not a transformer: pass it with --vqvae")
-    C = sd["pos_start"].shape[-1]
+    head = "ns_head.weight" if kind == "hmar" else "head.weight"
+    shape = lambda key: tuple(_need(sd, key, "the model's size").shape)  # noqa: E731
+    widths = {"pos_start": shape("pos_start")[-1], "class_emb.weight": shape("class_emb.weight")[-1],
+              "word_embed.weight": shape("word_embed.weight")[0], head: shape(head)[-1]}
+    vocabs = {k: sd[k].shape[0] for k in (head, head.replace("weight", "bias"), "mask_head.weight", "mask_head.bias")
+              if k in sd}
+    for what, sizes in (("model width", widths), ("vocabulary size", vocabs)):
+        if len(set(sizes.values())) > 1:
+            raise HMARError(f"the checkpoint's tensors disagree on the {what} (" +
+                            ", ".join(f"{k}: {v}" for k, v in sizes.items()) + "): the file is damaged or edited")
+    C = widths["pos_start"]
     nblocks = lambda pre: len({k.split(".")[1] for k in sd if k.startswith(pre + ".")})  # noqa: E731
     if kind == "hmar":
         branch = nblocks("ns_blocks")
         depth = nblocks("base_blocks") + branch
-        heads_key = "ns_blocks.0.attn.scale_mul_1H11" if branch else "base_blocks.0.attn.scale_mul_1H11"
-        vocab = sd["ns_head.weight"].shape[0]
     else:
         depth = nblocks("blocks")
         branch = min(8, depth)
-        heads_key = "blocks.0.attn.scale_mul_1H11"
-        vocab = sd["head.weight"].shape[0]
-    l2 = heads_key in sd
-    heads = sd[heads_key].shape[1] if l2 else max(1, C // 64)
+    vocab = shape(head)[0]
+    # the blocks' per-head scales, by majority (one of them may be missing or damaged: the strict load names it)
+    heads_seen = [v.shape[1] for k, v in sd.items() if k.endswith(".attn.scale_mul_1H11") and v.dim() > 1]
+    l2 = bool(heads_seen)
+    heads = max(set(heads_seen), key=heads_seen.count) if l2 else max(1, C // 64)
     pn = _patch_nums_from_levels(sd["lvl_1L"]) if "lvl_1L" in sd else None
     if pn is None:
         raise HMARError("cannot infer the scale schedule: the checkpoint has no 'lvl_1L' buffer")
     return ModelConfig(kind="nsp" if kind == "mp" else kind, depth=depth, embed_dim=C, num_heads=heads,
-                       num_classes=sd["class_emb.weight"].shape[0] - 1, vocab_size=vocab,
-                       z_channels=sd["word_embed.weight"].shape[1], patch_nums=pn, branch_depth=branch,
+                       num_classes=shape("class_emb.weight")[0] - 1, vocab_size=vocab,
+                       z_channels=shape("word_embed.weight")[1], patch_nums=pn, branch_depth=branch,
                        attn_l2_norm=l2)
+
+
+def _need(sd: Dict[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
+    """``sd[key]``, or an :class:`HMARError` naming the missing key (it is needed to infer ``what``)."""
+    if key not in sd:
+        raise HMARError(f"the checkpoint has no {key!r} (needed to infer {what}): the file is incomplete or "
+                        "not an official checkpoint")
+    return sd[key]
 
 
 def infer_tokenizer_config(sd: Dict[str, torch.Tensor], patch_nums=None) -> TokenizerConfig:
     """The :class:`TokenizerConfig` of an official VQ-VAE state dict (scale schedule given separately)."""
-    ch = sd["encoder.conv_in.weight"].shape[0]
-    levels = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.down.")})
-    ch_mult = tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in levels)
+    what = "the tokenizer's size"
+    ch = _need(sd, "encoder.conv_in.weight", what).shape[0]
+    levels = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.down.")}) or [0]
+    ch_mult = []
+    for i in levels:
+        key = f"encoder.down.{i}.block.0.conv1.weight"
+        c = _need(sd, key, what).shape[0]
+        if c < ch or c % ch:
+            raise HMARError(f"{key} has {c} output channels, not a multiple of encoder.conv_in.weight's {ch}: the file "
+                            "is damaged or not an official VQ-VAE")
+        ch_mult.append(c // ch)
+    ch_mult = tuple(ch_mult)
     nres = len({k.split(".")[4] for k in sd if k.startswith("encoder.down.0.block.")})
-    V, Cz = sd["quantize.embedding.weight"].shape
-    phis = [k for k in sd if k.startswith("quantize.quant_resi.") and k.endswith("weight")]
-    share = 1 if "quantize.quant_resi.qresi.weight" in sd else len(phis)
+    V, Cz = _need(sd, "quantize.embedding.weight", what).shape
+    zs = {k: sd[k].shape[i] for k, i in (("quantize.embedding.weight", 1), ("quant_conv.weight", 0),
+                                         ("post_quant_conv.weight", 1)) if k in sd}
+    if len(set(zs.values())) > 1:
+        raise HMARError("the checkpoint's tensors disagree on the latent channels (" +
+                        ", ".join(f"{k}: {v}" for k, v in zs.items()) + "): the file is damaged or edited")
+    phis = {k.split(".")[3] for k in sd if k.startswith("quantize.quant_resi.qresi_ls.")}
+    share = 1 if any(k.startswith("quantize.quant_resi.qresi.") for k in sd) else len(phis)
     nsc = sd["quantize.ema_vocab_hit_SV"].shape[0] if "quantize.ema_vocab_hit_SV" in sd else 10
     if patch_nums is None:
         from .presets import PATCH_NUMS
         patch_nums = PATCH_NUMS[256] if nsc == 10 else tuple(range(1, nsc + 1))
     return TokenizerConfig(vocab_size=V, z_channels=Cz, ch=ch, ch_mult=ch_mult, num_res_blocks=nres,
                            patch_nums=tuple(patch_nums), share_quant_resi=share,
-                           using_sa="encoder.down.%d.attn.0.qkv.weight" % levels[-1] in sd,
-                           using_mid_sa="encoder.mid.attn_1.qkv.weight" in sd)
+                           using_sa=any(k.startswith(f"encoder.down.{levels[-1]}.attn.") for k in sd),
+                           using_mid_sa=any(k.startswith("encoder.mid.attn_1.") for k in sd))
 
 
 def load_official_model(path: PathLike, mask_path: Optional[PathLike] = None) -> nn.Module:
@@ -148,7 +191,10 @@ def load_official_model(path: PathLike, mask_path: Optional[PathLike] = None) ->
     if kind == "vqvae":
         raise HMARError(f"{str(path)!r} is a VQ-VAE (tokenizer) checkpoint, not a transformer: "
                         "pass it with --vqvae and give the transformer with --checkpoint")
-    cfg = infer_model_config(sd, kind)
+    try:
+        cfg = infer_model_config(sd, kind)
+    except HMARError as e:
+        raise HMARError(f"{str(path)!r}: {e}") from None
     if mask_path is not None or kind == "mp":
         if kind == "mp":
             raise HMARError(f"{str(path)!r} is a stage-2 (masked) checkpoint: pass the stage-1 file as the "
@@ -156,10 +202,20 @@ def load_official_model(path: PathLike, mask_path: Optional[PathLike] = None) ->
         if kind == "hmar":
             raise HMARError(f"{str(path)!r} is an assembled HMAR checkpoint: a mask checkpoint only pairs with a "
                             "stage-1 (next-scale) file; drop it")
+        if kind == "var" and "attn_bias_for_masking" in sd:
+            raise HMARError(f"{str(path)!r} is a VAR (block-causal) checkpoint: a mask checkpoint only pairs with a "
+                            "stage-1 (next-scale, block-diagonal) file; drop it, or pass the stage-1 file")
         mp = read_state_dict(mask_path)
         if detect_kind(mp) != "mp":
             raise HMARError(f"{str(mask_path)!r} is not a stage-2 (masked) checkpoint (no mask_embed.weight): "
                             "pass the official stage-2 file as the mask checkpoint")
+        # the stage-2 file has the stage-1 layout with word_embed's bias apart and a mask embedding (hmar-spec 8.3)
+        with torch.device("meta"):
+            own = build_model(cfg).state_dict()
+        own["word_embed_bias"] = own.pop("word_embed.bias")
+        own["mask_embed.weight"] = torch.empty(1, cfg.embed_dim, device="meta")
+        _check_keys(own, mp, f"the stage-2 file {str(mask_path)!r} (for the stage-1 file {str(path)!r})",
+                    allow_derived=True)
         cfg = ModelConfig.from_dict({**cfg.to_dict(), "kind": "hmar"})
         sd = nsp_to_hmar(sd, cfg.depth, cfg.branch_depth, mp)
     with torch.device("meta"):
@@ -173,20 +229,26 @@ def load_official_tokenizer(path: PathLike, patch_nums=None) -> VQVAE:
     sd = read_state_dict(path)
     if detect_kind(sd) != "vqvae":
         raise HMARError(f"{str(path)!r} is a transformer checkpoint, not a VQ-VAE: pass it with --checkpoint")
+    try:
+        cfg = infer_tokenizer_config(sd, patch_nums)
+    except HMARError as e:
+        raise HMARError(f"{str(path)!r}: {e}") from None
     with torch.device("meta"):
-        vq = VQVAE(infer_tokenizer_config(sd, patch_nums))
+        vq = VQVAE(cfg)
     _strict_load(vq, sd, str(path))
     return vq.eval()
 
 
-def _strict_load(module: nn.Module, sd: Dict[str, torch.Tensor], name: str, allow_derived: bool = False) -> None:
-    own = module.state_dict()
-    sd = {k: v for k, v in sd.items()}
+def _check_keys(own: Dict[str, torch.Tensor], sd: Dict[str, torch.Tensor], name: str,
+                allow_derived: bool = False) -> None:
+    """:class:`HMARError` naming the first missing, unexpected, wrongly shaped or integer-for-float key of ``sd``."""
     missing = [k for k in own if k not in sd and not (allow_derived and _is_derived(k))]
     unexpected = [k for k in sd if k not in own]
     shape = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd
              if k in own and sd[k].shape != own[k].shape and not k.endswith("ema_vocab_hit_SV")]
-    if missing or unexpected or shape:
+    dtype = [f"{k} is {str(sd[k].dtype).replace('torch.', '')}, not a float" for k in sd
+             if k in own and own[k].is_floating_point() and not sd[k].is_floating_point()]
+    if missing or unexpected or shape or dtype:
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
@@ -194,7 +256,15 @@ def _strict_load(module: nn.Module, sd: Dict[str, torch.Tensor], name: str, allo
             parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
         if shape:
             parts.append(f"shape mismatch: {shape[0]}")
+        if dtype:
+            parts.append(f"{len(dtype)} weights of the wrong type (e.g. {dtype[0]})")
         raise HMARError(f"{name} does not match the model it claims to be: " + "; ".join(parts))
+
+
+def _strict_load(module: nn.Module, sd: Dict[str, torch.Tensor], name: str, allow_derived: bool = False) -> None:
+    own = module.state_dict()
+    sd = {k: v for k, v in sd.items()}
+    _check_keys(own, sd, name, allow_derived)
     for k in own:
         if k not in sd:
             sd[k] = _derived_value(module, k, own[k])
@@ -223,6 +293,8 @@ def save_pretrained(directory: PathLike, model: nn.Module, tokenizer: VQVAE, *,
     """Write ``config.json``, ``model.safetensors`` and ``tokenizer.safetensors`` into ``directory``
     (atomically: files are written to temporary names, then renamed). ``dtype`` (e.g. fp16) shrinks the files."""
     from safetensors.torch import save_file
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise HMARError(f"dtype must be a floating-point torch.dtype such as torch.float16, got {dtype!r}")
     d = Path(directory)
     if d.exists() and not d.is_dir():
         raise HMARError(f"{str(d)!r} is a file: save_pretrained writes a directory, pass a new or existing directory")
@@ -244,13 +316,16 @@ def save_pretrained(directory: PathLike, model: nn.Module, tokenizer: VQVAE, *,
     mcfg["class_names"] = list(names) if names is not None else None
     config = {"format": "hmar", "version": FORMAT_VERSION, "model": mcfg, "tokenizer": tokenizer.config.to_dict(),
               "sampling": sampling or {}, **(extra or {})}
-    for fname, m in (("model.safetensors", model), ("tokenizer.safetensors", tokenizer)):
+    files = [("model.safetensors", lambda t: save_file(tensors(model), str(t))),
+             ("tokenizer.safetensors", lambda t: save_file(tensors(tokenizer), str(t))),
+             ("config.json", lambda t: t.write_text(json.dumps(config, indent=2)))]
+    for fname, write in files:
         tmp = d / (fname + ".tmp")
-        save_file(tensors(m), str(tmp))
-        os.replace(tmp, d / fname)
-    tmp = d / "config.json.tmp"
-    tmp.write_text(json.dumps(config, indent=2))
-    os.replace(tmp, d / "config.json")
+        try:
+            write(tmp)
+            os.replace(tmp, d / fname)
+        finally:  # a failed write (full disk, Ctrl-C) leaves the previous file, not a partial temporary one
+            tmp.unlink(missing_ok=True)
     return d
 
 
@@ -305,10 +380,21 @@ def load_any(checkpoint: PathLike, vqvae: Optional[PathLike] = None, device: Uni
         model, tok, config = load_pretrained(p, device)
         if vqvae is not None:
             tok = load_official_tokenizer(vqvae, model.config.patch_nums).to(device)
+            _check_pair(model, tok, p, vqvae)
         return model, tok, config
     model = load_official_model(p, mask_checkpoint)
     if vqvae is None:
         raise HMARError(f"{str(p)!r} is an official transformer file: also pass its tokenizer with --vqvae "
                         "(e.g. vae_ch160v4096z32.pth)")
     tok = load_official_tokenizer(vqvae, model.config.patch_nums)
+    _check_pair(model, tok, p, vqvae)
     return model.to(device), tok.to(device), {"model": model.config.to_dict(), "sampling": {}}
+
+
+def _check_pair(model: nn.Module, tok: VQVAE, checkpoint: PathLike, vqvae: PathLike) -> None:
+    """The transformer draws the tokenizer's codes: same vocabulary, same latent channels."""
+    m, t = model.config, tok.config
+    if (m.vocab_size, m.z_channels) != (t.vocab_size, t.z_channels):
+        raise HMARError(f"the tokenizer {str(vqvae)!r} (vocab {t.vocab_size}, {t.z_channels} latent channels) does "
+                        f"not match the transformer {str(checkpoint)!r} (vocab {m.vocab_size}, {m.z_channels} "
+                        "channels): pass the VQ-VAE it was trained with")

@@ -211,8 +211,9 @@ class HMARPipeline:
         if output_type not in ("pil", "pt", "np"):
             raise HMARError(f"output_type must be 'pil', 'pt' or 'np', got {output_type!r}")
         for name, v in (("num_images_per_label", num_images_per_label), ("batch_size", batch_size)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:   # numpy ints too
                 raise HMARError(f"{name} must be an integer >= 1, got {v!r}")
+        num_images_per_label, batch_size = int(num_images_per_label), int(batch_size)
         labels = [l for l in class_labels for _ in range(num_images_per_label)]
         if not labels:
             raise HMARError("class_labels is empty: give at least one class id or name")

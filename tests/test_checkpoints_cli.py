@@ -177,3 +177,117 @@ def test_official_d16_layout_with_random_weights_samples_256px(tmp_path):
     assert rc == 0
     pngs = sorted(out.glob("0*.png"))
     assert len(pngs) == 2 and all(Image.open(p).size == (256, 256) for p in pngs)
+
+
+def _one_line_error(argv, capsys):
+    rc = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_cli_convert_incomplete_or_mismatched_files_name_the_problem(files, tmp_path, capsys):
+    """A transformer file without a key the model size is read from was a KeyError traceback; a stage-2 file of
+    another model was blamed on the stage-1 file under renamed keys; a VAR file took a stage-2 file; a tokenizer of
+    another vocabulary was converted and only refused when sampling."""
+    sd = files["hmar-tiny"][1].state_dict()
+    for key in ("pos_start", "class_emb.weight", "ns_head.weight", "word_embed.weight"):
+        torch.save({k: v for k, v in sd.items() if k != key}, tmp_path / "cut.pth")
+        msg = _one_line_error(["convert", "-c", str(tmp_path / "cut.pth"), "--vqvae", str(files["vq"][0]),
+                               "-o", str(tmp_path / "o")], capsys)
+        assert f"no '{key}'" in msg and "cut.pth" in msg
+    torch.save({**sd, "pos_start": torch.zeros(1, 1, 65)}, tmp_path / "wide.pth")
+    msg = _one_line_error(["convert", "-c", str(tmp_path / "wide.pth"), "--vqvae", str(files["vq"][0]),
+                           "-o", str(tmp_path / "o")], capsys)
+    assert "pos_start: 65" in msg and "class_emb.weight: 64" in msg
+    nsp = files["nsp-tiny"][1].state_dict()
+    mp = {("word_embed_bias" if k == "word_embed.bias" else k): v for k, v in nsp.items()}
+    mp["mask_embed.weight"] = torch.zeros(1, 64)
+    for name, damaged, needle in [("mp_cut.pth", {k: v for k, v in mp.items() if k != "blocks.3.ffn.fc1.weight"},
+                                   "1 missing keys (e.g. blocks.3.ffn.fc1.weight)"),
+                                  ("mp_shape.pth", {**mp, "head.weight": torch.zeros(3, 3)},
+                                   "shape mismatch: head.weight (3, 3) vs (64, 64)")]:
+        torch.save(damaged, tmp_path / name)
+        msg = _one_line_error(["convert", "-c", str(files["nsp-tiny"][0]), "--mask-checkpoint", str(tmp_path / name),
+                               "--vqvae", str(files["vq"][0]), "-o", str(tmp_path / "o")], capsys)
+        assert f"stage-2 file '{tmp_path / name}'" in msg and needle in msg, msg
+    torch.save(mp, tmp_path / "mp.pth")
+    msg = _one_line_error(["convert", "-c", str(files["var-tiny"][0]), "--mask-checkpoint", str(tmp_path / "mp.pth"),
+                           "--vqvae", str(files["vq"][0]), "-o", str(tmp_path / "o")], capsys)
+    assert "VAR (block-causal)" in msg
+    torch.save(VQVAE(tokenizer_config("vqvae-tiny", vocab_size=128)).state_dict(), tmp_path / "vq128.pth")
+    msg = _one_line_error(["convert", "-c", str(files["hmar-tiny"][0]), "--vqvae", str(tmp_path / "vq128.pth"),
+                           "-o", str(tmp_path / "o")], capsys)
+    assert "vocab 128" in msg and "vocab 64" in msg
+    assert not (tmp_path / "o").exists()
+    # the assembled stage-1 + stage-2 file still converts
+    assert main(["convert", "-c", str(files["nsp-tiny"][0]), "--mask-checkpoint", str(tmp_path / "mp.pth"),
+                 "--vqvae", str(files["vq"][0]), "-o", str(tmp_path / "o")]) == 0
+
+
+def test_cli_convert_checks_its_options_before_loading(files, tmp_path, capsys, monkeypatch):
+    """--out naming a file and a --class-names file that is not text are refused before the (slow) load; a binary
+    file was a UnicodeDecodeError traceback."""
+    from hmar import HMARPipeline
+    loads = []
+    monkeypatch.setattr(HMARPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(1)))
+    (tmp_path / "afile").write_text("x")
+    base = ["convert", "-c", str(files["hmar-tiny"][0]), "--vqvae", str(files["vq"][0])]
+    assert "is a file" in _one_line_error(base + ["-o", str(tmp_path / "afile")], capsys)
+    msg = _one_line_error(base + ["--class-names", str(files["vq"][0]), "-o", str(tmp_path / "o")], capsys)
+    assert "not a UTF-8 text file" in msg
+    assert not loads and not (tmp_path / "o").exists()
+
+
+def test_cli_files_of_a_model_directory_point_to_the_directory(files, tmp_path, capsys):
+    """model.safetensors of our format passed as a checkpoint said 'no lvl_1L buffer'."""
+    d = tmp_path / "conv"
+    assert main(["convert", "-c", str(files["hmar-tiny"][0]), "--vqvae", str(files["vq"][0]), "-o", str(d)]) == 0
+    for name in ("model.safetensors", "config.json"):
+        msg = _one_line_error(["sample", "-c", str(d / name), "--vqvae", str(files["vq"][0]), "--out",
+                               str(tmp_path / "s")], capsys)
+        assert f"one file of the hmar model directory '{d}'" in msg and "pass the directory itself" in msg
+
+
+def test_cli_sample_writes_pngs_atomically(files, tmp_path, capsys, monkeypatch):
+    """A PNG write that fails halfway (a full disk, Ctrl-C) leaves the previous complete file, not a truncated one."""
+    out = tmp_path / "s"
+    argv = ["sample", "-c", str(files["hmar-tiny"][0]), "--vqvae", str(files["vq"][0]), "--classes", "1,2",
+            "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(before) == ["0001_000.png", "0002_000.png", "grid.png"]
+    real_save, calls = Image.Image.save, []
+
+    def save_then_fail(self, fp, *a, **k):      # the second file: half written, then the disk is full
+        calls.append(fp)
+        if len(calls) == 2:
+            with open(fp, "wb") as f:
+                f.write(before["0002_000.png"][:40])
+            raise OSError(28, "No space left on device")
+        return real_save(self, fp, *a, **k)
+    monkeypatch.setattr(Image.Image, "save", save_then_fail)
+    msg = _one_line_error(argv + ["--seed", "1"], capsys)
+    assert "No space left" in msg
+    after = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(after) == sorted(before)                      # no temporary file left behind
+    assert after["0002_000.png"] == before["0002_000.png"] and after["grid.png"] == before["grid.png"]
+    assert after["0001_000.png"] != before["0001_000.png"]      # the first file was rewritten (seed 1), whole
+    assert Image.open(out / "0001_000.png").size == (64, 64)
+
+
+def test_save_pretrained_failed_write_leaves_the_previous_files(files, tmp_path, monkeypatch):
+    import safetensors.torch
+    _, m = files["hmar-tiny"]
+    _, vq = files["vq"]
+    d = tmp_path / "p"
+    save_pretrained(d, m, vq)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+
+    def fail(tensors, path, metadata=None):
+        open(path, "wb").write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", fail)
+    with pytest.raises(OSError, match="No space"):
+        save_pretrained(d, m, vq, dtype=torch.float16)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before   # no model.safetensors.tmp left either

@@ -60,3 +60,16 @@ def test_generate_under_torchrun_matches_one_process(tmp_path):
     assert "rank 0/2: wrote 4 images" in out2 and "rank 1/2: wrote 2 images" in out2, out2[-3000:]
     d1, d2 = _digest(tmp_path / "one"), _digest(tmp_path / "two")
     assert len(d1) == 6 and d1 == d2
+
+
+@pytest.mark.parametrize("flag", ["--per-class", "--classes", "--batch-size"])
+def test_generate_refuses_counts_below_one_before_writing(tmp_path, capsys, monkeypatch, flag):
+    """--per-class 0 was refused as 'num_classes, per_class and batch_size must be positive' after loading the
+    model and creating --out."""
+    from hmar import HMARPipeline
+    loads = []
+    monkeypatch.setattr(HMARPipeline, "from_pretrained", classmethod(lambda cls, *a, **k: loads.append(1)))
+    rc = main(["generate", "-c", str(tmp_path / "model"), "--device", "cpu", "--out", str(tmp_path / "o"), flag, "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == [f"error: {flag} must be >= 1, got 0"]
+    assert not loads and not (tmp_path / "o").exists()

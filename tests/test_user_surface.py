@@ -118,6 +118,8 @@ def test_damaged_model_directories(model_dir, tmp_path):
         ("corrupt", lambda d: (d / "model.safetensors").write_bytes(b"garbage"), "not a readable safetensors"),
         ("truncated", lambda d: (d / "tokenizer.safetensors").write_bytes(
             (model_dir / "tokenizer.safetensors").read_bytes()[:500]), "not a readable safetensors"),
+        ("intweights", lambda d: _retype(d / "model.safetensors", "pos_start", torch.int8),  # was a RuntimeError
+         r"1 weights of the wrong type \(e.g. pos_start is int8, not a float\)"),
     ]:
         d = tmp_path / name
         shutil.copytree(model_dir, d)
@@ -127,6 +129,24 @@ def test_damaged_model_directories(model_dir, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(HMARError, match="is a file"):
         HMARPipeline.from_preset().save_pretrained(tmp_path / "file")
+
+
+def _retype(path, key, dtype):
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(path))
+    sd[key] = sd[key].to(dtype)
+    save_file(sd, str(path))
+
+
+def test_pipeline_counts_take_numpy_ints_and_save_needs_a_float_dtype(pipe, tmp_path):
+    """num_images_per_label=np.int64(2) was refused as 'must be an integer'; save_pretrained(dtype=torch.int8)
+    wrote a directory that did not load, and dtype='float16' was a RuntimeError."""
+    two = pipe([1], num_images_per_label=np.int64(2), batch_size=np.int32(1), generator=0, output_type="np")
+    assert np.array_equal(two, pipe([1], num_images_per_label=2, batch_size=1, generator=0, output_type="np"))
+    for bad in (torch.int8, "float16"):
+        with pytest.raises(HMARError, match="floating-point torch.dtype"):
+            pipe.save_pretrained(tmp_path / "m", dtype=bad)
+    assert not (tmp_path / "m").exists()
 
 
 def _cli(argv, capsys):
@@ -145,9 +165,11 @@ def _cli(argv, capsys):
     (["--classes", "1", "--out", "{tmp}/grid.jpg"], "png"),
     (["--classes", "1", "--out", "{tmp}/afile"], "not a directory"),
     (["--classes", "1", "--out", "{tmp}/afile/sub"], "not a directory"),
+    (["--classes", "1", "--out", "{tmp}/adir.png"], "is a directory whose name ends in .png"),
 ])
 def test_cli_sample_bad_input_fails_before_sampling(model_dir, tmp_path, capsys, monkeypatch, args, needle):
     (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir.png").mkdir()
     calls = []
     monkeypatch.setattr(HMARPipeline, "generate", lambda self, *a, **k: calls.append(1))
     args = [a.format(tmp=tmp_path) for a in args]

@@ -291,3 +291,33 @@ def test_pixel_limit_is_checked_from_the_header(files):
             Image.open(files / "photo.png").load()
     finally:
         Image.MAX_IMAGE_PIXELS = old
+
+
+@pytest.mark.parametrize("flag,value", [("--max-upload-mb", "nan"), ("--max-upload-mb", "inf"),
+                                        ("--max-upload-mb", "0"), ("--max-pixels", "0"), ("--concurrency", "0"),
+                                        ("--max-queue", "-1")])
+def test_serve_refuses_bad_limits_before_loading(flag, value, capsys, monkeypatch):
+    """Without gradio: checked first. --max-upload-mb nan passed the `<= 0` check and failed inside launch with
+    int(nan) (a ValueError traceback), after the model had loaded."""
+    from hmar.cli import main, serve
+    monkeypatch.setattr(serve, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    rc = main(["serve", "--device", "cpu", flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {flag} must be a positive number"), err
+
+
+def test_handlers_refuse_non_numbers_with_a_message(monkeypatch):
+    """A guidance or padding value that is not a number was a bare ValueError / TypeError (the page showed 'Error')."""
+    from hmar.app import DemoHandlers
+    from hmar.errors import HMARError
+    from hmar.pipeline import HMARPipeline
+    monkeypatch.setattr(DemoHandlers, "_error", staticmethod(lambda e: e))     # the HMARError, not gr.Error
+    h = DemoHandlers(HMARPipeline.from_preset("hmar-tiny", "vqvae-tiny"))
+    for bad in ("abc", None, float("nan")):
+        with pytest.raises(HMARError, match="guidance"):
+            h.generate(0, 0, bad)
+    img = np.zeros((64, 64, 3), np.uint8)
+    for bad in ("abc", float("nan"), -1, 101):
+        with pytest.raises(HMARError, match="padding"):
+            h.outpaint(img, bad, 0, 0, 0, -1, 0)
+    assert h.outpaint(img, "10", 0, 0, 0, -1, 0).size == (64, 64)

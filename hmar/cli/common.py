@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import List
 
@@ -69,6 +70,20 @@ def prepare_out_dir(directory: Path, what: str = "--out") -> None:
     if directory.exists() and not directory.is_dir():
         raise HMARError(f"{what}: {str(directory)!r} exists and is not a directory: choose another path")
     directory.mkdir(parents=True, exist_ok=True)
+
+
+def save_image(image, path: Path) -> None:
+    """Write a PIL image atomically, in the format its suffix names (PNG when the suffix names none): to a
+    temporary name beside ``path``, then renamed, so an interrupted or failed write (Ctrl-C, a full disk) leaves the
+    previous file or none, never a truncated one."""
+    from PIL import Image
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")   # not an image suffix: never taken for a sample
+    try:
+        image.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def parse_int_list(text: str, what: str) -> List[int]:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+from typing import List
 
 import torch
 
@@ -25,14 +27,26 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..pipeline import HMARPipeline
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():     # checked before loading (a d30 file takes a while)
+        raise HMARError(f"--out {args.out!r} is a file: the output is a directory, pass a new or existing one")
+    names = _read_class_names(args.class_names) if args.class_names else None
     pipe = HMARPipeline.from_pretrained(args.checkpoint, vqvae=args.vqvae, mask_checkpoint=args.mask_checkpoint)
-    if args.class_names:
-        with open(args.class_names) as f:
-            pipe.class_names = [l.strip() for l in f if l.strip()]
-        if len(pipe.class_names) != pipe.num_classes:
-            raise HMARError(f"--class-names {args.class_names!r} has {len(pipe.class_names)} names but the model has "
+    if names is not None:
+        if len(names) != pipe.num_classes:
+            raise HMARError(f"--class-names {args.class_names!r} has {len(names)} names but the model has "
                             f"{pipe.num_classes} classes: give one name per line for every class")
-    d = pipe.save_pretrained(args.out, dtype=torch.float16 if args.half else None)
+        pipe.class_names = names
+    d = pipe.save_pretrained(out, dtype=torch.float16 if args.half else None)
     c = pipe.model.config
     print(f"wrote {d}: {c.kind} depth {c.depth} width {c.embed_dim} scales {list(c.patch_nums)}")
     return 0
+
+
+def _read_class_names(path: str) -> List[str]:
+    """The non-empty lines of a UTF-8 text file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.strip() for line in f if line.strip()]
+    except UnicodeDecodeError:
+        raise HMARError(f"--class-names {path!r} is not a UTF-8 text file: give one class name per line") from None

@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple
 
 from ..errors import HMARError
 from .common import (add_model_args, add_sampling_args, check_sampling_args, load_pipeline, parse_int_list,
-                     prepare_out_dir, sampling_kwargs)
+                     prepare_out_dir, sampling_kwargs, save_image)
 
 _RULES = """
 rules (details: python -c "import hmar.editing; help(hmar.editing)"):
@@ -124,15 +124,16 @@ def run(args: argparse.Namespace) -> int:
               "reconstruction of the input", file=sys.stderr)
     written = []
     if len(res.images) == 1:
-        res.images[0].save(out)
+        save_image(res.images[0], out)
         written.append(str(out))
     else:
         for s, im in zip(res.seeds, res.images):
             p = out.with_name(f"{out.stem}_s{s}.png")
-            im.save(p)
+            save_image(im, p)
             written.append(str(p))
         strip = out.with_name(f"{out.stem}_strip.png")
-        make_grid([res.source, res.mask.convert("RGB")] + res.images, ncols=len(res.images) + 2).save(strip)
+        strip_images = [res.source, res.mask.convert("RGB")] + res.images
+        save_image(make_grid(strip_images, ncols=len(res.images) + 2), strip)
         written.append(str(strip))
     print(f"wrote {', '.join(written)} ({args.edit_op}, {pipe.resolution}px"
           + (", class " + str(label) if label is not None else ", unconditional") + ")"

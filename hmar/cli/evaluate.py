@@ -188,6 +188,10 @@ def _generate(args: argparse.Namespace) -> int:
     import torch
     from ..evaluation.generate import dist_rank_world, generate_samples
     from .common import check_sampling_args, load_pipeline, prepare_out_dir, sampling_kwargs
+    for flag, value in (("--per-class", args.per_class), ("--classes", args.classes),
+                        ("--batch-size", args.batch_size)):
+        if value is not None and value < 1:        # before loading the model or creating --out
+            raise HMARError(f"{flag} must be >= 1, got {value}")
     rank, world = dist_rank_world()
     if world > 1 and args.device.startswith("cuda"):
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % max(torch.cuda.device_count(), 1)}"

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import HMARError
 from .common import (add_model_args, add_sampling_args, check_sampling_args, load_pipeline, prepare_out_dir,
-                     sampling_kwargs)
+                     sampling_kwargs, save_image)
 from .data import HelpFormatter
 
 _OTHER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -41,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() in _OTHER_IMAGE_SUFFIXES:
         raise HMARError(f"--out {args.out!r}: the grid is written as PNG only; pass a .png path or a directory")
+    if out.suffix.lower() == ".png" and out.is_dir():
+        raise HMARError(f"--out {args.out!r} is a directory whose name ends in .png: the grid cannot be written "
+                        "there; pass another .png path, or a directory name without .png")
     if args.classes is not None and not args.classes.replace(",", "").strip():
         raise HMARError(f"--classes {args.classes!r} names no class: give ids or names like 1,2,3")
     pipe = load_pipeline(args)
@@ -70,15 +73,15 @@ def run(args: argparse.Namespace) -> int:
     dt = time.time() - t0
     grid = make_grid(images, ncols=per)
     if out.suffix.lower() == ".png":
-        grid.save(out)
+        save_image(grid, out)
         where = str(out)
     else:
         names = pipe.class_names
         for k, (lab, im) in enumerate(zip(all_labels, images)):
             named = names and 0 <= lab < len(names)
             tag = ("uncond" if lab < 0 else f"{lab:04d}") + (f"_{_slug(names[lab])}" if named else "")
-            im.save(out / f"{tag}_{k % per:03d}.png")
-        grid.save(out / "grid.png")
+            save_image(im, out / f"{tag}_{k % per:03d}.png")
+        save_image(grid, out / "grid.png")
         where = f"{out}/ ({len(images)} PNGs + grid.png)"
     print(f"wrote {where}: {len(images)} images of {len(labels)} classes at {pipe.resolution}px in {dt:.1f}s"
           + (" [random tiny model: noise]" if pipe.is_random else ""))

@@ -28,13 +28,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..app import check_limits, launch
+    if not 0 < args.port < 65536:
+        raise HMARError(f"--port must be between 1 and 65535, got {args.port}")
+    check_limits(args.max_upload_mb, args.max_pixels, args.concurrency, args.max_queue)  # before the model loads
     try:
         import gradio  # noqa: F401
     except ModuleNotFoundError:
         raise HMARError("the web demo needs gradio: pip install gradio==6.31.0") from None
-    if not 0 < args.port < 65536:
-        raise HMARError(f"--port must be between 1 and 65535, got {args.port}")
-    from ..app import launch
     notes = []
     pipe = load_pipeline(args, say=notes.append)
     notice = None
