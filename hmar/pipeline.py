@@ -206,8 +206,11 @@ class HMARPipeline:
         a ``[N, 3, R, R]`` tensor in [0, 1] (``'pt'``) or a uint8 ``[N, R, R, 3]`` array (``'np'``).
         ``class_labels`` may also be a single id or name. ``batch_size`` is part of the seeding: the same
         seed with another batch size gives other images."""
-        if isinstance(class_labels, (int, str)) or (isinstance(class_labels, torch.Tensor) and class_labels.dim() == 0):
-            class_labels = [class_labels]
+        if isinstance(class_labels, (numbers.Integral, str)) or \
+                (isinstance(class_labels, torch.Tensor) and class_labels.dim() == 0):
+            class_labels = [class_labels]   # one id (numpy ints too) or name
+        if not hasattr(class_labels, "__iter__"):
+            raise HMARError(f"class_labels must be a class id, a class name or a list of them, got {class_labels!r}")
         if output_type not in ("pil", "pt", "np"):
             raise HMARError(f"output_type must be 'pil', 'pt' or 'np', got {output_type!r}")
         for name, v in (("num_images_per_label", num_images_per_label), ("batch_size", batch_size)):

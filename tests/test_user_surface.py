@@ -143,6 +143,9 @@ def test_pipeline_counts_take_numpy_ints_and_save_needs_a_float_dtype(pipe, tmp_
     wrote a directory that did not load, and dtype='float16' was a RuntimeError."""
     two = pipe([1], num_images_per_label=np.int64(2), batch_size=np.int32(1), generator=0, output_type="np")
     assert np.array_equal(two, pipe([1], num_images_per_label=2, batch_size=1, generator=0, output_type="np"))
+    assert np.array_equal(pipe(np.int64(1), generator=0, output_type="np"), two[:1])   # one numpy id, not a list
+    with pytest.raises(HMARError, match="class_labels must be a class id"):
+        pipe(None)
     for bad in (torch.int8, "float16"):
         with pytest.raises(HMARError, match="floating-point torch.dtype"):
             pipe.save_pretrained(tmp_path / "m", dtype=bad)
