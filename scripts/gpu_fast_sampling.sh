@@ -149,6 +149,9 @@
 #           LIMIT=560); the GPU tests of call 44 and the d30 / d16-512 runs follow in a later call
 #           (2026-12-06, on an H100: its first two steps and train-gpu-tests ran, BENCHMARKS.md 2h: blocks 0.95x,
 #           reduce-overhead 1.01x, 3 GPU tests passed; autotune-train-d16 did not fit the device time left)
+#   49 (2026-12-07, for a session whose device time went to failed starts): call 43 cut to what decides its two
+#           options: the draw kernel's and the small-pass GEMM's GPU tests, then hmar-d16-512 (the one sampling
+#           config over its token budget) with the histogram draw, the small-pass GEMM, both, and neither (~6 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -182,6 +185,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   41) STEPS="norm-kernel-tests hist-draw-tests hist-draw-bench hist-draw-sample" ;;
   42) STEPS="skinny-tests skinny-bench skinny-sample" ;;
   43) STEPS="hist-draw-tests skinny-tests hist-draw-bench skinny-bench combo-sample" ;;
+  49) STEPS="hist-draw-tests skinny-tests combo-sample-512" ;;
   44) STEPS="train-gpu-tests scope-train-d30 scope-train-d16" ;;
   45) STEPS="blocks-norm-train-d16 blocks-norm-train-d30 blocks-norm-train-d16-512" ;;
   46) STEPS="graphs-train-d16 blocks-profile-d30" ;; 47) STEPS="autotune-train-d16 autotune-train-d30" ;;
@@ -377,6 +381,8 @@ for s in $STEPS; do
     skinny-sample) bench skinny hmar-d30,hmar-d16,hmar-d16-512 fast-compiled,fast-compiled-skinny1152 ;;
     combo-sample) bench combo hmar-d16-512,hmar-d30 \
                     fast-compiled,fast-compiled-histdraw,fast-compiled-skinny1152,fast-compiled-skinnywide1152,fast-compiled-histdraw-skinny1152 ;;
+    combo-sample-512) bench combo-512 hmar-d16-512 \
+                        fast-compiled,fast-compiled-histdraw,fast-compiled-skinny1152,fast-compiled-histdraw-skinny1152 ;;
     draw-sample) bench draw hmar-d30,hmar-d16,hmar-d16-512,hmar-d30-512 fast-compiled,fast-compiled-torchdraw \
                    --profile --profile-variants fast-compiled --profile-rows 30 ;;
     fp8-tests)
