@@ -164,6 +164,9 @@ def _least_confident(conf: torch.Tensor, candidates: torch.Tensor, count: torch.
 def make_generator(seed_or_gen: Union[int, torch.Generator, None], device: torch.device) -> torch.Generator:
     """A ``torch.Generator`` on ``device`` from a seed (or the given generator; a fresh random one for None)."""
     if isinstance(seed_or_gen, torch.Generator):
+        if seed_or_gen.device.type != torch.device(device).type:
+            raise HMARError(f"the generator is on {seed_or_gen.device} but the model runs on {device}: make it with "
+                            f"torch.Generator(device={str(device)!r}), or pass an integer seed")
         return seed_or_gen
     g = torch.Generator(device=device)
     if seed_or_gen is None:
@@ -223,6 +226,8 @@ def sample(model: nn.Module, tokenizer: nn.Module, labels: Union[Sequence[int], 
     overflow in low precision).
     """
     check_options(cfg, top_k, top_p, temperature)
+    if not isinstance(guide_masked, bool):
+        raise HMARError(f"guide_masked must be True or False, got {guide_masked!r}")
     cfgm = model.config
     quant = tokenizer.quantize if hasattr(tokenizer, "quantize") else tokenizer
     if tuple(quant.patch_nums) != tuple(cfgm.patch_nums):   # the tokenizer's own setter keeps its config in step

@@ -262,6 +262,20 @@ def test_float_and_bool_labels_are_refused_not_truncated(tiny):
         check_labels([], 10, torch.device("cpu"))
 
 
+def test_a_string_guide_masked_and_a_generator_on_another_device_are_refused(tiny):
+    """``guide_masked="no"`` was taken as True (a non-empty string); a CUDA generator for a CPU model raised deep in
+    torch (here: a CPU generator for a CUDA model). Each is one line saying what to pass instead."""
+    hmar, _, _, tok = tiny
+    for bad in ("no", 1, None):
+        with pytest.raises(HMARError, match="guide_masked must be True or False"):
+            sample(hmar, tok, [1], generator=0, decode=False, guide_masked=bad)
+    from hmar.sampling import make_generator
+    with pytest.raises(HMARError, match="the generator is on cpu but the model runs on cuda"):
+        make_generator(torch.Generator(), torch.device("cuda"))     # no GPU needed to build the refusal
+    same = sample(hmar, tok, [1], generator=torch.Generator().manual_seed(3), decode=False).indices
+    assert all(torch.equal(a, b) for a, b in zip(same, sample(hmar, tok, [1], generator=3, decode=False).indices))
+
+
 def test_every_model_checks_the_schedule_and_the_tokenizer_follows_the_model_scales():
     """A VAR (no masked branch) uses no schedule but refuses one that cannot be right, as HMAR does; sampling with a
     model of other scales switches the tokenizer through its own setter, so its config says the scales it now has."""
