@@ -124,6 +124,16 @@ def test_cli_fashion_mnist(fake_fmnist: Path, tmp_path: Path, capsys: pytest.Cap
 
 # ----------------------------------------------------------------------------- folder helpers
 
+def test_a_file_given_as_image_folder_is_named_a_file(tmp_path: Path) -> None:
+    """`hmar eval --reference model.safetensors` (or a single image) said the folder 'does not exist'."""
+    f = tmp_path / "ref.safetensors"
+    f.write_bytes(b"x")
+    with pytest.raises(HMARError, match="ref.safetensors is a file, not a folder of images"):
+        load_image_folder(f)
+    with pytest.raises(HMARError, match="does not exist"):
+        load_image_folder(tmp_path / "missing")
+
+
 def test_folder_helpers() -> None:
     assert class_dir_name(3, "T-shirt/top", 10) == "03_t-shirt-top"
     assert class_dir_name(7, "Food & Drink", 120) == "007_food-drink"

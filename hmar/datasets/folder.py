@@ -101,6 +101,8 @@ def list_images(folder: Path) -> List[Path]:
     hidden files and folders (``.ipynb_checkpoints/``, macOS ``._x.png``) are not images of the data set. Two
     folders that are one folder on disk (two links to it, or a link and the folder itself) would count its images
     twice, as two classes of identical images or duplicates in one: :class:`HMARError` naming both."""
+    if folder.exists() and not folder.is_dir():
+        raise HMARError(f"{folder} is a file, not a folder of images; pass the folder that holds the images")
     if not folder.is_dir():
         raise HMARError(f"image folder {folder} does not exist; pass a folder of images")
     out = []

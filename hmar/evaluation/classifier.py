@@ -20,6 +20,7 @@ from ..datasets.folder import load_image, load_image_folder
 from ..errors import HMARError
 
 ARCH = "hmar-small-cnn-v1"
+MIN_IMAGE_SIZE = 8   # the smallest side the three 2x downsamplings leave a pixel of
 
 
 @dataclass
@@ -152,12 +153,25 @@ def train_classifier(data: Union[str, Path], out: Union[str, Path], epochs: int 
         raise HMARError(f"--out must end in .safetensors (the config goes beside it as .json), got {out.name}")
     if epochs < 1 or batch_size < 1 or width < 1:
         raise HMARError(f"epochs, batch size and width must be positive, got {epochs}, {batch_size}, {width}")
+    if image_size is not None and image_size < MIN_IMAGE_SIZE:
+        raise HMARError(f"--image-size must be at least {MIN_IMAGE_SIZE} (the CNN downsamples 8x), got {image_size}")
+    if not (math.isfinite(lr) and lr > 0):
+        raise HMARError(f"--lr must be a positive number, got {lr}")
+    if max_minutes is not None and not max_minutes > 0:
+        raise HMARError(f"--max-minutes must be positive, got {max_minutes}")
     say = progress or (lambda msg: None)
     train_dir, held_dir = _splits(data)
     if image_size is None:
         first = load_image_folder(train_dir).files[0]
         image_size = load_image(first).shape[0]
+        if image_size < MIN_IMAGE_SIZE:
+            raise HMARError(f"{first} is {image_size} px, below the classifier's {MIN_IMAGE_SIZE}: pass "
+                            f"--image-size {MIN_IMAGE_SIZE} or more (images are resized to it)")
     x, y, names = load_folder_tensor(train_dir, image_size, progress=say)
+    if len(names) < 2:
+        raise HMARError(f"{train_dir} holds {len(names)} class: a classifier needs at least 2 class folders "
+                        "(with one, every sample would count as correctly classified)")
+    held = load_folder_tensor(held_dir, image_size, names, progress=say) if held_dir is not None else None
     cfg = ClassifierConfig(num_classes=len(names), class_names=names, image_size=image_size, width=width)
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the global RNG
@@ -197,8 +211,8 @@ def train_classifier(data: Union[str, Path], out: Union[str, Path], epochs: int 
                                "batch_size": batch_size, "lr": lr, "seed": seed,
                                "seconds": round(time.time() - start, 1), "stopped_early": stopped_early,
                                "train_accuracy_5k": accuracy(model, x[::sub], y[::sub], image_size)}
-    if held_dir is not None:
-        hx, hy, _ = load_folder_tensor(held_dir, image_size, names, progress=say)
+    if held is not None:   # loaded before training: a held-out split that does not match fails at once
+        hx, hy, _ = held
         info.update(held_out=str(held_dir), held_out_images=len(hx), held_out_accuracy=accuracy(model, hx, hy, image_size))
     cfg.train = info
     save_classifier(model, cfg, out)
@@ -209,9 +223,17 @@ def save_classifier(model: SmallCNN, cfg: ClassifierConfig, out: Path) -> None:
     """Write ``out`` (safetensors weights) and ``out.with_suffix('.json')`` (config)."""
     from safetensors.torch import save_file
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out),
-              metadata={"format": ARCH})
-    out.with_suffix(".json").write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+    meta = out.with_suffix(".json")
+    tmp_w, tmp_m = out.with_name(out.name + ".part"), meta.with_name(meta.name + ".part")
+    try:   # both to temporary names first: an interrupted save leaves the previous pair (or none), never half
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp_w),
+                  metadata={"format": ARCH})
+        tmp_m.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
+        tmp_w.replace(out)
+        tmp_m.replace(meta)
+    finally:
+        tmp_w.unlink(missing_ok=True)
+        tmp_m.unlink(missing_ok=True)
 
 
 def load_classifier(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> ClassifierExtractor:
@@ -222,11 +244,23 @@ def load_classifier(path: Union[str, Path], device: Union[str, torch.device] = "
     if not path.is_file() or not meta.is_file():
         raise HMARError(f"classifier {path} (and its config {meta.name}) not found; train one with "
                         "`hmar train-classifier --data DIR --out model.safetensors`")
-    raw = json.loads(meta.read_text())
-    if raw.get("arch") != ARCH:
-        raise HMARError(f"{meta} describes architecture {raw.get('arch')!r}, expected {ARCH!r}")
-    cfg = ClassifierConfig(**raw)
-    model = SmallCNN(cfg)
-    model.load_state_dict(load_file(str(path)))
+    retrain = "; pass a classifier written by `hmar train-classifier` (or train one again)"
+    try:
+        raw = json.loads(meta.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise HMARError(f"{meta} is not a classifier config (not JSON: {e}){retrain}") from e
+    if not isinstance(raw, dict) or raw.get("arch") != ARCH:
+        arch = raw.get("arch") if isinstance(raw, dict) else None
+        raise HMARError(f"{meta} describes architecture {arch!r}, expected {ARCH!r}{retrain}")
+    try:
+        cfg = ClassifierConfig(**raw)
+        model = SmallCNN(cfg)
+    except (TypeError, ValueError, RuntimeError) as e:   # missing / unknown keys, a width or class count of 0
+        raise HMARError(f"{meta} is not a valid classifier config ({e}){retrain}") from e
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except Exception as e:   # safetensors' own error type for a file that is not safetensors; shape mismatches
+        first = str(e).strip().splitlines()[-1].strip()
+        raise HMARError(f"{path} does not hold the weights {meta.name} describes ({first}){retrain}") from e
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
     return ClassifierExtractor(model, cfg, f"classifier-{digest}").to(device)

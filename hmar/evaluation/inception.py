@@ -280,7 +280,12 @@ def export_half(path_out: Union[str, Path], source: Optional[Union[str, Path]] =
     from safetensors.torch import save_file
     net = load_inception(source).net
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.half().contiguous() for k, v in net.state_dict().items()}, str(out),
-              metadata={"format": "hmar-fid-inception", "dtype": "float16"})
+    tmp = out.with_name(out.name + ".part")
+    try:   # to a temporary name, then renamed: an interrupted export leaves no truncated weights under `out`
+        save_file({k: v.half().contiguous() for k, v in net.state_dict().items()}, str(tmp),
+                  metadata={"format": "hmar-fid-inception", "dtype": "float16"})
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
