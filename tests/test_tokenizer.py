@@ -1,4 +1,6 @@
 """Multi-scale residual quantiser: the algebra of f_hat, decoding, residuals, phi tables."""
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,27 @@ def test_fhat_is_sum_of_contributions_and_decoding_agrees(tiny):
     torch.testing.assert_close(tok.indices_to_img(idx), tok.fhat_to_img(f_hat), atol=0, rtol=0)
     # prefix of scales = partial sums
     torch.testing.assert_close(tok.indices_to_fhat(idx[:2]), contrib[0] + contrib[1], atol=1e-6, rtol=0)
+
+
+@torch.no_grad()
+def test_images_of_another_size_and_bad_index_maps_are_refused(tiny):
+    """A 65 px image (latent 4x4 by the convs' rounding) used to be encoded silently and decode to 64 px; a 60 px one
+    said only "4x the downsampling factor"; index maps of more scales than the schedule were cut silently."""
+    from hmar.errors import HMARError
+    *_, tok = tiny
+    for shape in ((1, 3, 65, 65), (1, 3, 60, 60), (1, 3, 64, 32), (3, 64, 64)):
+        with pytest.raises(HMARError, match=r"images must be \[B, 3, 64, 64\] \(the last scale 4 x the downsampling "
+                                            r"factor 16\), got " + re.escape(str(list(shape)))):
+            tok.img_to_indices(torch.zeros(shape))
+    idx = tok.img_to_indices(torch.rand(2, 3, 64, 64) * 2 - 1)
+    with pytest.raises(HMARError, match=r"index maps of 5 scales; the tokenizer's schedule \(1, 2, 3, 4\) has 4"):
+        tok.indices_to_img(idx + idx[-1:])
+    with pytest.raises(HMARError, match=r"scale 1 must be integer codes of shape \[B, 4\]"):
+        tok.indices_to_img([idx[0], idx[1][:, :3]] + idx[2:])
+    with pytest.raises(HMARError, match=r"scale 0 must be integer codes .*torch.float32"):
+        tok.indices_to_img([i.float() for i in idx])
+    torch.testing.assert_close(tok.indices_to_img(idx[:3]), tok.fhat_to_img(sum(tok.quantize.contributions(idx)[:3])),
+                               atol=1e-6, rtol=0)   # a prefix still decodes
 
 
 @torch.no_grad()

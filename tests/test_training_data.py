@@ -250,6 +250,25 @@ def test_tokenize_refuses_a_batch_size_below_one(tmp_path):
                         batch_size=0, progress=False, say=lambda m: None)
 
 
+def test_tokenize_refuses_an_out_directory_and_a_file_of_a_tokenizer_directory(tmp_path, capsys):
+    """--out naming an existing directory failed after encoding everything ("Is a directory: ...tmp", a .tmp file
+    left behind); --tokenizer TOK/tokenizer.safetensors went to the official loader: a raw GroupNorm traceback."""
+    make_shapes_folder(tmp_path / "d", 2, 1, 64)
+    tok = make_random_tokenizer(tmp_path / "tok")
+    (tmp_path / "c.safetensors").mkdir()
+    base = ["tokenize", "--data", str(tmp_path / "d"), "--no-progress"]
+    assert main(base + ["--tokenizer", str(tok), "--out", str(tmp_path / "c.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a directory: pass a file path such as" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors", "d", "tok"]
+    for name in ("tokenizer.safetensors", "config.json"):
+        assert main(base + ["--tokenizer", str(tok / name), "--out", str(tmp_path / "x.safetensors")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"is one file of the tokenizer directory {str(tok)!r}: pass the directory" in err[0]
+    assert main(base + ["--tokenizer", str(tok), "--out", str(tmp_path / "new" / "x.safetensors")]) == 0
+    assert read_token_cache(tmp_path / "new" / "x.safetensors")[0]["train"][0].shape == (1, 2, 30)
+
+
 def test_two_links_to_one_class_folder_are_refused_not_read_twice(tmp_path):
     """Two symlinks to one class folder (or a link beside the folder itself) made two classes of the same images."""
     make_shapes_folder(tmp_path / "src", 2, 2, 64)

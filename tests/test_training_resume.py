@@ -262,3 +262,38 @@ def test_resume_of_a_finished_tokenizer_run_is_a_no_op(tmp_path, capsys, one_thr
     assert _snapshot(run) == before
     assert main(argv + ["--resume", "--max-steps", "1"]) == 2
     assert "the checkpoint is at step 2; --max-steps 1 is below it" in capsys.readouterr().err
+
+
+def test_resumed_tokenizer_run_is_bit_identical_and_logs_the_same_epochs(tmp_path, capsys, one_thread):
+    """GAN, dead-code re-initialisation and hflip on; a checkpoint at step 3, inside the second epoch (2 batches per
+    epoch): the resumed run's tokenizer equals the uninterrupted one's, and so does its epoch report at step 4 (its
+    window's step 3 used to be lost: loss, l1, ... and reinit_codes of step 4 alone)."""
+    import json
+    import shutil
+    from hmar.cli import main
+    from hmar.training.synthetic import SMALL_TOKENIZER
+    make_shapes_folder(tmp_path / "d", 2, 2, 32)
+
+    def argv(run):
+        return ["train-tokenizer", "--data", str(tmp_path / "d"), "--out", str(run), "--max-steps", "5",
+                "--ckpt-every", "3", "--batch-size", "2", "--no-progress", "--no-tensorboard", "--eval-batches", "1",
+                "--hflip", "--dead-code-steps", "1", "--disc", "--disc-start", "2", "--disc-channels", "8",
+                "--disc-layers", "2", "--tokenizer-override", *[f"{k}={v}" for k, v in SMALL_TOKENIZER.items()]]
+    a, b = tmp_path / "A", tmp_path / "B"
+    assert main(argv(a)) == 0 and main(argv(b)) == 0
+    shutil.rmtree(b / "tokenizer")
+    (b / "checkpoints" / "step_00000005.pt").unlink()
+    capsys.readouterr()
+    assert main(argv(b) + ["--resume"]) == 0
+    assert "step 3, epoch 1, batch 1" in capsys.readouterr().err
+    wa, wb = (load_file(str(r / "tokenizer" / "tokenizer.safetensors")) for r in (a, b))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    def epochs(run):
+        recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: {k: v for k, v in r.items() if k not in ("time", "img_s")} for r in recs
+                if r["kind"] == "epoch"}
+    ea, eb = epochs(a), epochs(b)
+    assert sorted(ea) == sorted(eb) == [2, 4, 5]
+    assert eb == ea, (ea[4], eb[4])
+    assert ea[4]["reinit_codes"] > 0 and "d_loss" in ea[4]

@@ -173,6 +173,17 @@ def test_help_documents_every_option(capsys):
             assert "--" + f.name.replace("_", "-") in out, f.name
 
 
+def test_train_tokenizer_help_lists_every_tokenizer_preset(capsys):
+    """The help named 3 of the 6 presets; the README's example uses vqvae-64, which it did not list."""
+    from hmar.cli import main
+    from hmar.presets import _TOKENIZERS
+    with pytest.raises(SystemExit):
+        main(["train-tokenizer", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    listed = out[out.index("--preset PRESET tokenizer preset ("):].split(")")[0]
+    assert sorted(listed.split("(")[1].split(", ")) == sorted(_TOKENIZERS), listed
+
+
 def test_help_says_what_negative_sample_every_and_zero_eval_batches_do(capsys):
     """--sample-every: any negative value means no grids at all (the loop tests ``>= 0``); --eval-batches 0:
     no cap, the whole split (EvalBatches takes 0 as no limit)."""

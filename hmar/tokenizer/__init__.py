@@ -12,6 +12,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ..errors import HMARError
 from ..presets import TokenizerConfig
 from .autoencoder import Decoder, Encoder
 from .quantizer import MultiScaleQuantizer, phi_index_table
@@ -53,6 +54,12 @@ class VQVAE(nn.Module):
     @torch.no_grad()
     def img_to_indices(self, img: torch.Tensor) -> List[torch.Tensor]:
         """Image in [-1, 1] -> list over scales of ``[B, pn*pn]`` code indices (row-major)."""
+        R = self.config.resolution
+        if img.dim() != 4 or tuple(img.shape[1:]) != (3, R, R):
+            raise HMARError(f"images must be [B, 3, {R}, {R}] (the last scale {self.patch_nums[-1]} x the "
+                            f"downsampling factor {self.config.downsample}), got {list(img.shape)}: resize them, or "
+                            "set_patch_nums() to a schedule whose last scale is the image side / "
+                            f"{self.config.downsample}")
         return self.quantize.encode(self.encode_features(img))
 
     def fhat_to_img(self, f_hat: torch.Tensor, max_batch: Optional[int] = None) -> torch.Tensor:
@@ -63,7 +70,16 @@ class VQVAE(nn.Module):
                                 max_batch or decode_chunk(self.config, f_hat.shape[0], f_hat.element_size()))
 
     def indices_to_fhat(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Sum of the per-scale contributions of ``indices`` (the accumulated reconstruction)."""
+        """Sum of the per-scale contributions of ``indices`` (the accumulated reconstruction): the first
+        ``len(indices)`` scales of the schedule, each ``[B, pn*pn]`` integer codes."""
+        pns = self.patch_nums
+        if not 0 < len(indices) <= len(pns):
+            raise HMARError(f"got index maps of {len(indices)} scales; the tokenizer's schedule {pns} has "
+                            f"{len(pns)}: pass a non-empty prefix of it (set_patch_nums() for another schedule)")
+        for si, (idx, pn) in enumerate(zip(indices, pns)):
+            if idx.dim() != 2 or idx.shape != (indices[0].shape[0], pn * pn) or idx.is_floating_point():
+                raise HMARError(f"the index map of scale {si} must be integer codes of shape [B, {pn * pn}] "
+                                f"({pn}x{pn}, row-major, B as at scale 0), got {idx.dtype} {list(idx.shape)}")
         return self.quantize.indices_to_fhat(indices)
 
     def indices_to_img(self, indices: Sequence[torch.Tensor]) -> torch.Tensor:

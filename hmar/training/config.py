@@ -142,7 +142,8 @@ class TrainConfig(CommonConfig):
 @dataclass
 class TokenizerTrainConfig(CommonConfig):
     """``hmar train-tokenizer``: the multi-scale residual VQ-VAE."""
-    preset: str = opt("vqvae-tiny", "tokenizer preset (vqvae-tiny, vqvae-small, vqvae-ch160)", type=str)
+    preset: str = opt("vqvae-tiny", "tokenizer preset (vqvae-tiny, vqvae-small, vqvae-32, vqvae-64, vqvae-ch160, "
+                                       "vqvae-ch160-512)", type=str)
     tokenizer_override: Dict[str, Any] = opt({}, "override a tokenizer config field, KEY=VALUE (repeatable), "
                                                  "e.g. ch=16 norm_groups=16 vocab_size=128", type=str)
     lr: float = opt(2e-4, "peak learning rate of the autoencoder (and the discriminator)", type=float)

@@ -73,6 +73,8 @@ def tokenize_folder(data: Union[str, Path], tokenizer: Union[str, Path], out: Un
     out = Path(out)
     if out.suffix != ".safetensors":
         raise HMARError(f"--out {str(out)!r} must end in .safetensors (the trainer recognises caches by it)")
+    if out.is_dir():
+        raise HMARError(f"--out {str(out)!r} is a directory: pass a file path such as {str(out / 'cache.safetensors')!r}")
     dev = resolve_device(device)
     tok = load_tokenizer(tokenizer, device=dev)
     R = tok.config.resolution

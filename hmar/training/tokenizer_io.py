@@ -44,6 +44,10 @@ def load_tokenizer(path: PathLike, patch_nums: Optional[Sequence[int]] = None,
     if not p.exists():
         raise HMARError(f"tokenizer {str(p)!r} does not exist: pass the directory written by "
                         "`hmar train-tokenizer` (or an hmar model directory, or vae_ch160v4096z32.pth)")
+    if p.is_file() and p.name in ("config.json", "tokenizer.safetensors", "model.safetensors") \
+            and (p.parent / "config.json").exists():
+        raise HMARError(f"{str(p)!r} is one file of the tokenizer directory {str(p.parent)!r}: pass the directory "
+                        "itself")
     if p.is_dir() and not (p / "config.json").exists():
         for sub in ("tokenizer", "model"):
             if (p / sub / "config.json").exists():

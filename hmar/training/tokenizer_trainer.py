@@ -25,7 +25,7 @@ from .checkpointing import (CheckpointManager, already_finished, get_states, req
                             restore_position, resume_point, set_states)
 from .config import TokenizerTrainConfig, check_common, config_to_dict, preset_config
 from .data import CorruptFiles, EpochBatches, EvalBatches, PaddedEval, build_image_data, is_token_cache, make_loader
-from .distributed import DistInfo, all_reduce_, all_reduce_max, broadcast_, cleanup, init_distributed, seed_everything, wrap_model
+from .distributed import DistInfo, all_gather_object, all_reduce_, all_reduce_max, broadcast_, cleanup, init_distributed, seed_everything, wrap_model
 from .gan import PatchDiscriminator, PerceptualLoss, adaptive_weight, hinge_d_loss
 from .loop import amp_dtype_for, discard_run_dir
 from .interrupt import GracefulStop, end_of_step
@@ -137,6 +137,8 @@ class TokenizerTrainer:
         self.last_used = torch.full((V,), -(10 ** 9), dtype=torch.long, device=dev)
         self.ema_updates = 0
         self.step, self.epoch, self.batch = 0, 0, 0
+        self.sums: Dict[str, float] = {}   # this process's running sums of the epoch report's window
+        self.count = 0
         nparams = sum(p.numel() for p in self.vq.parameters())
         self.say(f"tokenizer training: {cfg.preset} ({nparams / 1e6:.2f}M params, {tcfg.resolution}px, vocab {V}, "
                  f"scales {tuple(tcfg.patch_nums)}) on {n} images of {len(self.data.class_names)} classes; "
@@ -273,6 +275,7 @@ class TokenizerTrainer:
                                    "batch": self.batch, "stage": "tokenizer", "last_used": self.last_used.cpu(),
                                    "ema_updates": self.ema_updates, "corrupt": sorted(self.corrupt.seen),
                                    "num_train": len(self.data.train),
+                                   "log_window": all_gather_object((dict(self.sums), self.count), self.info),
                                    "config": config_to_dict(self.cfg)}
         if self.disc is not None:
             payload["disc"] = get_states(self.disc_fwd, [self.dopt], self.info)
@@ -296,6 +299,9 @@ class TokenizerTrainer:
                             "with the options of the original run") from None
         self.last_used = ck["last_used"].to(self.info.device)
         self.ema_updates = int(ck["ema_updates"])
+        window = ck.get("log_window") or []
+        if len(window) == self.info.world:   # same processes: continue this rank's epoch-report window
+            self.sums, self.count = dict(window[self.info.rank][0]), int(window[self.info.rank][1])
         restore_position(self, ck)
         return False
 
@@ -318,8 +324,6 @@ class TokenizerTrainer:
                    disable=not (info.is_main and cfg.progress), desc="tokenizer")
         self.log.bar = bar if not bar.disable else None
         meter = Throughput()
-        sums: Dict[str, float] = {}
-        count = 0
         saved = evaluated = False
         t0 = time.time()
         budget = TimeBudget(cfg.time_budget) if cfg.time_budget else None
@@ -333,8 +337,8 @@ class TokenizerTrainer:
                     x = batch["img"].to(info.device, non_blocking=True)
                     out = self._train_step(x)
                     for k, v in out.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
-                    count += 1
+                        self.sums[k] = self.sums.get(k, 0.0) + float(v)
+                    self.count += 1
                     meter.add(cfg.batch_size)
                     self.step += 1
                     self.batch += 1
@@ -349,8 +353,8 @@ class TokenizerTrainer:
                     if self.step % cfg.log_every == 0:
                         bar.set_postfix(loss=f"{float(out['loss']):.4f}", psnr=f"{out['psnr']:.2f}", refresh=False)
                     if end_epoch or self.step >= self.total:
-                        self._epoch_report(sums, count, meter.rate())
-                        sums, count = {}, 0
+                        self._epoch_report(self.sums, self.count, meter.rate())
+                        self.sums, self.count = {}, 0
                         evaluated = True
                     if end_epoch:
                         self.epoch, self.batch = self.epoch + 1, 0
@@ -359,8 +363,8 @@ class TokenizerTrainer:
                         break
         bar.close()
         self.log.bar = None
-        if not evaluated and count:
-            self._epoch_report(sums, count, meter.rate())
+        if not evaluated and self.count:
+            self._epoch_report(self.sums, self.count, meter.rate())
         if not saved:
             self.save_checkpoint()
         out_dir = self.run_dir / "tokenizer"
