@@ -1,5 +1,6 @@
 """`hmar generate`: N images per class, identical files whatever the number of processes."""
 import hashlib
+import json
 
 import pytest
 import torch
@@ -73,3 +74,38 @@ def test_generate_refuses_counts_below_one_before_writing(tmp_path, capsys, monk
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == [f"error: {flag} must be >= 1, got 0"]
     assert not loads and not (tmp_path / "o").exists()
+
+
+def test_generate_resume_refuses_other_settings_and_images_beyond_the_plan(tmp_path, capsys):
+    """A rerun into the same --out with another --cfg (or model, seed, batch size) kept the old images and added new
+    ones, and a smaller --per-class left the old extra images: `hmar eval` then scored a mix. Now generate.json
+    records what the images depend on, and a resume must match it (or --overwrite everything)."""
+    torch.manual_seed(0)
+    torch.save(build_model(model_config("hmar-tiny")).state_dict(), tmp_path / "m.pth")
+    torch.save(build_model(model_config("hmar-tiny")).state_dict(), tmp_path / "m2.pth")   # other weights
+    torch.save(VQVAE(tokenizer_config("vqvae-tiny")).state_dict(), tmp_path / "v.pth")
+    out = tmp_path / "s"
+    run = lambda *extra, m="m.pth": main(["generate", "-c", str(tmp_path / m), "--vqvae", str(tmp_path / "v.pth"),  # noqa: E731
+                                          "--per-class", "2", "--classes", "2", "--batch-size", "2", "--device",
+                                          "cpu", "--seed", "5", "--out", str(out), *extra])
+    assert run() == 0
+    first = _digest(out)
+    assert len(first) == 4 and (out / "generate.json").is_file()
+    capsys.readouterr()
+    assert run() == 0 and "wrote 0 images" in capsys.readouterr().out            # same settings: a plain resume
+    for extra, m, needle in ((["--cfg", "3"], "m.pth", "sampling"), ([], "m2.pth", "model"),
+                             (["--seed", "6"], "m.pth", "seed")):   # the last --seed wins in argparse
+        rc = run(*extra, m=m)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and "made with other settings" in err[-1] and needle in err[-1], err
+        assert _digest(out) == first                                                 # nothing written
+    assert run("--per-class", "3") == 0 and len(_digest(out)) == 6                   # more images: a resume
+    assert {k: v for k, v in _digest(out).items() if k in first} == first
+    rc = run("--per-class", "1")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "images outside this run's 2 classes x 1" in err[-1], err
+    capsys.readouterr()
+    assert run("--cfg", "3", "--overwrite", "--per-class", "3") == 0                 # --overwrite: all regenerated
+    assert "wrote 6 images" in capsys.readouterr().out
+    assert json.loads((out / "generate.json").read_text())["sampling"]["cfg"] == 3.0
+    assert run("--cfg", "3", "--per-class", "3") == 0                                # and it resumes under cfg 3

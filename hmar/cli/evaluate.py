@@ -92,7 +92,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "generate", help="generate N images per class for evaluation (sharded over GPUs under torchrun)",
         description="Write OUT/<class>/<index>.png for every class. Under torchrun each process takes every "
                     "WORLD_SIZE-th chunk on cuda:LOCAL_RANK; the files do not depend on the number of processes. "
-                    "Existing chunks are skipped, so an interrupted run resumes. Example: "
+                    "Existing chunks are skipped, so an interrupted run resumes; OUT/generate.json records the model, "
+                    "seed, batch size and sampling options, and a rerun with others is refused (or --overwrite). "
+                    "Example: "
                     "torchrun --nproc_per_node 8 -m hmar generate -c model/ --per-class 1000 --out samples/",
         formatter_class=HelpFormatter)
     add_model_args(g)
@@ -188,7 +190,7 @@ def _export_inception(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     import torch
-    from ..evaluation.generate import dist_rank_world, generate_samples
+    from ..evaluation.generate import dist_rank_world, generate_samples, model_fingerprint
     from .common import check_sampling_args, load_pipeline, prepare_out_dir, sampling_kwargs
     for flag, value in (("--per-class", args.per_class), ("--classes", args.classes),
                         ("--batch-size", args.batch_size)):
@@ -206,8 +208,12 @@ def _generate(args: argparse.Namespace) -> int:
     def sample_fn(labels: "torch.Tensor", generator: "torch.Generator") -> "torch.Tensor":
         return pipe.generate(labels.tolist(), generator=generator, **kw).images
 
+    if args.classes is not None and args.classes > pipe.num_classes and rank == 0:
+        print(f"note: --classes {args.classes}: the model has {pipe.num_classes} classes, generating those")
+    settings = {"model": model_fingerprint(pipe.model), "tokenizer": model_fingerprint(pipe.tokenizer),
+                "sampling": pipe._opts(**kw), "precision": {k: getattr(args, k, None) for k in ("fast", "compile", "fp8")}}
     t0 = time.time()
     files = generate_samples(sample_fn, n_cls, args.per_class, args.batch_size, args.out, args.seed, rank, world,
-                             device=pipe.device, overwrite=args.overwrite)
+                             device=pipe.device, overwrite=args.overwrite, settings=settings)
     print(f"rank {rank}/{world}: wrote {len(files)} images to {args.out} in {time.time() - t0:.1f}s")
     return 0
