@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from .errors import HMARError
+from .fileio import atomic_path
 from .model import build_model
 from .model.keymaps import nsp_to_hmar
 from .presets import ModelConfig, TokenizerConfig
@@ -24,6 +25,7 @@ from .tokenizer import VQVAE
 PathLike = Union[str, os.PathLike]
 DERIVED = ("lvl_1L", "attn_bias_for_masking", "zero_k_bias", "ema_vocab_hit_SV")
 FORMAT_VERSION = 1
+TOKENIZER_FORMAT = "hmar-tokenizer"   # config.json of a tokenizer directory (hmar.training.tokenizer_io)
 
 
 def _is_derived(key: str) -> bool:
@@ -39,9 +41,10 @@ def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
         raise HMARError(f"checkpoint {str(p)!r} does not exist: check the path")
     if p.is_dir():
         raise HMARError(f"{str(p)!r} is a directory: pass a checkpoint file, or load it with from_pretrained")
-    if p.name in ("config.json", "model.safetensors", "tokenizer.safetensors") and _is_model_dir(p.parent):
-        raise HMARError(f"{str(p)!r} is one file of the hmar model directory {str(p.parent)!r}: pass the "
-                        "directory itself")
+    kind = _directory_kind(p.parent) if p.name in ("config.json", "model.safetensors", "tokenizer.safetensors") \
+        else None
+    if kind is not None:
+        raise HMARError(f"{str(p)!r} is one file of the {kind} directory {str(p.parent)!r}: pass the directory itself")
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
         try:
@@ -71,12 +74,14 @@ def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
     return obj
 
 
-def _is_model_dir(d: Path) -> bool:
-    """Whether ``d`` holds a ``config.json`` of our format (not another library's)."""
+def _directory_kind(d: Path) -> Optional[str]:
+    """``"hmar model"`` or ``"tokenizer"`` when ``d`` holds a ``config.json`` of our formats (not another
+    library's), else None."""
     try:
-        return json.loads((d / "config.json").read_text()).get("format") == "hmar"
+        fmt = json.loads((d / "config.json").read_text()).get("format")
     except (OSError, ValueError, AttributeError):
-        return False
+        return None
+    return {"hmar": "hmar model", TOKENIZER_FORMAT: "tokenizer"}.get(fmt)
 
 
 def detect_kind(sd: Dict[str, torch.Tensor]) -> str:
@@ -320,12 +325,8 @@ def save_pretrained(directory: PathLike, model: nn.Module, tokenizer: VQVAE, *,
              ("tokenizer.safetensors", lambda t: save_file(tensors(tokenizer), str(t))),
              ("config.json", lambda t: t.write_text(json.dumps(config, indent=2)))]
     for fname, write in files:
-        tmp = d / (fname + ".tmp")
-        try:
+        with atomic_path(d / fname) as tmp:   # a failed write leaves the previous file, no partial temporary one
             write(tmp)
-            os.replace(tmp, d / fname)
-        finally:  # a failed write (full disk, Ctrl-C) leaves the previous file, not a partial temporary one
-            tmp.unlink(missing_ok=True)
     return d
 
 

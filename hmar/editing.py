@@ -129,7 +129,9 @@ def _check_pixels(w: int, h: int, max_pixels: Optional[int], what: str) -> None:
 
 def _open_pil(src: Union[str, os.PathLike, bytes], max_pixels: Optional[int], what: str) -> "PILImage.Image":
     """Open an image file (or bytes) lazily, check its size from the header, then decode it."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
+
+    from .datasets.folder import upright
     name = "the uploaded data" if isinstance(src, (bytes, bytearray)) else repr(os.fspath(src))
     if not isinstance(src, (bytes, bytearray)):
         p = os.fspath(src)
@@ -142,8 +144,7 @@ def _open_pil(src: Union[str, os.PathLike, bytes], max_pixels: Optional[int], wh
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else os.fspath(src))
             _check_pixels(im.width, im.height, max_pixels, what)
-            im.load()                                    # decode only after the size check
-            im = ImageOps.exif_transpose(im) or im
+            im = upright(im)                             # decode (only after the size check), EXIF orientation
     except HMARError:
         raise
     except UnidentifiedImageError:

@@ -72,7 +72,7 @@ def test_our_format_roundtrip(files, tmp_path):
     _, m = files["hmar-tiny"]
     _, vq = files["vq"]
     save_pretrained(tmp_path / "p", m, vq, class_names=list("abcdefghij"), sampling={"cfg": 2.0})
-    assert not list((tmp_path / "p").glob("*.tmp"))
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["config.json", "model.safetensors", "tokenizer.safetensors"]
     m2, vq2, cfg = load_pretrained(tmp_path / "p")
     assert cfg["model"]["class_names"][1] == "b" and cfg["sampling"]["cfg"] == 2.0
     for (k, a), (k2, b) in zip(m.state_dict().items(), m2.state_dict().items()):
@@ -290,4 +290,4 @@ def test_save_pretrained_failed_write_leaves_the_previous_files(files, tmp_path,
     monkeypatch.setattr(safetensors.torch, "save_file", fail)
     with pytest.raises(OSError, match="No space"):
         save_pretrained(d, m, vq, dtype=torch.float16)
-    assert {p.name: p.read_bytes() for p in d.iterdir()} == before   # no model.safetensors.tmp left either
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before   # no temporary file left either

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import List
 
 import torch
 
 from ..errors import HMARError
+from ..fileio import atomic_path
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -59,7 +59,7 @@ def check_sampling_args(pipe, kw: dict) -> None:
     """Fail before any sampling on options the sampler would refuse (NaN guidance, a bad schedule, ...)."""
     from ..presets import resolve_schedule
     from ..sampling import check_options
-    o = {**pipe.sampling, **{k: v for k, v in kw.items() if v is not None}}
+    o = pipe._opts(**kw)   # the pipeline's defaults under the options given
     check_options(o["cfg"], o["top_k"], o["top_p"], o["temperature"])
     if kw.get("schedule") is not None and hasattr(pipe.model, "masked_logits"):
         resolve_schedule(kw["schedule"], pipe.model.config.patch_nums)
@@ -77,13 +77,8 @@ def save_image(image, path: Path) -> None:
     temporary name beside ``path``, then renamed, so an interrupted or failed write (Ctrl-C, a full disk) leaves the
     previous file or none, never a truncated one."""
     from PIL import Image
-    path = Path(path)
-    tmp = path.with_name(path.name + ".part")   # not an image suffix: never taken for a sample
-    try:
-        image.save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))
 
 
 def parse_int_list(text: str, what: str) -> List[int]:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ..errors import HMARError
+from ..fileio import atomic_path
 from .data import HelpFormatter
 
 
@@ -148,9 +149,8 @@ def _eval(args: argparse.Namespace) -> int:
               "classifier": str(args.classifier) if args.classifier else None,
               "extractors": [e.name for e in exts], "seconds": round(time.time() - t0, 1), "metrics": result}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(out)   # an interrupted write leaves the previous results, not half a JSON file
+    with atomic_path(out) as tmp:   # an interrupted write leaves the previous results, not half a JSON file
+        tmp.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
 

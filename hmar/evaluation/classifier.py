@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..datasets.folder import load_image, load_image_folder
 from ..errors import HMARError
+from ..fileio import atomic_path
 
 ARCH = "hmar-small-cnn-v1"
 MIN_IMAGE_SIZE = 8   # the smallest side the three 2x downsamplings leave a pixel of
@@ -223,17 +224,11 @@ def save_classifier(model: SmallCNN, cfg: ClassifierConfig, out: Path) -> None:
     """Write ``out`` (safetensors weights) and ``out.with_suffix('.json')`` (config)."""
     from safetensors.torch import save_file
     out.parent.mkdir(parents=True, exist_ok=True)
-    meta = out.with_suffix(".json")
-    tmp_w, tmp_m = out.with_name(out.name + ".part"), meta.with_name(meta.name + ".part")
-    try:   # both to temporary names first: an interrupted save leaves the previous pair (or none), never half
+    # both written before either is renamed: an interrupted save leaves the previous pair (or none), never half
+    with atomic_path(out) as tmp_w, atomic_path(out.with_suffix(".json")) as tmp_m:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp_w),
                   metadata={"format": ARCH})
         tmp_m.write_text(json.dumps(asdict(cfg), indent=1) + "\n")
-        tmp_w.replace(out)
-        tmp_m.replace(meta)
-    finally:
-        tmp_w.unlink(missing_ok=True)
-        tmp_m.unlink(missing_ok=True)
 
 
 def load_classifier(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> ClassifierExtractor:

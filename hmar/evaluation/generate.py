@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from ..errors import HMARError
+from ..fileio import atomic_path
 
 SampleFn = Callable[[torch.LongTensor, torch.Generator], torch.Tensor]
 
@@ -92,9 +93,8 @@ def check_settings(out_dir: Union[str, Path], settings: Dict[str, Any], overwrit
         return
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".part")
-        tmp.write_text(json.dumps(settings, indent=1) + "\n")
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(settings, indent=1) + "\n")
 
 
 def extra_images(out_dir: Union[str, Path], num_classes: int, per_class: int) -> List[Path]:
@@ -140,8 +140,7 @@ def generate_samples(sample_fn: SampleFn, num_classes: int, per_class: int, batc
             raise HMARError(f"sample_fn returned {len(images)} images for {n} labels")
         files[0].parent.mkdir(parents=True, exist_ok=True)
         for f, img in zip(files, images):
-            tmp = f.with_name(f.name + ".part")  # not an image suffix: never read by evaluation
-            Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(tmp, format="PNG")
-            tmp.replace(f)  # a file either is complete or does not exist
+            with atomic_path(f) as tmp:  # a file either is complete or does not exist
+                Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(tmp, format="PNG")
             written.append(f)
     return written

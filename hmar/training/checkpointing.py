@@ -182,6 +182,19 @@ class CheckpointManager:
         return False
 
 
+def gather_log_window(window: Any, info: DistInfo) -> List[Any]:
+    """Every rank's running sums since its last log line (``window``: this rank's, picklable), for a checkpoint:
+    a resumed run then logs the same means as an uninterrupted one."""
+    return [list(w) if isinstance(w, tuple) else w for w in all_gather_object(window, info)]
+
+
+def this_rank_log_window(ck: Dict[str, Any], info: DistInfo) -> Optional[Any]:
+    """This rank's entry of a checkpoint's ``log_window``; None when the run had another number of processes
+    (the window then starts empty) or the checkpoint has none."""
+    window = ck.get("log_window") or []
+    return window[info.rank] if len(window) == info.world else None
+
+
 def resume_seed(seed: int, rank: int, step: int) -> int:
     """The seed of rank ``rank`` after resuming at ``step`` with another number of processes than the
     checkpoint's (a fresh run seeds rank ``r`` with ``seed * 1000 + r + 1``; ``step >= 1`` here)."""

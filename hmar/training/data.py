@@ -25,6 +25,7 @@ from PIL import Image
 from ..datasets.folder import (IMAGE_EXTENSIONS, list_images, load_image_folder, read_class_names,
                                refuse_empty_class_folders, to_rgb, upright)
 from ..errors import HMARError
+from ..fileio import atomic_path
 
 CACHE_FORMAT = "hmar-token-cache"
 CACHE_VERSION = 1
@@ -49,8 +50,7 @@ def load_rgb(path: Path) -> Image.Image:
     """Open and fully decode an image as RGB (alpha composited on white), turned upright by its EXIF orientation
     (a portrait photo from a camera is stored sideways). Raises on a corrupt file."""
     with Image.open(path) as im:
-        im.load()
-        return to_rgb(upright(im))
+        return to_rgb(upright(im))   # upright() decodes the whole file first
 
 
 def transform(im: Image.Image, resolution: int, train: bool, hflip: bool = False,
@@ -213,10 +213,8 @@ def write_token_cache(path: Union[str, Path], splits: Dict[str, Tuple[torch.Tens
         tensors[f"{name}_labels"] = lab.to(torch.int64).contiguous()
     m = {"format": CACHE_FORMAT, "version": str(CACHE_VERSION),
          **{k: json.dumps(v) for k, v in meta.items()}}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=m)
-    import os
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=m)
     return path
 
 

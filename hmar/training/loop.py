@@ -20,12 +20,12 @@ import torch.nn.functional as F
 from ..errors import HMARError
 from ..model import HMAR, build_model, init_weights
 from ..presets import ModelConfig, model_config
-from .checkpointing import (CheckpointManager, already_finished, get_states, require_fresh_or_resume,
-                            restore_position, resume_point, set_states)
+from .checkpointing import (CheckpointManager, already_finished, gather_log_window, get_states, require_fresh_or_resume,
+                            restore_position, resume_point, set_states, this_rank_log_window)
 from .config import TrainConfig, check_common, config_to_dict, preset_config
 from .data import (CorruptFiles, EpochBatches, EvalBatches, PaddedEval, TrainData, build_data, check_cache_fits,
                    check_data_options, is_token_cache, make_loader, quantizer_fingerprint, read_token_cache)
-from .distributed import (DistInfo, all_gather_object, all_reduce_, all_reduce_max, cleanup, init_distributed,
+from .distributed import (DistInfo, all_reduce_, all_reduce_max, cleanup, init_distributed,
                           seed_everything, wrap_model)
 from .fused_ce import linear_cross_entropy
 from .losses import (draw_masks, masked_ce, masked_coefficients, per_scale_stats, scale_loss_weights, split_scales,
@@ -497,9 +497,8 @@ class Trainer:
     def save_checkpoint(self) -> None:
         states = get_states(self.st.wrapped, [self.st.optimizer], self.info)
         # every rank's running loss sum since the last log line, so a resumed run logs the same means
-        window = all_gather_object((float(self.acc_loss), self.acc_n), self.info)
         payload = {"states": states, "epoch": self.epoch, "batch": self.batch, "stage": self.stage,
-                   "log_window": [list(w) for w in window],
+                   "log_window": gather_log_window((float(self.acc_loss), self.acc_n), self.info),
                    "scaler": self.st.scaler.state_dict() if self.st.scaler is not None else None,
                    "corrupt": sorted(self.corrupt.seen), "config": config_to_dict(self.cfg),
                    "num_train": len(self.data.train),
@@ -522,10 +521,10 @@ class Trainer:
                             "resume with the options of the original run") from None
         if self.st.scaler is not None and ck.get("scaler"):
             self.st.scaler.load_state_dict(ck["scaler"])
-        window = ck.get("log_window") or []
-        if len(window) == self.info.world:   # same processes: continue this rank's loss window
-            self.acc_loss.fill_(float(window[self.info.rank][0]))
-            self.acc_n = int(window[self.info.rank][1])
+        window = this_rank_log_window(ck, self.info)
+        if window is not None:   # same processes: continue this rank's loss window
+            self.acc_loss.fill_(float(window[0]))
+            self.acc_n = int(window[1])
         restore_position(self, ck)
         return False
 

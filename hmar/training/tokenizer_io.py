@@ -9,11 +9,12 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ..checkpoint import TOKENIZER_FORMAT
 from ..errors import HMARError
+from ..fileio import atomic_path
 from ..presets import TokenizerConfig
 from ..tokenizer import VQVAE
 
-TOKENIZER_FORMAT = "hmar-tokenizer"
 PathLike = Union[str, os.PathLike]
 
 
@@ -24,13 +25,11 @@ def save_tokenizer(directory: PathLike, tokenizer: VQVAE, extra: Optional[dict] 
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().float().cpu().contiguous() for k, v in tokenizer.state_dict().items()}
-    tmp = d / "tokenizer.safetensors.tmp"
-    save_file(sd, str(tmp))
-    os.replace(tmp, d / "tokenizer.safetensors")
+    with atomic_path(d / "tokenizer.safetensors") as tmp:
+        save_file(sd, str(tmp))
     cfg = {"format": TOKENIZER_FORMAT, "version": 1, "tokenizer": tokenizer.config.to_dict(), **(extra or {})}
-    tmp = d / "config.json.tmp"
-    tmp.write_text(json.dumps(cfg, indent=2))
-    os.replace(tmp, d / "config.json")
+    with atomic_path(d / "config.json") as tmp:
+        tmp.write_text(json.dumps(cfg, indent=2))
     return d
 
 
@@ -44,10 +43,6 @@ def load_tokenizer(path: PathLike, patch_nums: Optional[Sequence[int]] = None,
     if not p.exists():
         raise HMARError(f"tokenizer {str(p)!r} does not exist: pass the directory written by "
                         "`hmar train-tokenizer` (or an hmar model directory, or vae_ch160v4096z32.pth)")
-    if p.is_file() and p.name in ("config.json", "tokenizer.safetensors", "model.safetensors") \
-            and (p.parent / "config.json").exists():
-        raise HMARError(f"{str(p)!r} is one file of the tokenizer directory {str(p.parent)!r}: pass the directory "
-                        "itself")
     if p.is_dir() and not (p / "config.json").exists():
         for sub in ("tokenizer", "model"):
             if (p / sub / "config.json").exists():

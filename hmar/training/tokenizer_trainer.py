@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from ..errors import HMARError
 from ..presets import TokenizerConfig, tokenizer_config
 from ..tokenizer import VQVAE
-from .checkpointing import (CheckpointManager, already_finished, get_states, require_fresh_or_resume,
-                            restore_position, resume_point, set_states)
+from .checkpointing import (CheckpointManager, already_finished, gather_log_window, get_states, require_fresh_or_resume,
+                            restore_position, resume_point, set_states, this_rank_log_window)
 from .config import TokenizerTrainConfig, check_common, config_to_dict, preset_config
 from .data import CorruptFiles, EpochBatches, EvalBatches, PaddedEval, build_image_data, is_token_cache, make_loader
-from .distributed import DistInfo, all_gather_object, all_reduce_, all_reduce_max, broadcast_, cleanup, init_distributed, seed_everything, wrap_model
+from .distributed import DistInfo, all_reduce_, all_reduce_max, broadcast_, cleanup, init_distributed, seed_everything, wrap_model
 from .gan import PatchDiscriminator, PerceptualLoss, adaptive_weight, hinge_d_loss
 from .loop import amp_dtype_for, discard_run_dir
 from .interrupt import GracefulStop, end_of_step
@@ -275,7 +275,7 @@ class TokenizerTrainer:
                                    "batch": self.batch, "stage": "tokenizer", "last_used": self.last_used.cpu(),
                                    "ema_updates": self.ema_updates, "corrupt": sorted(self.corrupt.seen),
                                    "num_train": len(self.data.train),
-                                   "log_window": all_gather_object((dict(self.sums), self.count), self.info),
+                                   "log_window": gather_log_window((dict(self.sums), self.count), self.info),
                                    "config": config_to_dict(self.cfg)}
         if self.disc is not None:
             payload["disc"] = get_states(self.disc_fwd, [self.dopt], self.info)
@@ -299,9 +299,9 @@ class TokenizerTrainer:
                             "with the options of the original run") from None
         self.last_used = ck["last_used"].to(self.info.device)
         self.ema_updates = int(ck["ema_updates"])
-        window = ck.get("log_window") or []
-        if len(window) == self.info.world:   # same processes: continue this rank's epoch-report window
-            self.sums, self.count = dict(window[self.info.rank][0]), int(window[self.info.rank][1])
+        window = this_rank_log_window(ck, self.info)
+        if window is not None:   # same processes: continue this rank's epoch-report window
+            self.sums, self.count = dict(window[0]), int(window[1])
         restore_position(self, ck)
         return False
 
