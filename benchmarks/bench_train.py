@@ -10,6 +10,7 @@ the official loss weighting and clipping.
     python benchmarks/bench_train.py --preset hmar-d16 --compile --qk-norm both   # q/k normalisation in the kernels
     python benchmarks/bench_train.py --preset hmar-d16 --compile --fused-norm both   # LayerNorm + AdaLN kernels
     python benchmarks/bench_train.py --preset hmar-d30 --compile --compile-scope both   # whole model vs per block
+    python benchmarks/bench_train.py --preset hmar-d16 --compile --fp8 both   # bf16 vs fp8 block GEMMs
     python benchmarks/bench_train.py --preset hmar-tiny --device cpu --steps 5   # smoke test
 
 One configuration = preset x stage x (eager | ``--compile``) x (``--chunked-ce`` | ``--no-chunked-ce``) x
@@ -23,7 +24,8 @@ LayerNorm + modulation as torch ops (``off``) and as hmar's Triton kernel and it
 :data:`hmar.model.blocks.FUSED_NORM_TRAINING`). ``--compile-scope both`` compiles the whole forward as one graph
 (``model``, the default) and then each block on its own (``blocks``: one compiled graph shared by every block, so the
 first step's compile time, printed too, does not grow with depth). ``--compile-mode default reduce-overhead`` runs
-torch.compile's modes side by side (reduce-overhead: the compiled forward and backward as CUDA graphs). Several
+torch.compile's modes side by side (reduce-overhead: the compiled forward and backward as CUDA graphs). ``--fp8 both``
+runs the blocks' four linears in bf16, then in fp8 (``hmar train --fp8``: :mod:`hmar.model.fp8_training`). Several
 side-by-side options combine; each configuration is compared with the one that has them at their first values.
 
 Presets of the performance goals: ``hmar-d16`` (>= 500 img/s at batch 32), ``hmar-d30`` (>= 91 img/s),
@@ -113,7 +115,8 @@ def bench(preset: str, stage: str, batch: int, steps: int, warmup: int, precisio
 
 
 VARIANT: Dict[str, Any] = dict(compile=False, chunked_ce=True, attention_backend="auto", fused_qk_norm=False,
-                               inductor="", fused_norm=False, compile_scope="model", compile_mode="default")
+                               inductor="", fused_norm=False, compile_scope="model", compile_mode="default",
+                               fp8=False)
 """What one configuration of a run may change, and the defaults (``hmar train``'s)."""
 
 
@@ -128,7 +131,7 @@ def _bench(preset, stage, batch, steps, warmup, precision, fused, device, compil
     st = prepare_training(model, quant, stage, DistInfo(device=device), loss_weight=weighting, precision=precision,
                           fused=fused, lr=3e-4, compile=compile, chunked_ce=chunked_ce,
                           attention_backend=attention_backend, ce_chunk=ce_chunk, compile_backend=compile_backend,
-                          compile_scope=v["compile_scope"], compile_mode=v["compile_mode"])
+                          compile_scope=v["compile_scope"], compile_mode=v["compile_mode"], fp8=v["fp8"])
     apply_schedule(st.optimizer, 3e-4, 0.05)
     L = cfg.seq_len
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -161,7 +164,7 @@ def _bench(preset, stage, batch, steps, warmup, precision, fused, device, compil
            "fused_adamw": bool(st.optimizer.defaults.get("fused")), "compile": compile,
            "compile_backend": compile_backend if compile else None,
            "compile_scope": v["compile_scope"] if compile else None,
-           "compile_mode": v["compile_mode"] if compile else None, "chunked_ce": chunked_ce,
+           "compile_mode": v["compile_mode"] if compile else None, "chunked_ce": chunked_ce, "fp8": v["fp8"],
            "fused_qk_norm": hmar.attention.FUSED_QK_NORM,
            "attention_backend": os.environ.get("HMAR_ATTN_BACKEND") or attention_backend,
            "attention_resolved": resolved_backend(os.environ.get("HMAR_ATTN_BACKEND") or attention_backend, cfg,
@@ -195,6 +198,7 @@ def variant_name(r: Dict[str, Any]) -> str:
             f"{r['attention_backend']}" + (f"({r['attention_resolved']})" if r["attention_backend"] == "auto" else "")
             + ("+fused-qk-norm" if r.get("fused_qk_norm") else "")
             + ("+fused-norm" if r.get("fused_norm") else "")
+            + ("+fp8" if r.get("fp8") else "")
             + (f"+[{r['inductor']}]" if r.get("inductor") else ""))
 
 
@@ -230,7 +234,8 @@ def axes(a: argparse.Namespace) -> Dict[str, tuple]:
             "inductor": tuple(a.inductor),
             "fused_norm": {"off": (False,), "on": (True,), "both": (False, True)}[a.fused_norm],
             "compile_scope": ("model", "blocks") if a.compile_scope == "both" else (a.compile_scope,),
-            "compile_mode": tuple(a.compile_mode)}
+            "compile_mode": tuple(a.compile_mode),
+            "fp8": {"off": (False,), "on": (True,), "both": (False, True)}[a.fp8]}
 
 
 COMPILE_ONLY = ("inductor", "compile_scope", "compile_mode")
@@ -242,7 +247,7 @@ def baseline_name(key: str, first: Any) -> str:
     if key == "inductor":
         return f"[{first}]" if first else "inductor defaults"
     return {"fused_qk_norm": "unfused", "fused_norm": "ops norm", "compile_scope": "whole-model compile",
-            "compile_mode": f"mode {first}"}[key]
+            "compile_mode": f"mode {first}", "fp8": "bf16 GEMMs"}[key]
 
 
 def variants(a: argparse.Namespace) -> List[Dict[str, Any]]:
@@ -305,6 +310,9 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--fused-norm", default="off", choices=["off", "on", "both"],
                    help="each residual add + LayerNorm + modulation as torch ops (default), as hmar's Triton kernel "
                         "with its backward (hmar.model.blocks.FUSED_NORM_TRAINING), or both side by side")
+    p.add_argument("--fp8", default="off", choices=["off", "on", "both"],
+                   help="the blocks' four linears in bf16 (default), in fp8 forward and backward (hmar train --fp8, "
+                        "hmar.model.fp8_training), or both side by side")
     p.add_argument("--compile-scope", default="model", choices=["model", "blocks", "both"],
                    help="with --compile: the whole forward as one graph (default), each block on its own "
                         "(hmar train --compile-scope blocks), or both side by side")

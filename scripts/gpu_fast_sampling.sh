@@ -152,6 +152,9 @@
 #   49 (2026-12-07, for a session whose device time went to failed starts): call 43 cut to what decides its two
 #           options: the draw kernel's and the small-pass GEMM's GPU tests, then hmar-d16-512 (the one sampling
 #           config over its token budget) with the histogram draw, the small-pass GEMM, both, and neither (~6 minutes)
+#   50 (2026-12-07, second session): fp8 training (hmar.model.fp8_training, hmar train --fp8): its GPU tests, then
+#           compiled hmar-d16 and hmar-d30 training with the blocks' GEMMs in bf16 against fp8 (LIMIT=560, ~9.5 minutes)
+#   51: the same at hmar-d16-512, then hmar-d30 (if call 50 ran out of time before it)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -190,6 +193,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   45) STEPS="blocks-norm-train-d16 blocks-norm-train-d30 blocks-norm-train-d16-512" ;;
   46) STEPS="graphs-train-d16 blocks-profile-d30" ;; 47) STEPS="autotune-train-d16 autotune-train-d30" ;;
   48) STEPS="scope-train-d16 graphs-train-d16 autotune-train-d16" ;;
+  50) STEPS="fp8-train-tests fp8-train-d16 fp8-train-d30" ;; 51) STEPS="fp8-train-d16-512 fp8-train-d30" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
@@ -406,6 +410,11 @@ for s in $STEPS; do
     norm-train-tests)
       step "GPU tests: the norm kernel (its backward for training included)"
       gpu_tests norm-train-tests 200 tests/test_norm_kernel.py ;;
+    fp8-train-tests)
+      step "GPU tests: fp8 training (the three products against the rounded operands, compiled training vs bf16)"
+      gpu_tests fp8-train-tests 200 tests/test_fp8_training.py ;;
+    fp8-train-d16|fp8-train-d30|fp8-train-d16-512)
+      train_bench fp8 "hmar-${s#fp8-train-}" "the blocks' GEMMs in bf16 vs fp8" --fp8 both ;;
     norm-train-d16|norm-train-d30|norm-train-d16-512)
       train_bench norm "hmar-${s#norm-train-}" "LayerNorm + modulation as ops vs the kernel" --fused-norm both ;;
     scope-train-d16|scope-train-d30|scope-train-d16-512)

@@ -122,8 +122,9 @@ class Float8Linear(nn.Module):
 
 def linear(layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``layer``'s product with ``x`` plus ``bias`` in place of the layer's own: an ``nn.Linear``'s weight through
-    ``F.linear``; any other layer (a :class:`Float8Linear`) is called as ``layer(x, bias)``."""
-    if isinstance(layer, nn.Linear):
+    ``F.linear``; any other layer (a :class:`Float8Linear`, a
+    :class:`hmar.model.fp8_training.Float8TrainingLinear`) is called as ``layer(x, bias)``."""
+    if type(layer) is nn.Linear:
         return nn.functional.linear(x, layer.weight, bias)
     return layer(x, bias)
 

@@ -113,6 +113,9 @@ class TrainConfig(CommonConfig):
                                        "forward and backward replayed as CUDA graphs), max-autotune, "
                                        "max-autotune-no-cudagraphs", type=str,
                             choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
+    fp8: bool = opt(False, "the blocks' qkv, proj, fc1 and fc2 GEMMs in fp8 (e4m3 forward, e5m2 gradients, one "
+                           "scale per tensor; Hopper / Ada GPUs): faster steps, same checkpoints "
+                           "(hmar.model.fp8_training)")
     compile_backend: str = opt("inductor", "torch.compile backend used with --compile (inductor; aot_eager or eager "
                                            "to debug compilation problems)", type=str)
     attention_backend: str = opt("auto", "attention kernel in training: auto (CUDA: the fused Triton kernel, or one "

@@ -122,7 +122,7 @@ def prepare_training(model: nn.Module, quantizer: nn.Module, stage: str, info: D
                      fsdp: bool = False, compile: bool = False, chunked_ce: bool = True,
                      attention_backend: str = "auto", ce_chunk: Optional[int] = None,
                      compile_backend: str = "inductor", compile_scope: str = "model",
-                     compile_mode: Optional[str] = None) -> StepState:
+                     compile_mode: Optional[str] = None, fp8: bool = False) -> StepState:
     """Freeze what the stage does not train, move to the device, wrap (DDP/FSDP, compile) and build AdamW.
 
     ``chunked_ce``: the head + cross-entropy in chunks of ``ce_chunk`` tokens (default: 128 MiB of fp32 logits
@@ -133,7 +133,9 @@ def prepare_training(model: nn.Module, quantizer: nn.Module, stage: str, info: D
     graph, so the compile time does not grow with depth; the embedding and the chunked head + CE stay eager. Both
     work under DDP and FSDP2 (the blocks are compiled before they are wrapped; FSDP's hooks run around them).
     ``compile_mode``: torch.compile's (None or ``default``; ``reduce-overhead`` replays the compiled forward and
-    backward as CUDA graphs, :func:`train_step` marks each step's start for them)."""
+    backward as CUDA graphs, :func:`train_step` marks each step's start for them). ``fp8``: the blocks' four
+    linears multiply in fp8 in the forward and the backward (:mod:`hmar.model.fp8_training`; same parameters and
+    checkpoints)."""
     if compile_scope not in COMPILE_SCOPES:
         raise HMARError(f"--compile-scope: {compile_scope!r} is not one of {', '.join(COMPILE_SCOPES)}")
     if compile_mode not in COMPILE_MODES:
@@ -154,6 +156,12 @@ def prepare_training(model: nn.Module, quantizer: nn.Module, stage: str, info: D
             p.requires_grad_(True)
     model.to(dev).train()
     quantizer.to(dev).eval()
+    if fp8:
+        from ..model.fp8_training import to_float8_training
+        try:
+            to_float8_training(model)
+        except ValueError as e:
+            raise HMARError(f"--fp8: {e}") from None
     fwd = TrainForward(model, stage, backend, label_smoothing, ce_chunk)
     if compile and compile_scope == "blocks":
         from ..accel import compile_blocks
@@ -334,7 +342,7 @@ class Trainer:
                                    mask_loss=cfg.mask_loss, fsdp=cfg.fsdp, compile=cfg.compile,
                                    chunked_ce=cfg.chunked_ce, attention_backend=cfg.attention_backend,
                                    compile_backend=cfg.compile_backend, compile_scope=cfg.compile_scope,
-                                   compile_mode=cfg.compile_mode)
+                                   compile_mode=cfg.compile_mode, fp8=cfg.fp8)
         self.model = model
         n = len(self.data.train)
         self.iters_per_epoch = EpochBatches.batches_per_epoch(n, cfg.batch_size)
