@@ -105,10 +105,11 @@ def load_pipeline(args: argparse.Namespace, say=print):
         raise HMARError(f"--fast/--compile/--fp8 speed up sampling on CUDA; --device is {args.device}: "
                         "drop them or use --device cuda")
     if fp8:
-        from ..model.fp8 import supported
-        if not supported(args.device):
-            raise HMARError(f"--fp8: {args.device} has no fp8 GEMMs (compute capability 8.9+ needed, e.g. H100, "
-                            "L4, RTX 40xx): drop --fp8")
+        from ..model.fp8 import check_supported
+        try:
+            check_supported(args.device, "drop --fp8")
+        except ValueError as e:
+            raise HMARError(f"--fp8: {e}") from None
     if args.checkpoint is None:
         if default_model_dir() is not None:
             pipe = HMARPipeline.from_pretrained(None, device=args.device)

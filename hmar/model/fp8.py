@@ -138,15 +138,20 @@ def supported(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
+def check_supported(device: torch.device, instead: str) -> None:
+    """Raise ValueError (saying to ``instead``) unless :func:`supported`."""
+    if not supported(device):
+        raise ValueError(f"{device} has no fp8 GEMMs (torch._scaled_mm needs compute capability 8.9+, e.g. an H100 "
+                         f"/ H200 / L4 / RTX 40xx); {instead}")
+
+
 def to_float8(model: nn.Module, fast_accum: bool = False) -> int:
     """Swap every AdaLN block's ``mat_qkv``, ``proj``, ``fc1`` and ``fc2`` for :class:`Float8Linear` in place
     (see the module's doc). Layers whose sizes are not multiples of 16 (which ``_scaled_mm`` needs) stay.
     Returns how many layers were converted. Raises on a device without fp8 GEMMs."""
     from .blocks import AdaLNBlock
     device = next(model.parameters()).device
-    if not supported(device):
-        raise ValueError(f"to_float8: {device} has no fp8 GEMMs (torch._scaled_mm needs compute capability 8.9+, "
-                         f"e.g. an H100 / H200 / L4 / RTX 40xx); sample in bf16 instead (leave fp8 off)")
+    check_supported(device, "sample in bf16 instead (leave fp8 off)")
     converted = 0
     for block in (m for m in model.modules() if isinstance(m, AdaLNBlock)):
         for path in LAYERS:

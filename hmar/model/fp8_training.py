@@ -27,11 +27,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fp8 import E4M3, E4M3_MAX, LAYERS, supported
+from .fp8 import E4M3, E4M3_MAX, LAYERS, check_supported
 
 E5M2 = torch.float8_e5m2
 E5M2_MAX = 57344.0   # torch.finfo(torch.float8_e5m2).max
 _KEEP = object()     # Float8TrainingLinear.forward's "use my own bias"
+TRAIN_INSTEAD = "train in bf16 instead (leave --fp8 off)"
 
 
 def quantize_tensor(x: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -105,10 +106,7 @@ def to_float8_training(model: nn.Module) -> int:
     (the class changes; parameters, hooks and state dict stay). Call it before compiling or wrapping the model.
     Returns how many layers changed. Raises on a device without fp8 GEMMs."""
     from .blocks import AdaLNBlock
-    device = next(model.parameters()).device
-    if not supported(device):
-        raise ValueError(f"fp8 training: {device} has no fp8 GEMMs (torch._scaled_mm needs compute capability 8.9+, "
-                         f"e.g. an H100 / H200 / L4 / RTX 40xx); train in bf16 instead (leave --fp8 off)")
+    check_supported(next(model.parameters()).device, TRAIN_INSTEAD)
     changed = 0
     for block in (m for m in model.modules() if isinstance(m, AdaLNBlock)):
         for path in LAYERS:

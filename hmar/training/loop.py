@@ -19,6 +19,8 @@ import torch.nn.functional as F
 
 from ..errors import HMARError
 from ..model import HMAR, build_model, init_weights
+from ..model.fp8 import check_supported as check_fp8
+from ..model.fp8_training import TRAIN_INSTEAD, fp8_shapes_ok, to_float8_training
 from ..presets import ModelConfig, model_config
 from .checkpointing import (CheckpointManager, already_finished, gather_log_window, get_states, require_fresh_or_resume,
                             restore_position, resume_point, set_states, this_rank_log_window)
@@ -157,7 +159,6 @@ def prepare_training(model: nn.Module, quantizer: nn.Module, stage: str, info: D
     model.to(dev).train()
     quantizer.to(dev).eval()
     if fp8:
-        from ..model.fp8_training import to_float8_training
         try:
             to_float8_training(model)
         except ValueError as e:
@@ -265,6 +266,11 @@ class Trainer:
                             "processes (it is the global batch)")
         check_common(cfg)
         check_data_options(cfg.data, cfg.hflip, cfg.eval_every)
+        if cfg.fp8:
+            try:
+                check_fp8(self.info.device, TRAIN_INSTEAD)
+            except ValueError as e:
+                raise HMARError(f"--fp8: {e}") from None
         require_fresh_or_resume(self.run_dir, cfg.resume)
         existed = self.run_dir.exists()
         self.log = RunLogger(self.run_dir, self.info.is_main, cfg.tensorboard)
@@ -343,6 +349,10 @@ class Trainer:
                                    chunked_ce=cfg.chunked_ce, attention_backend=cfg.attention_backend,
                                    compile_backend=cfg.compile_backend, compile_scope=cfg.compile_scope,
                                    compile_mode=cfg.compile_mode, fp8=cfg.fp8)
+        rows = cfg.batch_size // self.info.world * model.config.seq_len
+        if cfg.fp8 and not fp8_shapes_ok(rows, 16, 16):
+            self.say(f"warning: --fp8 needs batch x tokens per process to be a multiple of 16 ({rows} is not): the "
+                     f"blocks' GEMMs run in bf16; pick a --batch-size that makes it one")
         self.model = model
         n = len(self.data.train)
         self.iters_per_epoch = EpochBatches.batches_per_epoch(n, cfg.batch_size)
@@ -370,7 +380,8 @@ class Trainer:
                  f"{', val ' + str(len(self.data.val)) if self.data.val is not None else ''}; {self.info.world} "
                  f"process(es) on {self.info.device}, global batch {cfg.batch_size}, {self.total} steps "
                  f"({self.iters_per_epoch}/epoch), peak lr {peak:.3g}, warm-up {self.schedule.warmup}, "
-                 f"loss weighting {weighting if self.stage != 'masked' else 'masked CE (' + cfg.mask_loss + ')'}")
+                 f"loss weighting {weighting if self.stage != 'masked' else 'masked CE (' + cfg.mask_loss + ')'}"
+                 f"{', fp8 block GEMMs' if cfg.fp8 else ''}")
 
     def _load_init(self) -> Tuple[HMAR, Any, Optional[List[str]]]:
         from ..checkpoint import load_pretrained
