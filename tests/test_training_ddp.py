@@ -1,6 +1,7 @@
 """Two gloo processes (torchrun, CPU) follow the loss trajectory of one process at the same global batch
 (fp32, deterministic data order; class dropout and drop path off, since their random draws are per rank),
-with DDP and with FSDP2, each also with its blocks compiled one by one (``--compile-scope blocks``)."""
+with DDP and with FSDP2, each also with its blocks compiled one by one (``--compile-scope blocks``); with ``--fp8``,
+DDP and FSDP2 the same."""
 from __future__ import annotations
 
 import json
@@ -59,6 +60,10 @@ def test_two_processes_match_one(tmp_path):
     blocks = ["--compile", "--compile-backend", "aot_eager", "--compile-scope", "blocks"]   # each block compiled
     finish(launch("ddp-blocks", [*torchrun, "--master_port", str(_free_port())], *blocks))
     finish(launch("fsdp-blocks", [*torchrun, "--master_port", str(_free_port())], "--fsdp", *blocks))
+    fp8 = ["--fp8", "--batch-size", "16"]   # 8 x 30 tokens per rank: rows a multiple of 16, as fp8 needs
+    finish(launch("one-fp8", [sys.executable], *fp8))
+    finish(launch("ddp-fp8", [*torchrun, "--master_port", str(_free_port())], *fp8))
+    finish(launch("fsdp-fp8", [*torchrun, "--master_port", str(_free_port())], "--fsdp", *fp8))
     l1, v1 = _losses(tmp_path / "one")
     assert len(l1) == 8 and l1[-1] < l1[0] - 0.1            # it learns
     w1 = load_file(str(tmp_path / "one" / "model" / "model.safetensors"))
@@ -70,6 +75,16 @@ def test_two_processes_match_one(tmp_path):
         for k in w1:
             assert torch.allclose(w1[k], w2[k], rtol=1e-4, atol=1e-6), (name, k)
     assert "2 process(es)" in (tmp_path / "ddp" / "log.txt").read_text()
+    # fp8: DDP and FSDP2 agree (each rank scales its own half of the batch, so one process rounds otherwise and
+    # follows within 3 %)
+    l8, v8 = _losses(tmp_path / "ddp-fp8")
+    lf, vf = _losses(tmp_path / "fsdp-fp8")
+    assert lf == pytest.approx(l8, rel=1e-5, abs=1e-6)
+    assert [v["val_loss"] for v in vf] == pytest.approx([v["val_loss"] for v in v8], rel=1e-5)
+    assert l8 == pytest.approx(_losses(tmp_path / "one-fp8")[0], rel=0.03)
+    for name in ("one-fp8", "ddp-fp8", "fsdp-fp8"):
+        log = (tmp_path / name / "log.txt").read_text()
+        assert "fp8 block GEMMs" in log and "--fp8 needs" not in log, name
 
 
 def test_sigterm_to_torchrun_stops_every_rank_at_one_checkpoint(tmp_path):
