@@ -149,16 +149,21 @@ def to_float8(model: nn.Module, fast_accum: bool = False) -> int:
     """Swap every AdaLN block's ``mat_qkv``, ``proj``, ``fc1`` and ``fc2`` for :class:`Float8Linear` in place
     (see the module's doc). Layers whose sizes are not multiples of 16 (which ``_scaled_mm`` needs) stay.
     Returns how many layers were converted. Raises on a device without fp8 GEMMs."""
-    from .blocks import AdaLNBlock
     device = next(model.parameters()).device
     check_supported(device, "sample in bf16 instead (leave fp8 off)")
     converted = 0
+    for parent, name, layer in block_linears(model):
+        if isinstance(layer, nn.Linear) and layer.in_features % 16 == 0 and layer.out_features % 16 == 0:
+            setattr(parent, name, Float8Linear(layer, fast_accum).to(device))
+            converted += 1
+    return converted
+
+
+def block_linears(model: nn.Module):
+    """``(parent, name, layer)`` of each of :data:`LAYERS` in every AdaLN block of ``model``."""
+    from .blocks import AdaLNBlock
     for block in (m for m in model.modules() if isinstance(m, AdaLNBlock)):
         for path in LAYERS:
             parent_name, name = path.split(".")
             parent = getattr(block, parent_name)
-            layer = getattr(parent, name)
-            if isinstance(layer, nn.Linear) and layer.in_features % 16 == 0 and layer.out_features % 16 == 0:
-                setattr(parent, name, Float8Linear(layer, fast_accum).to(device))
-                converted += 1
-    return converted
+            yield parent, name, getattr(parent, name)

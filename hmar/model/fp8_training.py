@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fp8 import E4M3, E4M3_MAX, LAYERS, check_supported
+from .fp8 import E4M3, E4M3_MAX, block_linears, check_supported
 
 E5M2 = torch.float8_e5m2
 E5M2_MAX = 57344.0   # torch.finfo(torch.float8_e5m2).max
@@ -105,14 +105,10 @@ def to_float8_training(model: nn.Module) -> int:
     """Make every AdaLN block's ``mat_qkv``, ``proj``, ``fc1`` and ``fc2`` a :class:`Float8TrainingLinear` in place
     (the class changes; parameters, hooks and state dict stay). Call it before compiling or wrapping the model.
     Returns how many layers changed. Raises on a device without fp8 GEMMs."""
-    from .blocks import AdaLNBlock
     check_supported(next(model.parameters()).device, TRAIN_INSTEAD)
     changed = 0
-    for block in (m for m in model.modules() if isinstance(m, AdaLNBlock)):
-        for path in LAYERS:
-            parent_name, name = path.split(".")
-            layer = getattr(getattr(block, parent_name), name)
-            if type(layer) is nn.Linear:
-                layer.__class__ = Float8TrainingLinear
-                changed += 1
+    for _, _, layer in block_linears(model):
+        if type(layer) is nn.Linear:
+            layer.__class__ = Float8TrainingLinear
+            changed += 1
     return changed
