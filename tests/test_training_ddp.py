@@ -117,3 +117,16 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_checkpoint(tmp_path):
     assert [c.name for c in (run / "checkpoints").glob("*.pt")] == [f"step_{step:08d}.pt"]
     r = subprocess.run([sys.executable, *args, "--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and f"step {step}," in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("joined", [False, True])
+def test_a_worker_that_joined_a_group_exits_past_interpreter_shutdown(joined):
+    # the hmar executable: a process that joined a process group ends with os._exit (no atexit handlers, no
+    # finalisation, where torch's cached device meshes would tear the backend down), with the command's status
+    # and its output flushed; any other process exits normally
+    code = ("import atexit, sys; import hmar.training.distributed as d; "
+            f"d.JOINED_GROUP = {joined}; atexit.register(lambda: print('SHUTDOWN', flush=True)); "
+            "sys.argv = ['hmar', 'train', '--model', 'no-such-preset']; from hmar.cli import entry; entry()")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "error:" in p.stderr, p.stderr
+    assert ("SHUTDOWN" in p.stdout) is not joined, p.stdout

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 from ..errors import HMARError
 
@@ -56,5 +57,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 128 + int(getattr(e, "signum", 2))
 
 
+def entry() -> NoReturn:
+    """The ``hmar`` executable (and ``python -m hmar``): :func:`main`, then exit with its status.
+
+    A torchrun worker that joined a process group ends with ``os._exit`` once its streams are flushed: torch's DTensor
+    caches keep FSDP2's device mesh, and so the gloo/NCCL backend, alive into interpreter shutdown, where tearing the
+    backend down can abort the process (SIGABRT, "terminate called without an active exception") after a run that
+    has written everything; the launcher would then report the run as failed."""
+    code = main()
+    distributed = sys.modules.get("hmar.training.distributed")   # imported by every command that can join one
+    if distributed is not None and distributed.JOINED_GROUP:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    entry()

@@ -16,6 +16,10 @@ import torch.nn as nn
 
 from ..errors import HMARError
 
+# set once this process has joined a process group; the ``hmar`` command then ends such a worker without Python's
+# interpreter shutdown (see :func:`hmar.cli.entry`)
+JOINED_GROUP = False
+
 
 @dataclass
 class DistInfo:
@@ -51,6 +55,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if dev.type == "cuda":
         dev = torch.device("cuda", local % torch.cuda.device_count())
         torch.cuda.set_device(dev)
+    global JOINED_GROUP
+    JOINED_GROUP = True
     if not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
@@ -59,7 +65,10 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 
 def cleanup(info: DistInfo) -> None:
-    """Leave the process group (if this process joined one)."""
+    """Leave the process group (if this process joined one).
+
+    torch's DTensor caches still hold FSDP2's device mesh, and with it the backend, after this: a script of your own
+    that trains with FSDP2 should end its workers with ``os._exit`` once everything is written, as ``hmar`` does."""
     if info.initialized and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
