@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -296,7 +297,7 @@ def save_pretrained(directory: PathLike, model: nn.Module, tokenizer: VQVAE, *,
                     class_names: Optional[list] = None, sampling: Optional[Dict[str, Any]] = None,
                     dtype: Optional[torch.dtype] = None, extra: Optional[Dict[str, Any]] = None) -> Path:
     """Write ``config.json``, ``model.safetensors`` and ``tokenizer.safetensors`` into ``directory``
-    (atomically: files are written to temporary names, then renamed). ``dtype`` (e.g. fp16) shrinks the files."""
+    (all three to temporary names, then renamed into place together). ``dtype`` (e.g. fp16) shrinks the files."""
     from safetensors.torch import save_file
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise HMARError(f"dtype must be a floating-point torch.dtype such as torch.float16, got {dtype!r}")
@@ -321,12 +322,15 @@ def save_pretrained(directory: PathLike, model: nn.Module, tokenizer: VQVAE, *,
     mcfg["class_names"] = list(names) if names is not None else None
     config = {"format": "hmar", "version": FORMAT_VERSION, "model": mcfg, "tokenizer": tokenizer.config.to_dict(),
               "sampling": sampling or {}, **(extra or {})}
-    files = [("model.safetensors", lambda t: save_file(tensors(model), str(t))),
-             ("tokenizer.safetensors", lambda t: save_file(tensors(tokenizer), str(t))),
-             ("config.json", lambda t: t.write_text(json.dumps(config, indent=2)))]
-    for fname, write in files:
-        with atomic_path(d / fname) as tmp:   # a failed write leaves the previous file, no partial temporary one
-            write(tmp)
+    # every file is written to a temporary name first; only once all three are complete are they renamed into
+    # place, config.json last (the exit stack unwinds in reverse): a failed or interrupted save leaves the previous
+    # files (or none), and a folder with a config.json has its weights
+    with ExitStack() as stack:
+        tmp = {f: stack.enter_context(atomic_path(d / f))
+               for f in ("config.json", "tokenizer.safetensors", "model.safetensors")}
+        save_file(tensors(model), str(tmp["model.safetensors"]))
+        save_file(tensors(tokenizer), str(tmp["tokenizer.safetensors"]))
+        tmp["config.json"].write_text(json.dumps(config, indent=2))
     return d
 
 

@@ -276,18 +276,26 @@ def test_cli_sample_writes_pngs_atomically(files, tmp_path, capsys, monkeypatch)
     assert Image.open(out / "0001_000.png").size == (64, 64)
 
 
-def test_save_pretrained_failed_write_leaves_the_previous_files(files, tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing", [1, 2])   # the model's weights, or the tokenizer's once the model's are written
+def test_save_pretrained_failed_write_leaves_the_previous_files(files, tmp_path, monkeypatch, failing):
     import safetensors.torch
     _, m = files["hmar-tiny"]
     _, vq = files["vq"]
     d = tmp_path / "p"
     save_pretrained(d, m, vq)
     before = {p.name: p.read_bytes() for p in d.iterdir()}
+    real, calls = safetensors.torch.save_file, []
 
     def fail(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) < failing:
+            return real(tensors, path, metadata)
         open(path, "wb").write(b"partial")
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(safetensors.torch, "save_file", fail)
     with pytest.raises(OSError, match="No space"):
         save_pretrained(d, m, vq, dtype=torch.float16)
-    assert {p.name: p.read_bytes() for p in d.iterdir()} == before   # no temporary file left either
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before   # nothing replaced, no temporary file left
+    with pytest.raises(OSError, match="No space"):                   # into a new folder: no config.json, no weights
+        save_pretrained(tmp_path / "new", m, vq)
+    assert list((tmp_path / "new").iterdir()) == []

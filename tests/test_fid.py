@@ -285,3 +285,15 @@ def test_truncated_stats_file_is_a_one_line_error_and_a_cache_miss(two_folders: 
     again = reference_stats(two_folders[0], [net], cache, batch_size=32)[net.name]   # recomputed, rewritten
     np.testing.assert_array_equal(again.sigma, first.sigma)
     assert load_stats(cached)[net.name].count == 60
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[:60], lambda b: b""])   # cut short, empty
+def test_an_unreadable_image_names_the_file_and_the_fix(two_folders: List[Path], tmp_path: Path, damage) -> None:
+    import shutil
+    folder = tmp_path / "imgs"
+    shutil.copytree(two_folders[1], folder)
+    bad = folder / "007.png"
+    bad.write_bytes(damage(bad.read_bytes()))
+    with pytest.raises(HMARError, match=r"cannot read the image .*007\.png .*re-save or remove it") as e:
+        compute_fid(two_folders[0], folder, extractor=TinyNet(), batch_size=16)
+    assert "\n" not in str(e.value)

@@ -21,6 +21,14 @@ class Extractor(Protocol):
     def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
 
 
+def _read(path: Path) -> np.ndarray:
+    try:
+        return load_image(path)
+    except (OSError, SyntaxError, ValueError) as e:   # PIL's errors for a truncated, empty or non-image file
+        raise HMARError(f"cannot read the image {path} ({type(e).__name__}: {e}): re-save or remove it (the "
+                        "statistics are over every image of the folder, so none is skipped)") from None
+
+
 def _batches(source: ImageSource, batch_size: int):
     if isinstance(source, torch.Tensor):
         if source.ndim != 4:
@@ -32,7 +40,7 @@ def _batches(source: ImageSource, batch_size: int):
     if not files:
         raise HMARError(f"no images found in {source}")
     for i in range(0, len(files), batch_size):
-        arrays = [load_image(f) for f in files[i:i + batch_size]]
+        arrays = [_read(Path(f)) for f in files[i:i + batch_size]]
         shapes = {a.shape for a in arrays}
         if len(shapes) == 1:
             yield torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
