@@ -67,8 +67,11 @@ def entry() -> NoReturn:
     code = main()
     distributed = sys.modules.get("hmar.training.distributed")   # imported by every command that can join one
     if distributed is not None and distributed.JOINED_GROUP:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):   # a closed pipe or stream: nothing more to say there
+                pass
         os._exit(code)
     sys.exit(code)
 
