@@ -155,6 +155,11 @@
 #   50 (2026-12-07, second session): fp8 training (hmar.model.fp8_training, hmar train --fp8): its GPU tests, then
 #           compiled hmar-d16 and hmar-d30 training with the blocks' GEMMs in bf16 against fp8 (LIMIT=560, ~9.5 minutes)
 #   51: the same at hmar-d16-512, then hmar-d30 (if call 50 ran out of time before it)
+#           (third session of 2026-12-07, on an H100 short of device time: the tests and hmar-d16 ran, fp8 0.93x,
+#           BENCHMARKS.md 2i; the tests' three set-up faults fixed after; hmar-d30's fp8 half did not fit)
+#   52 (written then): the fp8 GPU tests again, a profile of the compiled fp8 hmar-d16 step (what the casts and
+#           the backward's transposed copies cost against the GEMMs they feed), then hmar-d30 bf16 vs fp8
+#           (LIMIT=580, ~9.5 minutes: d30's two cold compiles take about 2 minutes each)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -194,6 +199,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   46) STEPS="graphs-train-d16 blocks-profile-d30" ;; 47) STEPS="autotune-train-d16 autotune-train-d30" ;;
   48) STEPS="scope-train-d16 graphs-train-d16 autotune-train-d16" ;;
   50) STEPS="fp8-train-tests fp8-train-d16 fp8-train-d30" ;; 51) STEPS="fp8-train-d16-512 fp8-train-d30" ;;
+  52) STEPS="fp8-train-tests fp8-train-profile-d16 fp8-train-d30" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
@@ -415,6 +421,8 @@ for s in $STEPS; do
       gpu_tests fp8-train-tests 200 tests/test_fp8_training.py ;;
     fp8-train-d16|fp8-train-d30|fp8-train-d16-512)
       train_bench fp8 "hmar-${s#fp8-train-}" "the blocks' GEMMs in bf16 vs fp8" --fp8 both ;;
+    fp8-train-profile-d16)
+      train_bench fp8prof hmar-d16 "fp8 GEMMs, profiled (the casts and copies against the GEMMs)" --fp8 on --profile ;;
     norm-train-d16|norm-train-d30|norm-train-d16-512)
       train_bench norm "hmar-${s#norm-train-}" "LayerNorm + modulation as ops vs the kernel" --fused-norm both ;;
     scope-train-d16|scope-train-d30|scope-train-d16-512)
