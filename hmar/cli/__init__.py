@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from typing import List, NoReturn, Optional
 
@@ -58,21 +57,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def entry() -> NoReturn:
-    """The ``hmar`` executable (and ``python -m hmar``): :func:`main`, then exit with its status.
-
-    A torchrun worker that joined a process group ends with ``os._exit`` once its streams are flushed: torch's DTensor
-    caches keep FSDP2's device mesh, and so the gloo/NCCL backend, alive into interpreter shutdown, where tearing the
-    backend down can abort the process (SIGABRT, "terminate called without an active exception") after a run that
-    has written everything; the launcher would then report the run as failed."""
+    """The ``hmar`` executable (and ``python -m hmar``): :func:`main`, then exit with its status; a torchrun worker
+    through :func:`hmar.training.distributed.exit_process` (it skips interpreter shutdown, which can abort one)."""
     code = main()
-    distributed = sys.modules.get("hmar.training.distributed")   # imported by every command that can join one
-    if distributed is not None and distributed.JOINED_GROUP:
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):   # a closed pipe or stream: nothing more to say there
-                pass
-        os._exit(code)
+    distributed = sys.modules.get("hmar.training.distributed")   # imported by every command that can join a group
+    if distributed is not None:
+        distributed.exit_process(code)
     sys.exit(code)
 
 

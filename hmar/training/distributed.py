@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, List, Optional
+from typing import Any, Callable, Iterable, List, NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -16,8 +17,7 @@ import torch.nn as nn
 
 from ..errors import HMARError
 
-# set once this process has joined a process group; the ``hmar`` command then ends such a worker without Python's
-# interpreter shutdown (see :func:`hmar.cli.entry`)
+# set once this process has joined a process group: :func:`exit_process` then ends it without interpreter shutdown
 JOINED_GROUP = False
 
 
@@ -68,10 +68,26 @@ def cleanup(info: DistInfo) -> None:
     """Leave the process group (if this process joined one).
 
     torch's DTensor caches still hold FSDP2's device mesh, and with it the backend, after this: a script of your own
-    that trains with FSDP2 should end its workers with ``os._exit`` once everything is written, as ``hmar`` does."""
+    should end its workers with :func:`exit_process`, as ``hmar`` does."""
     if info.initialized and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(code: int = 0) -> NoReturn:
+    """End this process with status ``code``. One that joined a process group ends with ``os._exit`` once stdout and
+    stderr are flushed: torch's DTensor caches keep FSDP2's device mesh, and so the gloo/NCCL backend, alive into
+    interpreter shutdown, where tearing the backend down can abort the process (SIGABRT, "terminate called without
+    an active exception") after a run that has written everything, and the launcher then reports it as failed.
+    Any other process exits normally (``sys.exit``)."""
+    if JOINED_GROUP:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):   # a closed pipe or stream: nothing more to say there
+                pass
+        os._exit(code)
+    sys.exit(code)
 
 
 def barrier(info: DistInfo) -> None:
