@@ -212,8 +212,8 @@ def _launch(a: argparse.Namespace, cmd: List[str], result: Path) -> tuple:
 
 def run_one(a: argparse.Namespace, preset: str, batch: int, mode: str, nproc: int, tmp: Path) -> Dict[str, Any]:
     """One configuration in fresh processes. A multi-process run whose launcher failed with no error reported by
-    any worker (gloo can abort a rank with SIGABRT when its peer closes the connection first; seen once in CI) is
-    launched again, at most ``--retries`` times; the result then lists the failed launches (``retried_after``)."""
+    any worker (a rank aborted by SIGABRT at interpreter exit, seen in CI; workers now end by ``exit_process``, so this
+    is the fallback) is launched again, at most ``--retries`` times; the result then lists the failed launches (``retried_after``)."""
     result = tmp / f"{preset}-{a.stage}-{batch}-{mode}-{nproc}.json"
     args = [str(Path(__file__).resolve()), "--worker", "--result", str(result), "--preset", preset,
             "--batch", str(batch), "--mode", mode, "--stage", a.stage, "--device", a.device,
@@ -307,9 +307,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--mode", default="single", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.worker:
+    if a.worker:   # one process of a launch: it ends without interpreter shutdown, where gloo could abort it
         a.preset, a.batch = a.preset[0], a.batch[0]
-        return worker(a)
+        from hmar.training.distributed import exit_process
+        exit_process(worker(a))
     if "WORLD_SIZE" in os.environ:
         p.error("run the driver as a plain process: it launches torchrun itself")
     cuda = a.device.startswith("cuda")
