@@ -212,8 +212,9 @@ def _launch(a: argparse.Namespace, cmd: List[str], result: Path) -> tuple:
 
 def run_one(a: argparse.Namespace, preset: str, batch: int, mode: str, nproc: int, tmp: Path) -> Dict[str, Any]:
     """One configuration in fresh processes. A multi-process run whose launcher failed with no error reported by
-    any worker (a rank aborted by SIGABRT at interpreter exit, seen in CI; workers now end by ``exit_process``, so this
-    is the fallback) is launched again, at most ``--retries`` times; the result then lists the failed launches (``retried_after``)."""
+    any worker (a rank aborted by SIGABRT at interpreter exit, seen in CI; workers now end by ``exit_process``, so
+    this is the fallback) is launched again, at most ``--retries`` times; the result then lists the failed launches
+    (``retried_after``)."""
     result = tmp / f"{preset}-{a.stage}-{batch}-{mode}-{nproc}.json"
     args = [str(Path(__file__).resolve()), "--worker", "--result", str(result), "--preset", preset,
             "--batch", str(batch), "--mode", mode, "--stage", a.stage, "--device", a.device,

@@ -47,6 +47,7 @@ def resolve_device(name: str) -> torch.device:
 
 def init_distributed(device: str = "auto") -> DistInfo:
     """Join the process group described by torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)."""
+    global JOINED_GROUP
     world = int(os.environ.get("WORLD_SIZE", "1"))
     dev = resolve_device(device)
     if world <= 1:
@@ -55,7 +56,6 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if dev.type == "cuda":
         dev = torch.device("cuda", local % torch.cuda.device_count())
         torch.cuda.set_device(dev)
-    global JOINED_GROUP
     JOINED_GROUP = True
     if not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
