@@ -49,6 +49,20 @@ def test_kernel_equals_the_product(dtype, M, K, N, bias, gelu):
     torch.testing.assert_close(y[0].double(), want, **tol)
 
 
+def test_fp32_products_are_tf32_only_where_torch_allows_it():
+    """fp32 operands get exact products (the kernel test's 1e-5 above, which TF32 misses by 100x on the GPU) unless
+    ``torch.backends.cuda.matmul.allow_tf32`` is on; bf16 keeps Triton's default."""
+    matmul = torch.backends.cuda.matmul    # (its flags are properties of torch's C side: set and put back by hand)
+    before = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert sg._precision(torch.float32) == "ieee" and sg._precision(torch.bfloat16) == "tf32"
+        matmul.allow_tf32 = True
+        assert sg._precision(torch.float32) == "tf32"
+    finally:
+        matmul.allow_tf32 = before
+
+
 def test_kernel_rejects_a_mismatched_weight():
     with pytest.raises(ValueError, match="features"):
         sg.skinny_linear_kernel(torch.randn(2, 8, device=DEVICE), torch.randn(4, 6, device=DEVICE))

@@ -38,10 +38,11 @@ def _configs():
             for bn in (16, 32, 64) for bk in (64, 128) for w in (4,) for s in (3, 4)]
 
 
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS", "GELU"])
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS", "GELU", "PRECISION"])
 @triton.jit
 def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_w, stride_y, M_BUCKET,
-                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                   HAS_BIAS: tl.constexpr, GELU: tl.constexpr, PRECISION: tl.constexpr, BM: tl.constexpr,
+                   BN: tl.constexpr, BK: tl.constexpr):
     """One (row block, column block) of the output: the whole K loop, then bias and GELU in fp32."""
     rm = tl.program_id(1) * BM + tl.arange(0, BM)
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
@@ -53,7 +54,7 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_w, stri
                     mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
         b = tl.load(w_ptr + rn[None, :].to(tl.int64) * stride_w + kk[:, None],
                     mask=(rn[None, :] < N) & (kk[:, None] < K), other=0.0)
-        acc += tl.dot(a, b)
+        acc += tl.dot(a, b, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     if GELU:   # tanh approximation: 0.5 x (1 + tanh(u)) = x sigmoid(2u)
@@ -62,10 +63,17 @@ def _skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_x, stride_w, stri
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision: exact fp32 products for fp32 unless torch's own matmuls may use TF32; 16-bit inputs
+    keep Triton's default (the flag is for fp32 operands)."""
+    return "ieee" if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 else "tf32"
+
+
 def skinny_linear_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                          gelu: bool = False) -> torch.Tensor:
     """``x @ weight.T + bias`` (``gelu``: its tanh GELU) for ``x`` ``[..., K]`` and ``weight`` ``[N, K]`` (last dims
-    contiguous, or copied so), in ``x``'s dtype."""
+    contiguous, or copied so), in ``x``'s dtype. fp32 products are exact fp32 unless
+    ``torch.backends.cuda.matmul.allow_tf32`` is on (then TF32, as ``F.linear`` does)."""
     K = x.shape[-1]
     N = weight.shape[0]
     if weight.shape[1] != K:
@@ -83,7 +91,7 @@ def skinny_linear_kernel(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         grid = lambda meta: (triton.cdiv(N, meta["BN"]), triton.cdiv(M, bm))  # noqa: E731
         _skinny_kernel[grid](x2, weight, bias if bias is not None else weight, y, M, N, K, x2.stride(0),
                              weight.stride(0), y.stride(0), triton.next_power_of_2(M),
-                             HAS_BIAS=bias is not None, GELU=gelu, BM=bm)
+                             HAS_BIAS=bias is not None, GELU=gelu, PRECISION=_precision(x.dtype), BM=bm)
     return y.view(*x.shape[:-1], N)
 
 
