@@ -114,8 +114,9 @@ class TrainConfig(CommonConfig):
                                        "max-autotune-no-cudagraphs", type=str,
                             choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"])
     fp8: bool = opt(False, "the blocks' qkv, proj, fc1 and fc2 GEMMs in fp8 (e4m3 forward, e5m2 gradients, one "
-                           "scale per tensor; Hopper / Ada GPUs), same checkpoints: an 18 % lower peak memory, but "
-                           "0.93x the bf16 step at hmar-d16 on an H100 (BENCHMARKS.md 2i; hmar.model.fp8_training)")
+                           "scale per tensor; Hopper / Ada GPUs), same checkpoints; on an H100 1.09x the bf16 step at "
+                           "hmar-d30, 0.93-0.96x at width 1024 (hmar-d16), with a lower peak memory "
+                           "(BENCHMARKS.md 2i, 2j; hmar.model.fp8_training)")
     compile_backend: str = opt("inductor", "torch.compile backend used with --compile (inductor; aot_eager or eager "
                                            "to debug compilation problems)", type=str)
     attention_backend: str = opt("auto", "attention kernel in training: auto (CUDA: the fused Triton kernel, or one "
