@@ -135,6 +135,8 @@ def _norm_variants():
 
 
 def _skinny_variants():
+    import torch
+
     import hmar.model.skinny_gemm as sg
     fn = sg._skinny_kernel.fn   # the autotuner's JITFunction
     configs = sg._skinny_kernel.configs
@@ -142,14 +144,17 @@ def _skinny_variants():
     def v(dt, bm, c, bias, gelu):
         sig = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}",
                **_ints("M", "N", "K", "stride_x", "stride_w", "stride_y", "M_BUCKET")}
-        const = {"HAS_BIAS": bias, "GELU": gelu, "BM": bm, **c.kwargs}
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dt]
+        precision = sg._precision(dtype)   # as the launch passes it (fp32: "ieee" with TF32 off, torch's default)
+        const = {"HAS_BIAS": bias, "GELU": gelu, "PRECISION": precision, "BM": bm, **c.kwargs}
         return (f"skinny-{dt}-bm{bm}-bn{c.kwargs['BN']}-bk{c.kwargs['BK']}-w{c.num_warps}s{c.num_stages}"
                 f"{'-bias' if bias else ''}{'-gelu' if gelu else ''}", fn, sig, const, c.num_warps, c.num_stages)
 
     smallest = min(configs, key=lambda c: (c.kwargs["BN"] * c.kwargs["BK"], c.num_stages))
     largest = max(configs, key=lambda c: (c.kwargs["BN"] * c.kwargs["BK"], c.num_stages))
     out = [v("bf16", 64, largest, True, True), v("bf16", 16, smallest, True, False),
-           v("fp16", 32, configs[0], False, False), v("bf16", 64, configs[len(configs) // 2], True, True)]
+           v("fp16", 32, configs[0], False, False), v("bf16", 64, configs[len(configs) // 2], True, True),
+           v("fp32", 16, smallest, True, False)]   # exact fp32 products (input_precision="ieee")
     return sg, out, set()
 
 
