@@ -85,7 +85,7 @@ import torch.nn.functional as F
 
 from .errors import HMARError
 from .presets import resolve_schedule
-from .sampling import StepInfo, sample
+from .sampling import StepInfo, class_id, make_generator, sample
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image as PILImage
@@ -393,18 +393,7 @@ def _unpack(pipe: PipeLike) -> Tuple[nn.Module, nn.Module, Dict[str, Any], Optio
 
 
 def _label(label: Union[int, str, None], names: Optional[List[str]], num_classes: int) -> int:
-    if label is None:
-        return -1
-    if isinstance(label, str) and not label.strip().lstrip("-").isdigit():
-        low = [n.lower() for n in (names or [])]
-        if label.lower() not in low:
-            raise HMARError(f"unknown class name {label!r}; known: {', '.join(names or []) or 'none (use ids)'}")
-        return low.index(label.lower())
-    if isinstance(label, torch.Tensor) and label.numel() == 1 and not label.is_floating_point():
-        label = label.item()
-    if not isinstance(label, str) and (isinstance(label, bool) or not isinstance(label, numbers.Integral)):
-        raise HMARError(f"a class label must be an integer id, a class name or None, got {label!r}")
-    lab = int(label)
+    lab = -1 if label is None else class_id(label, names)
     if not -1 <= lab < num_classes:
         raise HMARError(f"class id {lab} is out of range: this model has {num_classes} classes "
                         f"(0..{num_classes - 1}; None or -1 for unconditional)")
@@ -465,8 +454,10 @@ def _edit_fitted(model, tok, defaults, names, img, m, class_label, *, generator,
             raise HMARError("seeds is empty: give at least one seed")
     else:
         seed_list = [generator]
-
     device = model.device
+    for sd in seed_list:   # a bad seed (2**70, "abc") is refused before any seed's image is sampled
+        make_generator(sd, device)
+
     src = fit_image(img, R)
     region_px = fit_mask(m, R)
     regions = scale_regions(region_px, patch_nums)

@@ -19,7 +19,7 @@ from . import checkpoint as ckpt
 from .errors import HMARError
 from .model import build_model
 from .presets import model_config, tokenizer_config
-from .sampling import SampleOutput, make_generator, sample
+from .sampling import SampleOutput, class_id, make_generator, sample
 from .tokenizer import VQVAE
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,15 +47,28 @@ def to_pil(images: torch.Tensor) -> List["PIL.Image.Image"]:  # noqa: F821
 
 
 def check_device(device: Union[str, torch.device]) -> torch.device:
-    """``device`` as a ``torch.device``; :class:`HMARError` if it is malformed or its backend is not available."""
+    """``device`` as a ``torch.device``; :class:`HMARError` if it is malformed, holds no data (``meta``) or its
+    backend is not available here (CUDA without a GPU, ``mps`` off a Mac, ...)."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise HMARError(f"device {device!r} is not a torch device: use 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise HMARError(f"device {device!r} asked for, but CUDA is not available here: use 'cpu'")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise HMARError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "meta":
+        raise HMARError(f"device {device!r} holds no data (shapes only): use 'cpu' or 'cuda'")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise HMARError(f"device {device!r} asked for, but CUDA is not available here: use 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise HMARError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} "
+                            "GPU(s)")
+        return dev
+    backend = getattr(torch.backends, dev.type, None) or getattr(torch, dev.type, None)   # torch.backends.mps, torch.xpu
+    available = getattr(backend, "is_available", None)
+    if available is None or not available():
+        alt = "'cuda' or 'cpu'" if torch.cuda.is_available() else "'cpu'"
+        raise HMARError(f"device {device!r} asked for, but its backend is not available here: use {alt}")
     return dev
 
 
@@ -172,19 +185,7 @@ class HMARPipeline:
 
     def class_index(self, label: Union[int, str]) -> int:
         """A class id from an int or a class name (case-insensitive, surrounding spaces ignored)."""
-        if isinstance(label, str):
-            text = label.strip()
-            if text.lstrip("-").isdigit():
-                return int(text)
-            names = [n.lower() for n in (self.class_names or [])]
-            if text.lower() not in names:
-                raise HMARError(f"unknown class name {label!r}; known: {', '.join(self.class_names or []) or 'none (use ids)'}")
-            return names.index(text.lower())
-        if isinstance(label, torch.Tensor) and label.numel() == 1 and not label.is_floating_point():
-            label = label.item()
-        if isinstance(label, bool) or not isinstance(label, numbers.Integral):
-            raise HMARError(f"a class label must be an integer id or a class name, got {label!r}")
-        return int(label)
+        return class_id(label, self.class_names)
 
     def _opts(self, **kw: Any) -> Dict[str, Any]:
         return {**self.sampling, **{k: v for k, v in kw.items() if v is not None}}

@@ -154,6 +154,21 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         self.patch_nums = check_patch_nums(self.patch_nums, "the tokenizer's patch_nums")
+        positive = lambda v: not isinstance(v, bool) and isinstance(v, numbers.Integral) and v >= 1  # noqa: E731
+        for name in ("vocab_size", "z_channels", "ch", "num_res_blocks", "norm_groups"):
+            if not positive(getattr(self, name)):
+                raise HMARError(f"the tokenizer's {name} must be an integer >= 1, got {getattr(self, name)!r}")
+        try:
+            self.ch_mult = tuple(self.ch_mult)
+        except TypeError:
+            raise HMARError(f"the tokenizer's ch_mult must be a list of integers >= 1, got {self.ch_mult!r}") from None
+        if not self.ch_mult or not all(positive(m) for m in self.ch_mult):
+            raise HMARError(f"the tokenizer's ch_mult must be a list of integers >= 1, got {self.ch_mult!r}")
+        odd = sorted({self.ch * m for m in self.ch_mult if self.ch * m % self.norm_groups})
+        if odd:   # GroupNorm splits every level's channels into norm_groups groups
+            raise HMARError(f"the tokenizer's channel widths {odd} (ch {self.ch} x ch_mult) are not divisible by its "
+                            f"norm_groups {self.norm_groups}: choose ch (or norm_groups) so that they are; the official "
+                            f"VQ-VAE uses 32 groups")
 
     @property
     def downsample(self) -> int:

@@ -180,17 +180,41 @@ def make_generator(seed_or_gen: Union[int, torch.Generator, None], device: torch
     return g
 
 
+MAX_CFG = 1000.0   # the largest guidance scale check_options accepts
+
+
 def check_options(cfg: float, top_k: int, top_p: float, temperature: float) -> None:
     """Raise :class:`HMARError` for a sampling option outside its domain (NaN guidance, negative top-k, ...)."""
     real = lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool)  # noqa: E731
     if not real(cfg) or not math.isfinite(cfg):
         raise HMARError(f"cfg (the guidance scale) must be a finite number, got {cfg!r}")
+    if abs(cfg) > MAX_CFG:   # beyond it the guided logits overflow fp32 (inf, then NaN probabilities)
+        raise HMARError(f"cfg (the guidance scale) must be within +-{MAX_CFG:g}, got {cfg!r} "
+                        f"(useful scales are about 1 to 10)")
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
         raise HMARError(f"top_k must be an integer >= 0 (0: off), got {top_k!r}")
     if not real(top_p) or not 0.0 <= top_p <= 1.0:                # NaN fails the comparison too
         raise HMARError(f"top_p must be a number in [0, 1] (0 or 1: off), got {top_p!r}")
     if not real(temperature) or not 0.0 < temperature < math.inf:
         raise HMARError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def class_id(label: Union[int, str, torch.Tensor], names: Optional[Sequence[str]]) -> int:
+    """A class id (not range-checked) from an int, a one-element integer tensor, an id as text ("3", " -1") or a
+    class name of ``names`` (case-insensitive, surrounding spaces ignored). :class:`HMARError` for anything else."""
+    if isinstance(label, str):
+        text = label.strip()
+        if text.lstrip("-").isdigit():
+            return int(text)
+        low = [n.lower() for n in (names or [])]
+        if text.lower() not in low:
+            raise HMARError(f"unknown class name {label!r}; known: {', '.join(names or []) or 'none (use ids)'}")
+        return low.index(text.lower())
+    if isinstance(label, torch.Tensor) and label.numel() == 1 and not label.is_floating_point():
+        label = label.item()
+    if isinstance(label, bool) or not isinstance(label, numbers.Integral):
+        raise HMARError(f"a class label must be an integer id or a class name, got {label!r}")
+    return int(label)
 
 
 def check_labels(labels: Union[Sequence[int], torch.Tensor], num_classes: int, device: torch.device) -> torch.Tensor:

@@ -114,3 +114,31 @@ def test_var_baseline_from_the_image_folder(shapes, tmp_path):
     log = (run / "log.txt").read_text()
     assert "loss weighting uniform" in log and log.count("skipping unreadable image") == 1
     assert _records(run, "train")[-1]["corrupt_files"] == 1
+
+
+def test_time_budget_sets_the_length_and_the_schedule_starts_once_it_is_known(shapes, tmp_path):
+    """--time-budget overrides --max-steps (10 here): the run ends when the budget is spent. Until the step time is
+    measured (23 steps) the lr is the warm-up start; then warm-up, hold and decay run over the fitted length, so the
+    lr rises to the peak once and then only falls (it used to decay on the --max-steps schedule, then jump back up)."""
+    import time
+    from hmar.training.schedule import TimeBudget
+    from hmar.training.synthetic import make_random_tokenizer
+    tok = make_random_tokenizer(tmp_path / "tok")
+    run, budget = tmp_path / "run", 4.0
+    t0 = time.time()
+    assert main(["train", "--model", "var-tiny", "--tokenizer", str(tok), "--data", str(shapes), "--out", str(run),
+                 "--time-budget", str(budget), "--max-steps", "10", "--batch-size", "8", "--lr", "1e-3",
+                 "--log-every", "1", "--no-progress", "--sample-every", "-1", "--eval-batches", "0",
+                 "--no-tensorboard"]) == 0
+    assert time.time() - t0 < budget + 30           # model writing and start-up on a slow machine
+    lrs = [r["lr"] for r in _records(run, "train")]
+    b = TimeBudget(1.0)
+    probe = b.skip + b.probe
+    assert len(lrs) > probe + 2, "too few steps in the budget to test the schedule"
+    assert lrs[:probe] == pytest.approx([1e-3 * 0.005] * probe)
+    top = lrs.index(max(lrs))
+    assert max(lrs) == pytest.approx(1e-3) and top > probe - 1
+    assert all(a <= b + 1e-12 for a, b in zip(lrs[:top], lrs[1:top + 1]))          # up to the peak
+    assert all(a >= b - 1e-12 for a, b in zip(lrs[top:], lrs[top + 1:]))           # then down only
+    assert lrs[-1] < 0.3e-3
+    assert "steps fitted to --time-budget 4s" in (run / "log.txt").read_text()

@@ -245,6 +245,32 @@ def test_resume_below_the_checkpoint_step_is_an_error(tmp_path, capsys, one_thre
     assert "resumed from" in capsys.readouterr().err and (run / "checkpoints" / "step_00000005.pt").exists()
 
 
+def test_resume_with_another_model_or_tokenizer_is_an_error(tmp_path, capsys, one_thread):
+    """``--resume`` with ``--model var-tiny`` after an ``hmar-tiny`` (stage-1: nsp) run, or with another tokenizer (other
+    codebook: other teacher-forcing inputs), went on silently from the checkpoint; each is one error, nothing
+    written."""
+    from hmar.cli import main
+    make_shapes_folder(tmp_path / "d", 2, 4, 64, val_per_class=0)
+    tok, tok2 = make_random_tokenizer(tmp_path / "tok"), make_random_tokenizer(tmp_path / "tok2", seed=1)
+    argv = ["train", "--model", "hmar-tiny", "--tokenizer", str(tok), "--data", str(tmp_path / "d"), "--out",
+            str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "4", "--no-progress", "--no-tensorboard",
+            "--sample-every", "-1", "--eval-batches", "0"]
+    assert main(argv) == 0
+    run = tmp_path / "run"
+    before = _snapshot(run)
+    capsys.readouterr()
+    more = ["--resume", "--max-steps", "3"]
+    for swap, needle in ((("--model", "var-tiny"), "another model (kind 'nsp' -> 'var')"),
+                         (("--tokenizer", str(tok2)), "another tokenizer")):
+        bad = list(argv)
+        bad[bad.index(swap[0]) + 1] = swap[1]
+        assert main(bad + more) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert needle in err and "new --out" in err, err
+        assert _snapshot(run) == before
+    assert main(argv + more) == 0 and (run / "checkpoints" / "step_00000003.pt").exists()
+
+
 def test_resume_of_a_finished_tokenizer_run_is_a_no_op(tmp_path, capsys, one_thread):
     from hmar.cli import main
     from hmar.training.synthetic import SMALL_TOKENIZER

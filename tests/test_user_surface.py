@@ -30,7 +30,8 @@ def pipe(model_dir):
 
 
 @pytest.mark.parametrize("opts,needle", [
-    (dict(cfg=float("nan")), "cfg"), (dict(cfg=float("inf")), "cfg"),
+    (dict(cfg=float("nan")), "cfg"), (dict(cfg=float("inf")), "cfg"), (dict(cfg=1e39), "cfg"),
+    (dict(cfg=-1e300), "cfg"),
     (dict(top_k=-1), "top_k"), (dict(top_k=1.5), "top_k"),
     (dict(top_p=1.5), "top_p"), (dict(top_p=-0.1), "top_p"), (dict(top_p=float("nan")), "top_p"),
     (dict(temperature=float("nan")), "temperature"), (dict(temperature=float("inf")), "temperature"),
@@ -79,6 +80,13 @@ def test_model_sizes_that_cannot_work_are_refused():
         with pytest.raises(HMARError, match=needle):
             model_config("hmar-tiny", **kw)
     assert model_config("hmar-tiny", embed_dim=48, num_heads=3).head_dim == 16
+    from hmar.presets import tokenizer_config
+    for kw, needle in [(dict(ch=0), "ch must"), (dict(ch=40), r"widths \[40, 80\]"), (dict(ch_mult=(1, 0)), "ch_mult"),
+                       (dict(ch_mult=()), "ch_mult"), (dict(norm_groups=0), "norm_groups"),
+                       (dict(num_res_blocks=0), "num_res_blocks"), (dict(vocab_size=-1), "vocab_size")]:
+        with pytest.raises(HMARError, match=needle):   # a GroupNorm / conv error deep in torch before
+            tokenizer_config("vqvae-tiny", **kw)
+    assert tokenizer_config("vqvae-tiny", ch=48, norm_groups=16).ch_mult == (1, 1, 2, 2, 4)
 
 
 def test_pipeline_call_arguments(pipe):
@@ -162,6 +170,10 @@ def _cli(argv, capsys):
     (["--classes", "1", "-n", "0"], "--num-per-class"),
     (["--classes", ",,"], "names no class"),
     (["--classes", "1", "--cfg", "nan"], "cfg"),
+    (["--classes", "1", "--cfg", "1e39"], "within"),
+    (["--classes", "1", "--device", "mps"], "--device"),
+    (["--classes", "1", "--device", "meta"], "holds no data"),
+    (["--classes", "1", "--device", "banana"], "not a torch device"),
     (["--classes", "1", "--top-k", "-5"], "top_k"),
     (["--classes", "1", "--schedule", "5"], "schedule"),
     (["--classes", "1", "--seed", "99999999999999999999999"], "64 bits"),
@@ -180,6 +192,27 @@ def test_cli_sample_bad_input_fails_before_sampling(model_dir, tmp_path, capsys,
     rc, _, err = _cli(["sample", "-c", str(model_dir), "--no-progress"] + out + args, capsys)
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and needle.lower() in err[0].lower(), err
     assert not calls
+    assert "--out" in args or not (tmp_path / "o").exists()   # refused before the output folder was made
+
+
+def test_cfg_near_the_limit_still_samples_finite_tokens(tiny):
+    """Guidance up to the limit samples (the guided logits stay finite); one past it is refused, not NaN."""
+    from hmar.sampling import MAX_CFG
+    hmar, _, _, tok = tiny
+    out = sample(hmar, tok, [0, 1], generator=0, cfg=MAX_CFG, decode=False)
+    assert all(((t >= 0) & (t < tok.config.vocab_size)).all() for t in out.indices)
+    with pytest.raises(HMARError, match="within"):
+        sample(hmar, tok, [0], generator=0, cfg=MAX_CFG * 1.01, decode=False)
+
+
+def test_cli_sample_a_class_given_twice_writes_every_image(model_dir, tmp_path, capsys):
+    """``--classes 3,3`` and ``-1,-1`` wrote one file per class (the second overwrote the first) but reported two."""
+    rc, out, _ = _cli(["sample", "-c", str(model_dir), "--no-progress", "--classes", "3,3,-1,-1", "-n", "2",
+                       "--out", str(tmp_path / "o")], capsys)
+    assert rc == 0 and "8 PNGs" in out
+    names = sorted(p.name for p in (tmp_path / "o").iterdir())
+    assert names == sorted([f"0003_{i:03d}.png" for i in range(4)] + [f"uncond_{i:03d}.png" for i in range(4)]
+                           + ["grid.png"])
 
 
 def test_cli_sample_classes_with_spaces_and_unconditional(model_dir, tmp_path, capsys):
@@ -198,13 +231,36 @@ def test_cli_edit_class_minus_one_and_bad_options(model_dir, tmp_path, capsys):
     base = ["-c", str(model_dir), "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "m.png")]
     (tmp_path / "afile").write_text("x")
     for op, extra, needle in [("class", ["--class=-1"], "real class"),
+                              ("inpaint", ["--class=-5"], "out of range"),
+                              ("inpaint", ["--class", "99"], "out of range"),
+                              ("inpaint", ["--seeds", "0,99999999999999999999999"], "64 bits"),
+                              ("inpaint", ["--seed", "-99999999999999999999999"], "64 bits"),
                               ("inpaint", ["--cfg", "nan"], "cfg"),
                               ("inpaint", ["--max-pixels", "0"], "--max-pixels"),
                               ("inpaint", ["--out", str(tmp_path / "afile" / "o.png")], "not a directory")]:
-        rc, _, err = _cli(["edit", op] + base + extra, capsys)
+        rc, _, err = _cli(["edit", op] + base + extra + ([] if "--out" in extra else
+                                                          ["--out", str(tmp_path / "new" / "e.png")]), capsys)
         assert rc == 2 and len(err) == 1 and needle in err[0], err
+        assert not (tmp_path / "new").exists()   # refused before the output folder was made
     rc, out, _ = _cli(["edit", "inpaint"] + base + ["--class=-1", "--out", str(tmp_path / "e.png")], capsys)
     assert rc == 0 and "unconditional" in out
+
+
+def test_class_names_with_spaces_and_bad_seeds_in_editing(pipe, monkeypatch):
+    """Editing strips a class name as sampling does (" dog " was unknown there), and a bad seed among several is
+    refused before the first seed's image is sampled."""
+    from hmar import editing
+    from hmar.sampling import class_id
+    assert class_id(" Dog ", ["cat", "dog"]) == 1 and class_id(" -1 ", None) == -1 and class_id("3", None) == 3
+    assert editing._label(" dog ", ["cat", "dog"], 2) == 1 and editing._label(None, None, 2) == -1
+    for bad, needle in (("cow", "unknown class name"), (1.5, "integer id"), ("5", "out of range")):
+        with pytest.raises(HMARError, match=needle):
+            editing._label(bad, ["cat", "dog"], 2)
+    calls = []
+    monkeypatch.setattr(editing, "sample", lambda *a, **k: calls.append(1))
+    with pytest.raises(HMARError, match="64 bits"):
+        pipe.inpaint(torch.rand(3, 64, 64), torch.ones(64, 64), seeds=[0, 2 ** 70])
+    assert not calls
 
 
 def test_editing_argument_types(pipe):
@@ -225,14 +281,16 @@ def test_mask_checkpoint_and_class_names_mismatches(model_dir, tmp_path, capsys)
     for name in ("hmar-tiny", "nsp-tiny"):
         torch.save(build_model(model_config(name)).state_dict(), tmp_path / f"{name}.pth")
     torch.save(VQVAE(tokenizer_config("vqvae-tiny")).state_dict(), tmp_path / "vq.pth")
+    torch.save(VQVAE(tokenizer_config("vqvae-64")).state_dict(), tmp_path / "vq48.pth")   # 48 channels, 16 groups
     (tmp_path / "names.txt").write_text("a\nb\n")
     f = {k: str(tmp_path / v) for k, v in dict(hmar="hmar-tiny.pth", nsp="nsp-tiny.pth", vq="vq.pth",
-                                                names="names.txt").items()}
+                                                names="names.txt", vq48="vq48.pth").items()}
     for argv, needle in [
         (["sample", "-c", f["hmar"], "--vqvae", f["vq"], "--mask-checkpoint", f["nsp"]], "assembled HMAR"),
         (["sample", "-c", f["nsp"], "--vqvae", f["vq"], "--mask-checkpoint", f["nsp"]], "not a stage-2"),
         (["sample", "-c", str(model_dir), "--mask-checkpoint", f["nsp"]], "model directory"),
         (["convert", "-c", f["hmar"], "--vqvae", f["vq"], "--class-names", f["names"]], "2 names"),
+        (["convert", "-c", f["hmar"], "--vqvae", f["vq48"]], "not divisible by its norm_groups 32"),
     ]:
         rc, _, err = _cli(argv + ["--out", str(tmp_path / "o")], capsys)
         assert rc == 2 and len(err) == 1 and needle in err[0], err

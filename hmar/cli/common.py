@@ -91,8 +91,8 @@ def parse_int_list(text: str, what: str) -> List[int]:
 def load_pipeline(args: argparse.Namespace, say=print):
     """The pipeline the user asked for; with no --checkpoint the shipped default model, else a random tiny one."""
     from ..pipeline import HMARPipeline, default_model_dir
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise HMARError(f"--device {args.device} asked for, but CUDA is not available here: use --device cpu")
+    from ..training.distributed import resolve_device
+    resolve_device(args.device)   # a malformed device or one not available here: an error naming --device
     fp8 = getattr(args, "fp8", False)
     fast = getattr(args, "fast", False) or getattr(args, "compile", False) or fp8
     decode_batch = getattr(args, "decode_batch", None)

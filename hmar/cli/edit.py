@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+import torch
+
 from ..errors import HMARError
 from .common import (add_model_args, add_sampling_args, check_sampling_args, load_pipeline, parse_int_list,
                      prepare_out_dir, sampling_kwargs, save_image)
@@ -96,6 +98,9 @@ def run(args: argparse.Namespace) -> int:
     if seeds is not None and len(set(seeds)) != len(seeds):
         raise HMARError(f"--seeds {args.seeds} repeats a seed: each seed gives one image (OUT_s<seed>.png), "
                         "so a repeated one would overwrite itself; give distinct seeds, e.g. 0,1,2")
+    from ..sampling import make_generator
+    for seed in seeds or [args.seed]:   # a seed out of range: refused before any work
+        make_generator(seed, torch.device("cpu"))
     # read the inputs before loading a model, so that bad files fail fast
     img = editing.load_image(args.image, max_pixels=args.max_pixels)
     if args.edit_op == "outpaint":
@@ -109,6 +114,9 @@ def run(args: argparse.Namespace) -> int:
                             f"the mask must have the image's size (white = edit, black = keep)")
     pipe = load_pipeline(args, say=lambda m: print(m, file=sys.stderr))
     label = None if args.class_label is None else pipe.class_index(args.class_label)
+    if label is not None:
+        from ..sampling import check_labels
+        check_labels([label], pipe.num_classes, torch.device("cpu"))   # -5, or 12 of 10 classes: refused here
     if label is not None and label < 0:
         if args.edit_op == "class":
             raise HMARError(f"--class {args.class_label!r}: class editing needs a real class (id or name); "

@@ -112,8 +112,10 @@ def _extractors(args: argparse.Namespace):
     """``(inception or None, classifier or None)`` as the options ask."""
     from ..evaluation.classifier import load_classifier
     from ..evaluation.inception import load_inception
+    from ..training.distributed import resolve_device
     if args.no_inception and args.classifier is None:
         raise HMARError("nothing to compute: drop --no-inception or pass --classifier")
+    resolve_device(args.device)
     inc = None if args.no_inception else load_inception(args.inception, args.device)
     cls = None if args.classifier is None else load_classifier(args.classifier, args.device)
     return inc, cls
@@ -172,6 +174,8 @@ def _eval_reference(args: argparse.Namespace) -> int:
 
 def _train_classifier(args: argparse.Namespace) -> int:
     from ..evaluation.classifier import train_classifier
+    from ..training.distributed import resolve_device
+    resolve_device(args.device)
     cfg = train_classifier(args.data, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                            width=args.width, image_size=args.image_size, seed=args.seed,
                            max_minutes=args.max_minutes, device=args.device, progress=print)

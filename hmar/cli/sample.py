@@ -57,9 +57,9 @@ def run(args: argparse.Namespace) -> int:
     from ..sampling import check_labels, make_generator
     check_labels(labels, pipe.num_classes, torch.device("cpu"))
     check_sampling_args(pipe, kw)
+    gen = make_generator(args.seed, pipe.device)   # a bad seed: refused before the output folder exists
     prepare_out_dir(out.parent if out.suffix.lower() == ".png" else out)
     all_labels = [l for l in labels for _ in range(per)]
-    gen = make_generator(args.seed, pipe.device)
     from tqdm.auto import tqdm
     from ..pipeline import make_grid, to_pil
     images = []
@@ -77,10 +77,12 @@ def run(args: argparse.Namespace) -> int:
         where = str(out)
     else:
         names = pipe.class_names
-        for k, (lab, im) in enumerate(zip(all_labels, images)):
+        count: dict = {}   # images written per class so far: a class given twice (--classes 3,3) numbers on
+        for lab, im in zip(all_labels, images):
             named = names and 0 <= lab < len(names)
             tag = ("uncond" if lab < 0 else f"{lab:04d}") + (f"_{_slug(names[lab])}" if named else "")
-            save_image(im, out / f"{tag}_{k % per:03d}.png")
+            count[lab] = count.get(lab, 0) + 1
+            save_image(im, out / f"{tag}_{count[lab] - 1:03d}.png")
         save_image(grid, out / "grid.png")
         where = f"{out}/ ({len(images)} PNGs + grid.png)"
     print(f"wrote {where}: {len(images)} images of {len(labels)} classes at {pipe.resolution}px in {dt:.1f}s"

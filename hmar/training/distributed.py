@@ -36,13 +36,15 @@ class DistInfo:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda if available else cpu; a CUDA device asked for without CUDA is an error."""
+    """``auto`` -> cuda if available else cpu; any other name checked by :func:`hmar.pipeline.check_device` (a
+    malformed name or a backend not available here is an error naming ``--device``)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise HMARError(f"--device {name} asked for, but CUDA is not available here: use --device cpu")
-    return dev
+    from ..pipeline import check_device
+    try:
+        return check_device(name)
+    except HMARError as e:
+        raise HMARError(f"--device: {e}") from None
 
 
 def init_distributed(device: str = "auto") -> DistInfo:

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -78,6 +79,10 @@ def transformer_blocks(model: nn.Module) -> List[nn.Module]:
         return [*model.base_blocks, *model.ns_blocks, *model.mask_blocks]
     return list(model.blocks)
 
+
+# the ModelConfig fields that fix the parameters' meaning: a checkpoint must agree on them to be resumed
+_ARCHITECTURE = ("kind", "depth", "embed_dim", "num_heads", "mlp_ratio", "num_classes", "vocab_size", "z_channels",
+                 "patch_nums", "branch_depth", "attn_l2_norm", "norm_eps")
 
 COMPILE_SCOPES = ("model", "blocks")
 """What ``--compile`` compiles in training (:func:`prepare_training`'s ``compile_scope``)."""
@@ -359,12 +364,15 @@ class Trainer:
         self.total = cfg.max_steps if cfg.max_steps else cfg.epochs * self.iters_per_epoch
         if self.total < 1:
             raise HMARError("nothing to train: --epochs and --max-steps give 0 steps")
+        if cfg.time_budget:   # the budget sets the length (fitted from the step time after a few steps)
+            self.total = TimeBudget.UNFITTED
         if cfg.warmup_steps is not None:
             warm = cfg.warmup_steps
         elif cfg.warmup_epochs is not None:
             warm = round(cfg.warmup_epochs * self.iters_per_epoch)
         else:
             warm = round(self.total / 50)
+        self.auto_warmup = cfg.warmup_steps is None and cfg.warmup_epochs is None
         peak = cfg.lr if cfg.lr is not None else cfg.blr * cfg.batch_size / 256
         wd_end = cfg.weight_decay if cfg.weight_decay_end is None else cfg.weight_decay_end
         self.schedule = Schedule(peak, self.total, min(warm, self.total), cfg.schedule, cfg.warmup_start,
@@ -372,14 +380,18 @@ class Trainer:
         self.ckpts = CheckpointManager(self.run_dir / "checkpoints", cfg.keep_last, self.info)
         self.corrupt = CorruptFiles(self.say)
         self.step, self.epoch, self.batch = 0, 0, 0
+        steps_text, warm_text = f"{self.total} steps", str(self.schedule.warmup)
+        if cfg.time_budget:   # fitted during the run, from the measured step time
+            steps_text = f"steps fitted to --time-budget {cfg.time_budget:g}s"
+            warm_text = "a fiftieth of the fitted steps" if self.auto_warmup else warm_text
         trainable = sum(p.numel() for p in self.st.params)
         total_params = sum(p.numel() for p in model.parameters())
         self.say(f"{self.stage} training of {model.config.kind} (depth {model.config.depth}, width "
                  f"{model.config.embed_dim}, {total_params / 1e6:.2f}M params, {trainable / 1e6:.2f}M trained) on "
                  f"{n} {'token samples' if self.data.kind == 'tokens' else 'images'} of {len(self.class_names)} classes"
                  f"{', val ' + str(len(self.data.val)) if self.data.val is not None else ''}; {self.info.world} "
-                 f"process(es) on {self.info.device}, global batch {cfg.batch_size}, {self.total} steps "
-                 f"({self.iters_per_epoch}/epoch), peak lr {peak:.3g}, warm-up {self.schedule.warmup}, "
+                 f"process(es) on {self.info.device}, global batch {cfg.batch_size}, "
+                 f"{steps_text} ({self.iters_per_epoch}/epoch), peak lr {peak:.3g}, warm-up {warm_text}, "
                  f"loss weighting {weighting if self.stage != 'masked' else 'masked CE (' + cfg.mask_loss + ')'}"
                  f"{', fp8 block GEMMs' if cfg.fp8 else ''}")
 
@@ -521,16 +533,36 @@ class Trainer:
                    "scaler": self.st.scaler.state_dict() if self.st.scaler is not None else None,
                    "corrupt": sorted(self.corrupt.seen), "config": config_to_dict(self.cfg),
                    "num_train": len(self.data.train),
-                   "model_config": self.model.config.to_dict()}
+                   "model_config": self.model.config.to_dict(),
+                   "quantizer_fingerprint": quantizer_fingerprint(self.tokenizer.quantize)}
         path = self.ckpts.save(self.step, payload)
         if path is not None:
             self.say(f"saved checkpoint {path}")
+
+    def _check_same_model(self, ck: Dict[str, Any]) -> None:
+        """A checkpoint of another architecture (``--model var`` after ``hmar``, another depth) or of a run with
+        another tokenizer (other codebook or phi weights: other teacher-forcing inputs) cannot be continued here."""
+        old, now = ck.get("model_config") or {}, self.model.config.to_dict()
+        same_kind = old.get("kind", now["kind"]) == now["kind"]   # another kind: the kind says it all
+        keys = [k for k in _ARCHITECTURE if same_kind or k == "kind"]
+        if now["kind"] != "hmar":
+            keys = [k for k in keys if k != "branch_depth"]   # only HMAR's branches use it
+        diff = [f"{k} {old[k]!r} -> {now[k]!r}" for k in keys if k in old and old[k] != now[k]]
+        if diff:
+            raise HMARError(f"{ck['path']} is of another model ({', '.join(diff)}): resume with the original run's "
+                            "--model and size options, or train into a new --out")
+        fp = ck.get("quantizer_fingerprint")
+        if fp is not None and fp != quantizer_fingerprint(self.tokenizer.quantize):
+            raise HMARError(f"{ck['path']} was trained with another tokenizer (quantizer fingerprint {fp}, this run's "
+                            f"is {quantizer_fingerprint(self.tokenizer.quantize)}): resume with the original run's "
+                            "--tokenizer (and data), or train into a new --out")
 
     def _resume(self) -> bool:
         """Restore the newest checkpoint; True when the run had already finished (nothing restored)."""
         ck = resume_point(self, self.stage)
         if ck is None:
             return False
+        self._check_same_model(ck)
         if already_finished(self, ck, self.run_dir / "model"):
             return True
         try:
@@ -564,7 +596,7 @@ class Trainer:
             self.log.record(0, "config", {"train": config_to_dict(cfg), "model": self.model.config.to_dict(),
                                           "world": info.world}, echo=False)
         from tqdm.auto import tqdm
-        bar = tqdm(total=self.total, initial=self.step, unit="step", dynamic_ncols=True, leave=True,
+        bar = tqdm(total=None if cfg.time_budget else self.total, initial=self.step, unit="step", dynamic_ncols=True, leave=True,
                    disable=not (info.is_main and cfg.progress), desc=self.stage)
         self.log.bar = bar if not bar.disable else None
         meter = Throughput()
@@ -573,6 +605,7 @@ class Trainer:
         pin = info.device.type == "cuda"
         t_start = time.time()
         budget = TimeBudget(cfg.time_budget) if cfg.time_budget else None
+        last_lr = math.inf
         with GracefulStop(info) as stop:
             while self.step < self.total:
                 sampler = EpochBatches(len(self.data.train), cfg.batch_size, info.rank, info.world, cfg.seed,
@@ -583,7 +616,11 @@ class Trainer:
                     tokens = self._tokens(batch)
                     labels = batch["label"].to(info.device, non_blocking=True)
                     mask = self._masks(batch, self.epoch)
+                    if budget is not None and not budget.fitted:   # the run's length is not known yet: the
+                        self.schedule.offset = self.step             # schedule starts once it is (warm-up start lr)
                     lr, wd = self.schedule(self.step)
+                    if budget is not None and self.step > self.schedule.offset + self.schedule.warmup:
+                        lr = last_lr = min(lr, last_lr)   # a refit to more steps never raises a decaying lr
                     apply_schedule(st.optimizer, lr, wd)
                     log_now = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == self.total
                     last = train_step(st, tokens, labels, mask, metrics=log_now)
@@ -634,6 +671,8 @@ class Trainer:
         new = budget.total(self.step, self.total, (lambda v: all_reduce_max(v, self.info)) if self.info.initialized else None)
         if new != self.total:
             self.total = self.schedule.total = new
+            if self.auto_warmup:   # the default warm-up is a fiftieth of the run: of the fitted run's scheduled part
+                self.schedule.warmup = round((new - self.schedule.offset) / 50)
             bar.total = new
 
     def _log_train(self, last: Dict[str, torch.Tensor], acc_loss: torch.Tensor, n: int, img_s: float, lr: float,

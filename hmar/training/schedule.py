@@ -53,10 +53,12 @@ class Schedule:
     final: float = 0.1
     wd: float = 0.05
     wd_end: float = 0.05
+    offset: int = 0   # the step the schedule starts at (--time-budget: once the run's length is known)
 
     def __call__(self, step: int) -> Tuple[float, float]:
-        return (self.peak_lr * lr_factor(step, self.total, self.warmup, self.kind, self.start, self.final),
-                wd_value(step, self.total, self.wd, self.wd_end))
+        s, n = step - self.offset, self.total - self.offset
+        return (self.peak_lr * lr_factor(s, n, self.warmup, self.kind, self.start, self.final),
+                wd_value(s, n, self.wd, self.wd_end))
 
 
 def is_due(every: int, step: int, end_epoch: bool) -> bool:
@@ -69,10 +71,15 @@ class TimeBudget:
     """Fit a run to a wall-clock budget: from the measured time per step, set the total number of steps
     (and so the length of the lr schedule) so that training ends when ``seconds`` are spent.
 
-    The estimate is refreshed every ``every`` steps after ``probe`` steps (so a run may overshoot by
+    The first estimate comes after ``skip + probe`` steps (:attr:`fitted` says whether it came; until then the
+    trainer holds the lr at its warm-up start and starts the schedule after them: :attr:`Schedule.offset`), and is refreshed every
+    ``every`` steps after it (so a run may overshoot by
     up to ``every`` steps; the budget counts from this process's start, resumed runs included); the first ``skip`` steps
     (start-up, compilation) are not timed. Every process computes the same answer from the slowest one.
     """
+
+    UNFITTED = 10 ** 12
+    """A budgeted run's number of steps until the first estimate (the budget, not --epochs / --max-steps, ends it)."""
 
     def __init__(self, seconds: float, probe: int = 20, every: int = 50, skip: int = 3):
         if seconds <= 0:
@@ -80,6 +87,7 @@ class TimeBudget:
         self.seconds, self.probe, self.every, self.skip = seconds, probe, every, skip
         self.t0 = time.perf_counter()
         self.t_skip: float = 0.0
+        self.fitted = False   # True from the first refresh on: the total is then the budget's, not the options'
 
     def total(self, step: int, total: int, reduce_max=None) -> int:
         """The new total number of steps after ``step`` steps (``total`` unchanged between refreshes)."""
@@ -93,6 +101,7 @@ class TimeBudget:
         if step < self.skip + self.probe or (step - self.skip - self.probe) % self.every:
             return total
         per_step = (now - self.t_skip) / (step - self.skip)
+        self.fitted = True
         new = step + max(int((self.seconds - elapsed) / per_step), 0)
         if reduce_max is not None:   # agree across processes: the slowest one decides
             new = -int(reduce_max(-new))

@@ -130,6 +130,8 @@ class TokenizerTrainer:
         n = len(self.data.train)
         self.ipe = EpochBatches.batches_per_epoch(n, cfg.batch_size)
         self.total = cfg.max_steps if cfg.max_steps else cfg.epochs * self.ipe
+        if cfg.time_budget:   # the budget sets the length (fitted from the step time after a few steps)
+            self.total = TimeBudget.UNFITTED
         self.schedule = Schedule(cfg.lr, self.total, min(cfg.warmup_steps, self.total), "const", 0.0, 1.0, 0.0, 0.0)
         self.ckpts = CheckpointManager(self.run_dir / "checkpoints", cfg.keep_last, self.info)
         self.corrupt = CorruptFiles(self.say)
@@ -142,7 +144,8 @@ class TokenizerTrainer:
         nparams = sum(p.numel() for p in self.vq.parameters())
         self.say(f"tokenizer training: {cfg.preset} ({nparams / 1e6:.2f}M params, {tcfg.resolution}px, vocab {V}, "
                  f"scales {tuple(tcfg.patch_nums)}) on {n} images of {len(self.data.class_names)} classes; "
-                 f"{self.info.world} process(es) on {dev}, batch {cfg.batch_size}, {self.total} steps; losses: "
+                 f"{self.info.world} process(es) on {dev}, batch {cfg.batch_size}, "
+                 f"{f'steps fitted to --time-budget {cfg.time_budget:g}s' if cfg.time_budget else f'{self.total} steps'}; losses: "
                  f"l1 {cfg.l1}, l2 {cfg.l2}, vq {cfg.vq_weight}"
                  + (f", perceptual {cfg.perceptual_weight}" if self.perc else "")
                  + (f", GAN {cfg.disc_weight} from step {cfg.disc_start}" if self.disc is not None else ""))
@@ -320,7 +323,7 @@ class TokenizerTrainer:
             self.log.record(0, "config", {"train": config_to_dict(cfg), "tokenizer": self.vq.config.to_dict(),
                                           "world": info.world}, echo=False)
         from tqdm.auto import tqdm
-        bar = tqdm(total=self.total, initial=self.step, unit="step", dynamic_ncols=True,
+        bar = tqdm(total=None if cfg.time_budget else self.total, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (info.is_main and cfg.progress), desc="tokenizer")
         self.log.bar = bar if not bar.disable else None
         meter = Throughput()
