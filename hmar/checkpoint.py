@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .errors import HMARError
-from .fileio import atomic_path
+from .fileio import atomic_path, ensure_writable_dir
 from .model import build_model
 from .model.keymaps import nsp_to_hmar
 from .presets import ModelConfig, TokenizerConfig
@@ -34,6 +34,15 @@ def _is_derived(key: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------ official files
+def read_safetensors(path: PathLike, fix: str = "re-download or re-save it") -> Dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file; :class:`HMARError` (with ``fix``) for a damaged or truncated one."""
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for a damaged file
+        raise HMARError(f"{str(path)!r} is not a readable safetensors file ({e}): {fix}") from None
+
+
 def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
     """Read a ``.pth``/``.pt`` (``weights_only=True``) or ``.safetensors`` file and unwrap trainer
     checkpoints (``{'trainer': {'transformer_wo_ddp' | 'var_wo_ddp': ...}}``)."""
@@ -47,11 +56,7 @@ def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
     if kind is not None:
         raise HMARError(f"{str(p)!r} is one file of the {kind} directory {str(p.parent)!r}: pass the directory itself")
     if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        try:
-            return load_file(str(p))
-        except Exception as e:
-            raise HMARError(f"{str(p)!r} is not a readable safetensors file ({e})") from None
+        return read_safetensors(p)
     try:
         try:  # memory-map: a 10 GB d30 file is not copied into RAM
             obj = torch.load(str(p), map_location="cpu", weights_only=True, mmap=True)
@@ -304,7 +309,7 @@ def save_pretrained(directory: PathLike, model: nn.Module, tokenizer: VQVAE, *,
     d = Path(directory)
     if d.exists() and not d.is_dir():
         raise HMARError(f"{str(d)!r} is a file: save_pretrained writes a directory, pass a new or existing directory")
-    d.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(d, "the model directory")
     names = class_names if class_names is not None else model.config.class_names
 
     def tensors(m: nn.Module) -> Dict[str, torch.Tensor]:
@@ -337,7 +342,6 @@ def save_pretrained(directory: PathLike, model: nn.Module, tokenizer: VQVAE, *,
 def load_pretrained(directory: PathLike, device: Union[str, torch.device] = "cpu"
                     ) -> Tuple[nn.Module, VQVAE, Dict[str, Any]]:
     """Load a directory written by :func:`save_pretrained`: (model, tokenizer, config dict)."""
-    from safetensors.torch import load_file
     d = Path(directory)
     cfg_path = d / "config.json"
     if not cfg_path.exists():
@@ -365,11 +369,7 @@ def load_pretrained(directory: PathLike, device: Union[str, torch.device] = "cpu
         p = d / fname
         if not p.exists():
             raise HMARError(f"{str(d)!r} has no {fname}")
-        try:
-            sd = load_file(str(p))
-        except Exception as e:  # safetensors raises its own error type for a damaged file
-            raise HMARError(f"{str(p)!r} is not a readable safetensors file ({e}): re-download or re-save it") from None
-        _strict_load(m, sd, str(p), allow_derived=True)
+        _strict_load(m, read_safetensors(p), str(p), allow_derived=True)
     tok.set_patch_nums(model.config.patch_nums)
     return model.to(device).eval(), tok.to(device).eval(), config
 

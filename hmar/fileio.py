@@ -4,9 +4,15 @@ none, never a truncated one."""
 from __future__ import annotations
 
 import os
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Union
+
+from .errors import HMARError
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)   # read once (os.umask can only be read by setting it): files get 0o666 & ~umask, as open() gives
 
 
 @contextmanager
@@ -18,6 +24,21 @@ def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
     tmp = path.with_name(path.name + ".part")
     try:
         yield tmp
+        if tmp.exists():   # writers that make their own temporary file (safetensors) leave it 0600
+            os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def ensure_writable_dir(directory: Union[str, os.PathLike], what: str = "--out") -> Path:
+    """Create ``directory`` (and its parents) and check that files can be written in it, before any slow work;
+    :class:`HMARError` naming ``what`` if not (a read-only or system folder, a path through a file)."""
+    d = Path(directory)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=d):
+            pass
+    except OSError as e:
+        raise HMARError(f"{what}: cannot write into {str(d)!r} ({e.strerror or e}): choose a writable folder") from None
+    return d

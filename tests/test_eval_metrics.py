@@ -121,6 +121,21 @@ def test_classifier_is_reproducible(tiny_data: Path, tmp_path: Path) -> None:
         load_classifier(tmp_path / "missing.safetensors")
 
 
+def test_train_classifier_skips_an_unreadable_image_with_a_warning(tmp_path: Path) -> None:
+    """One truncated file aborted train-classifier with PIL's error; it is skipped with a warning (as the trainers
+    skip it), and a folder of nothing readable is one error."""
+    root = _write_split(tmp_path / "d", 4, 0)
+    (root / "00_c0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    said: list = []
+    cfg = train_classifier(root, tmp_path / "c.safetensors", epochs=1, batch_size=8, width=4, progress=said.append)
+    assert cfg.num_classes == 3 and sum("skipping unreadable image" in m and "broken.png" in m for m in said) == 1
+    bad = tmp_path / "bad" / "a"
+    bad.mkdir(parents=True)
+    (bad / "x.png").write_bytes(b"not an image")
+    with pytest.raises(HMARError, match="none of the 1 images"):
+        train_classifier(tmp_path / "bad", tmp_path / "c2.safetensors", image_size=16, epochs=1)
+
+
 def test_classifier_of_the_wrong_kind_is_a_one_line_error(tiny_classifier: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture) -> None:
     """A classifier whose config and weights do not match, a config with unknown keys, a config that is not JSON

@@ -174,7 +174,10 @@ def test_stage2_keeps_the_stage1_tokenizer_and_refuses_other_caches(tmp_path):
 @pytest.mark.parametrize("argv,needle", [
     (["train-tokenizer", "--tokenizer-override", "foo=1"], "--tokenizer-override: unknown key(s) foo"),
     (["train-tokenizer", "--tokenizer-override", "ch=abc"], "--tokenizer-override ch='abc': expected a value like"),
-    (["train-tokenizer", "--tokenizer-override", "ch=16"], "divisible by norm_groups"),
+    (["train-tokenizer", "--tokenizer-override", "ch=16"],
+     "--tokenizer-override ch=16: the tokenizer's channel widths [16] (ch 16 x ch_mult) are not divisible by its "
+     "norm_groups 32"),
+    (["train", "--model-override", "num_heads=3"], "--model-override num_heads=3: embed_dim 64 is not divisible"),
     (["train", "--model-override", "depth=abc"], "--model-override depth='abc': expected a value like 4"),
     (["train", "--model-override", "foo=1"], "--model-override: unknown key(s) foo"),
 ])
@@ -248,6 +251,20 @@ def test_tokenize_refuses_a_batch_size_below_one(tmp_path):
     with pytest.raises(HMARError, match="--batch-size must be >= 1, got 0"):   # was range()'s ValueError
         tokenize_folder(tmp_path / "d", make_random_tokenizer(tmp_path / "tok"), tmp_path / "c.safetensors",
                         batch_size=0, progress=False, say=lambda m: None)
+
+
+def test_tokenize_refuses_a_class_folder_of_only_unreadable_images(tmp_path):
+    """A class whose every file is unreadable became a class of zero samples (tokenize and training went on)."""
+    from hmar.training.tokenize import tokenize_folder
+    root = make_shapes_folder(tmp_path / "d", 2, 2, 64)
+    cls = sorted(p for p in root.iterdir() if p.is_dir())[0]
+    for f in cls.iterdir():
+        f.write_bytes(b"not an image")
+    said = []
+    with pytest.raises(HMARError, match=f"class folder\\(s\\) {cls.name} under .* hold no readable image"):
+        tokenize_folder(root, make_random_tokenizer(tmp_path / "tok"), tmp_path / "c.safetensors", progress=False,
+                        say=said.append)
+    assert sum("skipping unreadable image" in m for m in said) == 2 and not (tmp_path / "c.safetensors").exists()
 
 
 def test_tokenize_refuses_an_out_directory_and_a_file_of_a_tokenizer_directory(tmp_path, capsys):

@@ -307,6 +307,26 @@ def test_yaml_values_are_typed_and_checked_like_flags(tmp_path):
     (["train-tokenizer", "--warmup-steps", "-1"], "--warmup-steps must be at least 0, got -1"),
     (["train", "--eval-every", "-5"], "--eval-every must be at least 0, got -5"),
     (["train-tokenizer", "--ckpt-every", "-1"], "--ckpt-every must be at least 0, got -1"),
+    # numbers outside their domain used to train (a NaN lr: a NaN model) or crash mid-run (drop path 2)
+    (["train", "--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    (["train", "--lr", "-1"], "--lr must be a finite number > 0"),
+    (["train", "--blr", "0"], "--blr must be a finite number > 0"),
+    (["train", "--drop-path", "2"], "--drop-path must be a number in [0, 1)"),
+    (["train", "--class-dropout", "1.5"], "--class-dropout must be a number in [0, 1]"),
+    (["train", "--label-smoothing", "-0.1"], "--label-smoothing must be a number in [0, 1]"),
+    (["train", "--betas", "1.5", "0.9"], "--betas must be two numbers in [0, 1)"),
+    (["train", "--final-lr-ratio", "-1"], "--final-lr-ratio must be a finite number >= 0"),
+    (["train", "--weight-decay", "inf"], "--weight-decay must be a finite number >= 0"),
+    (["train", "--grad-clip", "nan"], "--grad-clip must be a finite number >= 0"),
+    (["train", "--sample-cfg", "nan"], "--sample-cfg: cfg"),
+    (["train", "--time-budget", "nan"], "--time-budget must be a finite number > 0"),
+    (["train-tokenizer", "--lr", "-1"], "--lr must be a finite number > 0"),
+    (["train-tokenizer", "--l1", "-1"], "--l1 must be a finite number >= 0"),
+    (["train-tokenizer", "--betas", "0.5", "1"], "--betas must be two numbers in [0, 1)"),
+    (["train-tokenizer", "--dead-code-steps", "-1"], "--dead-code-steps must be at least 0"),
+    (["train-tokenizer", "--disc-layers", "0"], "--disc-layers must be at least 1"),
+    (["train-tokenizer", "--tokenizer-override", "ch=0"],
+     "--tokenizer-override ch=0: the tokenizer's ch must be an integer >= 1"),
 ])
 def test_bad_loop_options_fail_before_training(tmp_path, capsys, argv, needle):
     """Options that used to fail only mid-run (a ZeroDivisionError at the first log line, a sample grid of no
@@ -320,3 +340,34 @@ def test_bad_loop_options_fail_before_training(tmp_path, capsys, argv, needle):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("error: ") and needle in err[-1], err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_nan_loss_stops_the_run_with_one_error(tmp_path, capsys, monkeypatch):
+    """A diverged run (NaN loss) used to train on to the end and save a NaN model; it stops at the first log line
+    (transformer) or epoch report (tokenizer) that shows it, pointing at --resume with a lower --lr."""
+    from hmar.cli import main
+    import hmar.training.loop as loop
+    from hmar.training.synthetic import make_random_tokenizer, make_shapes_folder
+    from hmar.training.tokenizer_trainer import TokenizerTrainer
+    make_shapes_folder(tmp_path / "d", 2, 4, 64)
+    real_step, real_tok_step = loop.train_step, TokenizerTrainer._train_step
+
+    def nan_step(*a, **k):
+        out = real_step(*a, **k)
+        return {**out, "loss": out["loss"] * float("nan")}
+
+    def nan_tok_step(self, x):
+        out = real_tok_step(self, x)
+        return {**out, "loss": out["loss"] * float("nan")}
+
+    monkeypatch.setattr(loop, "train_step", nan_step)
+    monkeypatch.setattr(TokenizerTrainer, "_train_step", nan_tok_step)
+    common = ["--data", str(tmp_path / "d"), "--no-progress", "--no-tensorboard", "--batch-size", "2"]
+    for argv, step in ((["train", "--tokenizer", str(make_random_tokenizer(tmp_path / "tok")), "--out",
+                         str(tmp_path / "r"), "--log-every", "2", "--max-steps", "10", "--sample-every", "-1"], 2),
+                       (["train-tokenizer", "--out", str(tmp_path / "t"), "--epochs", "3"], 4)):
+        rc = main(argv + common)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and f"the training loss is nan at step {step}: the run diverged" in err[-1], err
+        assert "--resume" in err[-1] and "lower --lr" in err[-1]
+    assert not (tmp_path / "r" / "model").exists() and not (tmp_path / "t" / "tokenizer").exists()

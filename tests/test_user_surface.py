@@ -327,3 +327,30 @@ def test_stage2_from_a_stage1_model_refuses_a_zero_branch_depth():
     with pytest.raises(HMARError, match="branch_depth 0"):
         HMAR.from_next_scale(nsp, branch_depth=0)
     assert HMAR.from_next_scale(nsp, branch_depth=1).config.branch_depth == 1
+
+
+def test_unwritable_output_folders_are_refused_before_the_work_and_files_get_the_umask_mode(tmp_path, capsys):
+    """An --out under a file or in a system folder (/proc) failed only after the work, as a traceback from
+    safetensors' writer (tokenize, train-classifier, convert); and safetensors' own temporary file left the written
+    models 0600 (others could not read a shared model). Each output folder is now checked first."""
+    import os
+    import sys
+    from hmar.fileio import ensure_writable_dir
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(HMARError, match="cannot write into"):
+        ensure_writable_dir(tmp_path / "afile" / "sub", "--out")
+    assert ensure_writable_dir(tmp_path / "new" / "deep").is_dir()
+    HMARPipeline.from_preset("hmar-tiny", "vqvae-tiny").save_pretrained(tmp_path / "m")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {(p.stat().st_mode & 0o777) for p in (tmp_path / "m").iterdir()} == {0o666 & ~umask}
+    if sys.platform.startswith("linux") and os.path.isdir("/proc/self"):
+        from hmar.training.synthetic import make_random_tokenizer, make_shapes_folder
+        make_shapes_folder(tmp_path / "d", 2, 2, 64)
+        tok = make_random_tokenizer(tmp_path / "tok")
+        for argv in (["tokenize", "--data", str(tmp_path / "d"), "--tokenizer", str(tok), "--out",
+                      "/proc/hmar-test/c.safetensors"],
+                     ["train-classifier", "--data", str(tmp_path / "d"), "--out", "/proc/hmar-test.safetensors"],
+                     ["train", "--data", str(tmp_path / "d"), "--tokenizer", str(tok), "--out", "/proc/hmar-run"]):
+            rc, _, err = _cli(argv, capsys)
+            assert rc == 2 and err[-1].startswith("error: --out: cannot write into '/proc"), err

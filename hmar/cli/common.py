@@ -8,7 +8,7 @@ from typing import List
 import torch
 
 from ..errors import HMARError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, ensure_writable_dir
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -69,7 +69,7 @@ def prepare_out_dir(directory: Path, what: str = "--out") -> None:
     """Create the output folder (before the slow work), or say why it cannot be one."""
     if directory.exists() and not directory.is_dir():
         raise HMARError(f"{what}: {str(directory)!r} exists and is not a directory: choose another path")
-    directory.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(directory, what)
 
 
 def save_image(image, path: Path) -> None:

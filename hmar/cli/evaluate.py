@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from ..errors import HMARError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, ensure_writable_dir
 from .data import HelpFormatter
 
 
@@ -139,6 +139,8 @@ def _eval(args: argparse.Namespace) -> int:
     from ..evaluation.metrics import evaluate_folder
     if args.batch_size < 1 or args.k < 1:
         raise HMARError(f"--batch-size and --k must be positive, got {args.batch_size} and {args.k}")
+    if args.out:   # a folder that cannot take the results: refused before the features are computed
+        ensure_writable_dir(Path(args.out).parent, "--out")
     t0 = time.time()
     inc, cls = _extractors(args)
     exts = [e for e in (inc, cls) if e is not None]
@@ -161,6 +163,7 @@ def _eval_reference(args: argparse.Namespace) -> int:
     from ..evaluation.fid import reference_stats, save_stats
     if args.batch_size < 1:
         raise HMARError(f"--batch-size must be positive, got {args.batch_size}")
+    ensure_writable_dir(Path(args.out).parent, "--out")
     exts = [e for e in _extractors(args) if e is not None]
     t0 = time.time()
     stats = reference_stats(args.data, exts, None, args.batch_size, keep_features=not args.no_features,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..datasets.folder import load_image, load_image_folder
 from ..errors import HMARError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, ensure_writable_dir
 
 ARCH = "hmar-small-cnn-v1"
 MIN_IMAGE_SIZE = 8   # the smallest side the three 2x downsamplings leave a pixel of
@@ -108,16 +108,27 @@ class ClassifierExtractor(nn.Module):
 
 def load_folder_tensor(root: Path, size: int, class_names: Optional[List[str]] = None,
                        progress: Optional[Callable[[str], None]] = None) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
-    """All labelled images of a class-folder tree as ``uint8 [N, 3, size, size]`` plus labels."""
+    """All readable labelled images of a class-folder tree as ``uint8 [N, 3, size, size]`` plus labels (an
+    unreadable file is skipped with a warning through ``progress``, as the trainers skip it)."""
     folder = load_image_folder(root, class_names)
     keep = [i for i, lab in enumerate(folder.labels) if lab >= 0]
     if not keep:
         raise HMARError(f"{root} has no class folders; the classifier needs <class>/<image> folders")
     if progress:
         progress(f"loading {len(keep)} images from {root}")
-    x = torch.from_numpy(np.stack([load_image(folder.files[i], size) for i in keep])).permute(0, 3, 1, 2).contiguous()
-    y = torch.tensor([folder.labels[i] for i in keep], dtype=torch.long)
-    return x, y, folder.class_names
+    images, labels = [], []
+    for i in keep:
+        try:
+            images.append(load_image(folder.files[i], size))
+        except (OSError, SyntaxError, ValueError) as e:   # PIL's errors for a truncated, empty or non-image file
+            if progress:
+                progress(f"warning: skipping unreadable image {folder.files[i]} ({type(e).__name__}: {e})")
+            continue
+        labels.append(folder.labels[i])
+    if not images:
+        raise HMARError(f"none of the {len(keep)} images under {root} could be read: re-save them as PNG or JPEG")
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return x, torch.tensor(labels, dtype=torch.long), folder.class_names
 
 
 def _splits(data: Path) -> Tuple[Path, Optional[Path]]:
@@ -160,6 +171,7 @@ def train_classifier(data: Union[str, Path], out: Union[str, Path], epochs: int 
         raise HMARError(f"--lr must be a positive number, got {lr}")
     if max_minutes is not None and not max_minutes > 0:
         raise HMARError(f"--max-minutes must be positive, got {max_minutes}")
+    ensure_writable_dir(out.parent, "--out")   # before the training, not after it
     say = progress or (lambda msg: None)
     train_dir, held_dir = _splits(data)
     if image_size is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Type, TypeVar
@@ -238,8 +239,11 @@ def preset_config(build: Callable[..., T], cls: type, name: str, overrides: Dict
             raise HMARError(f"{flag} {key}={value!r}: expected a value like {getattr(base, key)!r}")
     try:
         return build(name, **overrides)
-    except HMARError:
-        raise
+    except HMARError as e:   # the config's own check (e.g. a width GroupNorm cannot split): name the flag
+        if not overrides:
+            raise
+        given = " ".join(f"{k}={v}" for k, v in overrides.items())
+        raise HMARError(f"{flag} {given}: {e}") from None
     except (TypeError, ValueError) as e:
         raise HMARError(f"{flag} {overrides}: a value does not fit preset {name!r} ({e})") from None
 
@@ -346,15 +350,46 @@ def _scalar(kind: Any, value: Any, flag: str) -> Any:
                     f"got {value!r}" + (" (write floats in YAML with a dot: 1.0e-4)" if kind is float else ""))
 
 
+_positive = (lambda v: v > 0, "a finite number > 0")
+_non_negative = (lambda v: v >= 0, "a finite number >= 0")
+_fraction = (lambda v: 0 <= v <= 1, "a number in [0, 1]")
+# float options and their domains (an option a config class lacks is skipped)
+_DOMAINS: Dict[str, Tuple[Callable[[float], bool], str]] = {
+    "lr": _positive, "blr": _positive, "time_budget": _positive, "warmup_start": _fraction,
+    "final_lr_ratio": _non_negative, "weight_decay": _non_negative, "weight_decay_end": _non_negative,
+    "grad_clip": _non_negative, "label_smoothing": _fraction, "class_dropout": _fraction,
+    "drop_path": (lambda v: 0 <= v < 1, "a number in [0, 1)"), "init_adaln": _non_negative,
+    "init_adaln_gamma": _non_negative, "init_head": _non_negative, "l1": _non_negative, "l2": _non_negative,
+    "vq_weight": _non_negative, "perceptual_weight": _non_negative, "disc_weight": _non_negative,
+}
+# integer options of the tokenizer trainer: at least this
+_INT_LOW = {"dead_code_steps": 0, "disc_start": 0, "disc_layers": 1, "disc_channels": 1}
+
+
 def check_common(cfg: CommonConfig) -> None:
     """Refuse values that would fail only later (a division by zero at the first log line, a negative
-    worker count), be silently ignored (``--max-steps 0``) or shift the lr schedule (a negative warm-up)."""
+    worker count), be silently ignored (``--max-steps 0``), shift the lr schedule (a negative warm-up) or train on
+    nonsense (a NaN or negative lr, a dropout rate above 1, Adam betas of 1 or more, a NaN guidance of the grids)."""
     for name, low in (("log_every", 1), ("workers", 0), ("epochs", 0), ("max_steps", 1), ("keep_last", 1),
                       ("eval_batches", 0), ("warmup_steps", 0), ("warmup_epochs", 0), ("eval_every", 0),
-                      ("ckpt_every", 0)):
+                      ("ckpt_every", 0), *_INT_LOW.items()):
         v = getattr(cfg, name, None)
         if v is not None and v < low:
             raise HMARError(f"{_flag(name)} must be at least {low}, got {v}")
+    for name, (ok, what) in _DOMAINS.items():
+        v = getattr(cfg, name, None)
+        if v is not None and not (math.isfinite(v) and ok(v)):   # NaN / inf fail here too
+            raise HMARError(f"{_flag(name)} must be {what}, got {v}")
+    betas = getattr(cfg, "betas", None)
+    if betas is not None and not all(math.isfinite(b) and 0 <= b < 1 for b in betas):
+        raise HMARError(f"--betas must be two numbers in [0, 1) (Adam's moment decays, e.g. 0.9 0.95), got "
+                        f"{' '.join(map(str, betas))}")
+    if getattr(cfg, "sample_cfg", None) is not None:
+        from ..sampling import check_options
+        try:
+            check_options(cfg.sample_cfg, 0, 0.0, 1.0)
+        except HMARError as e:
+            raise HMARError(f"--sample-cfg: {e}") from None
     sampled = getattr(cfg, "sample_every", -1) >= 0
     for name in ("sample_classes", "sample_per_class"):
         if sampled and getattr(cfg, name) < 1:

@@ -34,7 +34,7 @@ from .fused_ce import linear_cross_entropy
 from .losses import (draw_masks, masked_ce, masked_coefficients, per_scale_stats, scale_loss_weights, split_scales,
                      token_loss_weights, weighted_ce, weighted_coefficients)
 from .interrupt import GracefulStop, end_of_step
-from .metrics import RunLogger, Throughput
+from .metrics import RunLogger, Throughput, check_finite_loss
 from .optim import apply_schedule, build_adamw, param_groups
 from .schedule import Schedule, TimeBudget, is_due
 from .tokenizer_io import load_tokenizer
@@ -681,6 +681,7 @@ class Trainer:
                             last["acc"].double(), last["ce_tail"].double()])
         all_reduce_(vals, self.info, "mean")
         loss, gn, ce, acc, tail = vals.tolist()
+        check_finite_loss(loss, self.step, self.run_dir)
         rec = {"loss": loss, "ce": ce, "acc": acc, "ce_tail": tail, "grad_norm": gn, "lr": lr, "wd": wd,
                "img_s": round(img_s, 2), "epoch": self.epoch, "corrupt_files": self.corrupt.count}
         if self.info.is_main:

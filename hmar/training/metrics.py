@@ -10,6 +10,7 @@ from typing import Any, Dict, Union
 
 import torch
 
+from ..fileio import ensure_writable_dir
 
 class RunLogger:
     """Writes records of ``{"step": .., "kind": .., **values}``; ``info`` prints a line and keeps it in log.txt."""
@@ -21,7 +22,7 @@ class RunLogger:
         self.bar = None  # a tqdm bar to print through, when one is active
         if not enabled:
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
+        ensure_writable_dir(self.dir, "--out")   # a read-only or system folder: one error, before the work
         self._log = open(self.dir / "log.txt", "a", buffering=1)
         self._jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)
         if tensorboard:
@@ -108,6 +109,17 @@ class Throughput:
         r = self.n / max(t - self.t0, 1e-9)
         self.t0, self.n = t, 0
         return r
+
+
+def check_finite_loss(loss: float, step: int, run_dir: Union[str, Path]) -> None:
+    """Stop a diverged run (a NaN or infinite loss, the same on every process after the reduction) with one error
+    instead of training on to the end; the last checkpoint stays, to resume from with other options."""
+    import math
+    from ..errors import HMARError
+    if not math.isfinite(loss):
+        raise HMARError(f"the training loss is {loss} at step {step}: the run diverged and was stopped. Resume from "
+                        f"the last checkpoint in {run_dir}/checkpoints with --resume and a lower --lr (or "
+                        "--grad-clip, or --precision bf16 instead of fp16)")
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> float:

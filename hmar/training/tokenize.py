@@ -13,6 +13,7 @@ from typing import Callable, Dict, List, Tuple, Union
 import torch
 
 from ..errors import HMARError
+from ..fileio import ensure_writable_dir
 from .data import ImageFolderDataset, find_splits, keyed_rng, load_rgb, quantizer_fingerprint, transform, write_token_cache
 from .distributed import resolve_device
 from .tokenizer_io import load_tokenizer
@@ -27,8 +28,10 @@ def _view(ds: ImageFolderDataset, i: int, v: int) -> torch.Tensor:
 
 
 def _encode_split(ds: ImageFolderDataset, tokenizer, views: int, batch_size: int, device: torch.device,
-                  bad: Dict[str, None], say: Callable[[str], None], progress: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(indices [views, N_ok, L], labels [N_ok])`` of the readable images of ``ds``."""
+                  bad: Dict[str, None], say: Callable[[str], None], progress: bool,
+                  every_class: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(indices [views, N_ok, L], labels [N_ok])`` of the readable images of ``ds``; ``every_class``: an error if
+    a class has no readable image (the training split: such a class could never be learnt)."""
     from tqdm.auto import tqdm
     ok: List[int] = []
     for i in range(len(ds)):
@@ -41,6 +44,11 @@ def _encode_split(ds: ImageFolderDataset, tokenizer, views: int, batch_size: int
             ok.append(i)
     if not ok:
         raise HMARError(f"none of the {len(ds)} images under {ds.root} could be read")
+    have = {ds.labels[i] for i in ok}
+    empty = [n for c, n in enumerate(ds.class_names) if c not in have]
+    if every_class and empty:
+        raise HMARError(f"class folder(s) {', '.join(empty)} under {ds.root} hold no readable image (see the warnings "
+                        "above): replace the files or remove the folder(s); a class without images cannot be learnt")
     out = []
     bar = tqdm(total=views * len(ok), unit="img", desc=f"tokenize {ds.root.name}", disable=not progress)
     for v in range(views):
@@ -76,12 +84,13 @@ def tokenize_folder(data: Union[str, Path], tokenizer: Union[str, Path], out: Un
     if out.is_dir():
         raise HMARError(f"--out {str(out)!r} is a directory: pass a file path such as {str(out / 'cache.safetensors')!r}")
     dev = resolve_device(device)
+    ensure_writable_dir(out.parent, "--out")   # before the encoding, not after it
     tok = load_tokenizer(tokenizer, device=dev)
     R = tok.config.resolution
     tr_dir, val_dir = find_splits(data)
     train = ImageFolderDataset(tr_dir, R, train=True, hflip=hflip, seed=seed)
     bad: Dict[str, None] = {}
-    splits = {"train": _encode_split(train, tok, views, batch_size, dev, bad, say, progress)}
+    splits = {"train": _encode_split(train, tok, views, batch_size, dev, bad, say, progress, every_class=True)}
     if val_dir is not None:
         try:
             val = ImageFolderDataset(val_dir, R, train=False, seed=seed, class_names=train.class_names)

@@ -38,7 +38,6 @@ def load_tokenizer(path: PathLike, patch_nums: Optional[Sequence[int]] = None,
     """A frozen tokenizer (eval mode, no grads) from: a tokenizer directory, a ``train-tokenizer`` run
     directory (``RUN/tokenizer``), an hmar model directory (its tokenizer), or an official
     ``vae_ch160v4096z32.pth`` file."""
-    from safetensors.torch import load_file
     p = Path(path)
     if not p.exists():
         raise HMARError(f"tokenizer {str(p)!r} does not exist: pass the directory written by "
@@ -61,8 +60,9 @@ def load_tokenizer(path: PathLike, patch_nums: Optional[Sequence[int]] = None,
         wf = p / "tokenizer.safetensors"
         if not wf.exists():
             raise HMARError(f"{str(p)!r} has no tokenizer.safetensors")
-        from ..checkpoint import _strict_load
-        _strict_load(tok, load_file(str(wf)), str(wf), allow_derived=True)
+        from ..checkpoint import _strict_load, read_safetensors
+        _strict_load(tok, read_safetensors(wf, "train the tokenizer again, or restore the file"), str(wf),
+                     allow_derived=True)
     else:
         from ..checkpoint import load_official_tokenizer
         tok = load_official_tokenizer(p, patch_nums)

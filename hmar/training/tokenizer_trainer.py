@@ -29,7 +29,7 @@ from .distributed import DistInfo, all_reduce_, all_reduce_max, broadcast_, clea
 from .gan import PatchDiscriminator, PerceptualLoss, adaptive_weight, hinge_d_loss
 from .loop import amp_dtype_for, discard_run_dir
 from .interrupt import GracefulStop, end_of_step
-from .metrics import RunLogger, Throughput, psnr
+from .metrics import RunLogger, Throughput, check_finite_loss, psnr
 from .schedule import Schedule, TimeBudget
 from .tokenizer_io import save_tokenizer
 
@@ -112,11 +112,7 @@ class TokenizerTrainer:
                              "--tokenizer-override")
         self.data = build_image_data(cfg.data, tcfg.resolution, cfg.hflip, cfg.seed)
         torch.manual_seed(cfg.seed)
-        try:
-            self.vq = VQVAE(tcfg).to(dev).train()
-        except ValueError as e:   # e.g. channels not divisible by norm_groups
-            raise HMARError(f"tokenizer config {cfg.preset} {cfg.tokenizer_override or ''} cannot be built ({e}); "
-                            "keep ch and ch * ch_mult divisible by norm_groups") from None
+        self.vq = VQVAE(tcfg).to(dev).train()   # TokenizerConfig checked the sizes
         self.fwd = wrap_model(_TokForward(self.vq), self.info)
         self.opt = torch.optim.AdamW(self.vq.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                      weight_decay=cfg.weight_decay)
@@ -386,6 +382,7 @@ class TokenizerTrainer:
                              device=self.info.device)
         all_reduce_(means, self.info, "mean")
         rec = {k: round(float(v), 5) for k, v in zip(sorted(sums), means.tolist()) if k != "reinit"}
+        check_finite_loss(rec.get("loss", 0.0), self.step, self.run_dir)
         rec["reinit_codes"] = int(sums.get("reinit", 0))
         rec["usage_pct"] = code_usage(self.vq.quantize.ema_vocab_hit_SV)
         rec["img_s"] = round(img_s, 2)
