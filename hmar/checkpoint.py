@@ -341,10 +341,17 @@ def save_pretrained(directory: PathLike, model: nn.Module, tokenizer: VQVAE, *,
 
 def load_pretrained(directory: PathLike, device: Union[str, torch.device] = "cpu"
                     ) -> Tuple[nn.Module, VQVAE, Dict[str, Any]]:
-    """Load a directory written by :func:`save_pretrained`: (model, tokenizer, config dict)."""
+    """Load a directory written by :func:`save_pretrained` (or a training run directory: its ``model/``):
+    (model, tokenizer, config dict)."""
     d = Path(directory)
+    if not (d / "config.json").exists() and (d / "model" / "config.json").exists():
+        d = d / "model"   # `hmar train --out RUN` writes the model to RUN/model
     cfg_path = d / "config.json"
     if not cfg_path.exists():
+        if d.name == "checkpoints" and any(d.glob("step_*.pt")):
+            raise HMARError(f"{str(d)!r} holds resumable training states, not a model: pass the run's model "
+                            f"directory {str(d.parent / 'model')!r} (written when the run ends), or continue the "
+                            "run with `hmar train ... --resume`")
         raise HMARError(f"{str(d)!r} is not an hmar model directory (no config.json); for an official .pth "
                         "file pass the file itself")
     try:

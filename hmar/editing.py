@@ -123,8 +123,8 @@ def _check_pixels(w: int, h: int, max_pixels: Optional[int], what: str) -> None:
     if w < 1 or h < 1:
         raise HMARError(f"the {what} is empty ({w}x{h} pixels)")
     if max_pixels is not None and w * h > max_pixels:
-        raise HMARError(f"the {what} is {w}x{h} = {w * h / 1e6:.1f} MP, more than the limit of "
-                        f"{max_pixels / 1e6:.1f} MP: downscale it first")
+        raise HMARError(f"the {what} is {w}x{h} = {w * h:,} pixels, more than the limit of {max_pixels:,} "
+                        f"(--max-pixels): downscale it first")
 
 
 def _open_pil(src: Union[str, os.PathLike, bytes], max_pixels: Optional[int], what: str) -> "PILImage.Image":

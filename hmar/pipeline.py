@@ -82,12 +82,17 @@ def _edit_options(kwargs: Dict[str, Any]) -> Dict[str, Any]:
     return kwargs
 
 
+_OWN_SECTIONS = ("format", "version", "model", "tokenizer", "sampling")   # what save_pretrained writes itself
+
+
 class HMARPipeline:
     """A transformer (HMAR, stage-1 or VAR) + its tokenizer + class names + sampling defaults."""
 
     def __init__(self, model: nn.Module, tokenizer: VQVAE, class_names: Optional[Sequence[str]] = None,
-                 sampling: Optional[Dict[str, Any]] = None, is_random: bool = False):
+                 sampling: Optional[Dict[str, Any]] = None, is_random: bool = False,
+                 extra: Optional[Dict[str, Any]] = None):
         self.model, self.tokenizer = model.eval(), tokenizer.eval()
+        self.extra: Dict[str, Any] = dict(extra or {})   # config.json's other sections (e.g. "training"), kept on save
         tokenizer.set_patch_nums(model.config.patch_nums)
         self.class_names = list(class_names) if class_names else (model.config.class_names or None)
         self.sampling = {**DEFAULT_SAMPLING, **{k: v for k, v in (sampling or {}).items() if k in DEFAULT_SAMPLING}}
@@ -107,7 +112,8 @@ class HMARPipeline:
                 raise HMARError("no default model is shipped in this installation: pass a model directory or file")
         model, tok, config = ckpt.load_any(path, vqvae, device, mask_checkpoint)
         names = config.get("model", {}).get("class_names")
-        return cls(model, tok, names, config.get("sampling"))
+        extra = {k: v for k, v in config.items() if k not in _OWN_SECTIONS}
+        return cls(model, tok, names, config.get("sampling"), extra=extra)
 
     @classmethod
     def from_preset(cls, model: str = "hmar-tiny", tokenizer: str = "vqvae-tiny", seed: int = 0,
@@ -129,7 +135,7 @@ class HMARPipeline:
             raise HMARError("this pipeline's decoder was converted to low precision by enable_fast_sampling(): "
                             "save from a pipeline loaded without it")
         return ckpt.save_pretrained(directory, model, tok, class_names=self.class_names,
-                                    sampling=self.sampling, dtype=dtype)
+                                    sampling=self.sampling, dtype=dtype, extra=self.extra)
 
     def enable_fast_sampling(self, compile: bool = False, decode_batch: Optional[int] = None,
                              full_res_chunks: Optional[int] = None, fp8: Optional[bool] = None) -> "HMARPipeline":

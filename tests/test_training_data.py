@@ -391,3 +391,38 @@ def test_hflip_on_a_cache_and_eval_every_without_val_are_refused(tmp_path, capsy
                  *common]) == 0
     assert main(["train", "--data", str(tmp_path / "v"), "--hflip", "--eval-every", "1", "--out",
                  str(tmp_path / "r2"), *common]) == 0
+
+
+def test_a_batch_larger_than_the_training_set_warns_and_a_huge_one_is_refused(tmp_path, capsys):
+    """--batch-size 100000 on 8 images built a batch of 100000 repeated images and was killed for memory; beyond
+    8x the set it is refused before the model is built, above the set size it is a warning."""
+    from hmar.training.data import MAX_REPEATS
+    make_shapes_folder(tmp_path / "d", 2, 2, 64)          # 4 images
+    tok = make_random_tokenizer(tmp_path / "tok")
+    base = ["--data", str(tmp_path / "d"), "--no-progress", "--no-tensorboard", "--max-steps", "1",
+            "--eval-batches", "0"]
+    for cmd in (["train", "--tokenizer", str(tok), "--sample-every", "-1"], ["train-tokenizer"]):
+        rc = main(cmd + base + ["--out", str(tmp_path / f"big-{cmd[0]}"), "--batch-size", str(4 * MAX_REPEATS + 1)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and f"is more than {MAX_REPEATS}x the 4 training samples" in err[-1], err
+        assert not (tmp_path / f"big-{cmd[0]}").exists()
+        rc = main(cmd + base + ["--out", str(tmp_path / f"ok-{cmd[0]}"), "--batch-size", "8"])
+        err = capsys.readouterr().err
+        assert rc == 0 and "warning: --batch-size 8 is larger than the 4 training samples" in err, err
+
+
+def test_a_run_directory_loads_as_its_model_and_its_checkpoints_say_where_the_model_is(tmp_path, capsys):
+    """`hmar sample -c RUN` said RUN is no model directory; it loads RUN/model (as --tokenizer takes a run dir).
+    RUN/checkpoints (resumable states) is pointed at RUN/model."""
+    from hmar import HMARPipeline
+    make_shapes_folder(tmp_path / "d", 2, 2, 64)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "d"), "--tokenizer", str(make_random_tokenizer(tmp_path / "tok")),
+                 "--out", str(run), "--max-steps", "1", "--batch-size", "4", "--no-progress", "--no-tensorboard",
+                 "--sample-every", "-1", "--eval-batches", "0"]) == 0
+    a, b = HMARPipeline.from_pretrained(run), HMARPipeline.from_pretrained(run / "model")
+    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+    capsys.readouterr()
+    assert main(["sample", "-c", str(run / "checkpoints"), "--out", str(tmp_path / "s"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "holds resumable training states, not a model" in err[-1] and str(run / "model") in err[-1], err

@@ -354,3 +354,18 @@ def test_unwritable_output_folders_are_refused_before_the_work_and_files_get_the
                      ["train", "--data", str(tmp_path / "d"), "--tokenizer", str(tok), "--out", "/proc/hmar-run"]):
             rc, _, err = _cli(argv, capsys)
             assert rc == 2 and err[-1].startswith("error: --out: cannot write into '/proc"), err
+
+
+def test_save_pretrained_keeps_the_other_sections_of_config_json(model_dir, tmp_path):
+    """Re-saving a loaded model dropped config.json's "training" section (steps, data, options of the run)."""
+    cfg = json.loads((model_dir / "config.json").read_text())
+    (tmp_path / "m").mkdir()
+    for f in model_dir.iterdir():
+        (tmp_path / "m" / f.name).write_bytes(f.read_bytes())
+    cfg["training"] = {"steps": 7, "data": "somewhere"}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    pipe = HMARPipeline.from_pretrained(tmp_path / "m")
+    assert pipe.extra == {"training": {"steps": 7, "data": "somewhere"}}
+    pipe.save_pretrained(tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert again["training"] == cfg["training"] and again["model"] == cfg["model"]

@@ -197,7 +197,7 @@ def load_image(path: Path, size: Optional[int] = None) -> np.ndarray:
         im = to_rgb(upright(im))
         if size is not None and im.size != (size, size):
             im = im.resize((size, size), Image.Resampling.LANCZOS)
-        return np.asarray(im, dtype=np.uint8)
+        return np.array(im, dtype=np.uint8)   # a writable copy (np.asarray of a PIL image is read-only)
 
 
 def upright(im: Image.Image) -> Image.Image:

@@ -286,6 +286,22 @@ def collate(items: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ batch order
+MAX_REPEATS = 8   # a global batch may hold each training sample at most this many times
+
+
+def check_batch_fits(n: int, batch_size: int, data: Any, say: Callable[[str], None]) -> None:
+    """A global batch larger than the training set repeats samples in each batch: a warning through ``say``; more
+    than :data:`MAX_REPEATS` times the set (``--batch-size 100000`` on 8 images ran out of memory building the
+    first batch) is an :class:`HMARError` naming the batch sizes that fit."""
+    if batch_size > MAX_REPEATS * n:
+        raise HMARError(f"--batch-size {batch_size} is more than {MAX_REPEATS}x the {n} training samples of {data}: "
+                        f"each batch would repeat every sample over {batch_size // n} times; pass --batch-size {n} "
+                        f"or less (or add data)")
+    if batch_size > n:
+        say(f"warning: --batch-size {batch_size} is larger than the {n} training samples of {data}: each batch "
+            f"repeats samples; --batch-size {n} or less avoids it")
+
+
 class EpochBatches(torch.utils.data.Sampler):
     """One epoch of THIS rank's batches of ``(index, epoch)`` keys, starting at batch ``start``.
 

@@ -26,8 +26,9 @@ from ..presets import ModelConfig, model_config
 from .checkpointing import (CheckpointManager, already_finished, gather_log_window, get_states, require_fresh_or_resume,
                             restore_position, resume_point, set_states, this_rank_log_window)
 from .config import TrainConfig, check_common, config_to_dict, preset_config
-from .data import (CorruptFiles, EpochBatches, EvalBatches, PaddedEval, TrainData, build_data, check_cache_fits,
-                   check_data_options, is_token_cache, make_loader, quantizer_fingerprint, read_token_cache)
+from .data import (CorruptFiles, EpochBatches, EvalBatches, PaddedEval, TrainData, build_data, check_batch_fits,
+                   check_cache_fits, check_data_options, is_token_cache, make_loader, quantizer_fingerprint,
+                   read_token_cache)
 from .distributed import (DistInfo, all_reduce_, all_reduce_max, cleanup, init_distributed,
                           seed_everything, wrap_model)
 from .fused_ce import linear_cross_entropy
@@ -312,6 +313,7 @@ class Trainer:
             raise HMARError("no tokenizer: pass --tokenizer DIR (from `hmar train-tokenizer`, an hmar model dir, "
                             "or vae_ch160v4096z32.pth)")
         self.data: TrainData = build_data(cfg.data, self.tokenizer.config.resolution, cfg.hflip, cfg.seed)
+        check_batch_fits(len(self.data.train), cfg.batch_size, cfg.data, self.log.info)   # main process only
         self.class_names = list(self.data.class_names)
         if self.data.kind == "tokens":
             fp = quantizer_fingerprint(self.tokenizer.quantize)

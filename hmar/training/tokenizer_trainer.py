@@ -24,7 +24,8 @@ from ..tokenizer import VQVAE
 from .checkpointing import (CheckpointManager, already_finished, gather_log_window, get_states, require_fresh_or_resume,
                             restore_position, resume_point, set_states, this_rank_log_window)
 from .config import TokenizerTrainConfig, check_common, config_to_dict, preset_config
-from .data import CorruptFiles, EpochBatches, EvalBatches, PaddedEval, build_image_data, is_token_cache, make_loader
+from .data import (CorruptFiles, EpochBatches, EvalBatches, PaddedEval, build_image_data, check_batch_fits,
+                   is_token_cache, make_loader)
 from .distributed import DistInfo, all_reduce_, all_reduce_max, broadcast_, cleanup, init_distributed, seed_everything, wrap_model
 from .gan import PatchDiscriminator, PerceptualLoss, adaptive_weight, hinge_d_loss
 from .loop import amp_dtype_for, discard_run_dir
@@ -111,6 +112,7 @@ class TokenizerTrainer:
         tcfg = preset_config(tokenizer_config, TokenizerConfig, cfg.preset, cfg.tokenizer_override,
                              "--tokenizer-override")
         self.data = build_image_data(cfg.data, tcfg.resolution, cfg.hflip, cfg.seed)
+        check_batch_fits(len(self.data.train), cfg.batch_size, cfg.data, self.log.info)   # main process only
         torch.manual_seed(cfg.seed)
         self.vq = VQVAE(tcfg).to(dev).train()   # TokenizerConfig checked the sizes
         self.fwd = wrap_model(_TokForward(self.vq), self.info)
