@@ -124,7 +124,7 @@ def _check_pixels(w: int, h: int, max_pixels: Optional[int], what: str) -> None:
         raise HMARError(f"the {what} is empty ({w}x{h} pixels)")
     if max_pixels is not None and w * h > max_pixels:
         raise HMARError(f"the {what} is {w}x{h} = {w * h:,} pixels, more than the limit of {max_pixels:,} "
-                        f"(--max-pixels): downscale it first")
+                        f"(max_pixels; --max-pixels in the CLI): downscale it first or raise the limit")
 
 
 def _open_pil(src: Union[str, os.PathLike, bytes], max_pixels: Optional[int], what: str) -> "PILImage.Image":

@@ -164,11 +164,11 @@ class TokenizerConfig:
             raise HMARError(f"the tokenizer's ch_mult must be a list of integers >= 1, got {self.ch_mult!r}") from None
         if not self.ch_mult or not all(positive(m) for m in self.ch_mult):
             raise HMARError(f"the tokenizer's ch_mult must be a list of integers >= 1, got {self.ch_mult!r}")
-        odd = sorted({self.ch * m for m in self.ch_mult if self.ch * m % self.norm_groups})
-        if odd:   # GroupNorm splits every level's channels into norm_groups groups
-            raise HMARError(f"the tokenizer's channel widths {odd} (ch {self.ch} x ch_mult) are not divisible by its "
-                            f"norm_groups {self.norm_groups}: choose ch (or norm_groups) so that they are; the official "
-                            f"VQ-VAE uses 32 groups")
+        odd = sorted({c for c in (self.ch, *(self.ch * m for m in self.ch_mult)) if c % self.norm_groups})
+        if odd:   # GroupNorm splits every level's channels (ch itself: the first block's input) into norm_groups
+            raise HMARError(f"the tokenizer's channel widths {odd} (ch {self.ch}, times ch_mult) are not divisible by "
+                            f"its norm_groups {self.norm_groups}: choose ch (or norm_groups) so that they are; the "
+                            f"official VQ-VAE uses 32 groups")
 
     @property
     def downsample(self) -> int:

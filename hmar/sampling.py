@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -204,7 +205,7 @@ def class_id(label: Union[int, str, torch.Tensor], names: Optional[Sequence[str]
     class name of ``names`` (case-insensitive, surrounding spaces ignored). :class:`HMARError` for anything else."""
     if isinstance(label, str):
         text = label.strip()
-        if text.lstrip("-").isdigit():
+        if re.fullmatch(r"-?[0-9]+", text):   # an id; "--1" or "1-" is no id and no name either
             return int(text)
         low = [n.lower() for n in (names or [])]
         if text.lower() not in low:

@@ -125,10 +125,11 @@ def test_train_classifier_skips_an_unreadable_image_with_a_warning(tmp_path: Pat
     """One truncated file aborted train-classifier with PIL's error; it is skipped with a warning (as the trainers
     skip it), and a folder of nothing readable is one error."""
     root = _write_split(tmp_path / "d", 4, 0)
-    (root / "00_c0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (root / "00_c0" / "000.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")   # the first file: sets the size
     said: list = []
     cfg = train_classifier(root, tmp_path / "c.safetensors", epochs=1, batch_size=8, width=4, progress=said.append)
-    assert cfg.num_classes == 3 and sum("skipping unreadable image" in m and "broken.png" in m for m in said) == 1
+    assert cfg.num_classes == 3 and cfg.image_size == 16
+    assert sum("skipping unreadable image" in m and "000.png" in m for m in said) == 1
     bad = tmp_path / "bad" / "a"
     bad.mkdir(parents=True)
     (bad / "x.png").write_bytes(b"not an image")

@@ -175,7 +175,7 @@ def test_stage2_keeps_the_stage1_tokenizer_and_refuses_other_caches(tmp_path):
     (["train-tokenizer", "--tokenizer-override", "foo=1"], "--tokenizer-override: unknown key(s) foo"),
     (["train-tokenizer", "--tokenizer-override", "ch=abc"], "--tokenizer-override ch='abc': expected a value like"),
     (["train-tokenizer", "--tokenizer-override", "ch=16"],
-     "--tokenizer-override ch=16: the tokenizer's channel widths [16] (ch 16 x ch_mult) are not divisible by its "
+     "--tokenizer-override ch=16: the tokenizer's channel widths [16] (ch 16, times ch_mult) are not divisible by its "
      "norm_groups 32"),
     (["train", "--model-override", "num_heads=3"], "--model-override num_heads=3: embed_dim 64 is not divisible"),
     (["train", "--model-override", "depth=abc"], "--model-override depth='abc': expected a value like 4"),

@@ -116,29 +116,63 @@ def test_var_baseline_from_the_image_folder(shapes, tmp_path):
     assert _records(run, "train")[-1]["corrupt_files"] == 1
 
 
-def test_time_budget_sets_the_length_and_the_schedule_starts_once_it_is_known(shapes, tmp_path):
-    """--time-budget overrides --max-steps (10 here): the run ends when the budget is spent. Until the step time is
-    measured (23 steps) the lr is the warm-up start; then warm-up, hold and decay run over the fitted length, so the
-    lr rises to the peak once and then only falls (it used to decay on the --max-steps schedule, then jump back up)."""
-    import time
+@pytest.fixture
+def step_clock(monkeypatch):
+    """TimeBudget's clock advanced 0.05 s per reading (one per step): budgeted runs of a known length, whatever
+    the machine's load."""
+    import types
+    import hmar.training.schedule as sch
+    t = [0.0]
+
+    def tick():
+        t[0] += 0.05
+        return t[0]
+
+    monkeypatch.setattr(sch, "time", types.SimpleNamespace(perf_counter=tick))
+
+
+def _budget_argv(tok, shapes, run, budget):
+    return ["train", "--model", "var-tiny", "--tokenizer", str(tok), "--data", str(shapes), "--out", str(run),
+            "--time-budget", str(budget), "--max-steps", "10", "--batch-size", "8", "--lr", "1e-3", "--log-every", "1",
+            "--no-progress", "--sample-every", "-1", "--eval-batches", "1", "--no-tensorboard", "--ckpt-every", "5",
+            "--keep-last", "20"]
+
+
+def test_time_budget_sets_the_length_and_the_schedule_starts_once_it_is_known(shapes, tmp_path, step_clock):
+    """--time-budget overrides --max-steps (10 here): the run ends when the budget is spent (2 s at 0.05 s a step:
+    40 steps). Until the step time is measured the lr is the warm-up start; then warm-up, hold and decay run over
+    the fitted length (it used to decay on the --max-steps schedule, then jump back up), to the final lr."""
     from hmar.training.schedule import TimeBudget
     from hmar.training.synthetic import make_random_tokenizer
-    tok = make_random_tokenizer(tmp_path / "tok")
-    run, budget = tmp_path / "run", 4.0
-    t0 = time.time()
-    assert main(["train", "--model", "var-tiny", "--tokenizer", str(tok), "--data", str(shapes), "--out", str(run),
-                 "--time-budget", str(budget), "--max-steps", "10", "--batch-size", "8", "--lr", "1e-3",
-                 "--log-every", "1", "--no-progress", "--sample-every", "-1", "--eval-batches", "0",
-                 "--no-tensorboard"]) == 0
-    assert time.time() - t0 < budget + 30           # model writing and start-up on a slow machine
+    run = tmp_path / "run"
+    assert main(_budget_argv(make_random_tokenizer(tmp_path / "tok"), shapes, run, 2)) == 0
     lrs = [r["lr"] for r in _records(run, "train")]
     b = TimeBudget(1.0)
     probe = b.skip + b.probe
-    assert len(lrs) > probe + 2, "too few steps in the budget to test the schedule"
+    assert 38 <= len(lrs) <= 40
     assert lrs[:probe] == pytest.approx([1e-3 * 0.005] * probe)
     top = lrs.index(max(lrs))
     assert max(lrs) == pytest.approx(1e-3) and top > probe - 1
     assert all(a <= b + 1e-12 for a, b in zip(lrs[:top], lrs[1:top + 1]))          # up to the peak
     assert all(a >= b - 1e-12 for a, b in zip(lrs[top:], lrs[top + 1:]))           # then down only
-    assert lrs[-1] < 0.3e-3
-    assert "steps fitted to --time-budget 4s" in (run / "log.txt").read_text()
+    assert lrs[-1] == pytest.approx(1e-4)                                          # --final-lr-ratio 0.1
+    assert "steps fitted to --time-budget 2s" in (run / "log.txt").read_text()
+
+
+def test_a_resumed_time_budget_run_goes_on_with_its_schedule(shapes, tmp_path, step_clock):
+    """Resuming a --time-budget run started its schedule over (warm-up start lr, then a new warm-up), and timed
+    nothing (its timing start was a step of the first process). Resumed at step 10 of a 2 s run with 1.5 s left,
+    it takes the lr of the uninterrupted run at every step."""
+    from hmar.training.synthetic import make_random_tokenizer
+    run = tmp_path / "run"
+    argv = _budget_argv(make_random_tokenizer(tmp_path / "tok"), shapes, run, 2)
+    assert main(argv) == 0
+    whole = {r["step"]: r["lr"] for r in _records(run, "train")}
+    for ck in (run / "checkpoints").glob("step_*.pt"):
+        if int(ck.stem.split("_")[1]) > 10:
+            ck.unlink()
+    at = argv.index("--time-budget") + 1
+    assert main(argv[:at] + ["1.5"] + argv[at + 1:] + ["--resume"]) == 0
+    resumed = [(r["step"], r["lr"]) for r in _records(run, "train") if r["step"] > 10]   # the log restarts at 10
+    assert resumed[0][0] == 11 and len(resumed) >= 25
+    assert [lr for _, lr in resumed[:25]] == pytest.approx([whole[s] for s, _ in resumed[:25]])

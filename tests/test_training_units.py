@@ -371,3 +371,22 @@ def test_a_nan_loss_stops_the_run_with_one_error(tmp_path, capsys, monkeypatch):
         assert rc == 2 and f"the training loss is nan at step {step}: the run diverged" in err[-1], err
         assert "--resume" in err[-1] and "lower --lr" in err[-1]
     assert not (tmp_path / "r" / "model").exists() and not (tmp_path / "t" / "tokenizer").exists()
+
+
+def test_time_budget_counts_from_this_process_and_fits_after_a_few_steps(monkeypatch):
+    """The first estimate comes after skip + probe of THIS process's steps: a run resumed at step 664 timed nothing
+    (its timing start was step 3 of the run) and divided the clock by 664 steps."""
+    import hmar.training.schedule as sch
+    clock = [100.0]
+    monkeypatch.setattr(sch.time, "perf_counter", lambda: clock[0])
+    for first in (0, 664):
+        b = sch.TimeBudget(60.0)
+        total = sch.TimeBudget.UNFITTED
+        for k in range(1, b.skip + b.probe + 1):
+            clock[0] += 5.0 if k <= b.skip else 1.0          # slow start-up steps, then 1 s per step
+            total = b.total(first + k, total)
+            assert b.fitted == (k == b.skip + b.probe)
+        elapsed = 5.0 * b.skip + 1.0 * b.probe
+        assert total == first + b.skip + b.probe + int(60.0 - elapsed)   # the rest of the budget at 1 s per step
+        clock[0] += 100.0
+        assert b.total(total + 1, total) == total + 1                     # one process: stops once it is spent

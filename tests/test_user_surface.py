@@ -87,6 +87,8 @@ def test_model_sizes_that_cannot_work_are_refused():
         with pytest.raises(HMARError, match=needle):   # a GroupNorm / conv error deep in torch before
             tokenizer_config("vqvae-tiny", **kw)
     assert tokenizer_config("vqvae-tiny", ch=48, norm_groups=16).ch_mult == (1, 1, 2, 2, 4)
+    with pytest.raises(HMARError, match=r"widths \[48\]"):   # ch itself is normalised (the first block's input)
+        tokenizer_config("vqvae-tiny", ch=48, ch_mult=(2, 2, 4))
 
 
 def test_pipeline_call_arguments(pipe):
@@ -252,6 +254,9 @@ def test_class_names_with_spaces_and_bad_seeds_in_editing(pipe, monkeypatch):
     from hmar import editing
     from hmar.sampling import class_id
     assert class_id(" Dog ", ["cat", "dog"]) == 1 and class_id(" -1 ", None) == -1 and class_id("3", None) == 3
+    for text in ("--1", "1-", "-"):   # no id and no name: an error, not int()'s ValueError
+        with pytest.raises(HMARError, match="unknown class name"):
+            class_id(text, ["cat", "dog"])
     assert editing._label(" dog ", ["cat", "dog"], 2) == 1 and editing._label(None, None, 2) == -1
     for bad, needle in (("cow", "unknown class name"), (1.5, "integer id"), ("5", "out of range")):
         with pytest.raises(HMARError, match=needle):
@@ -291,8 +296,10 @@ def test_mask_checkpoint_and_class_names_mismatches(model_dir, tmp_path, capsys)
         (["sample", "-c", str(model_dir), "--mask-checkpoint", f["nsp"]], "model directory"),
         (["convert", "-c", f["hmar"], "--vqvae", f["vq"], "--class-names", f["names"]], "2 names"),
         (["convert", "-c", f["hmar"], "--vqvae", f["vq48"]], "not divisible by its norm_groups 32"),
+        (["convert", "-c", f["hmar"], "--vqvae", f["vq"], "--out", str(tmp_path / "names.txt" / "sub")],
+         "--out: cannot write into"),
     ]:
-        rc, _, err = _cli(argv + ["--out", str(tmp_path / "o")], capsys)
+        rc, _, err = _cli(argv + ([] if "--out" in argv else ["--out", str(tmp_path / "o")]), capsys)
         assert rc == 2 and len(err) == 1 and needle in err[0], err
 
 

@@ -131,6 +131,16 @@ def load_folder_tensor(root: Path, size: int, class_names: Optional[List[str]] =
     return x, torch.tensor(labels, dtype=torch.long), folder.class_names
 
 
+def _first_size(files: List[Path], root: Path) -> Tuple[Path, int]:
+    """The first readable image of ``files`` and its height."""
+    for f in files:
+        try:
+            return f, load_image(f).shape[0]
+        except (OSError, SyntaxError, ValueError):   # PIL's errors for a truncated, empty or non-image file
+            continue
+    raise HMARError(f"none of the {len(files)} images under {root} could be read: re-save them as PNG or JPEG")
+
+
 def _splits(data: Path) -> Tuple[Path, Optional[Path]]:
     """Training folder and held-out folder (``val`` or ``test``) of a dataset root, or the folder itself."""
     if (data / "train").is_dir():
@@ -174,9 +184,8 @@ def train_classifier(data: Union[str, Path], out: Union[str, Path], epochs: int 
     ensure_writable_dir(out.parent, "--out")   # before the training, not after it
     say = progress or (lambda msg: None)
     train_dir, held_dir = _splits(data)
-    if image_size is None:
-        first = load_image_folder(train_dir).files[0]
-        image_size = load_image(first).shape[0]
+    if image_size is None:   # the first readable image's size (unreadable files are skipped, with a warning, below)
+        first, image_size = _first_size(load_image_folder(train_dir).files, train_dir)
         if image_size < MIN_IMAGE_SIZE:
             raise HMARError(f"{first} is {image_size} px, below the classifier's {MIN_IMAGE_SIZE}: pass "
                             f"--image-size {MIN_IMAGE_SIZE} or more (images are resized to it)")

@@ -368,6 +368,8 @@ class Trainer:
             raise HMARError("nothing to train: --epochs and --max-steps give 0 steps")
         if cfg.time_budget:   # the budget sets the length (fitted from the step time after a few steps)
             self.total = TimeBudget.UNFITTED
+        # --time-budget: whether the schedule has started (its offset set) and the lr of the last step; checkpointed
+        self.budget_state: Dict[str, Any] = {"started": False, "last_lr": math.inf}
         if cfg.warmup_steps is not None:
             warm = cfg.warmup_steps
         elif cfg.warmup_epochs is not None:
@@ -537,6 +539,9 @@ class Trainer:
                    "num_train": len(self.data.train),
                    "model_config": self.model.config.to_dict(),
                    "quantizer_fingerprint": quantizer_fingerprint(self.tokenizer.quantize)}
+        if self.cfg.time_budget:   # a resumed budgeted run goes on with the schedule it had, not a new one
+            payload["budget_schedule"] = {**self.budget_state, "offset": self.schedule.offset,
+                                          "warmup": self.schedule.warmup, "total": self.total}
         path = self.ckpts.save(self.step, payload)
         if path is not None:
             self.say(f"saved checkpoint {path}")
@@ -579,6 +584,11 @@ class Trainer:
             self.acc_loss.fill_(float(window[0]))
             self.acc_n = int(window[1])
         restore_position(self, ck)
+        sched = ck.get("budget_schedule")
+        if self.cfg.time_budget and sched:
+            self.budget_state = {"started": bool(sched["started"]), "last_lr": float(sched["last_lr"])}
+            self.schedule.offset, self.schedule.warmup = int(sched["offset"]), int(sched["warmup"])
+            self.total = self.schedule.total = max(int(sched["total"]), self.step + 1)
         return False
 
     # ---------------------------------------------------------------- the loop
@@ -607,7 +617,6 @@ class Trainer:
         pin = info.device.type == "cuda"
         t_start = time.time()
         budget = TimeBudget(cfg.time_budget) if cfg.time_budget else None
-        last_lr = math.inf
         with GracefulStop(info) as stop:
             while self.step < self.total:
                 sampler = EpochBatches(len(self.data.train), cfg.batch_size, info.rank, info.world, cfg.seed,
@@ -618,11 +627,12 @@ class Trainer:
                     tokens = self._tokens(batch)
                     labels = batch["label"].to(info.device, non_blocking=True)
                     mask = self._masks(batch, self.epoch)
-                    if budget is not None and not budget.fitted:   # the run's length is not known yet: the
-                        self.schedule.offset = self.step             # schedule starts once it is (warm-up start lr)
+                    if budget is not None and not self.budget_state["started"]:   # the run's length is not known
+                        self.schedule.offset = self.step   # yet: the schedule starts once it is (warm-up start lr)
                     lr, wd = self.schedule(self.step)
                     if budget is not None and self.step > self.schedule.offset + self.schedule.warmup:
-                        lr = last_lr = min(lr, last_lr)   # a refit to more steps never raises a decaying lr
+                        lr = min(lr, self.budget_state["last_lr"])   # a refit to more steps never raises a decaying lr
+                        self.budget_state["last_lr"] = lr
                     apply_schedule(st.optimizer, lr, wd)
                     log_now = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == self.total
                     last = train_step(st, tokens, labels, mask, metrics=log_now)
@@ -671,10 +681,12 @@ class Trainer:
 
     def _fit_budget(self, budget: TimeBudget, bar: Any) -> None:
         new = budget.total(self.step, self.total, (lambda v: all_reduce_max(v, self.info)) if self.info.initialized else None)
+        starts = budget.fitted and not self.budget_state["started"]   # the first estimate: the schedule starts
+        self.budget_state["started"] = self.budget_state["started"] or budget.fitted
         if new != self.total:
             self.total = self.schedule.total = new
-            if self.auto_warmup:   # the default warm-up is a fiftieth of the run: of the fitted run's scheduled part
-                self.schedule.warmup = round((new - self.schedule.offset) / 50)
+            if self.auto_warmup and starts:   # the default warm-up: a fiftieth of the fitted run's scheduled part
+                self.schedule.warmup = round((new - self.schedule.offset) / 50)   # (fixed after: no second warm-up)
             bar.total = new
 
     def _log_train(self, last: Dict[str, torch.Tensor], acc_loss: torch.Tensor, n: int, img_s: float, lr: float,

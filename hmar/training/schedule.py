@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 from ..errors import HMARError
 
@@ -71,36 +71,40 @@ class TimeBudget:
     """Fit a run to a wall-clock budget: from the measured time per step, set the total number of steps
     (and so the length of the lr schedule) so that training ends when ``seconds`` are spent.
 
-    The first estimate comes after ``skip + probe`` steps (:attr:`fitted` says whether it came; until then the
-    trainer holds the lr at its warm-up start and starts the schedule after them: :attr:`Schedule.offset`), and is refreshed every
-    ``every`` steps after it (so a run may overshoot by
-    up to ``every`` steps; the budget counts from this process's start, resumed runs included); the first ``skip`` steps
-    (start-up, compilation) are not timed. Every process computes the same answer from the slowest one.
+    Steps count from this process's first one (a resumed run gets the whole budget again). The first ``skip``
+    steps (start-up, compilation) are not timed; the first estimate comes after ``skip + probe`` steps (until then
+    the trainer holds the lr at its warm-up start and starts the schedule after them: :attr:`Schedule.offset`) and
+    is refreshed every ``every`` steps (so a run of several processes may overshoot by up to ``every`` steps; one
+    process stops as soon as the budget is spent). Every process computes the same answer from the slowest one.
     """
 
     UNFITTED = 10 ** 12
     """A budgeted run's number of steps until the first estimate (the budget, not --epochs / --max-steps, ends it)."""
 
-    def __init__(self, seconds: float, probe: int = 20, every: int = 50, skip: int = 3):
+    def __init__(self, seconds: float, probe: int = 3, every: int = 50, skip: int = 2):
         if seconds <= 0:
             raise HMARError(f"--time-budget must be > 0 seconds, got {seconds}")
         self.seconds, self.probe, self.every, self.skip = seconds, probe, every, skip
         self.t0 = time.perf_counter()
         self.t_skip: float = 0.0
+        self.first: Optional[int] = None   # the run's step count before this process's first step
         self.fitted = False   # True from the first refresh on: the total is then the budget's, not the options'
 
     def total(self, step: int, total: int, reduce_max=None) -> int:
         """The new total number of steps after ``step`` steps (``total`` unchanged between refreshes)."""
         now = time.perf_counter()
-        if step == self.skip:
+        if self.first is None:
+            self.first = step - 1
+        k = step - self.first   # this process's steps
+        if k == self.skip:
             self.t_skip = now
         elapsed = now - self.t0
         if reduce_max is None and elapsed >= self.seconds:
             return step  # one process: stop as soon as the budget is spent
         # several processes: refresh at the same steps everywhere (the agreement is a collective call)
-        if step < self.skip + self.probe or (step - self.skip - self.probe) % self.every:
+        if k < self.skip + self.probe or (k - self.skip - self.probe) % self.every:
             return total
-        per_step = (now - self.t_skip) / (step - self.skip)
+        per_step = (now - self.t_skip) / (k - self.skip)
         self.fitted = True
         new = step + max(int((self.seconds - elapsed) / per_step), 0)
         if reduce_max is not None:   # agree across processes: the slowest one decides
