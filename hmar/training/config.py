@@ -66,7 +66,7 @@ class CommonConfig:
     time_budget: Optional[float] = opt(None, "wall-clock budget in seconds: the number of steps (and the lr "
                                              "schedule) is fitted to it from the measured step time, overriding "
                                              "--epochs/--max-steps (equal-compute comparisons, fixed-length jobs); "
-                                             "the schedule starts after the 23 timing steps (at the warm-up start lr)",
+                                             "the schedule starts after 5 timing steps (at the warm-up start lr)",
                                        type=float)
 
 
