@@ -88,6 +88,8 @@ class DemoHandlers:
             return None
         try:
             lab = int(choice)
+        except OverflowError:   # inf
+            raise HMARError(f"the class must be a class id or name, got {choice!r}") from None
         except (TypeError, ValueError):
             lab = self.pipe.class_index(str(choice).split(":")[0].strip())
         if not 0 <= lab < self.pipe.num_classes:
@@ -98,7 +100,7 @@ class DemoHandlers:
     def _seed(seed: Any) -> int:
         try:
             s = int(seed)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):   # OverflowError: inf
             raise HMARError(f"the seed must be an integer, got {seed!r}") from None
         if not 0 <= s < 2 ** 63:
             raise HMARError(f"the seed must be between 0 and 2^63-1, got {s}")

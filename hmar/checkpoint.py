@@ -66,7 +66,7 @@ def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:
         raise HMARError(f"{str(p)!r} is not a PyTorch checkpoint that loads with weights_only=True "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+                        f"({type(e).__name__}: {(str(e).splitlines() or ['the file is empty'])[0][:120]})") from None
     if isinstance(obj, dict) and "trainer" in obj and isinstance(obj["trainer"], dict):
         for k in ("transformer_wo_ddp", "var_wo_ddp", "vae_local"):
             if k in obj["trainer"]:

@@ -290,10 +290,23 @@ def test_yaml_values_are_typed_and_checked_like_flags(tmp_path):
                          ("batch_size: many\n", "--batch-size: expected an integer"),
                          ("lr: fast\n", "--lr: expected a number"),
                          ("hflip: 1\n", "--hflip: expected true or false"),
-                         ("betas: [0.9]\n", "--betas: expected 2 values")]:
+                         ("betas: [0.9]\n", "--betas: expected 2 values"),
+                         # null for an option that needs a value crashed mid-run (after writing the run folder)
+                         ("seed: null\n", "--seed: expected a value, got null"),
+                         ("batch_size: null\n", "--batch-size: expected a value, got null"),
+                         ("precision: ~\n", "--precision: expected a value, got null"),
+                         ("betas: null\n", "--betas: expected a value, got null"),
+                         ("model_override: 5\n", "--model-override expects KEY=VALUE items"),
+                         ("model_override: [5]\n", "--model-override expects KEY=VALUE items")]:
         y.write_text(text)
         with pytest.raises(HMARError, match=needle):
             build_config(TrainConfig, p.parse_args(["--config", str(y)]))
+    y.write_text("model_override: depth=2\nlr: null\ninit: ~\n")   # one KEY=VALUE string; null where it is allowed
+    cfg = build_config(TrainConfig, p.parse_args(["--config", str(y)]))
+    assert cfg.model_override == {"depth": 2} and cfg.lr is None and cfg.init is None
+    y.write_bytes(b"data: \xff\xfe\n")
+    with pytest.raises(HMARError, match="not UTF-8"):
+        build_config(TrainConfig, p.parse_args(["--config", str(y)]))
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -376,3 +376,16 @@ def test_save_pretrained_keeps_the_other_sections_of_config_json(model_dir, tmp_
     pipe.save_pretrained(tmp_path / "again")
     again = json.loads((tmp_path / "again" / "config.json").read_text())
     assert again["training"] == cfg["training"] and again["model"] == cfg["model"]
+
+
+def test_an_empty_checkpoint_and_a_broken_classes_json_are_one_line_errors(tmp_path, capsys):
+    """A 0-byte .pth crashed inside the error message (IndexError); a malformed classes.json was a JSON traceback."""
+    (tmp_path / "empty.pth").write_bytes(b"")
+    rc, _, err = _cli(["sample", "-c", str(tmp_path / "empty.pth"), "--vqvae", str(tmp_path / "empty.pth"),
+                       "--out", str(tmp_path / "o")], capsys)
+    assert rc == 2 and "the file is empty" in err[-1], err
+    from hmar.training.synthetic import make_shapes_folder
+    root = make_shapes_folder(tmp_path / "d", 2, 2, 64)
+    (root / "classes.json").write_text("{")
+    rc, _, err = _cli(["train-classifier", "--data", str(root), "--out", str(tmp_path / "c.safetensors")], capsys)
+    assert rc == 2 and "classes.json is not valid JSON" in err[-1] and "fix or delete it" in err[-1], err

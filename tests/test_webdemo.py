@@ -321,3 +321,6 @@ def test_handlers_refuse_non_numbers_with_a_message(monkeypatch):
         with pytest.raises(HMARError, match="padding"):
             h.outpaint(img, bad, 0, 0, 0, -1, 0)
     assert h.outpaint(img, "10", 0, 0, 0, -1, 0).size == (64, 64)
+    for label, seed, needle in ((float("inf"), 0, "class"), (0, float("inf"), "seed")):   # OverflowError before
+        with pytest.raises(HMARError, match=needle):
+            h.generate(label, seed, 1.5)

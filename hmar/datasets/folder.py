@@ -69,7 +69,11 @@ def read_class_names(root: Path) -> Optional[List[str]]:
     """Class names from ``classes.json`` in ``root`` or its parent (a split folder); None if absent."""
     for cand in (root / CLASSES_FILE, root.parent / CLASSES_FILE):
         if cand.is_file():
-            names = json.loads(cand.read_text())
+            try:
+                names = json.loads(cand.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:   # JSONDecodeError is a ValueError
+                raise HMARError(f"{cand} is not valid JSON ({e}): it must hold a list of class names like "
+                                '["cat", "dog"]; fix or delete it') from None
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
                 raise HMARError(f"{cand} must hold a JSON list of class names; rebuild the dataset")
             return names

@@ -217,6 +217,10 @@ def parse_overrides(items: Any, what: str) -> Dict[str, Any]:
         return {}
     if isinstance(items, dict):
         return dict(items)
+    if isinstance(items, str):   # one KEY=VALUE from YAML, not its characters
+        items = [items]
+    if not isinstance(items, (list, tuple)) or not all(isinstance(it, str) for it in items):
+        raise HMARError(f"{what} expects KEY=VALUE items (a YAML mapping or a list of 'KEY=VALUE'), got {items!r}")
     out: Dict[str, Any] = {}
     for it in items:
         if "=" not in it:
@@ -277,9 +281,11 @@ def resolve_config_path(name: str) -> Path:
 def load_yaml(path: Path) -> Dict[str, Any]:
     import yaml
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise HMARError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError as e:
+        raise HMARError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}): save it as UTF-8") from None
     if not isinstance(data, dict):
         raise HMARError(f"{path} must hold a mapping of option: value")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
@@ -318,8 +324,11 @@ def _typed(f: Any, value: Any) -> Any:
     (no dot) as a string, and a value outside ``choices`` would otherwise fail deep inside the run."""
     meta, flag = f.metadata, _flag(f.name)
     kind, default = meta.get("type"), f.default
-    if value is None:
-        return value
+    if value is None:   # YAML's null: only for options whose default is "none" (Optional), not for --seed or --out
+        if "Optional" in str(f.type):
+            return value
+        shown = default if default is not MISSING else f.default_factory()  # type: ignore[misc]
+        raise HMARError(f"{flag}: expected a value, got null: leave the option out for its default ({shown!r})")
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise HMARError(f"{flag}: expected true or false, got {value!r}")
