@@ -22,7 +22,8 @@ Rules (each is tested in ``tests/test_editing.py``):
   central ``R x R`` square is cut out (offsets ``(W' - R) // 2``, ``(H' - R) // 2``). An image that
   is already ``R x R`` is used as is. Everything outside that square is ignored.
 * **Masks.** Same input kinds as images. White (any channel > 127 of 255), ``True``, > 0.5 for
-  floats, non-zero for other integer dtypes = *edit*; black = keep. For a mask with transparency
+  floats, above half the range for 16-bit and float mask files, non-zero for other integer arrays = *edit*;
+  black = keep. For a mask with transparency
   (a painted layer: alpha not all opaque) the alpha channel decides (> 127 = edit), whatever the
   stroke colour. A mask **must have the image's size** (width and height of the input, before any
   resizing), otherwise :class:`HMARError`. It then follows the image's geometry: a model pixel is in
@@ -83,6 +84,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .datasets.folder import WIDE_GRAY_MODES, gray_unit
 from .errors import HMARError
 from .presets import resolve_schedule
 from .sampling import StepInfo, class_id, make_generator, sample
@@ -219,10 +221,8 @@ def load_image(src: ImageInput, *, max_pixels: Optional[int] = MAX_PIXELS,
         src = _open_pil(src, max_pixels, what)
     if isinstance(src, Image.Image):
         _check_pixels(src.width, src.height, max_pixels, what)
-        if src.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-            a = np.asarray(src).astype(np.float32)
-            peak = 65535.0 if src.mode.startswith("I") and a.max(initial=0) > 255 else 255.0
-            src = Image.fromarray((np.clip(a / peak, 0, 1) * 255).round().astype(np.uint8), "L")
+        if src.mode in WIDE_GRAY_MODES:   # scaled by the mode's range, as the trainers read it
+            src = Image.fromarray(np.rint(gray_unit(src) * 255).astype(np.uint8), "L")
         return src.convert("RGB") if src.mode != "RGB" else src
     if isinstance(src, (np.ndarray, torch.Tensor)):
         a = _to_hwc(src, what)
@@ -254,8 +254,8 @@ def load_mask(src: ImageInput, *, max_pixels: Optional[int] = MAX_PIXELS, what: 
         src = _open_pil(src, max_pixels, what)
     if isinstance(src, Image.Image):
         _check_pixels(src.width, src.height, max_pixels, what)
-        if src.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-            return np.asarray(src) != 0
+        if src.mode in WIDE_GRAY_MODES:   # white = edit: above half of the mode's range
+            return gray_unit(src) > 0.5
         if src.mode == "P":
             src = src.convert("RGBA")
         if src.mode not in ("L", "LA", "RGB", "RGBA"):

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -80,6 +81,16 @@ def _edit_options(kwargs: Dict[str, Any]) -> Dict[str, Any]:
         kwargs = dict(kwargs)
         kwargs["cfg"] = kwargs.pop("guidance_scale")
     return kwargs
+
+
+def _label_list(labels: Any) -> List[Any]:
+    """``labels`` as a list: a single id (numpy ints, 0-d tensors and arrays too) or name becomes a list of one
+    (a string is one name, not its characters); anything that is not a sequence of labels is an error."""
+    if isinstance(labels, (numbers.Integral, str)) or (isinstance(labels, (torch.Tensor, np.ndarray)) and labels.ndim == 0):
+        return [labels.item() if isinstance(labels, (torch.Tensor, np.ndarray)) else labels]
+    if not hasattr(labels, "__iter__"):
+        raise HMARError(f"class labels must be a class id, a class name or a list of them, got {labels!r}")
+    return list(labels)
 
 
 _OWN_SECTIONS = ("format", "version", "model", "tokenizer", "sampling")   # what save_pretrained writes itself
@@ -202,7 +213,7 @@ class HMARPipeline:
         """Sample tokens and images (tensor output) for ``labels``; ``options`` override the sampling defaults
         (``cfg``, ``top_k``, ``top_p``, ``temperature``, ``schedule``, ``guide_masked``, ``progress``)."""
         progress = options.pop("progress", False)
-        ids = [self.class_index(l) for l in labels]
+        ids = [self.class_index(l) for l in _label_list(labels)]
         return sample(self.model, self.tokenizer, ids, generator=generator, progress=progress, **self._opts(**options))
 
     def __call__(self, class_labels: Sequence[Union[int, str]], num_images_per_label: int = 1,
@@ -213,11 +224,7 @@ class HMARPipeline:
         a ``[N, 3, R, R]`` tensor in [0, 1] (``'pt'``) or a uint8 ``[N, R, R, 3]`` array (``'np'``).
         ``class_labels`` may also be a single id or name. ``batch_size`` is part of the seeding: the same
         seed with another batch size gives other images."""
-        if isinstance(class_labels, (numbers.Integral, str)) or \
-                (isinstance(class_labels, torch.Tensor) and class_labels.dim() == 0):
-            class_labels = [class_labels]   # one id (numpy ints too) or name
-        if not hasattr(class_labels, "__iter__"):
-            raise HMARError(f"class_labels must be a class id, a class name or a list of them, got {class_labels!r}")
+        class_labels = _label_list(class_labels)
         if output_type not in ("pil", "pt", "np"):
             raise HMARError(f"output_type must be 'pil', 'pt' or 'np', got {output_type!r}")
         for name, v in (("num_images_per_label", num_images_per_label), ("batch_size", batch_size)):

@@ -77,8 +77,12 @@ def default_schedule(patch_nums: Sequence[int]) -> List[List[int]]:
 
 def resolve_schedule(spec: Any, patch_nums: Sequence[int]) -> List[List[int]]:
     """Turn a schedule spec (None, a preset name, 'none', 'coarse', or a list of lists) into a
-    validated per-scale schedule for ``patch_nums``."""
-    if spec is None or spec == "default":
+    validated per-scale schedule for ``patch_nums`` (numpy arrays and integers count as lists and ints)."""
+    if hasattr(spec, "tolist") and not isinstance(spec, str):   # a numpy array / tensor: plain lists and ints
+        spec = spec.tolist()
+    if isinstance(spec, (list, tuple)):
+        spec = [s.tolist() if hasattr(s, "tolist") else s for s in spec]   # rows given as arrays
+    if spec is None or (isinstance(spec, str) and spec == "default"):
         sched = default_schedule(patch_nums)
     elif isinstance(spec, str):
         if spec == "none":
@@ -100,8 +104,7 @@ def resolve_schedule(spec: Any, patch_nums: Sequence[int]) -> List[List[int]]:
         raise HMARError(f"the schedule {spec!r} is not a list of per-scale lists: use a name ('default', 'none', "
                         f"'coarse', ...) or a list like [[1],[1,3],...]")
     validate_schedule(sched, patch_nums)
-    sched = [list(s) for s in sched]
-    return sched
+    return [[int(c) for c in s] for s in sched]
 
 
 def validate_schedule(sched: Sequence[Sequence[int]], patch_nums: Sequence[int]) -> None:
@@ -110,7 +113,8 @@ def validate_schedule(sched: Sequence[Sequence[int]], patch_nums: Sequence[int])
         raise HMARError(f"the schedule has {len(sched)} entries but the model has {len(patch_nums)} scales "
                         f"{tuple(patch_nums)}: give one list per scale")
     for si, (s, pn) in enumerate(zip(sched, patch_nums)):
-        counts_ok = isinstance(s, (list, tuple)) and all(type(c) is int and c > 0 for c in s)  # no bools
+        counts_ok = isinstance(s, (list, tuple)) and all(isinstance(c, numbers.Integral) and not isinstance(c, bool)
+                                                         and c > 0 for c in s)   # numpy ints too; no bools
         if not s or not counts_ok:
             raise HMARError(f"schedule entry {si} is {s!r}: it must be a non-empty list of positive integers")
         if sum(s) != pn * pn:

@@ -355,3 +355,30 @@ def test_cli_error_in_a_real_process(files):
     assert p.returncode == 2, p.stderr
     assert "Traceback" not in p.stderr
     assert [l for l in p.stderr.splitlines() if l.strip()] == [l for l in p.stderr.splitlines() if l.startswith("error:")]
+
+
+def test_wide_grayscale_masks_and_images_are_scaled_by_their_range(tmp_path):
+    """A 16-bit mask with a dark (1000 of 65535) background was all "edit" (non-zero), and a float TIFF image of
+    0..1 loaded black (over 255); both are read by their mode's range, the same way as the trainers read images."""
+    import numpy as np
+    from PIL import Image
+    from hmar import editing
+    from hmar.datasets.folder import load_image as train_load
+    m = np.full((40, 50), 1000, np.uint16)
+    m[10:30, 10:30] = 65535
+    Image.fromarray(m).save(tmp_path / "m16.png")
+    assert editing.load_mask(tmp_path / "m16.png").mean() == pytest.approx(400 / 2000)
+    f = np.full((40, 50), 0.2, np.float32)
+    f[10:30, 10:30] = 1.0
+    Image.fromarray(f, "F").save(tmp_path / "mf.tif")
+    assert editing.load_mask(tmp_path / "mf.tif").mean() == pytest.approx(400 / 2000)
+    g = np.full((8, 8), 0.5, np.float32)
+    Image.fromarray(g, "F").save(tmp_path / "img.tif")
+    a = np.asarray(editing.load_image(tmp_path / "img.tif"))
+    assert a.shape == (8, 8, 3) and (a == 128).all()
+    assert (train_load(tmp_path / "img.tif") == 128).all()          # the trainers' loader agrees
+    v = np.full((8, 8), 200, np.uint16)
+    v[0, 0] = 300                                                   # 16-bit data: over 65535 in both loaders
+    Image.fromarray(v).save(tmp_path / "v16.png")
+    assert (np.asarray(editing.load_image(tmp_path / "v16.png"))[1:, 1:] == 1).all()
+    assert (train_load(tmp_path / "v16.png")[1:, 1:] == 1).all()

@@ -51,6 +51,24 @@ def test_seeds_and_schedule_specs_of_the_wrong_type():
         with pytest.raises(HMARError, match="schedule"):
             resolve_schedule(bad, TINY_PN)
     assert resolve_schedule(((1,), (1, 3), (9,), (16,)), TINY_PN) == [[1], [1, 3], [9], [16]]
+    # numpy schedules (an object array, numpy ints) were an ambiguous-truth ValueError / "not positive integers"
+    for spec in (np.array([[1], [1, 3], [9], [16]], dtype=object), [[np.int64(1)], [1, 3], [9], np.array([16])]):
+        out = resolve_schedule(spec, TINY_PN)
+        assert out == [[1], [1, 3], [9], [16]] and all(type(c) is int for s in out for c in s)
+
+
+def test_generate_takes_one_label_as_call_does(pipe):
+    """``generate("12")`` sampled classes 1 and 2 (the string's characters), ``generate("cat")`` looked up "c",
+    and ``generate(3)`` / a 0-d array raised TypeError; one id or name is one label, as in ``__call__``."""
+    for one, many in (("3", [3]), (3, [3]), (np.array(3), [3]), (torch.tensor(3), [3]), (np.array([3, 1]), [3, 1])):
+        a = pipe.generate(one, generator=0, decode=False).indices
+        b = pipe.generate(many, generator=0, decode=False).indices
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert len(pipe(np.array(2), output_type="pt")) == 1
+    with pytest.raises(HMARError, match="unknown class name 'cat'"):
+        pipe.generate("cat")
+    with pytest.raises(HMARError, match="class labels must be"):
+        pipe.generate(object())
 
 
 def test_scale_schedules_that_cannot_work_are_refused():

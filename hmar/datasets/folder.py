@@ -215,14 +215,27 @@ def upright(im: Image.Image) -> Image.Image:
     return im
 
 
+WIDE_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "F")   # grayscale beyond 8 bits: PIL's convert clips these
+
+
+def gray_unit(im: Image.Image) -> np.ndarray:
+    """A wide grayscale image (:data:`WIDE_GRAY_MODES`) as float64 ``H x W`` in [0, 1], by its mode's range:
+    16-bit modes (and ``I`` with values above 255) over 65535, ``I`` otherwise over 255; float (``F``) images as
+    they are when within [0, 1], else over 255 (or 65535 above 255)."""
+    a = np.asarray(im, dtype=np.float64)
+    top = a.max(initial=0.0)
+    if im.mode == "F":
+        peak = 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0
+    else:
+        peak = 65535.0 if im.mode != "I" or top > 255 else 255.0
+    return np.clip(np.nan_to_num(a / peak), 0.0, 1.0)
+
+
 def to_rgb(im: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB, compositing transparency onto a white background. 16-bit grayscale
-    (``I;16``, or ``I`` with values above 255) is scaled to 8 bits, where PIL's own conversion clips to white."""
-    if im.mode.startswith("I;16") or im.mode == "I":
-        arr = np.asarray(im, dtype=np.float64)
-        if im.mode != "I" or arr.max(initial=0) > 255:
-            arr = arr / 257.0
-        im = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    """Convert any PIL mode to RGB, compositing transparency onto a white background. Wide grayscale (16-bit,
+    32-bit, float: :func:`gray_unit`) is scaled to 8 bits by its range, where PIL's own conversion clips to white."""
+    if im.mode in WIDE_GRAY_MODES:
+        im = Image.fromarray(np.rint(gray_unit(im) * 255).astype(np.uint8), "L")
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
         rgba = im.convert("RGBA")
         bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
