@@ -297,6 +297,31 @@ def test_cli_train_eval_reference(tiny_data: Path, tiny_classifier: Path, tmp_pa
     assert main(["eval", "--samples", str(samples), "--reference", str(stats), "--no-inception",
                  "--classifier", str(model)]) == 2  # stats were made with another classifier
     assert "eval-reference" in capsys.readouterr().err
+    # outputs that cannot be right are refused before any feature is computed (they failed after it, or an eval
+    # --out naming a sample image overwrote it with JSON)
+    import hmar.evaluation.metrics as metrics
+    calls = []
+    real = metrics.evaluate_folder
+    metrics.evaluate_folder = lambda *a, **k: calls.append(1) or real(*a, **k)
+    (tmp_path / "afile").write_text("x")
+    try:
+        for argv, needle in [
+            (["eval", "--samples", str(samples), "--reference", str(stats), "--out", str(samples / "0" / "000.png")],
+             "written as JSON"),
+            (["eval", "--samples", str(samples), "--reference", str(stats), "--out", str(tmp_path)], "written as JSON"),
+            (["eval", "--samples", str(samples), "--reference", str(stats), "--cache-dir", str(tmp_path / "afile")],
+             "--cache-dir: cannot write into"),
+            (["eval-reference", "--data", str(tiny_data / "test"), "--out", str(tmp_path / "r.txt")], "end in .npz"),
+        ]:
+            assert main(argv + ["--no-inception", "--classifier", str(tiny_classifier)]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert needle in err[-1], err
+    finally:
+        metrics.evaluate_folder = real
+    assert not calls and (samples / "0" / "000.png").read_bytes()[:4] == b"\x89PNG"
+    stats.rename(tmp_path / "REF.NPZ")                       # the suffix in capitals is still a statistics file
+    assert main(["eval", "--samples", str(samples), "--reference", str(tmp_path / "REF.NPZ"), "--no-inception",
+                 "--classifier", str(tiny_classifier), "--out", str(out)]) == 0
 
 
 # ----------------------------------------------------------------------------- generation

@@ -139,8 +139,13 @@ def _eval(args: argparse.Namespace) -> int:
     from ..evaluation.metrics import evaluate_folder
     if args.batch_size < 1 or args.k < 1:
         raise HMARError(f"--batch-size and --k must be positive, got {args.batch_size} and {args.k}")
-    if args.out:   # a folder that cannot take the results: refused before the features are computed
-        ensure_writable_dir(Path(args.out).parent, "--out")
+    if args.out:   # a place that cannot take the results: refused before the features are computed
+        out = Path(args.out)
+        if out.suffix.lower() != ".json" or out.is_dir():
+            raise HMARError(f"--out {args.out!r}: the metrics are written as JSON; pass a file path ending in .json")
+        ensure_writable_dir(out.parent, "--out")
+    if args.cache_dir is not None:
+        ensure_writable_dir(Path(args.cache_dir), "--cache-dir")
     t0 = time.time()
     inc, cls = _extractors(args)
     exts = [e for e in (inc, cls) if e is not None]
@@ -163,6 +168,8 @@ def _eval_reference(args: argparse.Namespace) -> int:
     from ..evaluation.fid import reference_stats, save_stats
     if args.batch_size < 1:
         raise HMARError(f"--batch-size must be positive, got {args.batch_size}")
+    if Path(args.out).suffix != ".npz":   # before the features, not after them
+        raise HMARError(f"--out {args.out!r}: statistics files end in .npz (e.g. {Path(args.out).stem}.npz)")
     ensure_writable_dir(Path(args.out).parent, "--out")
     exts = [e for e in _extractors(args) if e is not None]
     t0 = time.time()

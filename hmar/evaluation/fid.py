@@ -164,7 +164,7 @@ def _as_stats(x: Union[ImageSource, ReferenceStats], extractor: Extractor, batch
               cache_dir: Optional[Path]) -> ReferenceStats:
     if isinstance(x, ReferenceStats):
         return x
-    if isinstance(x, (str, Path)) and Path(x).suffix == ".npz":
+    if isinstance(x, (str, Path)) and Path(x).suffix.lower() == ".npz":
         bundle = load_stats(x)
         if extractor.name not in bundle:
             raise HMARError(f"{x} holds statistics for {sorted(bundle)}, not for extractor {extractor.name!r}")

@@ -18,7 +18,7 @@ from .prdc import precision_recall
 def _reference(reference: Union[str, Path], extractors: List[Extractor], cache_dir: Optional[Path],
                batch_size: int, progress: Optional[Callable[[str], None]]) -> Dict[str, ReferenceStats]:
     ref = Path(reference)
-    if ref.suffix == ".npz":
+    if ref.suffix.lower() == ".npz":
         bundle = load_stats(ref)
         missing = [e.name for e in extractors if e.name not in bundle]
         if missing:
