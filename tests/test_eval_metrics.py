@@ -362,3 +362,9 @@ def test_generate_plan_and_errors(tmp_path: Path) -> None:
         generate_samples(fake_sampler, 2, 2, 2, tmp_path, seed=0, rank=2, world_size=2)
     with pytest.raises(HMARError, match=r"\[B, 3, H, W\]"):
         generate_samples(lambda lab, g: torch.zeros(len(lab), 8, 8), 1, 1, 1, tmp_path, seed=0)
+
+
+def test_a_classifier_folder_loads_its_model_safetensors(tiny_classifier: Path) -> None:
+    """``--classifier cls/`` (the folder train-classifier wrote model.safetensors into) said "cls.json not found"."""
+    a, b = load_classifier(tiny_classifier.parent), load_classifier(tiny_classifier)
+    assert a.name == b.name

@@ -407,3 +407,26 @@ def test_an_empty_checkpoint_and_a_broken_classes_json_are_one_line_errors(tmp_p
     (root / "classes.json").write_text("{")
     rc, _, err = _cli(["train-classifier", "--data", str(root), "--out", str(tmp_path / "c.safetensors")], capsys)
     assert rc == 2 and "classes.json is not valid JSON" in err[-1] and "fix or delete it" in err[-1], err
+
+
+def test_a_schedule_for_a_model_without_masked_branch_is_checked_and_noted(tmp_path, capsys):
+    """`sample --schedule` on a VAR model was validated, then silently unused."""
+    HMARPipeline.from_preset("var-tiny", "vqvae-tiny").save_pretrained(tmp_path / "var")
+    rc, _, err = _cli(["sample", "-c", str(tmp_path / "var"), "--schedule", "none", "--classes", "1", "--out",
+                       str(tmp_path / "o"), "--no-progress"], capsys)
+    assert rc == 0 and any("this var model has no masked branch" in e for e in err), err
+    rc, _, err = _cli(["sample", "-c", str(tmp_path / "var"), "--schedule", "[[1]]", "--classes", "1", "--out",
+                       str(tmp_path / "o"), "--no-progress"], capsys)
+    assert rc == 2 and "schedule" in err[-1]
+
+
+def test_cli_outpaint_errors_name_the_flags(model_dir, tmp_path, capsys):
+    """`--pad ''` said "pad=(left, top, right, bottom) or target_size=(W, H)" (the Python names) and a huge --pad
+    advised downscaling the image."""
+    from PIL import Image
+    Image.new("RGB", (50, 40), "red").save(tmp_path / "i.png")
+    base = ["edit", "outpaint", "-c", str(model_dir), "--image", str(tmp_path / "i.png"), "--out", str(tmp_path / "o.png")]
+    for extra, needle in ((["--pad", ""], "exactly one of --pad"), (["--pad", "100000"], "pass a smaller --pad / --size"),
+                          (["--size", "10x10"], "--size must be (W, H) at least the image size")):
+        rc, _, err = _cli(base + extra, capsys)
+        assert rc == 2 and needle in err[-1], err

@@ -45,7 +45,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=None,
                    help="softmax temperature > 0 (default: the model's, usually 1)")
     p.add_argument("--schedule", default=None,
-                   help="masked-step schedule: default | none | coarse | official-256 | official-512 | JSON list of "
+                   help="HMAR's masked-step schedule (VAR / stage-1 models have none): default | none | coarse | "
+                        "official-256 | official-512 | JSON list of "
                         "per-scale token counts, e.g. '[[1],[1,3],[1,1,2,5],[16],...]'")
     p.add_argument("--guide-masked", action="store_true", help="also apply guidance inside masked refinement passes")
 
@@ -61,8 +62,12 @@ def check_sampling_args(pipe, kw: dict) -> None:
     from ..sampling import check_options
     o = pipe._opts(**kw)   # the pipeline's defaults under the options given
     check_options(o["cfg"], o["top_k"], o["top_p"], o["temperature"])
-    if kw.get("schedule") is not None and hasattr(pipe.model, "masked_logits"):
+    if kw.get("schedule") is not None:
         resolve_schedule(kw["schedule"], pipe.model.config.patch_nums)
+        if not hasattr(pipe.model, "masked_logits"):
+            import sys
+            print(f"note: --schedule sets HMAR's masked refinement steps; this {pipe.model.config.kind} model has no "
+                  "masked branch, so it samples each scale in one pass without it", file=sys.stderr)
 
 
 def prepare_out_dir(directory: Path, what: str = "--out") -> None:

@@ -104,9 +104,16 @@ def run(args: argparse.Namespace) -> int:
     # read the inputs before loading a model, so that bad files fail fast
     img = editing.load_image(args.image, max_pixels=args.max_pixels)
     if args.edit_op == "outpaint":
+        if (args.pad is None or not args.pad.strip()) == (args.size is None or not args.size.strip()):
+            raise HMARError("outpaint needs exactly one of --pad L,T,R,B (or one value for all sides) and --size WxH")
         pad = _parse_pad(args.pad) if args.pad else None
         size = _parse_size(args.size) if args.size else None
-        img, mask = editing.outpaint_canvas(img, pad, size, max_pixels=args.max_pixels)
+        try:
+            img, mask = editing.outpaint_canvas(img, pad, size, max_pixels=args.max_pixels)
+        except HMARError as e:   # the library's names (target_size=, max_pixels) -> the flags
+            raise HMARError(str(e).replace("target_size", "--size").replace(
+                "(max_pixels; --max-pixels in the CLI): downscale it first or raise the limit",
+                "(--max-pixels): pass a smaller --pad / --size, or raise --max-pixels")) from None
     else:
         mask = editing.load_mask(args.mask, max_pixels=args.max_pixels)
         if mask.shape != (img.height, img.width):

@@ -256,6 +256,8 @@ def load_classifier(path: Union[str, Path], device: Union[str, torch.device] = "
     """Load a classifier saved by :func:`train_classifier` (weights path; config read beside it)."""
     from safetensors.torch import load_file
     path = Path(path)
+    if path.is_dir() and (path / "model.safetensors").is_file():   # the folder train-classifier wrote into
+        path = path / "model.safetensors"
     meta = path.with_suffix(".json")
     if not path.is_file() or not meta.is_file():
         raise HMARError(f"classifier {path} (and its config {meta.name}) not found; train one with "
