@@ -31,13 +31,22 @@ def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def ensure_writable_dir(directory: Union[str, os.PathLike], what: str = "--out") -> Path:
+def ensure_writable_dir(directory: Union[str, os.PathLike], what: str = "--out", create: bool = True) -> Path:
     """Create ``directory`` (and its parents) and check that files can be written in it, before any slow work;
-    :class:`HMARError` naming ``what`` if not (a read-only or system folder, a path through a file)."""
+    :class:`HMARError` naming ``what`` if not (a read-only or system folder, a path through a file). With
+    ``create=False`` nothing is made: its nearest existing folder is checked instead (for a command that may still
+    fail before writing)."""
     d = Path(directory)
+    probe = d
     try:
-        d.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=d):
+        if create:
+            d.mkdir(parents=True, exist_ok=True)
+        else:
+            while not probe.exists() and probe != probe.parent:
+                probe = probe.parent
+            if not probe.is_dir():
+                raise NotADirectoryError(20, "Not a directory", str(probe))
+        with tempfile.TemporaryFile(dir=probe):
             pass
     except OSError as e:
         raise HMARError(f"{what}: cannot write into {str(d)!r} ({e.strerror or e}): choose a writable folder") from None

@@ -89,7 +89,7 @@ def _label_list(labels: Any) -> List[Any]:
     if isinstance(labels, (numbers.Integral, str)) or (isinstance(labels, (torch.Tensor, np.ndarray)) and labels.ndim == 0):
         return [labels.item() if isinstance(labels, (torch.Tensor, np.ndarray)) else labels]
     if not hasattr(labels, "__iter__"):
-        raise HMARError(f"class labels must be a class id, a class name or a list of them, got {labels!r}")
+        raise HMARError(f"class_labels must be a class id, a class name or a list of them, got {labels!r}")
     return list(labels)
 
 

@@ -67,7 +67,7 @@ def test_generate_takes_one_label_as_call_does(pipe):
     assert len(pipe(np.array(2), output_type="pt")) == 1
     with pytest.raises(HMARError, match="unknown class name 'cat'"):
         pipe.generate("cat")
-    with pytest.raises(HMARError, match="class labels must be"):
+    with pytest.raises(HMARError, match="class_labels must be"):
         pipe.generate(object())
 
 

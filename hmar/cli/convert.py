@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():     # checked before loading (a d30 file takes a while)
         raise HMARError(f"--out {args.out!r} is a file: the output is a directory, pass a new or existing one")
-    ensure_writable_dir(out, "--out")
+    ensure_writable_dir(out, "--out", create=False)   # made only by the save, after a successful load
     names = _read_class_names(args.class_names) if args.class_names else None
     pipe = HMARPipeline.from_pretrained(args.checkpoint, vqvae=args.vqvae, mask_checkpoint=args.mask_checkpoint)
     if names is not None:
