@@ -90,8 +90,9 @@ def _directory_kind(d: Path) -> Optional[str]:
     return {"hmar": "hmar model", TOKENIZER_FORMAT: "tokenizer"}.get(fmt)
 
 
-def detect_kind(sd: Dict[str, torch.Tensor]) -> str:
-    """``vqvae``, ``hmar``, ``mp`` (stage-2), ``nsp`` (stage-1) or ``var`` from the keys (and mask)."""
+def detect_kind(sd: Dict[str, torch.Tensor], source: Optional[PathLike] = None) -> str:
+    """``vqvae``, ``hmar``, ``mp`` (stage-2), ``nsp`` (stage-1) or ``var`` from the keys (and mask); ``source``
+    (the file) is named in the error for none of them."""
     if any(k.startswith("encoder.") for k in sd) and any(k.startswith("quantize.") for k in sd):
         return "vqvae"
     # by key families, not single keys: a file missing one key is still recognised (and the load names the key)
@@ -105,8 +106,9 @@ def detect_kind(sd: Dict[str, torch.Tensor]) -> str:
             # block-causal: the first query row of the last scale sees every key; block-diagonal: not
             return "var" if torch.isfinite(bias[0, 0, -1, 0]).item() else "nsp"
         return "var"
-    raise HMARError("the checkpoint is neither a VQ-VAE nor an HMAR/VAR transformer "
-                    f"(first keys: {list(sd)[:4]})")
+    what = "the checkpoint" if source is None else repr(str(source))
+    raise HMARError(f"{what} is neither a VQ-VAE nor an HMAR/VAR transformer (first keys: {list(sd)[:4]}): pass an "
+                    "official checkpoint (vae_ch160v4096z32.pth, hmar-d*.pth, var_d*.pth) or an hmar model directory")
 
 
 def _patch_nums_from_levels(lvl: torch.Tensor) -> Tuple[int, ...]:
@@ -198,7 +200,7 @@ def infer_tokenizer_config(sd: Dict[str, torch.Tensor], patch_nums=None) -> Toke
 def load_official_model(path: PathLike, mask_path: Optional[PathLike] = None) -> nn.Module:
     """Build and strictly load an official HMAR / VAR / stage-1 (/ stage-1 + stage-2) checkpoint."""
     sd = read_state_dict(path)
-    kind = detect_kind(sd)
+    kind = detect_kind(sd, path)
     if kind == "vqvae":
         raise HMARError(f"{str(path)!r} is a VQ-VAE (tokenizer) checkpoint, not a transformer: "
                         "pass it with --vqvae and give the transformer with --checkpoint")
@@ -217,7 +219,7 @@ def load_official_model(path: PathLike, mask_path: Optional[PathLike] = None) ->
             raise HMARError(f"{str(path)!r} is a VAR (block-causal) checkpoint: a mask checkpoint only pairs with a "
                             "stage-1 (next-scale, block-diagonal) file; drop it, or pass the stage-1 file")
         mp = read_state_dict(mask_path)
-        if detect_kind(mp) != "mp":
+        if detect_kind(mp, mask_path) != "mp":
             raise HMARError(f"{str(mask_path)!r} is not a stage-2 (masked) checkpoint (no mask_embed.weight): "
                             "pass the official stage-2 file as the mask checkpoint")
         # the stage-2 file has the stage-1 layout with word_embed's bias apart and a mask embedding (hmar-spec 8.3)
@@ -238,7 +240,7 @@ def load_official_model(path: PathLike, mask_path: Optional[PathLike] = None) ->
 def load_official_tokenizer(path: PathLike, patch_nums=None) -> VQVAE:
     """Build and strictly load an official VQ-VAE checkpoint (``vae_ch160v4096z32.pth``)."""
     sd = read_state_dict(path)
-    if detect_kind(sd) != "vqvae":
+    if detect_kind(sd, path) != "vqvae":
         raise HMARError(f"{str(path)!r} is a transformer checkpoint, not a VQ-VAE: pass it with --checkpoint")
     try:
         cfg = infer_tokenizer_config(sd, patch_nums)

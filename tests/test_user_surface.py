@@ -306,6 +306,7 @@ def test_mask_checkpoint_and_class_names_mismatches(model_dir, tmp_path, capsys)
     torch.save(VQVAE(tokenizer_config("vqvae-tiny")).state_dict(), tmp_path / "vq.pth")
     torch.save(VQVAE(tokenizer_config("vqvae-64")).state_dict(), tmp_path / "vq48.pth")   # 48 channels, 16 groups
     (tmp_path / "names.txt").write_text("a\nb\n")
+    torch.save({"a": torch.zeros(1)}, tmp_path / "odd.pth")   # a file of no known kind: named in the error
     f = {k: str(tmp_path / v) for k, v in dict(hmar="hmar-tiny.pth", nsp="nsp-tiny.pth", vq="vq.pth",
                                                 names="names.txt", vq48="vq48.pth").items()}
     for argv, needle in [
@@ -314,6 +315,8 @@ def test_mask_checkpoint_and_class_names_mismatches(model_dir, tmp_path, capsys)
         (["sample", "-c", str(model_dir), "--mask-checkpoint", f["nsp"]], "model directory"),
         (["convert", "-c", f["hmar"], "--vqvae", f["vq"], "--class-names", f["names"]], "2 names"),
         (["convert", "-c", f["hmar"], "--vqvae", f["vq48"]], "not divisible by its norm_groups 32"),
+        (["convert", "-c", f["hmar"], "--vqvae", f["names"].replace("names.txt", "odd.pth")],
+         f"{f['names'].replace('names.txt', 'odd.pth')!r} is neither a VQ-VAE nor"),
         (["convert", "-c", f["hmar"], "--vqvae", f["vq"], "--out", str(tmp_path / "names.txt" / "sub")],
          "--out: cannot write into"),
     ]:
