@@ -50,6 +50,8 @@ def check_limits(max_upload_mb: float, max_pixels: int, concurrency: int, max_qu
                     ("--concurrency", concurrency), ("--max-queue", max_queue)):
         if not (isinstance(v, numbers.Real) and math.isfinite(v) and v > 0):   # NaN fails too
             raise HMARError(f"{flag} must be a positive number, got {v!r}")
+    if max_upload_mb * 2 ** 20 < 1024:   # 1e-9 MiB became a 0-byte limit: every upload refused
+        raise HMARError(f"--max-upload-mb {max_upload_mb!r} allows less than 1 KiB: no image fits; use e.g. 10")
 
 
 def limit_pixels(max_pixels: int) -> None:

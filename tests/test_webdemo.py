@@ -306,6 +306,24 @@ def test_serve_refuses_bad_limits_before_loading(flag, value, capsys, monkeypatc
     assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {flag} must be a positive number"), err
 
 
+def test_serve_refuses_a_bad_host_a_busy_port_and_a_tiny_upload_limit_before_loading(capsys, monkeypatch):
+    """An unresolvable --host or a port in use failed after the model loaded, with Gradio's advice; a 1e-9 MiB
+    upload limit became 0 bytes (every upload refused)."""
+    import socket
+    from hmar.cli import main, serve
+    monkeypatch.setattr(serve, "load_pipeline", lambda *a, **k: pytest.fail("the model was loaded"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for argv, needle in ((["--host", "999.1.1.1"], "--host 999.1.1.1: cannot resolve it"),
+                             (["--port", str(port)], f"--port {port}: cannot listen there"),
+                             (["--max-upload-mb", "1e-9"], "allows less than 1 KiB")):
+            rc = main(["serve", "--device", "cpu"] + argv)
+            err = capsys.readouterr().err.strip().splitlines()
+            assert rc == 2 and needle in err[-1], err
+
+
 def test_handlers_refuse_non_numbers_with_a_message(monkeypatch):
     """A guidance or padding value that is not a number was a bare ValueError / TypeError (the page showed 'Error')."""
     from hmar.app import DemoHandlers

@@ -27,11 +27,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _check_address(host: str, port: int) -> None:
+    """The address resolves and the port is free, before the model loads (else Gradio says so after it, with its
+    own advice about GRADIO_SERVER_PORT)."""
+    import socket
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as e:
+        raise HMARError(f"--host {host}: cannot resolve it ({e}): use 127.0.0.1, 0.0.0.0 or this machine's name") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise HMARError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}): pick another "
+                            "--port (or stop what is using it)") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from ..app import check_limits, launch
     if not 0 < args.port < 65536:
         raise HMARError(f"--port must be between 1 and 65535, got {args.port}")
     check_limits(args.max_upload_mb, args.max_pixels, args.concurrency, args.max_queue)  # before the model loads
+    _check_address(args.host, args.port)
     try:
         import gradio  # noqa: F401
     except ModuleNotFoundError:
