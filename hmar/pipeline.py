@@ -65,7 +65,8 @@ def check_device(device: Union[str, torch.device]) -> torch.device:
             raise HMARError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} "
                             "GPU(s)")
         return dev
-    backend = getattr(torch.backends, dev.type, None) or getattr(torch, dev.type, None)   # torch.backends.mps, torch.xpu
+    # torch.backends.mps, torch.xpu, ...: their is_available()
+    backend = getattr(torch.backends, dev.type, None) or getattr(torch, dev.type, None)
     available = getattr(backend, "is_available", None)
     if available is None or not available():
         alt = "'cuda' or 'cpu'" if torch.cuda.is_available() else "'cpu'"
@@ -86,7 +87,8 @@ def _edit_options(kwargs: Dict[str, Any]) -> Dict[str, Any]:
 def _label_list(labels: Any) -> List[Any]:
     """``labels`` as a list: a single id (numpy ints, 0-d tensors and arrays too) or name becomes a list of one
     (a string is one name, not its characters); anything that is not a sequence of labels is an error."""
-    if isinstance(labels, (numbers.Integral, str)) or (isinstance(labels, (torch.Tensor, np.ndarray)) and labels.ndim == 0):
+    if isinstance(labels, (numbers.Integral, str)) or \
+            (isinstance(labels, (torch.Tensor, np.ndarray)) and labels.ndim == 0):
         return [labels.item() if isinstance(labels, (torch.Tensor, np.ndarray)) else labels]
     if not hasattr(labels, "__iter__"):
         raise HMARError(f"class_labels must be a class id, a class name or a list of them, got {labels!r}")

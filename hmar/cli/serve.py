@@ -34,7 +34,8 @@ def _check_address(host: str, port: int) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as e:
-        raise HMARError(f"--host {host}: cannot resolve it ({e}): use 127.0.0.1, 0.0.0.0 or this machine's name") from None
+        raise HMARError(f"--host {host}: cannot resolve it ({e}): use 127.0.0.1, 0.0.0.0 or this machine's "
+                        "name") from None
     family, _, _, _, addr = infos[0]
     with socket.socket(family, socket.SOCK_STREAM) as s:
         try:

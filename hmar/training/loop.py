@@ -608,8 +608,8 @@ class Trainer:
             self.log.record(0, "config", {"train": config_to_dict(cfg), "model": self.model.config.to_dict(),
                                           "world": info.world}, echo=False)
         from tqdm.auto import tqdm
-        bar = tqdm(total=None if cfg.time_budget else self.total, initial=self.step, unit="step", dynamic_ncols=True, leave=True,
-                   disable=not (info.is_main and cfg.progress), desc=self.stage)
+        bar = tqdm(total=None if cfg.time_budget else self.total, initial=self.step, unit="step", dynamic_ncols=True,
+                   leave=True, disable=not (info.is_main and cfg.progress), desc=self.stage)
         self.log.bar = bar if not bar.disable else None
         meter = Throughput()
         last: Dict[str, torch.Tensor] = {}

@@ -143,7 +143,8 @@ class TokenizerTrainer:
         self.say(f"tokenizer training: {cfg.preset} ({nparams / 1e6:.2f}M params, {tcfg.resolution}px, vocab {V}, "
                  f"scales {tuple(tcfg.patch_nums)}) on {n} images of {len(self.data.class_names)} classes; "
                  f"{self.info.world} process(es) on {dev}, batch {cfg.batch_size}, "
-                 f"{f'steps fitted to --time-budget {cfg.time_budget:g}s' if cfg.time_budget else f'{self.total} steps'}; losses: "
+                 + (f"steps fitted to --time-budget {cfg.time_budget:g}s" if cfg.time_budget else f"{self.total} steps")
+                 + "; losses: "
                  f"l1 {cfg.l1}, l2 {cfg.l2}, vq {cfg.vq_weight}"
                  + (f", perceptual {cfg.perceptual_weight}" if self.perc else "")
                  + (f", GAN {cfg.disc_weight} from step {cfg.disc_start}" if self.disc is not None else ""))
@@ -321,8 +322,8 @@ class TokenizerTrainer:
             self.log.record(0, "config", {"train": config_to_dict(cfg), "tokenizer": self.vq.config.to_dict(),
                                           "world": info.world}, echo=False)
         from tqdm.auto import tqdm
-        bar = tqdm(total=None if cfg.time_budget else self.total, initial=self.step, unit="step", dynamic_ncols=True,
-                   disable=not (info.is_main and cfg.progress), desc="tokenizer")
+        bar = tqdm(total=None if cfg.time_budget else self.total, initial=self.step, unit="step",
+                   dynamic_ncols=True, disable=not (info.is_main and cfg.progress), desc="tokenizer")
         self.log.bar = bar if not bar.disable else None
         meter = Throughput()
         saved = evaluated = False
