@@ -84,7 +84,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .datasets.folder import WIDE_GRAY_MODES, gray_unit
+from .datasets.folder import UNREADABLE_IMAGE, WIDE_GRAY_MODES, gray_unit, to_rgb
 from .errors import HMARError
 from .presets import resolve_schedule
 from .sampling import StepInfo, class_id, make_generator, sample
@@ -154,7 +154,7 @@ def _open_pil(src: Union[str, os.PathLike, bytes], max_pixels: Optional[int], wh
                         f"(PNG, JPEG, WebP, BMP, ...)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise HMARError(f"{what}: {name} has too many pixels (decompression-bomb limit): downscale it first") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except UNREADABLE_IMAGE as e:
         raise HMARError(f"{what}: {name} could not be decoded ({type(e).__name__}: {str(e)[:100]})") from None
     return im
 
@@ -222,7 +222,7 @@ def load_image(src: ImageInput, *, max_pixels: Optional[int] = MAX_PIXELS,
     if isinstance(src, Image.Image):
         _check_pixels(src.width, src.height, max_pixels, what)
         if src.mode in WIDE_GRAY_MODES:   # scaled by the mode's range, as the trainers read it
-            src = Image.fromarray(np.rint(gray_unit(src) * 255).astype(np.uint8), "L")
+            return to_rgb(src)
         return src.convert("RGB") if src.mode != "RGB" else src
     if isinstance(src, (np.ndarray, torch.Tensor)):
         a = _to_hwc(src, what)

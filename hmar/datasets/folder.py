@@ -215,6 +215,9 @@ def upright(im: Image.Image) -> Image.Image:
     return im
 
 
+UNREADABLE_IMAGE = (OSError, SyntaxError, ValueError)
+"""PIL's errors for a truncated, empty or non-image file (``except UNREADABLE_IMAGE``)."""
+
 WIDE_GRAY_MODES = ("I", "I;16", "I;16B", "I;16L", "F")   # grayscale beyond 8 bits: PIL's convert clips these
 
 

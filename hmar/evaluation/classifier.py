@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..datasets.folder import load_image, load_image_folder
+from ..datasets.folder import UNREADABLE_IMAGE, load_image, load_image_folder
 from ..errors import HMARError
 from ..fileio import atomic_path, ensure_writable_dir
 
@@ -120,7 +120,7 @@ def load_folder_tensor(root: Path, size: int, class_names: Optional[List[str]] =
     for i in keep:
         try:
             images.append(load_image(folder.files[i], size))
-        except (OSError, SyntaxError, ValueError) as e:   # PIL's errors for a truncated, empty or non-image file
+        except UNREADABLE_IMAGE as e:
             if progress:
                 progress(f"warning: skipping unreadable image {folder.files[i]} ({type(e).__name__}: {e})")
             continue
@@ -136,7 +136,7 @@ def _first_size(files: List[Path], root: Path) -> Tuple[Path, int]:
     for f in files:
         try:
             return f, load_image(f).shape[0]
-        except (OSError, SyntaxError, ValueError):   # PIL's errors for a truncated, empty or non-image file
+        except UNREADABLE_IMAGE:
             continue
     raise HMARError(f"none of the {len(files)} images under {root} could be read: re-save them as PNG or JPEG")
 

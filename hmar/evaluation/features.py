@@ -7,7 +7,7 @@ from typing import Callable, List, Optional, Protocol, Sequence, Union
 import numpy as np
 import torch
 
-from ..datasets.folder import list_images, load_image
+from ..datasets.folder import UNREADABLE_IMAGE, list_images, load_image
 from ..errors import HMARError
 
 ImageSource = Union[str, Path, torch.Tensor, Sequence[Path]]
@@ -24,7 +24,7 @@ class Extractor(Protocol):
 def _read(path: Path) -> np.ndarray:
     try:
         return load_image(path)
-    except (OSError, SyntaxError, ValueError) as e:   # PIL's errors for a truncated, empty or non-image file
+    except UNREADABLE_IMAGE as e:
         raise HMARError(f"cannot read the image {path} ({type(e).__name__}: {e}): re-save or remove it (the "
                         "statistics are over every image of the folder, so none is skipped)") from None
 

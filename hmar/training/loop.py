@@ -315,8 +315,8 @@ class Trainer:
         self.data: TrainData = build_data(cfg.data, self.tokenizer.config.resolution, cfg.hflip, cfg.seed)
         check_batch_fits(len(self.data.train), cfg.batch_size, cfg.data, self.log.info)   # main process only
         self.class_names = list(self.data.class_names)
+        self.tokenizer_fp = fp = quantizer_fingerprint(self.tokenizer.quantize)   # frozen: checked and checkpointed
         if self.data.kind == "tokens":
-            fp = quantizer_fingerprint(self.tokenizer.quantize)
             if cache_meta.get("quantizer_fingerprint") not in (None, fp):
                 raise HMARError(f"token cache {cfg.data} was made with another tokenizer (fingerprint "
                                 f"{cache_meta.get('quantizer_fingerprint')} vs {fp}): re-run `hmar tokenize` with "
@@ -538,7 +538,7 @@ class Trainer:
                    "corrupt": sorted(self.corrupt.seen), "config": config_to_dict(self.cfg),
                    "num_train": len(self.data.train),
                    "model_config": self.model.config.to_dict(),
-                   "quantizer_fingerprint": quantizer_fingerprint(self.tokenizer.quantize)}
+                   "quantizer_fingerprint": self.tokenizer_fp}
         if self.cfg.time_budget:   # a resumed budgeted run goes on with the schedule it had, not a new one
             payload["budget_schedule"] = {**self.budget_state, "offset": self.schedule.offset,
                                           "warmup": self.schedule.warmup, "total": self.total}
@@ -559,9 +559,9 @@ class Trainer:
             raise HMARError(f"{ck['path']} is of another model ({', '.join(diff)}): resume with the original run's "
                             "--model and size options, or train into a new --out")
         fp = ck.get("quantizer_fingerprint")
-        if fp is not None and fp != quantizer_fingerprint(self.tokenizer.quantize):
+        if fp is not None and fp != self.tokenizer_fp:
             raise HMARError(f"{ck['path']} was trained with another tokenizer (quantizer fingerprint {fp}, this run's "
-                            f"is {quantizer_fingerprint(self.tokenizer.quantize)}): resume with the original run's "
+                            f"is {self.tokenizer_fp}): resume with the original run's "
                             "--tokenizer (and data), or train into a new --out")
 
     def _resume(self) -> bool:
