@@ -345,7 +345,16 @@ def test_cli_empty_and_full_masks(files, capsys):
     assert rc == 0 and "reconstruction" in err
     rc, out, err = _cli(["edit", "inpaint", "--image", files / "in.png", "--mask", files / "full.png",
                          "--out", files / "full_out.png", "--class", "0"], capsys)
-    assert rc == 0 and (files / "full_out.png").exists()
+    assert rc == 0 and (files / "full_out.png").exists() and "note" not in err   # a full mask is asked for
+
+
+def test_cli_outpaint_that_keeps_nothing_says_so(files, capsys):
+    rc, out, err = _cli(["edit", "outpaint", "--image", files / "in.png", "--pad", "2000",
+                         "--out", files / "far_out.png"], capsys)   # 80 px of a 2080 px canvas: < 1 token at 64 px
+    assert rc == 0 and "covers no whole token" in err and "--pad" in err and (files / "far_out.png").exists()
+    rc, out, err = _cli(["edit", "outpaint", "--image", files / "in.png", "--pad", "8",
+                         "--out", files / "near_out.png"], capsys)
+    assert rc == 0 and "note" not in err
 
 
 def test_cli_error_in_a_real_process(files):

@@ -137,6 +137,12 @@ def run(args: argparse.Namespace) -> int:
     if not bool(res.regions[-1].any()):
         print("note: the edit region is empty (after resizing and cropping): the output is the tokenizer's "
               "reconstruction of the input", file=sys.stderr)
+    elif bool(res.regions[-1].all()) and not bool(mask.all()):
+        pn = pipe.model.config.patch_nums[-1]
+        print(f"note: the kept part of the image covers no whole token of the finest {pn}x{pn} scale (after "
+              f"resizing{' the canvas' if args.edit_op == 'outpaint' else ''} to {pipe.resolution}px), so nothing "
+              "of it is kept: the output is a plain sample"
+              + (" (pass a smaller --pad / --size)" if args.edit_op == "outpaint" else ""), file=sys.stderr)
     written = []
     if len(res.images) == 1:
         save_image(res.images[0], out)
