@@ -140,6 +140,9 @@ def test_folder_helpers() -> None:
     assert folder_class_index("7") == 7 and folder_class_index("03_dress") == 3
     assert folder_class_index("Trouser", CLASS_NAMES) == 1 and folder_class_index("ankle-boot", CLASS_NAMES) == 9
     assert folder_class_index("hat", CLASS_NAMES) is None
+    assert folder_class_index("01_trouser", CLASS_NAMES) == 1 and folder_class_index("01_c1", CLASS_NAMES) == 1
+    with pytest.raises(HMARError, match=r"'03_trouser' has index 3, which is class 'Dress', but 'trouser' is class 1"):
+        folder_class_index("03_trouser", CLASS_NAMES)   # the folder and classes.json contradict each other
     assert split_for_key("1f600", 0.3) == split_for_key("1f600", 0.3)
     splits = [split_for_key(f"k{i}", 0.05) for i in range(4000)]
     assert 0.03 < splits.count("val") / 4000 < 0.07

@@ -87,10 +87,23 @@ def split_for_key(key: str, val_fraction: float) -> str:
 
 
 def folder_class_index(folder: str, class_names: Optional[Sequence[str]] = None) -> Optional[int]:
-    """Class index named by a folder: ``"7"``, ``"07_sneaker"``, or a class name / slug; else None."""
+    """Class index named by a folder: ``"7"``, ``"07_sneaker"``, or a class name / slug; else None.
+
+    The index of an ``NN_name`` folder counts; its name is free (``"00_c0"``), except that a name which is
+    another class's raises :class:`HMARError` (``"03_cat"`` where class 3 is ``"dog"`` and ``"cat"`` is 5:
+    the folder and ``classes.json`` contradict each other, and either reading would mislabel its images)."""
     m = _INDEX_PREFIX.match(folder)
     if m:
-        return int(m.group(1))
+        idx = int(m.group(1))
+        rest = folder[len(m.group(1)) + 1:]
+        if rest and class_names and idx < len(class_names) and rest not in (class_names[idx], slugify(class_names[idx])):
+            other = [i for i, n in enumerate(class_names) if rest in (n, slugify(n))]
+            if other:
+                raise HMARError(f"class folder {folder!r} has index {idx}, which is class {class_names[idx]!r}, "
+                                f"but {rest!r} is class {other[0]}: rename the folder "
+                                f"({class_dir_name(other[0], class_names[other[0]], len(class_names))!r} or "
+                                f"{class_dir_name(idx, class_names[idx], len(class_names))!r}) or fix classes.json")
+        return idx
     if class_names:
         for i, name in enumerate(class_names):
             if folder == name or folder == slugify(name):
