@@ -9,7 +9,8 @@ Layout::
 A class folder name starts with its zero-padded class index, so sorting the folder names gives
 the class order of ``classes.json`` (and a reader that only sorts folders, ImageFolder-style,
 gets the same labels). Readers also accept plain index folders (``0/``, ``7/``: the sample
-layout) and folders named after the class.
+layout) and folders named after the class. The index of an ``NN_name`` folder decides its class; a name
+that is another class of ``classes.json`` is refused as a contradiction.
 """
 from __future__ import annotations
 
