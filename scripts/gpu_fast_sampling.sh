@@ -162,7 +162,8 @@
 #           (LIMIT=580, ~9.5 minutes: d30's two cold compiles take about 2 minutes each)
 #   54 (2026-12-07, sixth session): the whole model compiled in max-autotune-no-cudagraphs mode against the default
 #           mode, hmar-d16 training (Triton GEMM templates autotuned against cuBLAS, with inductor's epilogue fusion;
-#           call 47 did the same with blocks compiled one by one, which costs 5 % at hmar-d16, 2h) (~9 minutes)
+#           call 47 did the same with blocks compiled one by one, which costs 5 % at hmar-d16, 2h), then, in the time
+#           left, hmar-d30 bf16 vs fp8 (2j measured it on an H100 only) (~10 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -203,7 +204,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   48) STEPS="scope-train-d16 graphs-train-d16 autotune-train-d16" ;;
   50) STEPS="fp8-train-tests fp8-train-d16 fp8-train-d30" ;; 51) STEPS="fp8-train-d16-512 fp8-train-d30" ;;
   52) STEPS="fp8-train-tests fp8-train-profile-d16 fp8-train-d30" ;;
-  54) STEPS="autotune-model-train-d16" ;;
+  54) STEPS="autotune-model-train-d16 fp8-train-d30" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
