@@ -97,7 +97,8 @@ def folder_class_index(folder: str, class_names: Optional[Sequence[str]] = None)
     if m:
         idx = int(m.group(1))
         rest = folder[len(m.group(1)) + 1:]
-        if rest and class_names and idx < len(class_names) and rest not in (class_names[idx], slugify(class_names[idx])):
+        own = (class_names[idx], slugify(class_names[idx])) if class_names and idx < len(class_names) else None
+        if rest and own and rest not in own:
             other = [i for i, n in enumerate(class_names) if rest in (n, slugify(n))]
             if other:
                 raise HMARError(f"class folder {folder!r} has index {idx}, which is class {class_names[idx]!r}, "
