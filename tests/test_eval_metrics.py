@@ -368,3 +368,53 @@ def test_a_classifier_folder_loads_its_model_safetensors(tiny_classifier: Path) 
     """``--classifier cls/`` (the folder train-classifier wrote model.safetensors into) said "cls.json not found"."""
     a, b = load_classifier(tiny_classifier.parent), load_classifier(tiny_classifier)
     assert a.name == b.name
+
+
+def test_the_statistics_cache_tells_folders_and_rewritten_images_apart(tmp_path: Path) -> None:
+    """Two folders of one name whose BMP files have the same names and byte sizes, and an image rewritten in place at
+    the same size: each is a cache miss (the key had been the base name, the relative paths and the sizes)."""
+    import os
+    from hmar.evaluation.fid import reference_stats
+    cache = tmp_path / "cache"
+
+    def folder(parent: str, value: int) -> Path:
+        d = tmp_path / parent / "test"
+        (d / "0").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8, 3), value + 20 * i, np.uint8)).save(d / "0" / f"{i}.bmp")
+        return d
+
+    a, b = folder("a", 0), folder("b", 100)
+    ext = StandIn()
+    mu_a = reference_stats(a, [ext], cache)[ext.name].mu
+    mu_b = reference_stats(b, [ext], cache)[ext.name].mu
+    assert not np.allclose(mu_a, mu_b) and len(list(cache.glob("*.npz"))) == 2
+    assert np.array_equal(reference_stats(a, [ext], cache)[ext.name].mu, mu_a)        # a hit stays a hit
+    f = a / "0" / "0.bmp"
+    st = f.stat()
+    Image.fromarray(np.full((8, 8, 3), 250, np.uint8)).save(f)                        # same size, new pixels
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert f.stat().st_size == st.st_size
+    assert not np.allclose(reference_stats(a, [ext], cache)[ext.name].mu, mu_a)
+
+
+def test_sample_layouts_generate_json_folders_are_indices_and_the_grid_is_no_sample(
+        tiny_data: Path, tmp_path: Path) -> None:
+    """A folder that `hmar generate` wrote (generate.json) holds <class index>/ folders even when the class names are
+    numbers in another order; `hmar sample`'s grid.png beside flat samples is left out of the statistics."""
+    from hmar.evaluation.metrics import _samples
+    gen = _write_split(tmp_path / "gen", 2, 3, folder_name=str)
+    names = ["1", "0", "2"]                        # e.g. a model whose classes were the sorted folders 1, 0, 2
+    assert _samples(gen, names, print).labels == [1, 1, 0, 0, 2, 2]      # a folder of the user's: by name
+    (gen / "generate.json").write_text("{}")
+    assert _samples(gen, names, print).labels == [0, 0, 1, 1, 2, 2]      # generate's folders: by index
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(4):
+        Image.fromarray(_pattern(i % 3, np.random.default_rng(i))).save(flat / f"{i:04d}_c_000.png")
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(flat / "grid.png")
+    said = []
+    s = _samples(flat, None, said.append)
+    assert len(s) == 4 and "grid.png" not in [f.name for f in s.files] and "contact sheet" in said[0]
+    res = evaluate_folder(flat, tiny_data / "test", inception=StandIn(), k=2, batch_size=8)
+    assert res["num_samples"] == 4

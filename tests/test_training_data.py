@@ -1,6 +1,7 @@
 """Training data: PIL transforms, class folders, corrupt files, errors, batch order, token caches."""
 from __future__ import annotations
 
+import json
 import numpy as np
 import pytest
 import torch
@@ -426,3 +427,32 @@ def test_a_run_directory_loads_as_its_model_and_its_checkpoints_say_where_the_mo
     assert main(["sample", "-c", str(run / "checkpoints"), "--out", str(tmp_path / "s"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "holds resumable training states, not a model" in err[-1] and str(run / "model") in err[-1], err
+
+
+def test_one_folder_to_class_rule_for_training_and_evaluation(tmp_path):
+    """Training and evaluation read class folders alike: index folders 0..n-1 by index (``10/`` after ``9/``, not
+    after ``1/`` as sorted names), other numeric names (years) as sorted names, a classes.json class without images
+    refused for training."""
+    from hmar.datasets.folder import load_image_folder
+    from hmar.training.data import index_folder
+
+    def make(root, names):
+        for n in names:
+            (root / n).mkdir(parents=True)
+            Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(root / n / "a.png")
+        return root
+
+    idx = make(tmp_path / "idx", [str(i) for i in range(11)])
+    files, labels, names = index_folder(idx)
+    assert [int(f.parent.name) for f in files] == labels and names == [str(i) for i in range(11)]
+    ev = load_image_folder(idx)
+    assert ev.labels == [int(f.parent.name) for f in ev.files] and ev.class_names == names
+    years = make(tmp_path / "years", ["2021", "2019", "2020"])
+    files, labels, names = index_folder(years)
+    assert names == ["2019", "2020", "2021"] and labels == [0, 1, 2]
+    ev = load_image_folder(years)
+    assert ev.class_names == names and ev.labels == labels                  # not a 2022-class folder
+    assert load_image_folder(years, names).labels == labels                 # with a classifier's names
+    (years / "classes.json").write_text(json.dumps(["2019", "2020", "2021", "ghost"]))
+    with pytest.raises(HMARError, match=r"class\(es\) 'ghost' of .*years have no images"):
+        index_folder(years)

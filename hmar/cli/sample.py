@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..datasets.folder import GRID_FILE
 from ..errors import HMARError
 from .common import (add_model_args, add_sampling_args, check_sampling_args, load_pipeline, prepare_out_dir,
                      sampling_kwargs, save_image)
@@ -83,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
             tag = ("uncond" if lab < 0 else f"{lab:04d}") + (f"_{_slug(names[lab])}" if named else "")
             count[lab] = count.get(lab, 0) + 1
             save_image(im, out / f"{tag}_{count[lab] - 1:03d}.png")
-        save_image(grid, out / "grid.png")
-        where = f"{out}/ ({len(images)} PNGs + grid.png)"
+        save_image(grid, out / GRID_FILE)
+        where = f"{out}/ ({len(images)} PNGs + {GRID_FILE})"
     print(f"wrote {where}: {len(images)} images of {len(labels)} classes at {pipe.resolution}px in {dt:.1f}s"
           + (" [random tiny model: noise]" if pipe.is_random else ""))
     return 0

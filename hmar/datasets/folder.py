@@ -31,6 +31,7 @@ from ..errors import HMARError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CLASSES_FILE = "classes.json"
 LICENSE_FILE = "LICENSE.txt"
+GRID_FILE = "grid.png"   # the contact sheet `hmar sample` writes beside its images: not a sample
 _INDEX_PREFIX = re.compile(r"^(\d+)(?:_.*)?$")
 
 
@@ -88,29 +89,39 @@ def split_for_key(key: str, val_fraction: float) -> str:
 
 
 def folder_class_index(folder: str, class_names: Optional[Sequence[str]] = None) -> Optional[int]:
-    """Class index named by a folder: ``"7"``, ``"07_sneaker"``, or a class name / slug; else None.
+    """Class index named by a folder: a class name or its slug first (``"Trouser"``, ``"ankle-boot"``, and
+    ``"2019"`` among the classes ``["2019", "2020"]``), else an index (``"7"``, ``"07_sneaker"``); else None.
 
     The index of an ``NN_name`` folder counts; its name is free (``"00_c0"``), except that a name which is
     another class's raises :class:`HMARError` (``"03_cat"`` where class 3 is ``"dog"`` and ``"cat"`` is 5:
     the folder and ``classes.json`` contradict each other, and either reading would mislabel its images)."""
-    m = _INDEX_PREFIX.match(folder)
-    if m:
-        idx = int(m.group(1))
-        rest = folder[len(m.group(1)) + 1:]
-        own = (class_names[idx], slugify(class_names[idx])) if class_names and idx < len(class_names) else None
-        if rest and own and rest not in own:
-            other = [i for i, n in enumerate(class_names) if rest in (n, slugify(n))]
-            if other:
-                raise HMARError(f"class folder {folder!r} has index {idx}, which is class {class_names[idx]!r}, "
-                                f"but {rest!r} is class {other[0]}: rename the folder "
-                                f"({class_dir_name(other[0], class_names[other[0]], len(class_names))!r} or "
-                                f"{class_dir_name(idx, class_names[idx], len(class_names))!r}) or fix classes.json")
-        return idx
     if class_names:
         for i, name in enumerate(class_names):
             if folder == name or folder == slugify(name):
                 return i
-    return None
+    m = _INDEX_PREFIX.match(folder)
+    if not m:
+        return None
+    idx = int(m.group(1))
+    rest = folder[len(m.group(1)) + 1:]
+    own = (class_names[idx], slugify(class_names[idx])) if class_names and idx < len(class_names) else None
+    if rest and own and rest not in own:
+        other = [i for i, n in enumerate(class_names) if rest in (n, slugify(n))]
+        if other:
+            raise HMARError(f"class folder {folder!r} has index {idx}, which is class {class_names[idx]!r}, "
+                            f"but {rest!r} is class {other[0]}: rename the folder "
+                            f"({class_dir_name(other[0], class_names[other[0]], len(class_names))!r} or "
+                            f"{class_dir_name(idx, class_names[idx], len(class_names))!r}) or fix classes.json")
+    return idx
+
+
+def index_folder_layout(folders: Sequence[str]) -> bool:
+    """Whether class folders without ``classes.json`` are read as class indices: every name is an index
+    (``"7"``, ``"07_sneaker"``) and the indices fit ``0 .. len(folders) - 1`` (the layouts that ``hmar generate`` and
+    the data set builders write). Otherwise (``"2019"``, ``"2020"``; ``"cat"``, ``"dog"``) the classes are the
+    folder names in sorted order."""
+    idx = [_INDEX_PREFIX.match(f) for f in folders]
+    return bool(folders) and all(m is not None and int(m.group(1)) < len(folders) for m in idx)
 
 
 def list_images(folder: Path) -> List[Path]:
@@ -172,10 +183,12 @@ class ImageFolder:
         return len(self.files)
 
 
-def load_image_folder(root: Path, class_names: Optional[Sequence[str]] = None) -> ImageFolder:
-    """Index ``root/<class folder>/*`` (see the module doc for accepted folder names).
+def load_image_folder(root: Path, class_names: Optional[Sequence[str]] = None, by_index: bool = False) -> ImageFolder:
+    """Index ``root/<class folder>/*`` (see the module doc for accepted folder names; :func:`folder_class_index`
+    maps a folder to its class, :func:`index_folder_layout` says when folders without ``classes.json`` are indices).
 
-    Without index-prefixed folders or ``classes.json``, classes are the sorted folder names.
+    ``by_index``: the folders are ``hmar generate``'s ``<class index>/`` (a sample folder with ``generate.json``),
+    whatever the class names are. Without index folders or ``classes.json``, classes are the sorted folder names.
     Images directly in ``root`` (no class folders) are returned with label ``-1``.
     """
     root = Path(root)
@@ -185,12 +198,11 @@ def load_image_folder(root: Path, class_names: Optional[Sequence[str]] = None) -
     names = list(class_names) if class_names is not None else read_class_names(root)
     subdirs = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1})
     mapping: Dict[str, int] = {}
-    unresolved = [d for d in subdirs if folder_class_index(d, names) is None]
-    if unresolved and names is None:
+    if names is None and not index_folder_layout(subdirs):
         names = list(subdirs)  # plain class-name folders: sorted order defines the index
         refuse_empty_class_folders(root, subdirs)
     for d in subdirs:
-        idx = folder_class_index(d, names)
+        idx = (int(d) if d.isdigit() else None) if by_index else folder_class_index(d, names)
         if idx is None:
             raise HMARError(f"folder {root / d} names no class of {names!r}; "
                             "name class folders by index (e.g. '3' or '03_dress') or by class name")

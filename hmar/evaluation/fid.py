@@ -10,6 +10,7 @@ images than feature dimensions), where ``sqrtm`` needs pytorch-fid's ``eps`` ret
 from __future__ import annotations
 
 import hashlib
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,11 +120,14 @@ def load_stats(path: Union[str, Path]) -> Dict[str, ReferenceStats]:
 
 
 def folder_hash(folder: Path, extractor: str, files: Optional[List[Path]] = None) -> str:
-    """SHA-256 of the extractor name and the folder's image list (relative paths and byte sizes)."""
+    """SHA-256 of the extractor name, the folder's real path and its image list (relative paths, byte sizes and
+    modification times): another folder of the same name and files, or an image rewritten in place at the same
+    size, is a cache miss."""
     files = files if files is not None else list_images(folder)
-    h = hashlib.sha256(extractor.encode())
+    h = hashlib.sha256(f"{extractor}\n{os.path.realpath(folder)}".encode())
     for f in files:
-        h.update(f"\n{f.relative_to(folder).as_posix()}\t{f.stat().st_size}".encode())
+        st = f.stat()
+        h.update(f"\n{f.relative_to(folder).as_posix()}\t{st.st_size}\t{st.st_mtime_ns}".encode())
     return h.hexdigest()
 
 

@@ -6,11 +6,12 @@ from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 
-from ..datasets.folder import load_image_folder
+from ..datasets.folder import GRID_FILE, ImageFolder, load_image_folder
 from ..errors import HMARError
 from .classifier import ClassifierExtractor, load_classifier
 from .features import Extractor, extract_features
 from .fid import ReferenceStats, load_stats, reference_stats
+from .generate import SETTINGS_FILE
 from .inception import load_inception
 from .prdc import precision_recall
 
@@ -30,6 +31,18 @@ def _reference(reference: Union[str, Path], extractors: List[Extractor], cache_d
     say(f"reference statistics of {ref} (cached in {cache_dir})" if cache_dir else f"reference statistics of {ref}")
     return reference_stats(ref, extractors, cache_dir, batch_size,
                            progress=lambda n: say(f"  reference: {n} images") if n % (batch_size * 20) == 0 else None)
+
+
+def _samples(root: Path, class_names: Optional[List[str]], say: Callable[[str], None]) -> ImageFolder:
+    """The sample images of ``root`` with their classes. A folder that ``hmar generate`` wrote (its ``generate.json``)
+    holds ``<class index>/`` folders whatever the class names are; ``hmar sample``'s ``grid.png`` is left out."""
+    samples = load_image_folder(root, class_names, by_index=(root / SETTINGS_FILE).is_file())
+    keep = [i for i, f in enumerate(samples.files) if not (f.parent == root and f.name == GRID_FILE)]
+    if len(keep) < len(samples.files):
+        say(f"note: {root / GRID_FILE} is the contact sheet of `hmar sample`, not a sample: left out")
+        samples = ImageFolder([samples.files[i] for i in keep], [samples.labels[i] for i in keep],
+                              samples.class_names)
+    return samples
 
 
 def _check_count(what: str, where: Union[str, Path], n: int, k: int) -> None:
@@ -66,7 +79,7 @@ def evaluate_folder(samples_dir: Union[str, Path], reference: Union[str, Path],
     if not extractors:
         raise HMARError("nothing to compute: enable the Inception metrics or pass --classifier")
 
-    samples = load_image_folder(Path(samples_dir), cls.cfg.class_names if cls is not None else None)
+    samples = _samples(Path(samples_dir), cls.cfg.class_names if cls is not None else None, say)
     say(f"{len(samples)} samples in {samples_dir}")
     _check_count("samples folder", samples_dir, len(samples), k if inc is not None else 1)
     refs = _reference(reference, extractors, cache_dir, batch_size, progress)

@@ -22,8 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..datasets.folder import (IMAGE_EXTENSIONS, list_images, load_image_folder, read_class_names,
-                               refuse_empty_class_folders, to_rgb, upright)
+from ..datasets.folder import IMAGE_EXTENSIONS, folder_class_index, list_images, load_image_folder, to_rgb, upright
 from ..errors import HMARError
 from ..fileio import atomic_path
 
@@ -99,37 +98,30 @@ def find_splits(root: Union[str, Path]) -> Tuple[Path, Optional[Path]]:
 def index_folder(root: Path, class_names: Optional[Sequence[str]] = None) -> Tuple[List[Path], List[int], List[str]]:
     """``(files, labels, class_names)`` of ``root/<class>/*``.
 
-    Class names are the sorted class-folder names, unless the data set carries a ``classes.json`` (the
-    layout of :mod:`hmar.datasets`), whose order is used. ``class_names`` (e.g. the train split's, for the
-    val split) fixes the mapping instead. Raises :class:`HMARError` for an empty folder.
+    The classes follow :func:`hmar.datasets.folder.load_image_folder`'s rule, as in evaluation: a data set's
+    ``classes.json`` (the layout of :mod:`hmar.datasets`), else index folders ``0 .. n-1`` (``7/``, ``07_sneaker/``),
+    else the sorted class-folder names. ``class_names`` (e.g. the train split's, for the val split) fixes the
+    mapping instead. Raises :class:`HMARError` for an empty folder and, without ``class_names``, for a class
+    with no images.
     """
-    if class_names is None and read_class_names(root) is not None:
-        folder = load_image_folder(root)
-        if any(lab < 0 for lab in folder.labels):
-            raise HMARError(f"{root} has images outside class folders: put them in ROOT/<class name>/")
-        return folder.files, folder.labels, folder.class_names
     files = list_images(root)
     if not files:
         raise HMARError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}: put them in "
                         "ROOT/<class name>/")
     if any(len(f.relative_to(root).parts) < 2 for f in files):
         raise HMARError(f"{root} has images outside class folders: put them in ROOT/<class name>/")
-    folders = sorted({f.relative_to(root).parts[0] for f in files})
-    if class_names is None:
-        refuse_empty_class_folders(root, folders)
-    names = list(class_names) if class_names is not None else folders
-    if class_names is not None and read_class_names(root) is not None:
-        return _mapped(root, names)
-    pos = {n: i for i, n in enumerate(names)}
-    unknown = [d for d in folders if d not in pos]
-    if unknown:
-        raise HMARError(f"class folder {root / unknown[0]} is not one of the training classes {names}")
-    return files, [pos[f.relative_to(root).parts[0]] for f in files], names
-
-
-def _mapped(root: Path, names: List[str]) -> Tuple[List[Path], List[int], List[str]]:
-    folder = load_image_folder(root, names)
-    return folder.files, folder.labels, names
+    if class_names is not None:
+        unknown = [d for d in sorted({f.relative_to(root).parts[0] for f in files})
+                   if folder_class_index(d, class_names) is None]
+        if unknown:
+            raise HMARError(f"class folder {root / unknown[0]} is not one of the training classes {list(class_names)}")
+    folder = load_image_folder(root, class_names)   # the one folder -> class rule of evaluation too
+    if class_names is None:   # the training split: every class needs images, or it cannot be learnt
+        missing = [n for c, n in enumerate(folder.class_names) if c not in set(folder.labels)]
+        if missing:
+            raise HMARError(f"class(es) {', '.join(repr(n) for n in missing)} of {root} have no images (no class "
+                            "folder, or an empty one): add their images, or remove them from classes.json")
+    return folder.files, folder.labels, folder.class_names
 
 
 def _key(key: Key) -> Tuple[int, int]:
