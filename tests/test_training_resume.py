@@ -260,8 +260,14 @@ def test_resume_with_another_model_or_tokenizer_is_an_error(tmp_path, capsys, on
     before = _snapshot(run)
     capsys.readouterr()
     more = ["--resume", "--max-steps", "3"]
+    import json
+    import shutil
+    shutil.copytree(tmp_path / "d", tmp_path / "d2")   # the same images, the class order swapped by classes.json
+    names = sorted(p.name for p in (tmp_path / "d").iterdir() if p.is_dir())
+    (tmp_path / "d2" / "classes.json").write_text(json.dumps(names[::-1]))
     for swap, needle in ((("--model", "var-tiny"), "another model (kind 'nsp' -> 'var')"),
-                         (("--tokenizer", str(tok2)), "another tokenizer")):
+                         (("--tokenizer", str(tok2)), "another tokenizer"),
+                         (("--data", str(tmp_path / "d2")), f"other classes: its class 0 is {names[0]!r}")):
         bad = list(argv)
         bad[bad.index(swap[0]) + 1] = swap[1]
         assert main(bad + more) == 2

@@ -558,6 +558,12 @@ class Trainer:
         if diff:
             raise HMARError(f"{ck['path']} is of another model ({', '.join(diff)}): resume with the original run's "
                             "--model and size options, or train into a new --out")
+        was, names = old.get("class_names"), now.get("class_names")
+        if was and names and len(was) == len(names) and list(was) != list(names):   # (a count change: above)
+            i = next(i for i, (a, b) in enumerate(zip(was, names)) if a != b)
+            raise HMARError(f"{ck['path']} was trained with other classes: its class {i} is {was[i]!r}, this data's "
+                            f"is {names[i]!r}; resume with the original --data (or its classes.json), or train into "
+                            "a new --out")
         fp = ck.get("quantizer_fingerprint")
         if fp is not None and fp != self.tokenizer_fp:
             raise HMARError(f"{ck['path']} was trained with another tokenizer (quantizer fingerprint {fp}, this run's "
