@@ -67,6 +67,10 @@ def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
     except Exception as e:
         raise HMARError(f"{str(p)!r} is not a PyTorch checkpoint that loads with weights_only=True "
                         f"({type(e).__name__}: {(str(e).splitlines() or ['the file is empty'])[0][:120]})") from None
+    if isinstance(obj, dict) and "states" in obj and "model_config" in obj:   # hmar train's RUN/checkpoints/*.pt
+        raise HMARError(f"{str(p)!r} is a resumable training state, not a model: pass the run's model directory "
+                        f"{str(p.parent.parent / 'model')!r} (written when the run ends), or continue the run with "
+                        "`hmar train ... --resume`")
     if isinstance(obj, dict) and "trainer" in obj and isinstance(obj["trainer"], dict):
         for k in ("transformer_wo_ddp", "var_wo_ddp", "vae_local"):
             if k in obj["trainer"]:

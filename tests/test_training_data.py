@@ -427,6 +427,10 @@ def test_a_run_directory_loads_as_its_model_and_its_checkpoints_say_where_the_mo
     assert main(["sample", "-c", str(run / "checkpoints"), "--out", str(tmp_path / "s"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert "holds resumable training states, not a model" in err[-1] and str(run / "model") in err[-1], err
+    ck = next((run / "checkpoints").glob("step_*.pt"))                 # one state file: the same pointer
+    assert main(["sample", "-c", str(ck), "--out", str(tmp_path / "s"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "is a resumable training state, not a model" in err[-1] and str(run / "model") in err[-1], err
 
 
 def test_one_folder_to_class_rule_for_training_and_evaluation(tmp_path):
