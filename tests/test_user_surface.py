@@ -433,3 +433,13 @@ def test_cli_outpaint_errors_name_the_flags(model_dir, tmp_path, capsys):
                           (["--size", "10x10"], "--size must be (W, H) at least the image size")):
         rc, _, err = _cli(base + extra, capsys)
         assert rc == 2 and needle in err[-1], err
+
+
+def test_sample_classes_keep_a_class_name_that_holds_commas_whole():
+    """`sample --classes "cats, dogs"` said: unknown class name 'cats' (the text was split at every comma)."""
+    from hmar.cli.sample import split_classes
+    names = ["cats, dogs", "x", "a,b,c"]
+    assert split_classes("cats, dogs", names) == ["cats, dogs"]
+    assert split_classes("x,cats, dogs,1", names) == ["x", "cats, dogs", "1"]
+    assert split_classes("a,b,c,x", names) == ["a,b,c", "x"] and split_classes("a,b", names) == ["a", "b"]
+    assert split_classes("1,2,,3", []) == ["1", "2", "3"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import List, Sequence
 
 import torch
 
@@ -23,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=HelpFormatter)
     add_model_args(p)
     p.add_argument("--classes", default=None,
-                   help="comma-separated class ids or names; default: every class of the model (at most 16)")
+                   help="comma-separated class ids or names (a name that holds commas is matched whole); default: every "
+                        "class of the model (at most 16)")
     p.add_argument("--num-per-class", "-n", type=int, default=None,
                    help="images per class (default: 1 with --classes, else 8 per class)")
     add_sampling_args(p)
@@ -32,6 +34,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", "-o", default="samples", help="output directory, or a .png path for the grid only")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=run)
+
+
+def split_classes(text: str, names: Sequence[str]) -> List[str]:
+    """``--classes`` text split at its commas, except inside a class name that holds commas (``"cats, dogs",x``
+    with the class ``"cats, dogs"``: the longest run of pieces that is a name is taken whole)."""
+    parts, out, i = text.split(","), [], 0
+    known = {n.strip() for n in names if "," in n}
+    while i < len(parts):
+        j = next((j for j in range(len(parts), i + 1, -1) if ",".join(parts[i:j]).strip() in known), i + 1)
+        piece = ",".join(parts[i:j])
+        if piece.strip():
+            out.append(piece)
+        i = j
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise HMARError(f"--classes {args.classes!r} names no class: give ids or names like 1,2,3")
     pipe = load_pipeline(args)
     if args.classes:
-        labels = [pipe.class_index(x) for x in args.classes.split(",") if x.strip()]
+        labels = [pipe.class_index(x) for x in split_classes(args.classes, pipe.class_names or [])]
         per = args.num_per_class or 1
     else:
         labels = list(range(min(pipe.num_classes, 16)))
