@@ -164,6 +164,8 @@
 #           mode, hmar-d16 training (Triton GEMM templates autotuned against cuBLAS, with inductor's epilogue fusion;
 #           call 47 did the same with blocks compiled one by one, which costs 5 % at hmar-d16, 2h), then, in the time
 #           left, hmar-d30 bf16 vs fp8 (2j measured it on an H100 only) (~10 minutes)
+#           (run cut down as fast55 on an H100 with 754 s left: the max-autotune compile did not finish in ~320 s;
+#           its log has cuBLAS 1.21-1.34x faster than every Triton template at the block GEMMs, BENCHMARKS.md 2k)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
