@@ -460,3 +460,40 @@ def test_one_folder_to_class_rule_for_training_and_evaluation(tmp_path):
     (years / "classes.json").write_text(json.dumps(["2019", "2020", "2021", "ghost"]))
     with pytest.raises(HMARError, match=r"class\(es\) 'ghost' of .*years have no images"):
         index_folder(years)
+
+
+def test_folder_rule_edge_cases(tmp_path):
+    """NN_name folders keep their names; a val folder without classes.json must be a training class by name; two
+    folders of one class, a duplicate index and an empty index folder are refused; generate.json folders by index."""
+    from hmar.datasets.folder import load_image_folder
+    from hmar.training.data import index_folder
+
+    def make(root, names, empty=()):
+        for n in names:
+            (root / n).mkdir(parents=True)
+            Image.fromarray(np.full((8, 8, 3), 7, np.uint8)).save(root / n / "a.png")
+        for n in empty:
+            (root / n).mkdir(parents=True)
+        return root
+
+    nn_ = make(tmp_path / "nn", ["01_dog", "00_cat"])
+    assert index_folder(nn_)[1:] == ([0, 1], ["00_cat", "01_dog"]) and load_image_folder(nn_).class_names == [
+        "00_cat", "01_dog"]
+    train = make(tmp_path / "v" / "train", ["0", "1", "3"])
+    val = make(tmp_path / "v" / "val", ["0", "1", "2", "3"])
+    with pytest.raises(HMARError, match=r"val/2 is not one of the training classes \['0', '1', '3'\]"):
+        index_folder(val, index_folder(train)[2])
+    clash = make(tmp_path / "clash", ["0", "1", "2"])
+    (clash / "classes.json").write_text(json.dumps(["1", "2", "3"]))   # folder 1 is the name '1', folder 0 index 0
+    with pytest.raises(HMARError, match=r"clash/0 and .*clash/1 both map to class 0 \('1'\)"):
+        load_image_folder(clash)
+    dup = make(tmp_path / "dup", ["00_cat", "00_dog", "01_bird"])
+    assert load_image_folder(dup).class_names == ["00_cat", "00_dog", "01_bird"]   # not index folders: sorted names
+    with pytest.raises(HMARError, match=r"hold no images"):
+        load_image_folder(make(tmp_path / "gap", ["0", "1", "2"], empty=["3"]))
+    gen = make(tmp_path / "gen", ["0", "2"])
+    (gen / "generate.json").write_text("{}")
+    assert load_image_folder(gen, by_index=True).labels == [0, 2]              # a partial generate run
+    make(gen, ["00_a"])
+    with pytest.raises(HMARError, match="<class index>/ folders only"):
+        load_image_folder(gen, by_index=True)

@@ -443,3 +443,4 @@ def test_sample_classes_keep_a_class_name_that_holds_commas_whole():
     assert split_classes("x,cats, dogs,1", names) == ["x", "cats, dogs", "1"]
     assert split_classes("a,b,c,x", names) == ["a,b,c", "x"] and split_classes("a,b", names) == ["a", "b"]
     assert split_classes("1,2,,3", []) == ["1", "2", "3"]
+    assert split_classes("Cats, Dogs", names) == ["Cats, Dogs"]                   # in any case, as one name is

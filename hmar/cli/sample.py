@@ -38,11 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def split_classes(text: str, names: Sequence[str]) -> List[str]:
     """``--classes`` text split at its commas, except inside a class name that holds commas (``"cats, dogs",x``
-    with the class ``"cats, dogs"``: the longest run of pieces that is a name is taken whole)."""
+    with the class ``"cats, dogs"``: the longest run of pieces that is a name, in any case, is taken whole; so with
+    the classes ``a``, ``b`` and ``a,b``, ``a,b`` is the one class ``a,b``: give ``b,a`` or ids for the two)."""
     parts, out, i = text.split(","), [], 0
-    known = {n.strip() for n in names if "," in n}
+    known = {n.strip().lower() for n in names if "," in n}
     while i < len(parts):
-        j = next((j for j in range(len(parts), i + 1, -1) if ",".join(parts[i:j]).strip() in known), i + 1)
+        j = next((j for j in range(len(parts), i + 1, -1) if ",".join(parts[i:j]).strip().lower() in known), i + 1)
         piece = ",".join(parts[i:j])
         if piece.strip():
             out.append(piece)

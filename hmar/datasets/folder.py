@@ -117,11 +117,11 @@ def folder_class_index(folder: str, class_names: Optional[Sequence[str]] = None)
 
 def index_folder_layout(folders: Sequence[str]) -> bool:
     """Whether class folders without ``classes.json`` are read as class indices: every name is an index
-    (``"7"``, ``"07_sneaker"``) and the indices fit ``0 .. len(folders) - 1`` (the layouts that ``hmar generate`` and
-    the data set builders write). Otherwise (``"2019"``, ``"2020"``; ``"cat"``, ``"dog"``) the classes are the
-    folder names in sorted order."""
+    (``"7"``, ``"07_sneaker"``) and the indices are ``0 .. len(folders) - 1``, each once (the layouts that ``hmar
+    generate`` and the data set builders write). Otherwise (``"2019"``, ``"2020"``; ``"cat"``, ``"dog"``) the classes
+    are the folder names in sorted order."""
     idx = [_INDEX_PREFIX.match(f) for f in folders]
-    return bool(folders) and all(m is not None and int(m.group(1)) < len(folders) for m in idx)
+    return bool(folders) and all(idx) and sorted(int(m.group(1)) for m in idx) == list(range(len(folders)))
 
 
 def list_images(folder: Path) -> List[Path]:
@@ -197,19 +197,33 @@ def load_image_folder(root: Path, class_names: Optional[Sequence[str]] = None, b
         raise HMARError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
     names = list(class_names) if class_names is not None else read_class_names(root)
     subdirs = sorted({f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1})
-    mapping: Dict[str, int] = {}
-    if names is None and not index_folder_layout(subdirs):
-        names = list(subdirs)  # plain class-name folders: sorted order defines the index
-        refuse_empty_class_folders(root, subdirs)
-    for d in subdirs:
-        idx = (int(d) if d.isdigit() else None) if by_index else folder_class_index(d, names)
-        if idx is None:
-            raise HMARError(f"folder {root / d} names no class of {names!r}; "
-                            "name class folders by index (e.g. '3' or '03_dress') or by class name")
-        mapping[d] = idx
-    if names is None:
-        n = max(mapping.values(), default=-1) + 1
-        names = [str(i) for i in range(n)]
+    if by_index:
+        other = [d for d in subdirs if not re.fullmatch(r"[0-9]+", d)]
+        if other:
+            raise HMARError(f"{root / other[0]}: a folder that `hmar generate` wrote (generate.json) holds "
+                            "<class index>/ folders only; move the other folders out")
+        mapping = {d: int(d) for d in subdirs}
+        if names is None:
+            names = [str(i) for i in range(max(mapping.values(), default=-1) + 1)]
+    else:
+        if names is None:   # index folders: their names in index order; else the sorted names
+            names = (sorted(subdirs, key=lambda d: int(_INDEX_PREFIX.match(d).group(1)))  # type: ignore[union-attr]
+                     if index_folder_layout(subdirs) else list(subdirs))
+            refuse_empty_class_folders(root, subdirs)
+        mapping = {}
+        for d in subdirs:
+            idx = folder_class_index(d, names)
+            if idx is None:
+                raise HMARError(f"folder {root / d} names no class of {names!r}; "
+                                "name class folders by index (e.g. '3' or '03_dress') or by class name")
+            mapping[d] = idx
+        first: Dict[int, str] = {}
+        for d, i in mapping.items():
+            if first.setdefault(i, d) != d:
+                what = f"{i} ({names[i]!r})" if i < len(names) else str(i)
+                raise HMARError(f"class folders {root / first[i]} and {root / d} both map to class {what}: rename "
+                                "them so that each folder names one class (by name, or as 'NN_name' with its "
+                                "index), or fix classes.json")
     labels = []
     for f in files:
         parts = f.relative_to(root).parts

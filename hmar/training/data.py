@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..datasets.folder import IMAGE_EXTENSIONS, folder_class_index, list_images, load_image_folder, to_rgb, upright
+from ..datasets.folder import (IMAGE_EXTENSIONS, folder_class_index, list_images, load_image_folder, read_class_names,
+                               slugify, to_rgb, upright)
 from ..errors import HMARError
 from ..fileio import atomic_path
 
@@ -110,9 +111,11 @@ def index_folder(root: Path, class_names: Optional[Sequence[str]] = None) -> Tup
                         "ROOT/<class name>/")
     if any(len(f.relative_to(root).parts) < 2 for f in files):
         raise HMARError(f"{root} has images outside class folders: put them in ROOT/<class name>/")
-    if class_names is not None:
+    if class_names is not None:   # a val split without classes.json: its folders must be training classes by name
+        named = read_class_names(root) is not None
+        known = set(class_names) | {slugify(n) for n in class_names}
         unknown = [d for d in sorted({f.relative_to(root).parts[0] for f in files})
-                   if folder_class_index(d, class_names) is None]
+                   if (folder_class_index(d, class_names) is None if named else d not in known)]
         if unknown:
             raise HMARError(f"class folder {root / unknown[0]} is not one of the training classes {list(class_names)}")
     folder = load_image_folder(root, class_names)   # the one folder -> class rule of evaluation too

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -562,8 +563,9 @@ class Trainer:
         if was and names and len(was) == len(names) and list(was) != list(names):   # (a count change: above)
             i = next(i for i, (a, b) in enumerate(zip(was, names)) if a != b)
             raise HMARError(f"{ck['path']} was trained with other classes: its class {i} is {was[i]!r}, this data's "
-                            f"is {names[i]!r}; resume with the original --data (or its classes.json), or train into "
-                            "a new --out")
+                            f"is {names[i]!r}; resume with the original --data, or train into a new --out (a data "
+                            "folder read in another order, e.g. index folders 0..n-1 now by their index, keeps the "
+                            f"checkpoint's order with a classes.json holding {json.dumps(list(was), ensure_ascii=False)})")
         fp = ck.get("quantizer_fingerprint")
         if fp is not None and fp != self.tokenizer_fp:
             raise HMARError(f"{ck['path']} was trained with another tokenizer (quantizer fingerprint {fp}, this run's "
