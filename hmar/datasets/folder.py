@@ -88,6 +88,11 @@ def split_for_key(key: str, val_fraction: float) -> str:
     return "val" if (h % 1_000_000) < round(val_fraction * 1_000_000) else "train"
 
 
+def class_name_index(folder: str, class_names: Sequence[str]) -> Optional[int]:
+    """Index of the class whose name or slug ``folder`` is (``"Trouser"``, ``"ankle-boot"``); else None."""
+    return next((i for i, name in enumerate(class_names) if folder in (name, slugify(name))), None)
+
+
 def folder_class_index(folder: str, class_names: Optional[Sequence[str]] = None) -> Optional[int]:
     """Class index named by a folder: a class name or its slug first (``"Trouser"``, ``"ankle-boot"``, and
     ``"2019"`` among the classes ``["2019", "2020"]``), else an index (``"7"``, ``"07_sneaker"``); else None.
@@ -95,10 +100,9 @@ def folder_class_index(folder: str, class_names: Optional[Sequence[str]] = None)
     The index of an ``NN_name`` folder counts; its name is free (``"00_c0"``), except that a name which is
     another class's raises :class:`HMARError` (``"03_cat"`` where class 3 is ``"dog"`` and ``"cat"`` is 5:
     the folder and ``classes.json`` contradict each other, and either reading would mislabel its images)."""
-    if class_names:
-        for i, name in enumerate(class_names):
-            if folder == name or folder == slugify(name):
-                return i
+    named = class_name_index(folder, class_names or ())
+    if named is not None:
+        return named
     m = _INDEX_PREFIX.match(folder)
     if not m:
         return None
@@ -162,8 +166,9 @@ def _links_to_ancestor(d: Path, top: Path) -> bool:
 
 
 def refuse_empty_class_folders(root: Path, with_images: Sequence[str]) -> None:
-    """Where class ids are the sorted folder names, an empty folder would silently shift the ids of the classes
-    after it (and change them once it gets images): :class:`HMARError` naming it."""
+    """Where class ids come from the folders themselves (sorted names, or index folders 0..n-1), an empty folder
+    would silently shift the ids of the classes after it or hold a class that cannot be learnt: :class:`HMARError`
+    naming it."""
     empty = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")
                    and d.name not in with_images)
     if empty:

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..datasets.folder import (IMAGE_EXTENSIONS, folder_class_index, list_images, load_image_folder, read_class_names,
-                               slugify, to_rgb, upright)
+from ..datasets.folder import (IMAGE_EXTENSIONS, class_name_index, folder_class_index, list_images, load_image_folder,
+                               read_class_names, to_rgb, upright)
 from ..errors import HMARError
 from ..fileio import atomic_path
 
@@ -112,10 +112,9 @@ def index_folder(root: Path, class_names: Optional[Sequence[str]] = None) -> Tup
     if any(len(f.relative_to(root).parts) < 2 for f in files):
         raise HMARError(f"{root} has images outside class folders: put them in ROOT/<class name>/")
     if class_names is not None:   # a val split without classes.json: its folders must be training classes by name
-        named = read_class_names(root) is not None
-        known = set(class_names) | {slugify(n) for n in class_names}
+        match = folder_class_index if read_class_names(root) is not None else class_name_index
         unknown = [d for d in sorted({f.relative_to(root).parts[0] for f in files})
-                   if (folder_class_index(d, class_names) is None if named else d not in known)]
+                   if match(d, class_names) is None]
         if unknown:
             raise HMARError(f"class folder {root / unknown[0]} is not one of the training classes {list(class_names)}")
     folder = load_image_folder(root, class_names)   # the one folder -> class rule of evaluation too
