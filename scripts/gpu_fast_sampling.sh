@@ -166,6 +166,10 @@
 #           left, hmar-d30 bf16 vs fp8 (2j measured it on an H100 only) (~10 minutes)
 #           (run cut down as fast55 on an H100 with 754 s left: the max-autotune compile did not finish in ~320 s;
 #           its log has cuBLAS 1.21-1.34x faster than every Triton template at the block GEMMs, BENCHMARKS.md 2k)
+#   56 (2026-12-07, seventh session): inductor's fusion settings on the elementwise and norm kernels where 2g
+#           puts the training gap: compiled hmar-d16 training with the defaults against aggressive_fusion,
+#           combo_kernels and triton.prefer_nd_tiling, each alone, one process; then hmar-d30 bf16 vs fp8 (~10
+#           minutes). Step bf16-profile-P: the default step profiled (the bf16 counterpart of 2j's fp8 profile)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -207,6 +211,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   50) STEPS="fp8-train-tests fp8-train-d16 fp8-train-d30" ;; 51) STEPS="fp8-train-d16-512 fp8-train-d30" ;;
   52) STEPS="fp8-train-tests fp8-train-profile-d16 fp8-train-d30" ;;
   54) STEPS="autotune-model-train-d16 fp8-train-d30" ;;
+  56) STEPS="knobs-train-d16 fp8-train-d30" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
@@ -447,6 +452,11 @@ for s in $STEPS; do
     autotune-model-train-d16|autotune-model-train-d30|autotune-model-train-d16-512)
       train_bench autotune-model "hmar-${s#autotune-model-train-}" "the whole model compiled, default mode vs max-autotune" \
         --compile-scope model --compile-mode default max-autotune-no-cudagraphs ;;
+    knobs-train-d16|knobs-train-d30|knobs-train-d16-512)
+      train_bench knobs "hmar-${s#knobs-train-}" "inductor's fusion settings: defaults vs aggressive fusion, combo kernels, N-d tiling" \
+        --inductor "" aggressive_fusion=True combo_kernels=True triton.prefer_nd_tiling=True ;;
+    bf16-profile-d16|bf16-profile-d30|bf16-profile-d16-512)
+      train_bench bf16-profile "hmar-${s#bf16-profile-}" "the default bf16 step, profiled" --profile ;;
     train-gpu-tests)
       step "GPU tests of training: eager, compiled, blocks compiled, CUDA graphs follow the eager plain path"
       gpu_tests train-gpu-tests 240 tests/test_training_fast.py -k gpu ;;
