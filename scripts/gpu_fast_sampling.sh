@@ -170,6 +170,11 @@
 #           puts the training gap: compiled hmar-d16 training with the defaults against aggressive_fusion,
 #           combo_kernels and triton.prefer_nd_tiling, each alone, one process; then hmar-d30 bf16 vs fp8 (~10
 #           minutes). Step bf16-profile-P: the default step profiled (the bf16 counterpart of 2j's fp8 profile)
+#           (ran on an H100 as fast56 with knobs-train-d16 alone, then fast56b-d: norm-train-d30 bf16-profile-d16,
+#           norm-train-d16-512, quick-tests train-gpu-tests; all 1.00-1.01x, BENCHMARKS.md 2l)
+#   57 (for the next session): profiles of the default step at hmar-d30 and hmar-d16-512, whose gaps to the floors of
+#           benchmarks/floors_train.py (BENCHMARKS.md 2m: 51.5 and 18.5 ms) have no split by kind yet, then hmar-d30
+#           bf16 vs fp8 (~10 minutes; on an H200, the goals' card)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -212,6 +217,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   52) STEPS="fp8-train-tests fp8-train-profile-d16 fp8-train-d30" ;;
   54) STEPS="autotune-model-train-d16 fp8-train-d30" ;;
   56) STEPS="knobs-train-d16 fp8-train-d30" ;;
+  57) STEPS="bf16-profile-d30 bf16-profile-d16-512 fp8-train-d30" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
