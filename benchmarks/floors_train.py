@@ -37,8 +37,11 @@ from typing import Dict, List, Tuple
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import torch  # noqa: E402
+
 from floors import GEMM_TFS, HBM_TBS  # noqa: E402  (benchmarks/, this script's folder)
-from hmar import model_config  # noqa: E402
+from hmar.model import build_model  # noqa: E402
+from hmar.presets import ModelConfig, model_config  # noqa: E402
 
 # hmar's Triton attention, forward + backward, bf16, block-diagonal over the 512 px schedule (N = 2240, B = 16, H =
 # 16, head dim 64): 1.410 ms in BENCHMARKS.md 1, for 14 x sum(n^2) x 1024 x 16 FLOPs
@@ -61,12 +64,9 @@ KINDS = ("gemm", "attention", "elementwise", "optimizer")
 
 def _params(name: str) -> int:
     """Trained parameters of stage 1 (the next-scale network; no weights are allocated)."""
-    import torch
-    from hmar.model import build_model
     d = model_config(name).to_dict()
     if d["kind"] == "hmar":
         d["kind"] = "nsp"
-    from hmar.presets import ModelConfig
     with torch.device("meta"):
         model = build_model(ModelConfig.from_dict(d))
     return sum(p.numel() for p in model.parameters())
