@@ -19,12 +19,19 @@ KINDS = (   # the first pattern that matches names a kernel's kind
                                                r"cat|memcpy|memset", re.I)),
 )
 
+# the names the profiler gives annotation spans (for a torch without FunctionEvent.is_user_annotation)
+ANNOTATION = re.compile(r"^(Optimizer\.\w+#|ProfilerStep#)")
+
 
 def kernel_kinds(prof) -> Dict[str, float]:
-    """Device time (ms) of the profiled kernels summed by :data:`KINDS` (plus "rest" and "total")."""
+    """Device time (ms) of the profiled kernels summed by :data:`KINDS` (plus "rest" and "total"). The GPU-side
+    spans of annotations (``Optimizer.step#AdamW.step``, ``ProfilerStep#N``, ``record_function`` ranges) are not
+    kernels: they cover kernels counted on their own, so they are left out."""
     out: Dict[str, float] = {}
     for e in prof.events():
         if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+            continue
+        if getattr(e, "is_user_annotation", False) or ANNOTATION.match(e.name):
             continue
         us = getattr(e, "device_time", None)
         if us is None:

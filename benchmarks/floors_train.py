@@ -2,7 +2,7 @@
 per kind of kernel, next to the step times measured: where each training goal stands against what the hardware
 allows. Arithmetic only (no GPU). The sampling counterpart is ``floors.py``, whose ceilings this script uses.
 
-A step over B images of L tokens (R = B L rows, width C, depth D, hidden 4C, vocabulary V, P trained parameters):
+A step over B images of L tokens (R = B L rows, width C, depth D, MLP hidden H = 4C by default, vocabulary V):
 - GEMMs: the blocks' qkv, proj, fc1 and fc2 and the head over R rows, each three times (forward, dX, dW; hmar's
   chunked cross-entropy computes the head's logits a second time in the backward, which the floor leaves out); the word
   embedding (z -> C) over the R - B rows after the start token, twice (forward, dW: its input needs no gradient);
@@ -16,12 +16,16 @@ A step over B images of L tokens (R = B L rows, width C, depth D, hidden 4C, voc
   as fused into the kernels (no bytes of its own).
 - Elementwise and normalisation work that cuBLAS cannot take into its GEMMs, each bf16 tensor read or written once,
   at HBM_TBS. Per row and block, in elements: forward, the two residual add + LayerNorm + modulation kernels (read x
-  and the branch, write x' and the output: 4 C each) and GELU (read and write 4 C: 8 C); backward, GELU's (read u and
-  the gradient, write du: 12 C) and the two norms' (read x', the output's gradient, the residual gradient and the
-  branch, write two gradients: 6 C each). 40 C elements, 80 C bytes. The head's norm adds 5 C elements a row, the
-  cross-entropy 3 V (the logits written and read once, their gradient written once).
+  and the branch, write x' and the output: 4 C each) and GELU (read u, write its output: 2 H); backward, GELU's (read
+  u and the gradient, write du: 3 H) and the two norms' (read x', the output's gradient, the residual gradient and
+  the branch, write two gradients: 6 C each). 20 C + 5 H elements (40 C + 10 H bytes; 80 C at H = 4C). The head's
+  norm adds 5 C elements a row, the cross-entropy 3 V (the logits written and read once, their gradient written
+  once).
 - The optimiser: fused AdamW reads the fp32 parameter, gradient and both moments and writes three (28 bytes a
-  parameter), and the gradient clipping reads the gradients once more (4 bytes).
+  trained parameter), and the gradient clipping reads the gradients once more (4 bytes).
+
+Two of these ceilings are measured rates, not hardware bounds: the GEMMs' 713 TF/s is the issue's reference figure
+(the profiles measured cuBLAS at up to 740 TF/s, BENCHMARKS.md 2e), and the attention's rate is hmar's own kernel's.
 
     python benchmarks/floors_train.py                  # the three training goal configs, at their goal batches
     python benchmarks/floors_train.py --configs hmar-d16 --batch 64 --json floors-train.json
@@ -32,7 +36,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, List, Tuple
+from typing import Dict, List, Tuple, Union
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -49,7 +53,8 @@ _N2_512 = sum((p * p) ** 2 for p in (1, 2, 3, 4, 6, 9, 13, 18, 24, 32))
 ATTN_TRAIN_TFS = 14 * _N2_512 * 1024 * 16 / 1.410e-3 / 1e12
 
 # the goal batch and img/s of each config (the performance issue), and the fastest compiled step measured on the
-# H200 (BENCHMARKS.md 2e for hmar-d16 and hmar-d16-512, 2g for hmar-d30), with the kernel time by kind of 2g's
+# H200 (BENCHMARKS.md 2e for hmar-d16 and hmar-d16-512; 2g for hmar-d30, with the q / k normalisation inside the
+# kernels: the default path took 212.54 ms in the same run), with the kernel time by kind of 2g's
 # profiled hmar-d16 step (75.17 ms, 71.8 ms of kernels; "elementwise": every kernel that is not a GEMM, the
 # attention or AdamW: inductor's norms, GELU, the q / k normalisation, residuals, the loss)
 GOALS = {"hmar-d16": (32, 500.0), "hmar-d30": (16, 91.0), "hmar-d16-512": (8, 129.0)}
@@ -62,9 +67,16 @@ MEASURED = {
 KINDS = ("gemm", "attention", "elementwise", "optimizer")
 
 
-def _params(name: str) -> int:
+Config = Union[str, ModelConfig]   # a preset name or a config
+
+
+def _config(cfg: Config) -> ModelConfig:
+    return model_config(cfg) if isinstance(cfg, str) else cfg
+
+
+def _params(cfg: Config) -> int:
     """Trained parameters of stage 1 (the next-scale network; no weights are allocated)."""
-    d = model_config(name).to_dict()
+    d = _config(cfg).to_dict()
     if d["kind"] == "hmar":
         d["kind"] = "nsp"
     with torch.device("meta"):
@@ -72,11 +84,11 @@ def _params(name: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def train_gemms(name: str, batch: int, head_products: int = 3) -> List[Tuple[int, int, int, int]]:
+def train_gemms(cfg: Config, batch: int, head_products: int = 3) -> List[Tuple[int, int, int, int]]:
     """(M, K, N, times) of every GEMM of one step: ``times`` counts the forward and the backward products
     (``head_products=4``: the head as hmar's chunked cross-entropy runs it, its logits computed again in the
     backward)."""
-    cfg = model_config(name)
+    cfg = _config(cfg)
     C, D, V = cfg.embed_dim, cfg.depth, cfg.vocab_size
     hidden = round(C * cfg.mlp_ratio)
     R = batch * cfg.seq_len
@@ -85,36 +97,37 @@ def train_gemms(name: str, batch: int, head_products: int = 3) -> List[Tuple[int
     return out
 
 
-def gemm_flops(name: str, batch: int, head_products: int = 3) -> int:
+def gemm_flops(cfg: Config, batch: int, head_products: int = 3) -> int:
     """FLOPs of one step's GEMMs, forward and backward (2 M K N a product)."""
-    return sum(2 * m * k * n * t for m, k, n, t in train_gemms(name, batch, head_products))
+    return sum(2 * m * k * n * t for m, k, n, t in train_gemms(cfg, batch, head_products))
 
 
-def attended_pairs(name: str) -> int:
+def attended_pairs(cfg: Config) -> int:
     """Sum over scales of (its tokens) x (the tokens they attend to), one image: the attention's n x m tiles."""
-    cfg = model_config(name)
+    cfg = _config(cfg)
     sizes = [p * p for p in cfg.patch_nums]
     if cfg.kind == "var":   # block-causal: every scale attends to all scales up to itself
         return sum(n * sum(sizes[:i + 1]) for i, n in enumerate(sizes))
     return sum(n * n for n in sizes)
 
 
-def floors(name: str, batch: int) -> Dict[str, float]:
+def floors(cfg: Config, batch: int) -> Dict[str, float]:
     """Floors (ms) per kind over one training step, and the FLOPs / bytes behind them."""
-    cfg = model_config(name)
+    cfg = _config(cfg)
     C, D, V = cfg.embed_dim, cfg.depth, cfg.vocab_size
     R = batch * cfg.seq_len
-    out: Dict[str, float] = dict(gemm_tflop=gemm_flops(name, batch) / 1e12)
+    out: Dict[str, float] = dict(gemm_tflop=gemm_flops(cfg, batch) / 1e12)
     out["gemm"] = sum(t * max(2 * m * k * n / GEMM_TFS / 1e9, 2 * (m * k + k * n + m * n) / HBM_TBS / 1e9)
-                      for m, k, n, t in train_gemms(name, batch))
-    attn_flops = 14 * attended_pairs(name) * C * D * batch
+                      for m, k, n, t in train_gemms(cfg, batch))
+    attn_flops = 14 * attended_pairs(cfg) * C * D * batch
     attn_bytes = (4 + 8) * 2 * R * C * D
     out["attn_tflop"] = attn_flops / 1e12
     out["attention"] = max(attn_flops / ATTN_TRAIN_TFS / 1e9, attn_bytes / HBM_TBS / 1e9)
-    elem_bytes = R * (80 * C * D + 10 * C + 6 * V)
+    hidden = round(C * cfg.mlp_ratio)
+    elem_bytes = R * ((40 * C + 10 * hidden) * D + 10 * C + 6 * V)
     out["elementwise_gb"] = elem_bytes / 1e9
     out["elementwise"] = elem_bytes / HBM_TBS / 1e9
-    params = _params(name)
+    params = _params(cfg)
     out["params_m"] = params / 1e6
     out["optimizer"] = 32 * params / HBM_TBS / 1e9
     out["total"] = sum(out[k] for k in KINDS)
@@ -147,7 +160,8 @@ def main() -> None:
         if goal_ips and batch == goal_batch:
             line += f"; the goal, {goal_ips:g} img/s, needs {batch / goal_ips * 1e3:.2f} ms"
         if m:
-            line += f"; measured {m['step_ms']} ms ({batch / m['step_ms'] * 1e3:.1f} img/s, BENCHMARKS.md {m['section']})"
+            line += (f"; measured {m['step_ms']} ms ({batch / m['step_ms'] * 1e3:.1f} img/s, BENCHMARKS.md "
+                     f"{m['section']})")
         print(line)
         rows.append(dict(config=name, batch=batch, **f, measured=m))
     if args.json:

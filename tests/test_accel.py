@@ -1036,7 +1036,7 @@ def test_profile_kernel_kinds_sum_the_kernels_by_kind():
     """``benchmarks/_profile.py``'s summary of a profile (what BENCHMARKS.md 3j's table comes from): device-side
     kernels only, each in the first matching kind (hmar's own Triton kernels and cuDNN's SDPA count as attention,
     inductor's ``triton_*`` as inductor even where the ops they fuse name the attention), the rest as "rest", and
-    the total equal to their sum."""
+    the total equal to their sum; annotation spans (the optimiser's, a step's, a user range) are not kernels."""
     import importlib.util
     from pathlib import Path
     from types import SimpleNamespace
@@ -1051,9 +1051,13 @@ def test_profile_kernel_kinds_sum_the_kernels_by_kind():
               ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64", cuda, 700.0),
               ("void at::native::sbtopk::gatherTopK<float>", cuda, 250.0),
               ("void at::native::elementwise_kernel<128, 4>", cuda, 250.0), ("mystery", cuda, 100.0),
-              ("aten::mm", cpu, 9999.0)]                                  # a host-side op: not a kernel
+              ("aten::mm", cpu, 9999.0),                                  # a host-side op: not a kernel
+              ("Optimizer.step#AdamW.step", cuda, 3000.0),                # annotation spans over counted kernels
+              ("ProfilerStep#2", cuda, 5000.0)]
     prof = SimpleNamespace(events=lambda: [SimpleNamespace(name=n, device_type=d, device_time=t)
-                                           for n, d, t in events])
+                                           for n, d, t in events]
+                           + [SimpleNamespace(name="my_range", device_type=cuda, device_time=777.0,
+                                              is_user_annotation=True)])
     kinds = bp.kernel_kinds(prof)
     want = {"GEMM (cuBLAS nvjet / cutlass / xmma)": 4.0,
             "attention (flash / fmha / cuDNN SDPA / hmar's Triton kernels)": 3.5,
