@@ -27,12 +27,12 @@ import argparse
 import json
 import os
 import sys
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Tuple, Union
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from hmar import model_config  # noqa: E402
-from hmar.presets import default_schedule  # noqa: E402
+from hmar.presets import ModelConfig, default_schedule  # noqa: E402
 
 GEMM_TFS, HBM_TBS, ATTN_TFS = 713.0, 4.1, 351.0
 FUSED_QK_NORM_MAX_TOKENS = 256   # passes over more tokens normalise q / k before cuDNN (hmar.accel's default)
@@ -60,9 +60,10 @@ def passes(name: str) -> Iterator[Tuple[int, str]]:
             yield pn * pn, "next-scale" if i == 0 else "masked"
 
 
-def gemm_shapes(name: str):
-    """(K, N, count) of the GEMMs of one pass: the blocks' four linears and the output head."""
-    cfg = model_config(name)
+def gemm_shapes(name: Union[str, ModelConfig]):
+    """(K, N, count) of the GEMMs of one pass: the blocks' four linears and the output head (``name``: a preset
+    name or a config)."""
+    cfg = model_config(name) if isinstance(name, str) else name
     C, hidden = cfg.embed_dim, round(cfg.embed_dim * cfg.mlp_ratio)
     D = cfg.depth
     return [(C, 3 * C, D), (C, C, D), (C, hidden, D), (hidden, C, D), (C, cfg.vocab_size, 1)]

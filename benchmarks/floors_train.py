@@ -43,7 +43,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from floors import GEMM_TFS, HBM_TBS  # noqa: E402  (benchmarks/, this script's folder)
+from floors import GEMM_TFS, HBM_TBS, gemm_shapes  # noqa: E402  (benchmarks/, this script's folder)
 from hmar.model import build_model  # noqa: E402
 from hmar.presets import ModelConfig, model_config  # noqa: E402
 
@@ -89,10 +89,9 @@ def train_gemms(cfg: Config, batch: int, head_products: int = 3) -> List[Tuple[i
     (``head_products=4``: the head as hmar's chunked cross-entropy runs it, its logits computed again in the
     backward)."""
     cfg = _config(cfg)
-    C, D, V = cfg.embed_dim, cfg.depth, cfg.vocab_size
-    hidden = round(C * cfg.mlp_ratio)
-    R = batch * cfg.seq_len
-    out = [(R, k, n, 3 * D) for k, n in ((C, 3 * C), (C, C), (C, hidden), (hidden, C))]
+    C, D, R = cfg.embed_dim, cfg.depth, batch * cfg.seq_len
+    *blocks, (_, V, _) = gemm_shapes(cfg)   # the sampler's per-pass GEMMs: the blocks' four linears, the head
+    out = [(R, k, n, 3 * count) for k, n, count in blocks]
     out += [(R, C, V, head_products), (R - batch, cfg.z_channels, C, 2), (batch, C, 6 * C, 3 * D), (batch, C, 2 * C, 3)]
     return out
 

@@ -209,6 +209,8 @@ def guard_decoding(component: Any, what: str, max_pixels: int) -> Any:
     instead of Gradio's generic error: for non-images and for images over the pixel bound."""
     import gradio as gr
     from PIL import Image, UnidentifiedImageError
+
+    from .datasets.folder import UNREADABLE_IMAGE
     original = component.preprocess
 
     def preprocess(payload: Any) -> Any:
@@ -218,7 +220,7 @@ def guard_decoding(component: Any, what: str, max_pixels: int) -> Any:
             raise gr.Error(f"the {what} is not an image file (PNG, JPEG, WebP, ...)") from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning):
             raise gr.Error(f"the {what} has more than the limit of {max_pixels} pixels: downscale it first") from None
-        except (OSError, SyntaxError, ValueError):
+        except UNREADABLE_IMAGE:
             raise gr.Error(f"the {what} could not be decoded as an image") from None
 
     component.preprocess = preprocess

@@ -108,13 +108,12 @@ def folder_class_index(folder: str, class_names: Optional[Sequence[str]] = None)
         return None
     idx = int(m.group(1))
     rest = folder[len(m.group(1)) + 1:]
-    own = (class_names[idx], slugify(class_names[idx])) if class_names and idx < len(class_names) else None
-    if rest and own and rest not in own:
-        other = [i for i, n in enumerate(class_names) if rest in (n, slugify(n))]
-        if other:
+    if rest and class_names and idx < len(class_names) and class_name_index(rest, class_names[idx:idx + 1]) is None:
+        other = class_name_index(rest, class_names)
+        if other is not None:
             raise HMARError(f"class folder {folder!r} has index {idx}, which is class {class_names[idx]!r}, "
-                            f"but {rest!r} is class {other[0]}: rename the folder "
-                            f"({class_dir_name(other[0], class_names[other[0]], len(class_names))!r} or "
+                            f"but {rest!r} is class {other}: rename the folder "
+                            f"({class_dir_name(other, class_names[other], len(class_names))!r} or "
                             f"{class_dir_name(idx, class_names[idx], len(class_names))!r}) or fix classes.json")
     return idx
 

@@ -119,7 +119,8 @@ def index_folder(root: Path, class_names: Optional[Sequence[str]] = None) -> Tup
             raise HMARError(f"class folder {root / unknown[0]} is not one of the training classes {list(class_names)}")
     folder = load_image_folder(root, class_names)   # the one folder -> class rule of evaluation too
     if class_names is None:   # the training split: every class needs images, or it cannot be learnt
-        missing = [n for c, n in enumerate(folder.class_names) if c not in set(folder.labels)]
+        seen = set(folder.labels)
+        missing = [n for c, n in enumerate(folder.class_names) if c not in seen]
         if missing:
             raise HMARError(f"class(es) {', '.join(repr(n) for n in missing)} of {root} have no images (no class "
                             "folder, or an empty one): add their images, or remove them from classes.json")
