@@ -172,9 +172,10 @@
 #           minutes). Step bf16-profile-P: the default step profiled (the bf16 counterpart of 2j's fp8 profile)
 #           (ran on an H100 as fast56 with knobs-train-d16 alone, then fast56b-d: norm-train-d30 bf16-profile-d16,
 #           norm-train-d16-512, quick-tests train-gpu-tests; all 1.00-1.01x, BENCHMARKS.md 2l)
-#   57 (for the next session): profiles of the default step at hmar-d30 and hmar-d16-512, whose gaps to the floors of
-#           benchmarks/floors_train.py (BENCHMARKS.md 2m: 51.5 and 18.5 ms) have no split by kind yet, then hmar-d30
-#           bf16 vs fp8 (~10 minutes; on an H200, the goals' card)
+#   57 (2026-12-07, eighth session): profiles of the default step at hmar-d16, hmar-d30 and hmar-d16-512 on an H200
+#           (the goals' card), with inductor's kernel names long enough to list every op they fuse: the gaps to the
+#           floors of benchmarks/floors_train.py (BENCHMARKS.md 2m: 23.4, 51.5 and 18.5 ms) split by kernel (~7 minutes)
+#   58 (same session): hmar-d30 then hmar-d16 bf16 vs fp8 on an H200 (2i / 2j measured them on an H100 only)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -217,7 +218,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   52) STEPS="fp8-train-tests fp8-train-profile-d16 fp8-train-d30" ;;
   54) STEPS="autotune-model-train-d16 fp8-train-d30" ;;
   56) STEPS="knobs-train-d16 fp8-train-d30" ;;
-  57) STEPS="bf16-profile-d30 bf16-profile-d16-512 fp8-train-d30" ;;
+  57) STEPS="bf16-profile-d16 bf16-profile-d30 bf16-profile-d16-512" ;; 58) STEPS="fp8-train-d30 fp8-train-d16" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
@@ -462,7 +463,10 @@ for s in $STEPS; do
       train_bench knobs "hmar-${s#knobs-train-}" "inductor's fusion settings: defaults vs aggressive fusion, combo kernels, N-d tiling" \
         --inductor "" aggressive_fusion=True combo_kernels=True triton.prefer_nd_tiling=True ;;
     bf16-profile-d16|bf16-profile-d30|bf16-profile-d16-512)
-      train_bench bf16-profile "hmar-${s#bf16-profile-}" "the default bf16 step, profiled" --profile ;;
+      # kernel_name_max_ops only lengthens inductor's kernel names (up to 40 fused ops each), so the profile's
+      # top kernels say which ops of the model each one runs
+      train_bench bf16-profile "hmar-${s#bf16-profile-}" "the default bf16 step, profiled" --profile \
+        --inductor kernel_name_max_ops=40 ;;
     train-gpu-tests)
       step "GPU tests of training: eager, compiled, blocks compiled, CUDA graphs follow the eager plain path"
       gpu_tests train-gpu-tests 240 tests/test_training_fast.py -k gpu ;;

@@ -1065,3 +1065,12 @@ def test_profile_kernel_kinds_sum_the_kernels_by_kind():
             "copies / elementwise (ATen)": 0.25, "rest": 0.1}
     assert {k: v for k, v in kinds.items() if k != "total"} == pytest.approx(want)
     assert kinds["total"] == pytest.approx(9.12)
+    # the top kernels: full names, calls and total ms, most first, annotation spans and host-side ops left out
+    prof2 = SimpleNamespace(events=lambda: [SimpleNamespace(name=n, device_type=d, device_time=t) for n, d, t in (
+        ("triton_poi_fused_a_b_c_d_e_f_g_h_i_j_k_l_m_n_o_p_q_r_s_t_u_v_w_x_y_z_0", cuda, 300.0), ("_fwd_kernel", cuda, 200.0),
+        ("triton_poi_fused_a_b_c_d_e_f_g_h_i_j_k_l_m_n_o_p_q_r_s_t_u_v_w_x_y_z_0", cuda, 250.0),
+        ("aten::mm", cpu, 9999.0), ("ProfilerStep#2", cuda, 5000.0), ("mystery", cuda, 100.0))])
+    top = bp.top_kernels(prof2, n=2)
+    assert [(name, calls) for name, calls, _ in top] == [
+        ("triton_poi_fused_a_b_c_d_e_f_g_h_i_j_k_l_m_n_o_p_q_r_s_t_u_v_w_x_y_z_0", 2), ("_fwd_kernel", 1)]
+    assert [ms for *_, ms in top] == pytest.approx([0.55, 0.2])
