@@ -268,6 +268,36 @@ def test_tokenize_refuses_a_class_folder_of_only_unreadable_images(tmp_path):
     assert sum("skipping unreadable image" in m for m in said) == 2 and not (tmp_path / "c.safetensors").exists()
 
 
+def test_train_from_a_folder_stops_once_every_image_of_a_class_proved_unreadable(tmp_path, capsys):
+    """`train` reading a folder directly replaced each unreadable image by another sample; a class of only
+    unreadable files got no sample and trained on without a word beyond the per-file warnings. Now the run stops
+    with an error naming the class once the last of its files proved unreadable; one bad file of a class still warns
+    only."""
+    from hmar.training.data import CorruptFiles
+    root = make_shapes_folder(tmp_path / "d", 3, 2, 64)
+    cls = sorted(p for p in root.iterdir() if p.is_dir())
+    ds = ImageFolderDataset(root, 64)
+    said = []
+    corrupt = CorruptFiles(said.append, ds)
+    first, second = sorted(str(f) for f in cls[0].iterdir())
+    corrupt.update([first, first])                        # once per file, and one bad file of two: a warning
+    assert said == [f"warning: skipping unreadable image {first} (replaced by another sample)"]
+    corrupt.update([str(next(cls[1].iterdir()))])          # another class: counted on its own
+    with pytest.raises(HMARError, match=f"every image of class '{cls[0].name}' \\(2 file\\(s\\) under .*\\) is "
+                                        "unreadable, so the class cannot be learnt"):
+        corrupt.update([second])
+    assert corrupt.count == 3
+    CorruptFiles(said.append).update([first, second])     # no dataset (a token cache's run): warnings only
+    for f in cls[2].iterdir():                            # end to end: the CLI's one-line error, exit code 2
+        f.write_bytes(b"not an image")
+    rc = main(["train", "--data", str(root), "--tokenizer", str(make_random_tokenizer(tmp_path / "tok")), "--out",
+               str(tmp_path / "r"), "--max-steps", "4", "--batch-size", "6", "--no-progress", "--no-tensorboard",
+               "--sample-every", "-1", "--eval-batches", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and f"every image of class '{cls[2].name}'" in err[-1], err
+    assert sum("skipping unreadable image" in m for m in err) == 2
+
+
 def test_tokenize_refuses_an_out_directory_and_a_file_of_a_tokenizer_directory(tmp_path, capsys):
     """--out naming an existing directory failed after encoding everything ("Is a directory: ...tmp", a .tmp file
     left behind); --tokenizer TOK/tokenizer.safetensors went to the official loader: a raw GroupNorm traceback."""

@@ -385,17 +385,40 @@ def _ignore_sigint(worker_id: int) -> None:
 
 
 class CorruptFiles:
-    """Counts unreadable files met during training and warns once per file."""
+    """Counts unreadable files met during training and warns once per file.
 
-    def __init__(self, say: Callable[[str], None]):
+    Given the training ``dataset`` (an :class:`ImageFolderDataset`), it also raises :class:`HMARError` once every
+    image of one class has turned out unreadable: such a class would get no sample at all, and the model would
+    silently never learn it (each unreadable file is replaced by a readable one of another class)."""
+
+    def __init__(self, say: Callable[[str], None], dataset: Optional[torch.utils.data.Dataset] = None):
         self.seen: Set[str] = set()
         self.say = say
+        files, labels = getattr(dataset, "files", None), getattr(dataset, "labels", None)
+        self._label = {str(f): int(c) for f, c in zip(files, labels)} if files is not None and labels is not None \
+            else {}
+        self._size: Dict[int, int] = {}
+        for c in self._label.values():
+            self._size[c] = self._size.get(c, 0) + 1
+        self._bad: Dict[int, int] = {}
+        self._names = list(getattr(dataset, "class_names", []) or [])
+        self._root = getattr(dataset, "root", None)
 
     def update(self, paths: Sequence[str]) -> None:
         for p in paths:
-            if p not in self.seen:
-                self.seen.add(p)
-                self.say(f"warning: skipping unreadable image {p} (replaced by another sample)")
+            if p in self.seen:
+                continue
+            self.seen.add(p)
+            self.say(f"warning: skipping unreadable image {p} (replaced by another sample)")
+            c = self._label.get(p)
+            if c is None:
+                continue
+            self._bad[c] = self._bad.get(c, 0) + 1
+            if self._bad[c] == self._size[c]:
+                name = self._names[c] if c < len(self._names) else str(c)
+                raise HMARError(f"every image of class {name!r} ({self._size[c]} file(s) under {self._root}) is "
+                                "unreadable, so the class cannot be learnt: replace its files with readable "
+                                "images, or remove the class folder (and its entry in classes.json)")
 
     @property
     def count(self) -> int:

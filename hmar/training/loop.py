@@ -383,7 +383,7 @@ class Trainer:
         self.schedule = Schedule(peak, self.total, min(warm, self.total), cfg.schedule, cfg.warmup_start,
                                  cfg.final_lr_ratio, cfg.weight_decay, wd_end)
         self.ckpts = CheckpointManager(self.run_dir / "checkpoints", cfg.keep_last, self.info)
-        self.corrupt = CorruptFiles(self.say)
+        self.corrupt = CorruptFiles(self.say, self.data.train)
         self.step, self.epoch, self.batch = 0, 0, 0
         steps_text, warm_text = f"{self.total} steps", str(self.schedule.warmup)
         if cfg.time_budget:   # fitted during the run, from the measured step time
