@@ -298,6 +298,29 @@ def test_train_from_a_folder_stops_once_every_image_of_a_class_proved_unreadable
     assert sum("skipping unreadable image" in m for m in err) == 2
 
 
+def test_tokenize_and_train_refuse_a_val_split_with_a_class_the_train_split_lacks(tmp_path, capsys):
+    """`train` refused such a val split; `tokenize` warned, wrote the cache without its val split, and a later
+    `train --eval-every N` on that cache then failed for want of one. Both now refuse it, tokenize before
+    encoding anything."""
+    import shutil
+    root = make_shapes_folder(tmp_path / "d", 2, 2, 64, val_per_class=1)
+    val = root / "val"
+    shutil.copytree(next(p for p in val.iterdir() if p.is_dir()), val / "zebra")
+    tok = make_random_tokenizer(tmp_path / "tok")
+    cache = tmp_path / "c.safetensors"
+    rc = main(["tokenize", "--data", str(root), "--tokenizer", str(tok), "--out", str(cache), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith(f"error: val split {val}") and "zebra" in err[-1], err
+    assert "give it class folders of the train split, or remove it" in err[-1] and not cache.exists()
+    rc = main(["train", "--data", str(root), "--tokenizer", str(tok), "--out", str(tmp_path / "r"), "--max-steps",
+               "1", "--batch-size", "2", "--no-progress", "--no-tensorboard", "--sample-every", "-1"])
+    err2 = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err2[-1] == err[-1], err2              # one rule, one message
+    shutil.rmtree(val / "zebra")
+    assert main(["tokenize", "--data", str(root), "--tokenizer", str(tok), "--out", str(cache), "--no-progress"]) == 0
+    assert read_token_cache(cache)[0]["val"][0].shape[1] == 2
+
+
 def test_tokenize_refuses_an_out_directory_and_a_file_of_a_tokenizer_directory(tmp_path, capsys):
     """--out naming an existing directory failed after encoding everything ("Is a directory: ...tmp", a .tmp file
     left behind); --tokenizer TOK/tokenizer.safetensors went to the official loader: a raw GroupNorm traceback."""

@@ -440,16 +440,24 @@ def build_image_data(root: Union[str, Path], resolution: int, hflip: bool, seed:
     """Train (random crops) and optional val (centre crops) splits of an image folder."""
     tr_dir, val_dir = find_splits(root)
     train = ImageFolderDataset(tr_dir, resolution, train=True, hflip=hflip, seed=seed)
-    val = None
-    if val_dir is not None:
-        try:
-            val = ImageFolderDataset(val_dir, resolution, train=False, seed=seed, class_names=train.class_names)
-        except HMARError as e:
-            if list_images(val_dir):   # a val split with images that cannot be used: say so, not skip it silently
-                raise HMARError(f"val split {val_dir}: {e} (give it class folders of the train split, or remove "
-                                "it)") from None
-            val = None  # an empty val folder is not fatal
+    val = val_split(val_dir, resolution, seed, train.class_names)
     return TrainData("images", train, val, train.class_names, {})
+
+
+def val_split(val_dir: Optional[Path], resolution: int, seed: int,
+              class_names: Sequence[str]) -> Optional[ImageFolderDataset]:
+    """The val split (centre crops, the training split's ``class_names``) of ``val_dir``; None for no folder or
+    an empty one. A val split with images that cannot be used (e.g. a class the training split lacks) raises
+    :class:`HMARError`: skipping it would silently drop the validation the user asked for."""
+    if val_dir is None:
+        return None
+    try:
+        return ImageFolderDataset(val_dir, resolution, train=False, seed=seed, class_names=class_names)
+    except HMARError as e:
+        if list_images(val_dir):
+            raise HMARError(f"val split {val_dir}: {e} (give it class folders of the train split, or remove "
+                            "it)") from None
+        return None  # an empty val folder is not fatal
 
 
 def build_cache_data(path: Union[str, Path], seed: int) -> TrainData:

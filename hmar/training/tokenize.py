@@ -14,7 +14,8 @@ import torch
 
 from ..errors import HMARError
 from ..fileio import ensure_writable_dir
-from .data import ImageFolderDataset, find_splits, keyed_rng, load_rgb, quantizer_fingerprint, transform, write_token_cache
+from .data import (ImageFolderDataset, find_splits, keyed_rng, load_rgb, quantizer_fingerprint, transform, val_split,
+                   write_token_cache)
 from .distributed import resolve_device
 from .tokenizer_io import load_tokenizer
 
@@ -89,14 +90,11 @@ def tokenize_folder(data: Union[str, Path], tokenizer: Union[str, Path], out: Un
     R = tok.config.resolution
     tr_dir, val_dir = find_splits(data)
     train = ImageFolderDataset(tr_dir, R, train=True, hflip=hflip, seed=seed)
+    val = val_split(val_dir, R, seed, train.class_names)   # checked before any encoding, as `train` checks it
     bad: Dict[str, None] = {}
     splits = {"train": _encode_split(train, tok, views, batch_size, dev, bad, say, progress, every_class=True)}
-    if val_dir is not None:
-        try:
-            val = ImageFolderDataset(val_dir, R, train=False, seed=seed, class_names=train.class_names)
-            splits["val"] = _encode_split(val, tok, 1, batch_size, dev, bad, say, progress)
-        except HMARError as e:
-            say(f"warning: val split skipped ({e})")
+    if val is not None:
+        splits["val"] = _encode_split(val, tok, 1, batch_size, dev, bad, say, progress)
     meta = {"class_names": train.class_names, "patch_nums": list(tok.config.patch_nums),
             "vocab_size": tok.config.vocab_size, "resolution": R, "views": views, "hflip": hflip, "seed": seed,
             "tokenizer_path": str(Path(tokenizer).resolve()), "tokenizer": tok.config.to_dict(),
