@@ -91,6 +91,42 @@ def test_weight_decay_groups_follow_the_official_rule():
 
 
 # ------------------------------------------------------------------------------------ stage-2 masks / loss
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA (the fused CUDA kernel)"))])
+@pytest.mark.parametrize("clip", [2.0, 0.0])
+def test_clipping_inside_the_fused_adamw_equals_clip_grad_norm_then_step(clip, device, monkeypatch):
+    """clip_and_step hands the clipping factor to the fused AdamW kernel (its grad_scale hook) instead of a
+    foreach multiply over every gradient: same parameters, moments and returned norms as clip_grad_norm_ + step
+    (fused and not) to fp32 rounding, over steps that clip (norm 10x) and steps that don't; no multiply pass."""
+    from hmar.training.optim import clip_and_step
+
+    def run(fused, in_kernel):
+        torch.manual_seed(0)
+        ps = [nn.Parameter(torch.randn(s).to(device)) for s in ((64, 32), (32,), (7, 5))]
+        opt = torch.optim.AdamW(ps, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.05, fused=fused)
+        norms = []
+        for i in range(4):
+            for p in ps:
+                p.grad = torch.randn_like(p) * (10.0 if i % 2 == 0 else 0.01)
+            norms.append(float(clip_and_step(opt, ps, clip, in_kernel=in_kernel)))
+            assert getattr(opt, "grad_scale", None) is None      # the factor is this step's only
+        return ps, [opt.state[p]["exp_avg_sq"] for p in ps], norms
+
+    muls = []
+    real_mul = torch._foreach_mul_
+    monkeypatch.setattr(torch, "_foreach_mul_", lambda *a, **k: (muls.append(1), real_mul(*a, **k))[1])
+    ref_p, ref_v, ref_n = run(fused=False, in_kernel=False)     # clip_grad_norm_ + the plain AdamW
+    assert len(muls) == (4 if clip > 0 else 0) and (clip == 0 or ref_n[0] > 100 * clip)
+    muls.clear()
+    for fused in (True, False):
+        ps, vs, norms = run(fused=fused, in_kernel=True)
+        assert muls == [] or not fused                           # fused: no multiply pass over the gradients
+        muls.clear()
+        assert norms == pytest.approx(ref_n, rel=1e-6)
+        for a, b in zip(ps + vs, ref_p + ref_v):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_masks_per_sample_ceil_counts_and_never_scale0():
     pn = (1, 2, 3, 4)
     keys = [(0, 1, i) for i in range(64)]

@@ -37,7 +37,7 @@ from .losses import (draw_masks, masked_ce, masked_coefficients, per_scale_stats
                      token_loss_weights, weighted_ce, weighted_coefficients)
 from .interrupt import GracefulStop, end_of_step
 from .metrics import RunLogger, Throughput, check_finite_loss
-from .optim import apply_schedule, build_adamw, param_groups
+from .optim import apply_schedule, build_adamw, clip_and_step, param_groups
 from .schedule import Schedule, TimeBudget, is_due
 from .tokenizer_io import load_tokenizer
 
@@ -189,6 +189,8 @@ def prepare_training(model: nn.Module, quantizer: nn.Module, stage: str, info: D
 
 
 def _grad_norm(params: Sequence[nn.Parameter], clip: float) -> torch.Tensor:
+    """Clip (after the GradScaler's unscale) and return the total norm: the fp16 path (:func:`clip_and_step` is
+    the others')."""
     gn = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
     return gn.full_tensor() if hasattr(gn, "full_tensor") else gn
 
@@ -230,8 +232,7 @@ def train_step(st: StepState, indices: torch.Tensor, labels: torch.Tensor, mask:
         st.scaler.update()
     else:
         loss.backward()
-        gn = _grad_norm(st.params, st.grad_clip)
-        st.optimizer.step()
+        gn = clip_and_step(st.optimizer, st.params, st.grad_clip)   # the clipping inside the fused AdamW kernel
     st.optimizer.zero_grad(set_to_none=True)
     out = {"loss": loss.detach(), "grad_norm": gn.detach()}
     if metrics:
