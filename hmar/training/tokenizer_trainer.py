@@ -31,6 +31,7 @@ from .gan import PatchDiscriminator, PerceptualLoss, adaptive_weight, hinge_d_lo
 from .loop import amp_dtype_for, discard_run_dir
 from .interrupt import GracefulStop, end_of_step
 from .metrics import RunLogger, Throughput, check_finite_loss, psnr
+from .optim import clip_and_step
 from .schedule import Schedule, TimeBudget
 from .tokenizer_io import save_tokenizer
 
@@ -214,9 +215,7 @@ class TokenizerTrainer:
             out.update(g_loss=g_loss.detach(), gan_w=w)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.vq.parameters(), cfg.grad_clip)
-        self.opt.step()
+        clip_and_step(self.opt, list(self.vq.parameters()), cfg.grad_clip)
         if gan_on:
             self.disc.requires_grad_(True)
             with torch.autocast(dev.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
