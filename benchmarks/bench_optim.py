@@ -4,7 +4,8 @@ by side in one process (``hmar.training.optim.clip_and_step``):
 - ``separate``: ``torch.nn.utils.clip_grad_norm_`` (a norm pass, then a multiply pass over every gradient), then
   the fused AdamW step (what the trainer did until 2026-12-07);
 - ``in-kernel``: the norm pass, then the fused AdamW step dividing each gradient by the clipping factor as it reads
-  it (the kernel's ``grad_scale`` input): one pass over the gradients fewer. The trainer's default since.
+  it (the kernel's ``grad_scale`` input; it then writes the clipped gradients back): one read of the gradients and
+  the multiply's launches fewer. The trainer's default since.
 
     python benchmarks/bench_optim.py --preset hmar-d16 hmar-d30 --json out.json
     python benchmarks/bench_optim.py --preset hmar-tiny --device cpu --fused on --reps 5     # smoke test

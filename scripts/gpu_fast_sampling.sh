@@ -175,6 +175,8 @@
 #   57 (2026-12-07, eighth session): profiles of the default step at hmar-d16, hmar-d30 and hmar-d16-512 on an H200
 #           (the goals' card), with inductor's kernel names long enough to list every op they fuse: the gaps to the
 #           floors of benchmarks/floors_train.py (BENCHMARKS.md 2m: 23.4, 51.5 and 18.5 ms) split by kernel (~7 minutes)
+#           (ran on an H100 with LIMIT=400: hmar-d16 and hmar-d30 profiled, hmar-d16-512 cut by the deadline,
+#           BENCHMARKS.md 2n; still to run on an H200)
 #   58 (same session): hmar-d30 then hmar-d16 bf16 vs fp8 on an H200 (2i / 2j measured them on an H100 only)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with

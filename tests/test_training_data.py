@@ -319,6 +319,14 @@ def test_tokenize_and_train_refuse_a_val_split_with_a_class_the_train_split_lack
     shutil.rmtree(val / "zebra")
     assert main(["tokenize", "--data", str(root), "--tokenizer", str(tok), "--out", str(cache), "--no-progress"]) == 0
     assert read_token_cache(cache)[0]["val"][0].shape[1] == 2
+    # a val split of only unreadable images: an error naming the split, before the train split is encoded
+    for f in val.rglob("*.png"):
+        f.write_bytes(b"not an image")
+    cache.unlink()
+    rc = main(["tokenize", "--data", str(root), "--tokenizer", str(tok), "--out", str(cache)])   # progress bars on
+    err = capsys.readouterr().err
+    assert rc == 2 and err.strip().splitlines()[-1].startswith(f"error: val split {val}: none of the 2 images"), err
+    assert "tokenize train" not in err and not cache.exists()   # the train split's progress bar never started
 
 
 def test_tokenize_refuses_an_out_directory_and_a_file_of_a_tokenizer_directory(tmp_path, capsys):

@@ -90,7 +90,6 @@ def test_weight_decay_groups_follow_the_official_rule():
     assert len(decay) + len(keep) == len(list(m.parameters()))
 
 
-# ------------------------------------------------------------------------------------ stage-2 masks / loss
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA (the fused CUDA kernel)"))])
 @pytest.mark.parametrize("clip", [2.0, 0.0])
@@ -109,7 +108,7 @@ def test_clipping_inside_the_fused_adamw_equals_clip_grad_norm_then_step(clip, d
             for p in ps:
                 p.grad = torch.randn_like(p) * (10.0 if i % 2 == 0 else 0.01)
             norms.append(float(clip_and_step(opt, ps, clip, in_kernel=in_kernel)))
-            assert getattr(opt, "grad_scale", None) is None      # the factor is this step's only
+            assert not hasattr(opt, "grad_scale")                # the factor is this step's only
         return ps, [opt.state[p]["exp_avg_sq"] for p in ps], norms
 
     muls = []
@@ -127,6 +126,40 @@ def test_clipping_inside_the_fused_adamw_equals_clip_grad_norm_then_step(clip, d
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_clip_and_step_takes_the_plain_way_where_the_kernel_cannot_clip():
+    """A group that is not fused (it would refuse a grad_scale), params short of the optimiser's (the factor would
+    scale the others too), or bf16 gradients: clip_grad_norm_ and a plain step, same result as calling them."""
+    from hmar.training.optim import clip_and_step
+
+    def params():
+        torch.manual_seed(0)
+        return [nn.Parameter(torch.randn(8, 4)), nn.Parameter(torch.randn(4))]
+
+    def grads(ps):
+        for p in ps:
+            p.grad = torch.full_like(p, 3.0)
+
+    for case in ("mixed groups", "subset"):
+        a, b = params(), params()
+        groups = lambda ps: ([{"params": [ps[0]], "fused": True}, {"params": [ps[1]], "fused": False}]
+                             if case == "mixed groups" else ps)
+        oa, ob = torch.optim.AdamW(groups(a), lr=0.1, fused=case == "subset"), torch.optim.AdamW(groups(b), lr=0.1)
+        grads(a), grads(b)
+        sub = a if case == "mixed groups" else a[:1]
+        na = clip_and_step(oa, sub, 1.0)
+        nb = torch.nn.utils.clip_grad_norm_(b if case == "mixed groups" else b[:1], 1.0)
+        ob.step()
+        assert float(na) == pytest.approx(float(nb)) and not hasattr(oa, "grad_scale")
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y)
+        if case == "subset":                                  # the parameter left out is stepped unclipped
+            assert torch.equal(a[1].grad, torch.full_like(a[1], 3.0))
+    a = [nn.Parameter(torch.randn(4, dtype=torch.bfloat16))]
+    a[0].grad = torch.full_like(a[0], 3.0)
+    clip_and_step(torch.optim.AdamW(a, lr=0.1, fused=True), a, 1.0)   # the kernel's fp32 grad_scale: no error
+
+
+# ------------------------------------------------------------------------------------ stage-2 masks / loss
 def test_masks_per_sample_ceil_counts_and_never_scale0():
     pn = (1, 2, 3, 4)
     keys = [(0, 1, i) for i in range(64)]

@@ -257,7 +257,7 @@ def restore_position(trainer: Any, ck: Dict[str, Any]) -> None:
         # past the end of a (now shorter) epoch: an empty epoch would never advance the loop; start the next one
         trainer.epoch, trainer.batch = trainer.epoch + 1, 0
     trainer.log.drop_after(trainer.step)
-    trainer.corrupt.seen.update(ck.get("corrupt", []))
+    trainer.corrupt.restore(ck.get("corrupt", []))
     if not trainer.ckpts.restore_rng(ck, trainer.say):
         seed_everything(resume_seed(trainer.cfg.seed, trainer.info.rank, trainer.step))
     trainer.say(f"resumed from {ck['path']}: step {trainer.step}, epoch {trainer.epoch}, batch {trainer.batch}")

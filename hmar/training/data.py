@@ -389,7 +389,9 @@ class CorruptFiles:
 
     Given the training ``dataset`` (an :class:`ImageFolderDataset`), it also raises :class:`HMARError` once every
     image of one class has turned out unreadable: such a class would get no sample at all, and the model would
-    silently never learn it (each unreadable file is replaced by a readable one of another class)."""
+    silently never learn it (each unreadable file is replaced by a readable one of another class). Pass it in a
+    single-process run only: under DDP each rank meets only its share of the files, so one rank alone would
+    raise while the others wait for it in a collective."""
 
     def __init__(self, say: Callable[[str], None], dataset: Optional[torch.utils.data.Dataset] = None):
         self.seen: Set[str] = set()
@@ -404,12 +406,18 @@ class CorruptFiles:
         self._names = list(getattr(dataset, "class_names", []) or [])
         self._root = getattr(dataset, "root", None)
 
-    def update(self, paths: Sequence[str]) -> None:
+    def restore(self, paths: Sequence[str]) -> None:
+        """The files a resumed run's checkpoint lists as unreadable: counted (and checked) as if met again, without
+        their warnings, which the first run printed."""
+        self.update(paths, warn=False)
+
+    def update(self, paths: Sequence[str], warn: bool = True) -> None:
         for p in paths:
             if p in self.seen:
                 continue
             self.seen.add(p)
-            self.say(f"warning: skipping unreadable image {p} (replaced by another sample)")
+            if warn:
+                self.say(f"warning: skipping unreadable image {p} (replaced by another sample)")
             c = self._label.get(p)
             if c is None:
                 continue

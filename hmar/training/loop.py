@@ -37,7 +37,7 @@ from .losses import (draw_masks, masked_ce, masked_coefficients, per_scale_stats
                      token_loss_weights, weighted_ce, weighted_coefficients)
 from .interrupt import GracefulStop, end_of_step
 from .metrics import RunLogger, Throughput, check_finite_loss
-from .optim import apply_schedule, build_adamw, clip_and_step, param_groups
+from .optim import apply_schedule, build_adamw, clip_and_step, clip_grads, param_groups
 from .schedule import Schedule, TimeBudget, is_due
 from .tokenizer_io import load_tokenizer
 
@@ -188,13 +188,6 @@ def prepare_training(model: nn.Module, quantizer: nn.Module, stage: str, info: D
                      cuda_graphs=compile and compile_mode == "reduce-overhead")
 
 
-def _grad_norm(params: Sequence[nn.Parameter], clip: float) -> torch.Tensor:
-    """Clip (after the GradScaler's unscale) and return the total norm: the fp16 path (:func:`clip_and_step` is
-    the others')."""
-    gn = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-    return gn.full_tensor() if hasattr(gn, "full_tensor") else gn
-
-
 def train_step(st: StepState, indices: torch.Tensor, labels: torch.Tensor, mask: Optional[torch.Tensor] = None,
                metrics: bool = False) -> Dict[str, torch.Tensor]:
     """One optimiser step on token indices ``[B, L]`` (this rank's share) and labels ``[B]``; ``mask``
@@ -227,7 +220,7 @@ def train_step(st: StepState, indices: torch.Tensor, labels: torch.Tensor, mask:
     if st.scaler is not None:
         st.scaler.scale(loss).backward()
         st.scaler.unscale_(st.optimizer)
-        gn = _grad_norm(st.params, st.grad_clip)
+        gn = clip_grads(st.params, st.grad_clip)   # after the unscale, before the GradScaler's step
         st.scaler.step(st.optimizer)
         st.scaler.update()
     else:
@@ -384,7 +377,8 @@ class Trainer:
         self.schedule = Schedule(peak, self.total, min(warm, self.total), cfg.schedule, cfg.warmup_start,
                                  cfg.final_lr_ratio, cfg.weight_decay, wd_end)
         self.ckpts = CheckpointManager(self.run_dir / "checkpoints", cfg.keep_last, self.info)
-        self.corrupt = CorruptFiles(self.say, self.data.train)
+        # the every-image-of-a-class-unreadable check needs every file's outcome: one process only
+        self.corrupt = CorruptFiles(self.say, self.data.train if self.info.world == 1 else None)
         self.step, self.epoch, self.batch = 0, 0, 0
         steps_text, warm_text = f"{self.total} steps", str(self.schedule.warmup)
         if cfg.time_budget:   # fitted during the run, from the measured step time

@@ -53,32 +53,53 @@ def apply_schedule(opt: torch.optim.Optimizer, lr: float, wd: float) -> None:
         g["weight_decay"] = wd * g.get("wd_scale", 1.0)
 
 
+def clip_grads(params: Sequence[nn.Parameter], clip: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_(params, clip)`` (``clip <= 0``: no clipping, the norm only), returning the
+    total norm before clipping (on FSDP2 the full norm, not a DTensor)."""
+    if clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    else:
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros(())
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+def _clips_in_kernel(opt: torch.optim.Optimizer, params: Sequence[nn.Parameter], grads: Sequence[torch.Tensor]) -> bool:
+    """Whether ``opt.step()`` can clip through ``grad_scale``: a fused step of every group (a group that is not
+    fused refuses a ``grad_scale``), an optimiser that reads it (torch.amp.GradScaler's own test), plain fp32
+    gradients (not FSDP2's DTensors), and ``params`` every parameter of ``opt`` (the factor scales all of them)."""
+    if not grads or not getattr(opt, "_step_supports_amp_scaling", False):
+        return False
+    if not all(g.get("fused") for g in opt.param_groups):
+        return False
+    if any(hasattr(g, "full_tensor") or g.dtype != torch.float32 for g in grads):
+        return False
+    return {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in params}
+
+
 def clip_and_step(opt: torch.optim.Optimizer, params: Sequence[nn.Parameter], clip: float,
                   in_kernel: bool = True) -> torch.Tensor:
     """Clip the gradients to a total norm of ``clip`` (``clip <= 0``: no clipping), step ``opt``, and return the
     total norm before clipping (a 0-d tensor; on FSDP2 the full norm).
 
-    What ``torch.nn.utils.clip_grad_norm_`` and then ``opt.step()`` do, with one pass over the gradients fewer
-    where it can (``in_kernel``, a fused AdamW, plain tensors): ``clip_grad_norm_`` multiplies every gradient by
-    ``min(1, clip / (norm + 1e-6))`` in a pass of its own, and the fused AdamW kernel can divide each gradient by a
-    ``grad_scale`` tensor as it reads it (the hook ``torch.amp.GradScaler`` unscales through), so the factor goes
-    there as its inverse, ``max(1, (norm + 1e-6) / clip)``. At hmar-d30 that pass reads and writes 16 GB a step
-    (2010 M fp32 gradients). The two ways agree to fp32 rounding (a product against a quotient); the gradients
-    after the step may be left unclipped (they are zeroed next). A GradScaler's step (fp16) sets ``grad_scale``
-    itself, so it clips the plain way: call ``clip_grad_norm_`` there."""
-    fused = in_kernel and any(g.get("fused") for g in opt.param_groups) and clip > 0
+    What :func:`clip_grads` and then ``opt.step()`` do, without the multiply pass where it can (``in_kernel``
+    and :func:`_clips_in_kernel`: a fused AdamW over ``params``): ``clip_grad_norm_`` multiplies every gradient by
+    ``min(1, clip / (norm + 1e-6))`` in a pass of its own (a read and a write of every gradient: 16 GB a step at
+    hmar-d30's 2010 M fp32 gradients), while the fused AdamW kernel can divide each gradient by a ``grad_scale``
+    tensor as it reads it (the hook ``torch.amp.GradScaler`` unscales through). So the factor goes there, as its
+    inverse ``max(1, (norm + 1e-6) / clip)``. The kernel then also writes the clipped gradients back, so the
+    saving is one read of the gradients and the multiply's launches. The two ways agree to fp32 rounding (a
+    quotient against a product). A GradScaler's step (fp16) sets ``grad_scale`` itself: clip with
+    :func:`clip_grads` after its ``unscale_`` there."""
     grads = [p.grad for p in params if p.grad is not None]
-    if fused and grads and not any(hasattr(g, "full_tensor") for g in grads):   # DTensors (FSDP2): the plain way
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-        opt.grad_scale = torch.clamp((norm + 1e-6) / clip, min=1.0)   # read by the fused kernel of this step only
-        try:
-            opt.step()
-        finally:
-            opt.grad_scale = None
+    if not (in_kernel and clip > 0 and _clips_in_kernel(opt, params, grads)):
+        norm = clip_grads(params, clip)
+        opt.step()
         return norm
-    if clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, clip)
-    else:   # no clipping: the norm only (clip_grad_norm_ with an infinite bound would still multiply by 1)
-        norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros(())
-    opt.step()
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+    opt.grad_scale = torch.clamp((norm + 1e-6) / clip, min=1.0).float()   # read by this step's fused kernel only
+    try:
+        opt.step()
+    finally:
+        del opt.grad_scale   # a later GradScaler step reads getattr(opt, "grad_scale", 1)
+    return norm

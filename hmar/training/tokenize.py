@@ -90,11 +90,18 @@ def tokenize_folder(data: Union[str, Path], tokenizer: Union[str, Path], out: Un
     R = tok.config.resolution
     tr_dir, val_dir = find_splits(data)
     train = ImageFolderDataset(tr_dir, R, train=True, hflip=hflip, seed=seed)
-    val = val_split(val_dir, R, seed, train.class_names)   # checked before any encoding, as `train` checks it
+    val = val_split(val_dir, R, seed, train.class_names)   # its classes checked before any encoding, as `train` does
     bad: Dict[str, None] = {}
-    splits = {"train": _encode_split(train, tok, views, batch_size, dev, bad, say, progress, every_class=True)}
+    # the (smaller) val split first: a val split of only unreadable images fails before the train split's encoding
+    encoded_val = None
     if val is not None:
-        splits["val"] = _encode_split(val, tok, 1, batch_size, dev, bad, say, progress)
+        try:
+            encoded_val = _encode_split(val, tok, 1, batch_size, dev, bad, say, progress)
+        except HMARError as e:
+            raise HMARError(f"val split {val_dir}: {e} (replace its files with readable images, or remove it)") from None
+    splits = {"train": _encode_split(train, tok, views, batch_size, dev, bad, say, progress, every_class=True)}
+    if encoded_val is not None:
+        splits["val"] = encoded_val
     meta = {"class_names": train.class_names, "patch_nums": list(tok.config.patch_nums),
             "vocab_size": tok.config.vocab_size, "resolution": R, "views": views, "hflip": hflip, "seed": seed,
             "tokenizer_path": str(Path(tokenizer).resolve()), "tokenizer": tok.config.to_dict(),
