@@ -288,6 +288,12 @@ def test_train_from_a_folder_stops_once_every_image_of_a_class_proved_unreadable
         corrupt.update([second])
     assert corrupt.count == 3
     CorruptFiles(said.append).update([first, second])     # no dataset (a token cache's run): warnings only
+    resumed = CorruptFiles(said.append, ds)               # a resumed run: the checkpoint's list counts, unwarned
+    n = len(said)
+    resumed.restore([first])
+    assert len(said) == n and resumed.count == 1
+    with pytest.raises(HMARError, match=f"every image of class '{cls[0].name}'"):
+        resumed.update([second])
     for f in cls[2].iterdir():                            # end to end: the CLI's one-line error, exit code 2
         f.write_bytes(b"not an image")
     rc = main(["train", "--data", str(root), "--tokenizer", str(make_random_tokenizer(tmp_path / "tok")), "--out",
