@@ -11,6 +11,7 @@ the official loss weighting and clipping.
     python benchmarks/bench_train.py --preset hmar-d16 --compile --fused-norm both   # LayerNorm + AdaLN kernels
     python benchmarks/bench_train.py --preset hmar-d30 --compile --compile-scope both   # whole model vs per block
     python benchmarks/bench_train.py --preset hmar-d16 --compile --fp8 both   # bf16 vs fp8 block GEMMs
+    python benchmarks/bench_train.py --preset hmar-d30 --compile --clip-in-kernel both   # clipping pass vs in AdamW
     python benchmarks/bench_train.py --preset hmar-tiny --device cpu --steps 5   # smoke test
 
 One configuration = preset x stage x (eager | ``--compile``) x (``--chunked-ce`` | ``--no-chunked-ce``) x
@@ -25,7 +26,9 @@ LayerNorm + modulation as torch ops (``off``) and as hmar's Triton kernel and it
 (``model``, the default) and then each block on its own (``blocks``: one compiled graph shared by every block, so the
 first step's compile time, printed too, does not grow with depth). ``--compile-mode default reduce-overhead`` runs
 torch.compile's modes side by side (reduce-overhead: the compiled forward and backward as CUDA graphs). ``--fp8 both``
-runs the blocks' four linears in bf16, then in fp8 (``hmar train --fp8``: :mod:`hmar.model.fp8_training`). Several
+runs the blocks' four linears in bf16, then in fp8 (``hmar train --fp8``: :mod:`hmar.model.fp8_training`).
+``--clip-in-kernel both`` clips the gradients with ``clip_grad_norm_``'s multiply pass, then inside the fused AdamW
+kernel (the default: :func:`hmar.training.optim.clip_and_step`). Several
 side-by-side options combine; each configuration is compared with the one that has them at their first values.
 
 Presets of the performance goals: ``hmar-d16`` (>= 500 img/s at batch 32), ``hmar-d30`` (>= 91 img/s),
@@ -116,7 +119,7 @@ def bench(preset: str, stage: str, batch: int, steps: int, warmup: int, precisio
 
 VARIANT: Dict[str, Any] = dict(compile=False, chunked_ce=True, attention_backend="auto", fused_qk_norm=False,
                                inductor="", fused_norm=False, compile_scope="model", compile_mode="default",
-                               fp8=False)
+                               fp8=False, clip_in_kernel=True)
 """What one configuration of a run may change, and the defaults (``hmar train``'s)."""
 
 
@@ -132,6 +135,7 @@ def _bench(preset, stage, batch, steps, warmup, precision, fused, device, compil
                           fused=fused, lr=3e-4, compile=compile, chunked_ce=chunked_ce,
                           attention_backend=attention_backend, ce_chunk=ce_chunk, compile_backend=compile_backend,
                           compile_scope=v["compile_scope"], compile_mode=v["compile_mode"], fp8=v["fp8"])
+    st.clip_in_kernel = v["clip_in_kernel"]
     apply_schedule(st.optimizer, 3e-4, 0.05)
     L = cfg.seq_len
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -165,6 +169,7 @@ def _bench(preset, stage, batch, steps, warmup, precision, fused, device, compil
            "compile_backend": compile_backend if compile else None,
            "compile_scope": v["compile_scope"] if compile else None,
            "compile_mode": v["compile_mode"] if compile else None, "chunked_ce": chunked_ce, "fp8": v["fp8"],
+           "clip_in_kernel": v["clip_in_kernel"],
            "fused_qk_norm": hmar.attention.FUSED_QK_NORM,
            "attention_backend": os.environ.get("HMAR_ATTN_BACKEND") or attention_backend,
            "attention_resolved": resolved_backend(os.environ.get("HMAR_ATTN_BACKEND") or attention_backend, cfg,
@@ -199,6 +204,7 @@ def variant_name(r: Dict[str, Any]) -> str:
             + ("+fused-qk-norm" if r.get("fused_qk_norm") else "")
             + ("+fused-norm" if r.get("fused_norm") else "")
             + ("+fp8" if r.get("fp8") else "")
+            + ("+clip-separate" if r.get("clip_in_kernel") is False else "")
             + (f"+[{r['inductor']}]" if r.get("inductor") else ""))
 
 
@@ -235,7 +241,8 @@ def axes(a: argparse.Namespace) -> Dict[str, tuple]:
             "fused_norm": {"off": (False,), "on": (True,), "both": (False, True)}[a.fused_norm],
             "compile_scope": ("model", "blocks") if a.compile_scope == "both" else (a.compile_scope,),
             "compile_mode": tuple(a.compile_mode),
-            "fp8": {"off": (False,), "on": (True,), "both": (False, True)}[a.fp8]}
+            "fp8": {"off": (False,), "on": (True,), "both": (False, True)}[a.fp8],
+            "clip_in_kernel": {"off": (False,), "on": (True,), "both": (False, True)}[a.clip_in_kernel]}
 
 
 COMPILE_ONLY = ("inductor", "compile_scope", "compile_mode")
@@ -247,7 +254,8 @@ def baseline_name(key: str, first: Any) -> str:
     if key == "inductor":
         return f"[{first}]" if first else "inductor defaults"
     return {"fused_qk_norm": "unfused", "fused_norm": "ops norm", "compile_scope": "whole-model compile",
-            "compile_mode": f"mode {first}", "fp8": "bf16 GEMMs"}[key]
+            "compile_mode": f"mode {first}", "fp8": "bf16 GEMMs",
+            "clip_in_kernel": "clipping separate" if first is False else "clipping in the kernel"}[key]
 
 
 def variants(a: argparse.Namespace) -> List[Dict[str, Any]]:
@@ -313,6 +321,9 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--fp8", default="off", choices=["off", "on", "both"],
                    help="the blocks' four linears in bf16 (default), in fp8 forward and backward (hmar train --fp8, "
                         "hmar.model.fp8_training), or both side by side")
+    p.add_argument("--clip-in-kernel", default="on", choices=["off", "on", "both"],
+                   help="the gradient clipping inside the fused AdamW kernel (default, hmar.training.optim."
+                        "clip_and_step), as clip_grad_norm_'s own multiply pass (off), or both side by side")
     p.add_argument("--compile-scope", default="model", choices=["model", "blocks", "both"],
                    help="with --compile: the whole forward as one graph (default), each block on its own "
                         "(hmar train --compile-scope blocks), or both side by side")

@@ -178,6 +178,10 @@
 #           (ran on an H100 with LIMIT=400: hmar-d16 and hmar-d30 profiled, hmar-d16-512 cut by the deadline,
 #           BENCHMARKS.md 2n; still to run on an H200)
 #   58 (same session): hmar-d30 then hmar-d16 bf16 vs fp8 on an H200 (2i / 2j measured them on an H100 only)
+#   59 (same session, for the next one): whole compiled training steps with the gradient clipping as
+#           clip_grad_norm_'s multiply pass against inside the fused AdamW kernel (the new default; 2n measured only
+#           the optimiser part: 1.10x at hmar-d30), at hmar-d30, hmar-d16 and hmar-d16-512 (~8 minutes: the second
+#           variant of each reuses the first one's compiled graph)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -221,6 +225,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   54) STEPS="autotune-model-train-d16 fp8-train-d30" ;;
   56) STEPS="knobs-train-d16 fp8-train-d30" ;;
   57) STEPS="bf16-profile-d16 bf16-profile-d30 bf16-profile-d16-512" ;; 58) STEPS="fp8-train-d30 fp8-train-d16" ;;
+  59) STEPS="clip-train-d30 clip-train-d16 clip-train-d16-512" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
@@ -464,6 +469,9 @@ for s in $STEPS; do
     knobs-train-d16|knobs-train-d30|knobs-train-d16-512)
       train_bench knobs "hmar-${s#knobs-train-}" "inductor's fusion settings: defaults vs aggressive fusion, combo kernels, N-d tiling" \
         --inductor "" aggressive_fusion=True combo_kernels=True triton.prefer_nd_tiling=True ;;
+    clip-train-d16|clip-train-d30|clip-train-d16-512)
+      train_bench clip "hmar-${s#clip-train-}" "the clipping as its own pass vs inside the fused AdamW" \
+        --clip-in-kernel both ;;
     bf16-profile-d16|bf16-profile-d30|bf16-profile-d16-512)
       # kernel_name_max_ops only lengthens inductor's kernel names (up to 40 fused ops each), so the profile's
       # top kernels say which ops of the model each one runs

@@ -400,6 +400,22 @@ def test_bench_train_side_by_side_options_combine(tmp_path):
     assert "compiled-blocks-reduce-overhead+" in lines[3] and "vs whole-model compile + mode default" in lines[3]
 
 
+def test_bench_train_clip_in_kernel_both_runs_the_same_step_two_ways(tmp_path):
+    """--clip-in-kernel both: clip_grad_norm_'s multiply pass, then the clipping inside the fused AdamW, the second
+    compared with the first; the same losses (the fused CPU AdamW takes the kernel path too)."""
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--device", "cpu", "--preset", "hmar-tiny",
+           "--batch", "4", "--steps", "2", "--warmup", "1", "--fused", "on", "--clip-in-kernel", "both",
+           "--json", str(out)]
+    p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [r["clip_in_kernel"] for r in res] == [False, True] and all(r["fused_adamw"] for r in res)
+    assert res[0]["loss"] == pytest.approx(res[1]["loss"], abs=1e-4)
+    lines = [ln for ln in p.stdout.splitlines() if "img/s" in ln]
+    assert "+clip-separate" in lines[0] and "+clip-separate" not in lines[1] and "vs clipping separate" in lines[1]
+
+
 def _interpreter_works() -> bool:
     """Triton's CPU interpreter before 3.8 fails under numpy >= 2.5 ("only 0-dimensional arrays can be converted
     to Python scalars"; seen with the GPU machine's triton 3.6 + numpy 2.5.2). CI pins triton 3.8."""

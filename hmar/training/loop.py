@@ -112,6 +112,7 @@ class StepState:
     fsdp: bool = False
     chunked_ce: bool = False              # chunked head + CE (the [B, L, V] logits never exist)
     cuda_graphs: bool = False             # compiled in reduce-overhead mode
+    clip_in_kernel: bool = True           # the clipping inside the fused AdamW kernel (clip_and_step)
 
     @property
     def patch_nums(self) -> Tuple[int, ...]:
@@ -225,7 +226,7 @@ def train_step(st: StepState, indices: torch.Tensor, labels: torch.Tensor, mask:
         st.scaler.update()
     else:
         loss.backward()
-        gn = clip_and_step(st.optimizer, st.params, st.grad_clip)   # the clipping inside the fused AdamW kernel
+        gn = clip_and_step(st.optimizer, st.params, st.grad_clip, st.clip_in_kernel)   # inside the fused AdamW
     st.optimizer.zero_grad(set_to_none=True)
     out = {"loss": loss.detach(), "grad_norm": gn.detach()}
     if metrics:
