@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
@@ -399,10 +400,8 @@ class CorruptFiles:
         files, labels = getattr(dataset, "files", None), getattr(dataset, "labels", None)
         self._label = {str(f): int(c) for f, c in zip(files, labels)} if files is not None and labels is not None \
             else {}
-        self._size: Dict[int, int] = {}
-        for c in self._label.values():
-            self._size[c] = self._size.get(c, 0) + 1
-        self._bad: Dict[int, int] = {}
+        self._size = Counter(self._label.values())   # files per class
+        self._bad: Counter = Counter()                  # unreadable files per class
         self._names = list(getattr(dataset, "class_names", []) or [])
         self._root = getattr(dataset, "root", None)
 
@@ -421,7 +420,7 @@ class CorruptFiles:
             c = self._label.get(p)
             if c is None:
                 continue
-            self._bad[c] = self._bad.get(c, 0) + 1
+            self._bad[c] += 1
             if self._bad[c] == self._size[c]:
                 name = self._names[c] if c < len(self._names) else str(c)
                 raise HMARError(f"every image of class {name!r} ({self._size[c]} file(s) under {self._root}) is "
