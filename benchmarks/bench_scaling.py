@@ -52,12 +52,9 @@ MODES = ("single", "ddp", "fsdp")
 def _build(preset: str, stage: str, device: torch.device) -> torch.nn.Module:
     """What ``hmar train --model PRESET --stage STAGE`` trains (random init), built on ``device``."""
     from hmar.model import HMAR, build_model, init_weights
-    from hmar.presets import ModelConfig, model_config
-    d = model_config(preset).to_dict()
-    if d["kind"] == "hmar":
-        d["kind"] = "nsp"                      # stage 1 of HMAR: the next-scale model (the trainer does the same)
+    from hmar.presets import model_config
     with torch.device(device):
-        m = build_model(ModelConfig.from_dict(d))
+        m = build_model(model_config(preset).stage_one())   # stage 1 of HMAR: the next-scale model, as the trainer
         init_weights(m)
         if stage == "masked":
             m = HMAR.from_next_scale(m, model_config(preset).branch_depth if preset.startswith("hmar") else None)

@@ -7,7 +7,8 @@ the official loss weighting and clipping.
     python benchmarks/bench_train.py --preset hmar-d16 --compile --attention-backend triton
     python benchmarks/bench_train.py --preset hmar-d16 --matrix --attention-backend auto per_scale
     python benchmarks/bench_train.py --preset hmar-d16 var-d16 --compare-compile   # eager vs compiled
-    python benchmarks/bench_train.py --preset hmar-d16 --compile --qk-norm both   # q/k normalisation in the kernels
+    python benchmarks/bench_train.py --preset hmar-d16 --compile --qk-norm both   # q/k normalisation: ops vs kernels
+    python benchmarks/bench_train.py --preset hmar-d16 --compile --qk-norm both --packed-qkv both   # + dqkv layout
     python benchmarks/bench_train.py --preset hmar-d16 --compile --fused-norm both   # LayerNorm + AdaLN kernels
     python benchmarks/bench_train.py --preset hmar-d30 --compile --compile-scope both   # whole model vs per block
     python benchmarks/bench_train.py --preset hmar-d16 --compile --fp8 both   # bf16 vs fp8 block GEMMs
@@ -18,9 +19,11 @@ One configuration = preset x stage x (eager | ``--compile``) x (``--chunked-ce``
 attention backend. ``--matrix`` runs, per preset, every combination of {eager, compiled} x {plain CE, chunked CE}
 x the listed ``--attention-backend`` values side by side in one process (fresh model and optimiser each, same
 seed and data) and prints each one's speed relative to the first (eager, plain CE, first backend).
-``--qk-norm both`` runs every configuration with the L2 normalisation of q and k as ops of their own (``unfused``,
-the default) and then inside the attention kernels (``fused``: :data:`hmar.attention.FUSED_QK_NORM`, an experiment),
-side by side, the second compared with the first. ``--fused-norm both`` does the same for each residual add +
+``--qk-norm both`` runs every configuration with the L2 normalisation of q and k as ops of their own (``unfused``:
+``hmar train --qk-norm ops``) and then inside the attention kernels (``fused``: ``--qk-norm kernels``), side by side,
+the second compared with the first (default ``auto``: the trainer's choice, kernels on CUDA); the fused one hands the
+kernels the packed qkv projection, whose gradient they write in its own layout (``--packed-qkv both``: unpacked q, k,
+v first, then packed: :data:`hmar.attention.PACKED_QKV`). ``--fused-norm both`` does the same for each residual add +
 LayerNorm + modulation as torch ops (``off``) and as hmar's Triton kernel and its backward (``on``:
 :data:`hmar.model.blocks.FUSED_NORM_TRAINING`). ``--compile-scope both`` compiles the whole forward as one graph
 (``model``, the default) and then each block on its own (``blocks``: one compiled graph shared by every block, so the
@@ -71,9 +74,8 @@ GOAL_PRESETS = ("hmar-d16", "var-d16", "hmar-d30", "hmar-d16-512")
 
 def build(preset: str, stage: str, device: torch.device, overrides: Optional[Dict[str, Any]] = None) -> torch.nn.Module:
     """The model a run of ``hmar train --model PRESET --stage STAGE`` would train (random init)."""
-    d = model_config(preset, **(overrides or {})).to_dict()
-    if stage == "next-scale" and d["kind"] == "hmar":
-        d["kind"] = "nsp"
+    cfg = model_config(preset, **(overrides or {}))
+    d = (cfg.stage_one() if stage == "next-scale" else cfg).to_dict()
     if stage == "masked":
         branch = d["branch_depth"] if d["kind"] == "hmar" else None
         d["kind"] = "nsp"
@@ -105,7 +107,7 @@ def bench(preset: str, stage: str, batch: int, steps: int, warmup: int, precisio
     if unknown:
         raise TypeError(f"bench() got unknown variant keys {sorted(unknown)}")
     v = {**VARIANT, **variant}
-    saved, hmar.attention.FUSED_QK_NORM = hmar.attention.FUSED_QK_NORM, v["fused_qk_norm"]
+    saved_packed, hmar.attention.PACKED_QKV = hmar.attention.PACKED_QKV, v["packed_qkv"]
     saved_norm, blocks.FUSED_NORM_TRAINING = blocks.FUSED_NORM_TRAINING, v["fused_norm"]
     try:
         with inductor_patch(v["inductor"]):
@@ -113,13 +115,13 @@ def bench(preset: str, stage: str, batch: int, steps: int, warmup: int, precisio
                          overrides, profile, v)
         return dict(res, inductor=v["inductor"], fused_norm=v["fused_norm"])
     finally:
-        hmar.attention.FUSED_QK_NORM = saved
+        hmar.attention.PACKED_QKV = saved_packed
         blocks.FUSED_NORM_TRAINING = saved_norm
 
 
-VARIANT: Dict[str, Any] = dict(compile=False, chunked_ce=True, attention_backend="auto", fused_qk_norm=False,
+VARIANT: Dict[str, Any] = dict(compile=False, chunked_ce=True, attention_backend="auto", fused_qk_norm=None,
                                inductor="", fused_norm=False, compile_scope="model", compile_mode="default",
-                               fp8=False, clip_in_kernel=True)
+                               fp8=False, clip_in_kernel=True, packed_qkv=True)
 """What one configuration of a run may change, and the defaults (``hmar train``'s)."""
 
 
@@ -134,7 +136,8 @@ def _bench(preset, stage, batch, steps, warmup, precision, fused, device, compil
     st = prepare_training(model, quant, stage, DistInfo(device=device), loss_weight=weighting, precision=precision,
                           fused=fused, lr=3e-4, compile=compile, chunked_ce=chunked_ce,
                           attention_backend=attention_backend, ce_chunk=ce_chunk, compile_backend=compile_backend,
-                          compile_scope=v["compile_scope"], compile_mode=v["compile_mode"], fp8=v["fp8"])
+                          compile_scope=v["compile_scope"], compile_mode=v["compile_mode"], fp8=v["fp8"],
+                          qk_norm={None: "auto", False: "ops", True: "kernels"}[v["fused_qk_norm"]])
     st.clip_in_kernel = v["clip_in_kernel"]
     apply_schedule(st.optimizer, 3e-4, 0.05)
     L = cfg.seq_len
@@ -170,7 +173,8 @@ def _bench(preset, stage, batch, steps, warmup, precision, fused, device, compil
            "compile_scope": v["compile_scope"] if compile else None,
            "compile_mode": v["compile_mode"] if compile else None, "chunked_ce": chunked_ce, "fp8": v["fp8"],
            "clip_in_kernel": v["clip_in_kernel"],
-           "fused_qk_norm": hmar.attention.FUSED_QK_NORM,
+           "fused_qk_norm": any(getattr(m, "fused_qk_norm", False) for m in model.modules()),
+           "packed_qkv": hmar.attention.PACKED_QKV,
            "attention_backend": os.environ.get("HMAR_ATTN_BACKEND") or attention_backend,
            "attention_resolved": resolved_backend(os.environ.get("HMAR_ATTN_BACKEND") or attention_backend, cfg,
                                                   batch, st.amp_dtype, device),
@@ -201,7 +205,7 @@ def variant_name(r: Dict[str, Any]) -> str:
                 + (f"-{r['compile_mode']}" if r.get("compile_mode") not in (None, "default") else ""))
     return (f"{compiled if r['compile'] else 'eager'}+{'chunked' if r['chunked_ce'] else 'plain'}-CE+"
             f"{r['attention_backend']}" + (f"({r['attention_resolved']})" if r["attention_backend"] == "auto" else "")
-            + ("+fused-qk-norm" if r.get("fused_qk_norm") else "")
+            + ("+fused-qk-norm" + ("" if r.get("packed_qkv", True) else "-unpacked") if r.get("fused_qk_norm") else "")
             + ("+fused-norm" if r.get("fused_norm") else "")
             + ("+fp8" if r.get("fp8") else "")
             + ("+clip-separate" if r.get("clip_in_kernel") is False else "")
@@ -236,13 +240,14 @@ def report(r: Dict[str, Any], base: Optional[Dict[str, Any]] = None, base_name: 
 def axes(a: argparse.Namespace) -> Dict[str, tuple]:
     """The values of each side-by-side option (``--qk-norm both`` / ``--fused-norm both``: without, then with;
     ``--compile-scope both``: model, then blocks; ``--inductor`` / ``--compile-mode``: the values given)."""
-    return {"fused_qk_norm": {"unfused": (False,), "fused": (True,), "both": (False, True)}[a.qk_norm],
+    return {"fused_qk_norm": {"auto": (None,), "unfused": (False,), "fused": (True,), "both": (False, True)}[a.qk_norm],
             "inductor": tuple(a.inductor),
             "fused_norm": {"off": (False,), "on": (True,), "both": (False, True)}[a.fused_norm],
             "compile_scope": ("model", "blocks") if a.compile_scope == "both" else (a.compile_scope,),
             "compile_mode": tuple(a.compile_mode),
             "fp8": {"off": (False,), "on": (True,), "both": (False, True)}[a.fp8],
-            "clip_in_kernel": {"off": (False,), "on": (True,), "both": (False, True)}[a.clip_in_kernel]}
+            "clip_in_kernel": {"off": (False,), "on": (True,), "both": (False, True)}[a.clip_in_kernel],
+            "packed_qkv": {"off": (False,), "on": (True,), "both": (False, True)}[a.packed_qkv]}
 
 
 COMPILE_ONLY = ("inductor", "compile_scope", "compile_mode")
@@ -255,7 +260,8 @@ def baseline_name(key: str, first: Any) -> str:
         return f"[{first}]" if first else "inductor defaults"
     return {"fused_qk_norm": "unfused", "fused_norm": "ops norm", "compile_scope": "whole-model compile",
             "compile_mode": f"mode {first}", "fp8": "bf16 GEMMs",
-            "clip_in_kernel": "clipping separate" if first is False else "clipping in the kernel"}[key]
+            "clip_in_kernel": "clipping separate" if first is False else "clipping in the kernel",
+            "packed_qkv": "unpacked qkv" if first is False else "packed qkv"}[key]
 
 
 def variants(a: argparse.Namespace) -> List[Dict[str, Any]]:
@@ -265,8 +271,11 @@ def variants(a: argparse.Namespace) -> List[Dict[str, Any]]:
     for v in _variants(a):
         for combo in itertools.product(*ax.values()):
             d = dict(v, **dict(zip(ax, combo)))
-            if v["compile"] or all(d[k] == ax[k][0] for k in COMPILE_ONLY):
-                out.append(d)
+            if not (v["compile"] or all(d[k] == ax[k][0] for k in COMPILE_ONLY)):
+                continue
+            if d["fused_qk_norm"] is False and d["packed_qkv"] != ax["packed_qkv"][0]:
+                continue   # (the packed form only exists with the normalisation in the kernels)
+            out.append(d)
     return out
 
 
@@ -312,9 +321,14 @@ def main(argv: List[str] | None = None) -> int:
     p.add_argument("--device", default="auto", help="torch device (default: cuda if available)")
     p.add_argument("--profile", action="store_true",
                    help="also print (and keep in the JSON) a torch.profiler table of 3 steps per configuration")
-    p.add_argument("--qk-norm", default="unfused", choices=["unfused", "fused", "both"],
-                   help="the L2 normalisation of q and k as ops of their own (default), inside the attention "
-                        "kernels (hmar.attention.FUSED_QK_NORM), or both side by side")
+    p.add_argument("--qk-norm", default="auto", choices=["auto", "unfused", "fused", "both"],
+                   help="the L2 normalisation of q and k: the trainer's choice (default: hmar train --qk-norm auto, "
+                        "inside the kernels on CUDA), as ops of their own (unfused), inside the attention kernels "
+                        "(fused), or both side by side")
+    p.add_argument("--packed-qkv", default="on", choices=["off", "on", "both"],
+                   help="with --qk-norm fused: the packed qkv projection handed to the kernels, which write its "
+                        "gradient in its own layout (default, hmar.attention.PACKED_QKV), unpacked q, k, v (off), or "
+                        "both side by side")
     p.add_argument("--fused-norm", default="off", choices=["off", "on", "both"],
                    help="each residual add + LayerNorm + modulation as torch ops (default), as hmar's Triton kernel "
                         "with its backward (hmar.model.blocks.FUSED_NORM_TRAINING), or both side by side")

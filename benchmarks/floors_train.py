@@ -76,11 +76,8 @@ def _config(cfg: Config) -> ModelConfig:
 
 def _params(cfg: Config) -> int:
     """Trained parameters of stage 1 (the next-scale network; no weights are allocated)."""
-    d = _config(cfg).to_dict()
-    if d["kind"] == "hmar":
-        d["kind"] = "nsp"
     with torch.device("meta"):
-        model = build_model(ModelConfig.from_dict(d))
+        model = build_model(_config(cfg).stage_one())
     return sum(p.numel() for p in model.parameters())
 
 

@@ -248,6 +248,15 @@ class ModelConfig:
         if self.kind == "hmar" and not (1 <= self.branch_depth <= self.depth):
             raise HMARError(f"branch_depth {self.branch_depth} must be between 1 and depth {self.depth}")
 
+    def stage_one(self) -> "ModelConfig":
+        """The model stage 1 trains: for ``hmar``, the next-scale model (``nsp``, the official stage-1 layout) of the
+        same depth, width and scales, whose branches stage 2 adds; a model of another kind is its own stage 1."""
+        if self.kind != "hmar":
+            return self
+        d = self.to_dict()
+        d["kind"] = "nsp"
+        return ModelConfig.from_dict(d)
+
     @property
     def seq_len(self) -> int:
         return sum(p * p for p in self.patch_nums)

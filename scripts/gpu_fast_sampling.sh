@@ -182,6 +182,14 @@
 #           clip_grad_norm_'s multiply pass against inside the fused AdamW kernel (the new default; 2n measured only
 #           the optimiser part: 1.10x at hmar-d30), at hmar-d30, hmar-d16 and hmar-d16-512 (~8 minutes: the second
 #           variant of each reuses the first one's compiled graph)
+#   60 (2026-12-07, ninth session): the packed attention form (the Triton kernels take the qkv projection itself
+#           and write its gradient in its own layout, hmar.attention.packed_attention): its GPU tests and the q/k
+#           normalisation ones, then compiled hmar-d16 training with the normalisation as ops, in the kernels with
+#           q, k, v unpacked, and in the kernels packed, side by side (~6 minutes)
+#   61 (same session): hmar-d30, then hmar-d16-512, ops against packed (~9 minutes)
+#   62 (same session, after the packed form in the kernels became the training default, hmar train --qk-norm auto):
+#           the GPU tests of both, of the sampler's layers with it, and of training (eager, compiled, blocks, CUDA
+#           graphs, qk-norm ops against the plain eager path), then the new default hmar-d16 step profiled (~9 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -226,6 +234,8 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   56) STEPS="knobs-train-d16 fp8-train-d30" ;;
   57) STEPS="bf16-profile-d16 bf16-profile-d30 bf16-profile-d16-512" ;; 58) STEPS="fp8-train-d30 fp8-train-d16" ;;
   59) STEPS="clip-train-d30 clip-train-d16 clip-train-d16-512" ;;
+  60) STEPS="packed-tests packed-train-d16" ;; 61) STEPS="packed2-train-d30 packed2-train-d16-512" ;;
+  62) STEPS="packed-tests accel-qk-tests train-gpu-tests bf16-profile-d16" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
@@ -472,6 +482,18 @@ for s in $STEPS; do
     clip-train-d16|clip-train-d30|clip-train-d16-512)
       train_bench clip "hmar-${s#clip-train-}" "the clipping as its own pass vs inside the fused AdamW" \
         --clip-in-kernel both ;;
+    packed-tests)
+      step "GPU tests: the packed attention form and the q/k normalisation inside the kernels"
+      gpu_tests packed-tests 200 tests/test_triton_attention.py -k "packed or qk_norm or normalisation_in_the_kernels" ;;
+    accel-qk-tests)
+      step "GPU tests: the sampler's layers with the normalisation in the kernels (GraphedModel, token limit)"
+      gpu_tests accel-qk-tests 150 tests/test_accel.py -k "qk_norm" ;;
+    packed-train-d16|packed-train-d30|packed-train-d16-512)
+      train_bench packed "hmar-${s#packed-train-}" "q/k norm as ops vs in the kernels, q/k/v unpacked vs packed" \
+        --qk-norm both --packed-qkv both ;;
+    packed2-train-d16|packed2-train-d30|packed2-train-d16-512)
+      train_bench packed2 "hmar-${s#packed2-train-}" "q/k norm as ops vs in the kernels with the packed projection" \
+        --qk-norm both --packed-qkv on ;;
     bf16-profile-d16|bf16-profile-d30|bf16-profile-d16-512)
       # kernel_name_max_ops only lengthens inductor's kernel names (up to 40 fused ops each), so the profile's
       # top kernels say which ops of the model each one runs

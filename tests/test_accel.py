@@ -806,13 +806,13 @@ def test_fused_qk_norm_token_limit_keeps_long_passes_unfused(monkeypatch):
     normalisation the limit changes nothing. The outputs are the model's numerics either way."""
     import hmar.model.blocks as blocks
     calls = []
-    real = blocks.attention
+    real = blocks.packed_attention
 
     def spy(*args, **kw):
         calls.append(kw["fuse_qk_norm"])
         return real(*args, **{**kw, "fuse_qk_norm": False})
 
-    monkeypatch.setattr(blocks, "attention", spy)
+    monkeypatch.setattr(blocks, "packed_attention", spy)
     layer = blocks.SelfAttention(32, 4)
     x = torch.randn(2, 9, 32)
     ref = layer(x, (1, 4, 4), "block_diagonal")
@@ -833,11 +833,10 @@ def test_graphed_model_sets_the_fused_qk_norm_of_its_layers(monkeypatch):
     from hmar.accel import GraphedModel, fuse_qk_norm_by_default
     from hmar.model.blocks import SelfAttention
     tok = VQVAE(tokenizer_config("vqvae-tiny")).cuda().eval()
-    calls, fused_fn = [], A._QK_NORM_BACKENDS.get("triton")
-    if fused_fn is None:
-        A._maybe_load_triton()
-        fused_fn = A._QK_NORM_BACKENDS["triton"]
-    monkeypatch.setitem(A._QK_NORM_BACKENDS, "triton", lambda *a: (calls.append(1), fused_fn(*a))[1])
+    calls = []
+    A._maybe_load_triton()
+    for table in (A._QK_NORM_BACKENDS, A._PACKED_BACKENDS):   # (the layers call the packed form)
+        monkeypatch.setitem(table, "triton", lambda *a, _fn=table["triton"]: (calls.append(1), _fn(*a))[1])
     runs = {}
     for fuse in (None, False, True):
         torch.manual_seed(0)

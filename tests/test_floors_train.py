@@ -11,7 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from hmar.model import build_model, init_weights
-from hmar.presets import ModelConfig, model_config
+from hmar.presets import model_config
 from hmar.tokenizer.quantizer import MultiScaleQuantizer
 from hmar.training.distributed import DistInfo
 from hmar.training.loop import prepare_training, train_step
@@ -40,10 +40,7 @@ def test_gemm_flops_and_parameters_equal_torchs_count_of_a_step(name, override):
     """One fp32 training step's matmul FLOPs (forward, backward; the quantizer's own resizes taken out) equal the
     script's GEMM list with the head run four times, as the chunked CE runs it; its parameters are the trained ones.
     The wide case tells the vocabulary, the MLP width and the latent width apart from the embedding width."""
-    d = model_config(name, **override).to_dict()
-    if d["kind"] == "hmar":
-        d["kind"] = "nsp"
-    cfg = ModelConfig.from_dict(d)
+    cfg = model_config(name, **override).stage_one()
     torch.manual_seed(0)
     model = build_model(cfg)
     init_weights(model)

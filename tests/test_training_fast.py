@@ -297,6 +297,23 @@ def test_attention_backend_option_and_size_rule():
     assert not prefers_masked_sdpa((1, 1, 5, 64), "dense")
 
 
+def test_qk_norm_option():
+    """prepare_training(qk_norm=): auto is ops on the CPU (tests/test_triton_attention.py runs kernels, through the
+    interpreter); a wrong value or an impossible request is a clear error."""
+    from hmar.model.blocks import SelfAttention
+    m = _model("next-scale")
+    cfg = m.config
+    quant = MultiScaleQuantizer(cfg.vocab_size, cfg.z_channels, cfg.patch_nums)
+    cpu = DistInfo(device=torch.device("cpu"))
+    layers = [x for x in m.modules() if isinstance(x, SelfAttention)]
+    prepare_training(m, quant, "next-scale", cpu)
+    assert len(layers) == cfg.depth and all(x.fused_qk_norm is False for x in layers)
+    with pytest.raises(HMARError, match="--qk-norm: 'fast' is not one of auto, ops, kernels"):
+        prepare_training(m, quant, "next-scale", cpu, qk_norm="fast")
+    with pytest.raises(HMARError, match="--qk-norm kernels: .*--attention-backend auto or triton"):
+        prepare_training(m, quant, "next-scale", cpu, qk_norm="kernels", attention_backend="per_scale")
+
+
 def test_autocast_reaches_attention_in_one_dtype():
     # under bf16 autocast the l2-normalised q is fp32: attention() casts q, k, v to the autocast dtype, as
     # SDPA's autocast would, so the fused kernel is not declined for it
@@ -483,7 +500,8 @@ def test_gpu_fast_path_follows_the_eager_plain_path(stage):
                                                      compile=True),
                      "compiled-blocks": dict(attention_backend="triton", compile=True, compile_scope="blocks"),
                      "compiled-cuda-graphs": dict(attention_backend="triton", compile=True,
-                                                  compile_mode="reduce-overhead")}.items():
+                                                  compile_mode="reduce-overhead"),
+                     "compiled-qk-norm-ops": dict(attention_backend="triton", compile=True, qk_norm="ops")}.items():
         torch.manual_seed(0)
         d = model_config("hmar-small", num_heads=4, embed_dim=256, **NO_DROP).to_dict()   # head dim 64
         d["kind"] = "nsp"
@@ -504,6 +522,7 @@ def test_gpu_fast_path_follows_the_eager_plain_path(stage):
     ref = runs.pop("eager-plain-per_scale")
     for name, losses in runs.items():
         assert losses == pytest.approx(ref, rel=2e-2), (name, ref, losses)
+    assert runs["compiled-chunked-triton"] != runs["compiled-qk-norm-ops"]   # (two paths: kernels, then ops)
 
 
 def test_bench_train_reports_against_the_official_figures(monkeypatch):

@@ -472,3 +472,18 @@ def test_time_budget_counts_from_this_process_and_fits_after_a_few_steps(monkeyp
         assert total == first + b.skip + b.probe + int(60.0 - elapsed)   # the rest of the budget at 1 s per step
         clock[0] += 100.0
         assert b.total(total + 1, total) == total + 1                     # one process: stops once it is spent
+
+
+def test_stage_one_config_is_the_next_scale_model_of_the_same_size():
+    from hmar.model import build_model
+    from hmar.presets import model_config
+    for name in ("hmar-tiny", "hmar-d16", "hmar-d30-512"):
+        c = model_config(name, drop_path_rate=0.05)
+        s = c.stage_one()
+        assert s.kind == "nsp" and c.kind == "hmar" and s.to_dict() == {**c.to_dict(), "kind": "nsp"}
+    v = model_config("var-tiny")
+    assert v.stage_one() is v
+    with torch.device("meta"):   # HMAR's trunk + next-scale branch = the nsp model's blocks (its masked branch: stage 2)
+        nsp, full = build_model(model_config("hmar-tiny").stage_one()), build_model(model_config("hmar-tiny"))
+    assert type(nsp).__name__ != type(full).__name__
+    assert sum(p.numel() for p in nsp.parameters()) < sum(p.numel() for p in full.parameters())

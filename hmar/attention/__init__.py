@@ -25,7 +25,13 @@ L2-normalised attention. By default the normalisation runs as its own ops before
 that do not say (off by default; also ``HMAR_FUSED_QK_NORM=1``), a backend that can do it inside its kernels does
 (the Triton kernel reads q and k raw and normalises them in its prologue and gradient epilogue), for every call it
 supports, the dense pattern included. :class:`hmar.accel.GraphedModel` turns it on for the sampling passes where the
-H200 measured it faster (those of at most 256 tokens, BENCHMARKS.md section 3g).
+H200 measured it faster (those of at most 256 tokens, BENCHMARKS.md section 3g); training turns it on for every
+layer on CUDA (``hmar train --qk-norm auto``).
+
+:func:`packed_attention` takes the packed projection ``[B, N, 3, H, D]`` instead of q, k, v. With the normalisation in
+the kernels, a backend with a packed form (the Triton kernel) then returns the gradient of the projection itself, in
+its layout, so autograd neither stacks three gradients nor copies them for the projection's weight gradient
+(BENCHMARKS.md section 2o).
 """
 from __future__ import annotations
 
@@ -45,22 +51,32 @@ _BACKENDS: Dict[str, BackendFn] = {}
 _SUPPORTS: Dict[str, Callable[[torch.Tensor, Tuple[int, ...], str], bool]] = {}
 # Backends that normalise q and k themselves: fn(q, k, v, lengths, pattern, scale, qk_norm)
 _QK_NORM_BACKENDS: Dict[str, Callable[..., torch.Tensor]] = {}
+# Backends that take the packed projection: fn(qkv, lengths, pattern, scale, qk_norm=None), qkv [B, N, 3, H, D]
+_PACKED_BACKENDS: Dict[str, Callable[..., torch.Tensor]] = {}
 
 FUSED_QK_NORM: bool = os.environ.get("HMAR_FUSED_QK_NORM", "0").lower() in ("1", "true", "on", "yes")
 """Run ``qk_norm`` inside the kernels of a backend that can (see the module docstring). An experiment: off."""
 
+PACKED_QKV: bool = os.environ.get("HMAR_PACKED_QKV", "1").lower() in ("1", "true", "on", "yes")
+""":func:`packed_attention` hands the packed projection to a backend that takes it (on by default; a benchmark
+switch, also ``HMAR_PACKED_QKV=0``). Off: it always unpacks q, k, v and calls :func:`attention`."""
+
 
 def register_backend(name: str, fn: BackendFn,
                      supports: Optional[Callable[[torch.Tensor, Tuple[int, ...], str], bool]] = None,
-                     qk_norm_fn: Optional[Callable[..., torch.Tensor]] = None) -> None:
+                     qk_norm_fn: Optional[Callable[..., torch.Tensor]] = None,
+                     packed_fn: Optional[Callable[..., torch.Tensor]] = None) -> None:
     """Register an attention backend under ``name`` (``supports(q, lengths, pattern)`` gates auto-choice;
     ``qk_norm_fn(q, k, v, lengths, pattern, scale, qk_norm)``: the same attention with the L2 normalisation of q
-    and k done inside, for :data:`FUSED_QK_NORM`)."""
+    and k done inside, for :data:`FUSED_QK_NORM`; ``packed_fn(qkv, lengths, pattern, scale, qk_norm=None)``: the
+    same attention of a packed ``[B, N, 3, H, D]`` projection, for :func:`packed_attention`)."""
     _BACKENDS[name] = fn
     if supports is not None:
         _SUPPORTS[name] = supports
     if qk_norm_fn is not None:
         _QK_NORM_BACKENDS[name] = qk_norm_fn
+    if packed_fn is not None:
+        _PACKED_BACKENDS[name] = packed_fn
 
 
 def l2_normalize_qk(q: torch.Tensor, k: torch.Tensor, qk_norm: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -239,17 +255,62 @@ def check_backend(name: Optional[str], device: torch.device | str) -> Optional[s
     return name
 
 
-def _fused_qk_norm_call(q, k, v, lengths, pattern, scale, backend, qk_norm):
+def triton_kernel_runs_on(device: torch.device | str) -> bool:
+    """Whether the Triton kernels can run on ``device``: CUDA with the triton package, or the CPU under
+    ``TRITON_INTERPRET=1`` (tests)."""
+    _maybe_load_triton()
+    if "triton" not in _BACKENDS:
+        return False
+    from . import triton_kernel as tk
+    dev = torch.device(device)
+    return dev.type == "cuda" or (dev.type == "cpu" and tk._interpret())
+
+
+def _fused_qk_norm_call(q, k, v, lengths, pattern, scale, backend, qk_norm, qkv=None):
     """The attention through a backend that normalises q and k itself (:data:`FUSED_QK_NORM`), or None where no
-    such backend supports the call. The dense pattern runs as one block of the block-diagonal one."""
+    such backend supports the call. The dense pattern runs as one block of the block-diagonal one. With ``qkv`` (the
+    packed projection q, k, v are views of): through the backend's packed form, or None where it has none."""
     if pattern == "dense":
         pattern, lengths = "block_diagonal", (q.shape[2],)
     name = backend or _forced_backend() or "triton"
     _maybe_load_triton()
-    fn, sup = _QK_NORM_BACKENDS.get(name), _SUPPORTS.get(name)
+    fn, sup = (_QK_NORM_BACKENDS if qkv is None else _PACKED_BACKENDS).get(name), _SUPPORTS.get(name)
     if fn is None or (sup is not None and not sup(q, lengths, pattern)) or qk_norm.numel() != q.shape[1]:
         return None   # (the kernels take one scale per head; another broadcast shape runs as ops)
-    return fn(q, k, v, lengths, pattern, scale, qk_norm)
+    return fn(q, k, v, lengths, pattern, scale, qk_norm) if qkv is None else fn(qkv, lengths, pattern, scale, qk_norm)
+
+
+def unpack_qkv(qkv: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v (``[B, H, N, D]`` views) of a packed projection ``qkv`` (``[B, N, 3, H, D]``)."""
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"packed attention: qkv must be [B, N, 3, H, D] (q, k, v along dim 2), got "
+                         f"{tuple(qkv.shape)}")
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
+
+
+def packed_attention(qkv: torch.Tensor, *, lengths: Sequence[int], pattern: Pattern = "block_diagonal",
+                     scale: float = 1.0, backend: Optional[str] = None, qk_norm: Optional[torch.Tensor] = None,
+                     fuse_qk_norm: Optional[bool] = None) -> torch.Tensor:
+    """:func:`attention` of the packed projection ``qkv`` (``[B, N, 3, H, D]``, e.g. ``mat_qkv(x).view(B, N, 3, H,
+    D)``): the same arguments and values. Where the L2 normalisation runs in the kernels (``fuse_qk_norm`` /
+    :data:`FUSED_QK_NORM`) of a backend with a packed form (the Triton kernel), and :data:`PACKED_QKV` is on, the
+    backward writes the gradient of ``qkv`` itself, in the projection's layout: no normalisation ops, and no
+    stacking of dq, dk, dv into a copy for the projection's weight gradient. Everywhere else: unpacked and
+    :func:`attention`. Returns ``[B, H, N, D]``."""
+    q, k, v = unpack_qkv(qkv)
+    if PACKED_QKV and qk_norm is not None and (FUSED_QK_NORM if fuse_qk_norm is None else fuse_qk_norm):
+        lengths = tuple(int(n) for n in lengths)
+        dev = qkv.device.type
+        if sum(lengths) == q.shape[2] and dev != "meta" and torch.is_autocast_enabled(dev):
+            qkv = qkv.to(torch.get_autocast_dtype(dev))
+            q, k, v = unpack_qkv(qkv)
+        if sum(lengths) == q.shape[2] and pattern in PATTERNS:   # (else attention() says what is wrong)
+            out = _fused_qk_norm_call(q, k, v, lengths, pattern, scale, backend, qk_norm, qkv=qkv)
+            if out is not None:
+                return out
+    return attention(q, k, v, lengths=lengths, pattern=pattern, scale=scale, backend=backend, qk_norm=qk_norm,
+                     fuse_qk_norm=fuse_qk_norm)
 
 
 def inference_kernel(x: torch.Tensor, head_dim: int,
@@ -317,7 +378,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lengths: Seq
     return fn(q, k, v, lengths, pattern, scale)
 
 
-__all__ = ["attention", "block_mask", "register_backend", "available_backends", "choose_backend", "check_backend",
-           "inference_kernel", "l2_normalize_qk", "prefers_masked_sdpa", "PATTERNS", "TRAINING_BACKENDS",
-           "SMALL_DENSE_SCORES"]
-# (FUSED_QK_NORM is a switch: set it as hmar.attention.FUSED_QK_NORM, not on an imported copy)
+__all__ = ["attention", "packed_attention", "unpack_qkv", "block_mask", "register_backend", "available_backends",
+           "choose_backend", "check_backend", "inference_kernel", "l2_normalize_qk", "triton_kernel_runs_on",
+           "prefers_masked_sdpa", "PATTERNS", "TRAINING_BACKENDS", "SMALL_DENSE_SCORES"]
+# (FUSED_QK_NORM and PACKED_QKV are switches: set them as hmar.attention.FUSED_QK_NORM, not on imported copies)

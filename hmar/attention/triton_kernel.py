@@ -648,7 +648,7 @@ if _HAS_TRITON:
 
     @triton.jit
     def _bwd_kernel(Q, K, V, DO, G, LSE, DELTA, TAB, BND, NRM, HS, DHS, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-                    sdb, sdh, sdn, H, N, qk_scale,
+                    sdb, sdh, sdn, sgp, sgb, sgh, sgn, H, N, qk_scale,
                     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
                     BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, HEAD_D: tl.constexpr,
                     UPCAST: tl.constexpr, QK_NORM: tl.constexpr):
@@ -675,11 +675,11 @@ if _HAS_TRITON:
         do_base = DO + b * sdb + h * sdh
         lse_base = LSE + row0
         dl_base = DELTA + row0
-        # G is one contiguous [3, B, H, N, D] buffer: dq, dk, dv
-        plane = tl.num_programs(0).to(tl.int64) * N * HEAD_D
-        DQ = G + row0 * HEAD_D
-        DK = DQ + plane
-        DV = DK + plane
+        # G is a strided [3, B, H, N, D] view (dq, dk, dv; last dim contiguous): a buffer of its own, or the
+        # gradient of the packed [B, N, 3, H, D] projection itself
+        DQ = G + b * sgb + h * sgh
+        DK = DQ + sgp
+        DV = DK + sgp
         # QK_NORM: row norms of q and k ([2, B, H, N]), q's head scale; DHS gets <u, dq_hat> per query row
         nq_base = NRM + row0
         nk_base = nq_base + tl.num_programs(0).to(tl.int64) * N
@@ -708,7 +708,7 @@ if _HAS_TRITON:
                                  p1, p2, p3, qk_scale, nq_base, hsc, rk, BLOCK_M1, HEAD_D, False, UPCAST, QK_NORM)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, dl_base, sqn, sdn, clo, chi,
                                  p2, p3, p3, qk_scale, nq_base, hsc, rk, BLOCK_M1, HEAD_D, True, UPCAST, QK_NORM)
-            g_ptrs = offs_n[:, None] * HEAD_D + offs_d[None, :]
+            g_ptrs = offs_n[:, None] * sgn + offs_d[None, :]
             tl.store(DV + g_ptrs, dv.to(G.dtype.element_ty), mask=n_ok[:, None])
             dk = dk * sm_scale
             if QK_NORM:  # through k's normalisation: dk_hat -> dk_raw
@@ -741,7 +741,7 @@ if _HAS_TRITON:
             if QK_NORM:  # through q's normalisation and head scale: dq_hat -> dq_raw, and <u, dq_hat> per row
                 dq, c = _normalize_grad(q, dq, nq, hsc)
                 tl.store(DHS + row0 + offs_m, c, mask=m_ok)
-            tl.store(DQ + offs_m[:, None] * HEAD_D + offs_d[None, :], dq.to(G.dtype.element_ty), mask=m_ok[:, None])
+            tl.store(DQ + offs_m[:, None] * sgn + offs_d[None, :], dq.to(G.dtype.element_ty), mask=m_ok[:, None])
 
 
 # --------------------------------------------------------------------------------------------
@@ -818,13 +818,14 @@ def _launch_delta(o, do, delta):
 
 
 def _launch_bwd(q, k, v, do, g, lse, delta, tab, bnd, scale, cfg: BwdConfig, nrm=None, hs=None, dhs=None):
-    """q, k, v, do strided (last dim contiguous); g is the contiguous [3, B, H, N, D] dq/dk/dv buffer. With
-    ``nrm``/``hs`` (as :func:`_launch_fwd`): g gets the gradients of the raw q and k, and ``dhs`` (fp32 [B, H, N])
-    the per-row terms of the head scale's gradient."""
+    """q, k, v, do strided (last dim contiguous); g the strided [3, B, H, N, D] dq/dk/dv view (last dim contiguous:
+    a buffer of its own, or the packed projection's gradient, :func:`_packed_bwd_impl`). With ``nrm``/``hs`` (as
+    :func:`_launch_fwd`): g gets the gradients of the raw q and k, and ``dhs`` (fp32 [B, H, N]) the per-row terms
+    of the head scale's gradient."""
     B, H, N, D = q.shape
     _bwd_kernel[(B * H, tab.shape[0])](
         q, k, v, do, g, lse, delta, tab, bnd, lse if nrm is None else nrm, lse if hs is None else hs,
-        lse if dhs is None else dhs, *_strides(q, k, v, do), H, N, scale * _LOG2E,
+        lse if dhs is None else dhs, *_strides(q, k, v, do), *g.stride()[:4], H, N, scale * _LOG2E,
         BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
         HEAD_D=D, UPCAST=_upcast(q), QK_NORM=nrm is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
@@ -975,12 +976,14 @@ def _fwd_impl(q, k, v, hs, lengths, pattern, scale):
     return o, lse, nrm
 
 
-def _bwd_impl(q, k, v, o, lse, nrm, hs, do, lengths, pattern, scale):
-    """The backward launches: ``(g, dhs)``, g the contiguous ``[3, B, H, N, D]`` dq/dk/dv buffer and dhs the
-    gradient of ``hs`` (fp32 ``[H]``; an empty tensor without ``hs``)."""
+def _bwd_impl(q, k, v, o, lse, nrm, hs, do, lengths, pattern, scale, g=None):
+    """The backward launches: ``(g, dhs)``, g the ``[3, B, H, N, D]`` dq/dk/dv gradients (written into ``g`` when
+    given: any strided view with a contiguous last dim; else a contiguous buffer) and dhs the gradient of ``hs``
+    (fp32 ``[H]``; an empty tensor without ``hs``)."""
     q, k, v, o, do = _dense_rows(q, k, v, o, do.to(q.dtype))
     lse = lse.contiguous()
-    g = torch.empty((3,) + tuple(q.shape), dtype=q.dtype, device=q.device)
+    if g is None:
+        g = torch.empty((3,) + tuple(q.shape), dtype=q.dtype, device=q.device)
     rows = lse.new_zeros(lse.shape if hs is not None else 0)   # <u, dq_hat> per query row, summed below
     if g.numel():
         delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
@@ -1030,6 +1033,39 @@ class _BlockSparseAttention(torch.autograd.Function):
         return g[0], g[1], g[2], None if hs is None else dhs, None, None, None
 
 
+def _unpack(qkv):
+    """q, k, v: the ``[B, H, N, D]`` views of a packed ``[B, N, 3, H, D]`` projection."""
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+def _packed_fwd_impl(qkv, hs, lengths, pattern, scale):
+    return _fwd_impl(*_unpack(qkv), hs, lengths, pattern, scale)
+
+
+def _packed_bwd_impl(qkv, o, lse, nrm, hs, do, lengths, pattern, scale):
+    """``(dqkv, dhs)``: the kernel writes dq, dk and dv straight into the ``[B, N, 3, H, D]`` gradient of the packed
+    projection, the layout its weight-gradient GEMM reads (no stacking of three gradients, no copy)."""
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    _, dhs = _bwd_impl(*_unpack(qkv), o, lse, nrm, hs, do, lengths, pattern, scale, g=dqkv.permute(2, 0, 3, 1, 4))
+    return dqkv, dhs
+
+
+class _PackedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qkv, hs, lengths, pattern, scale):
+        o, lse, nrm = _packed_fwd_impl(qkv, hs, lengths, pattern, scale)
+        ctx.save_for_backward(qkv, o, lse, nrm, hs)
+        ctx.lengths, ctx.pattern, ctx.scale = lengths, pattern, scale
+        return o
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do):
+        qkv, o, lse, nrm, hs = ctx.saved_tensors
+        dqkv, dhs = _packed_bwd_impl(qkv, o, lse, nrm, hs, do, ctx.lengths, ctx.pattern, ctx.scale)
+        return dqkv, None if hs is None else dhs, None, None, None
+
+
 # --------------------------------------------------------------------------------------------
 # torch.compile: the same launches behind two opaque custom ops
 # --------------------------------------------------------------------------------------------
@@ -1051,7 +1087,7 @@ def _register_ops() -> None:
         return _fwd_impl(q, k, v, hs, tuple(lengths), pattern, scale)
 
     @_op_fwd.register_fake
-    def _(q, k, v, hs, lengths, pattern, scale):
+    def _fwd_fake(q, k, v, hs, lengths, pattern, scale):
         nrm = q.new_empty((2,) + tuple(q.shape[:3]) if hs is not None else (0,), dtype=torch.float32)
         return _new_out(q), q.new_empty(q.shape[:3], dtype=torch.float32), nrm
 
@@ -1080,6 +1116,40 @@ def _register_ops() -> None:
 
     register_autograd("hmar::block_sparse_attn_fwd", backward, setup_context=setup_context)
 
+    # the packed form (packed_triton_attention): one [B, N, 3, H, D] input, its gradient in that layout
+    @custom_op("hmar::packed_attn_fwd", mutates_args=())
+    def _op_packed_fwd(qkv: torch.Tensor, hs: Optional[torch.Tensor], lengths: List[int], pattern: str,
+                       scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return _packed_fwd_impl(qkv, hs, tuple(lengths), pattern, scale)
+
+    @_op_packed_fwd.register_fake
+    def _(qkv, hs, lengths, pattern, scale):
+        return _fwd_fake(*_unpack(qkv), hs, lengths, pattern, scale)
+
+    @custom_op("hmar::packed_attn_bwd", mutates_args=())
+    def _op_packed_bwd(qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, nrm: torch.Tensor,
+                       hs: Optional[torch.Tensor], do: torch.Tensor, lengths: List[int], pattern: str,
+                       scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        return _packed_bwd_impl(qkv, o, lse, nrm, hs, do, tuple(lengths), pattern, scale)
+
+    @_op_packed_bwd.register_fake
+    def _(qkv, o, lse, nrm, hs, do, lengths, pattern, scale):
+        return (torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device),
+                qkv.new_empty(qkv.shape[3] if hs is not None else 0, dtype=torch.float32))
+
+    def setup_packed(ctx, inputs, output):
+        qkv, hs, lengths, pattern, scale = inputs
+        o, lse, nrm = output
+        ctx.save_for_backward(qkv, o, lse, nrm, hs)
+        ctx.lengths, ctx.pattern, ctx.scale = list(lengths), pattern, scale
+
+    def backward_packed(ctx, do, dlse, dnrm):
+        qkv, o, lse, nrm, hs = ctx.saved_tensors
+        dqkv, dhs = torch.ops.hmar.packed_attn_bwd(qkv, o, lse, nrm, hs, do, ctx.lengths, ctx.pattern, ctx.scale)
+        return dqkv, None if hs is None else dhs, None, None, None
+
+    register_autograd("hmar::packed_attn_fwd", backward_packed, setup_context=setup_packed)
+
     @custom_op("hmar::dense_attn_infer", mutates_args=())
     def _op_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hs: Optional[torch.Tensor], scale: float,
                   qb: Optional[torch.Tensor] = None, vb: Optional[torch.Tensor] = None,
@@ -1099,6 +1169,14 @@ def _apply(q, k, v, hs, lengths, pattern, scale):
     if torch.compiler.is_compiling():
         return torch.ops.hmar.block_sparse_attn_fwd(q, k, v, hs, list(lengths), pattern, scale)[0]
     return _BlockSparseAttention.apply(q, k, v, hs, lengths, pattern, scale)
+
+
+def _apply_packed(qkv, hs, lengths, pattern, scale):
+    if not (torch.is_grad_enabled() and (qkv.requires_grad or (hs is not None and hs.requires_grad))):
+        return _apply(*_unpack(qkv), hs, lengths, pattern, scale)   # no gradient to pack (the inference routes)
+    if torch.compiler.is_compiling():
+        return torch.ops.hmar.packed_attn_fwd(qkv, hs, list(lengths), pattern, scale)[0]
+    return _PackedAttention.apply(qkv, hs, lengths, pattern, scale)
 
 
 def _head_scale(qk_norm, q):
@@ -1126,6 +1204,17 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
         raise ValueError(f"triton attention: lengths {lengths} do not sum to N={q.shape[2]}")
     hs = None if qk_norm is None else _head_scale(qk_norm, q)
     return _apply(q, k, v, hs, lengths, pattern, float(scale))
+
+
+def packed_triton_attention(qkv: torch.Tensor, lengths: Sequence[int], pattern: str = "block_diagonal",
+                            scale: float = 1.0, qk_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`triton_attention` of the packed projection ``qkv`` (``[B, N, 3, H, D]``, q, k, v along dim 2, the
+    layout of ``mat_qkv(x).view(B, N, 3, H, D)``): the same values, but the backward writes the gradient of
+    ``qkv`` itself, in that layout, where unpacking into q, k, v would make autograd stack three gradients and copy
+    them into the projection's layout. Returns ``[B, H, N, D]``."""
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"packed triton attention: qkv must be [B, N, 3, H, D], got {tuple(qkv.shape)}")
+    return _backend_packed(qkv, tuple(int(n) for n in lengths), pattern, scale, qk_norm)
 
 
 def dense_inference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -1170,12 +1259,22 @@ def _backend(q, k, v, lengths, pattern, scale, qk_norm=None):
     return _apply(q, k, v, None if qk_norm is None else _head_scale(qk_norm, q), lengths, pattern, float(scale))
 
 
+def _backend_packed(qkv, lengths, pattern, scale, qk_norm=None):
+    if not _HAS_TRITON:
+        raise RuntimeError("triton attention: Triton is not installed")
+    q, k, v = _unpack(qkv)
+    _check(q, k, v, lengths, pattern)
+    if sum(lengths) != q.shape[2]:
+        raise ValueError(f"triton attention: lengths {lengths} do not sum to N={q.shape[2]}")
+    return _apply_packed(qkv, None if qk_norm is None else _head_scale(qk_norm, q), lengths, pattern, float(scale))
+
+
 if _HAS_TRITON:
     from . import register_backend
 
     _register_ops()
 
-    register_backend("triton", _backend, supports, qk_norm_fn=_backend)
+    register_backend("triton", _backend, supports, qk_norm_fn=_backend, packed_fn=_backend_packed)
 
-__all__ = ["triton_attention", "dense_inference_attention", "supports", "FwdConfig", "BwdConfig", "use_config",
-           "dense_candidates", "build_fwd_worklist", "build_bwd_worklist"]
+__all__ = ["triton_attention", "packed_triton_attention", "dense_inference_attention", "supports", "FwdConfig",
+           "BwdConfig", "use_config", "dense_candidates", "build_fwd_worklist", "build_bwd_worklist"]

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import attention as _attn_module
-from ..attention import attention, inference_kernel, l2_normalize_qk
+from ..attention import inference_kernel, l2_normalize_qk, packed_attention, unpack_qkv
 from .fp8 import linear
 
 
@@ -144,11 +144,11 @@ class SelfAttention(nn.Module):
         self.mat_qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
-    def _qkv(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None):
-        """q, k, v (``[B, H, L, D]`` views of one packed projection of ``x``)."""
+    def _packed_qkv(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The packed projection of ``x``, ``[B, L, 3, H, D]``."""
         B, L, _ = x.shape
         qkv = dense(self.mat_qkv, x, bias)   # an nn.Linear or an fp8 one (hmar.model.fp8)
-        return qkv.view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv.view(B, L, 3, self.num_heads, self.head_dim)
 
     def _pass_kernel(self, x: torch.Tensor, lengths: Sequence[int], fuse: Optional[bool],
                      cache: Optional[KVCache], backend: Optional[str]):
@@ -167,21 +167,22 @@ class SelfAttention(nn.Module):
         fuse = self.fused_qk_norm and (most is None or L <= most)
         kernel = self._pass_kernel(x, lengths, fuse, cache, backend)
         if kernel is not None:   # a sampling pass: biases and temperature read by the kernel, nothing else launched
-            q, k, v = self._qkv(x)
+            q, k, v = unpack_qkv(self._packed_qkv(x))
             out = kernel(q, k, v, self.scale, self.scale_mul_1H11, self.max_scale_mul, self.q_bias, self.v_bias)
             return dense(self.proj, out.transpose(1, 2).reshape(B, L, C))
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
-        q, k, v = self._qkv(x, bias)
+        qkv = self._packed_qkv(x, bias)
         # the per-head temperature of the L2-normalised attention (the normalisation itself: l2_normalize_qk)
         qk_norm = self.scale_mul_1H11.clamp(max=self.max_scale_mul).exp() if self.l2_norm else None
         if cache is not None:  # VAR inference: queries of this scale see every cached scale
+            q, k, v = unpack_qkv(qkv)
             if qk_norm is not None:
                 q, k = l2_normalize_qk(q, k, qk_norm)
             k, v = cache.append(k, v)
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        else:
-            out = attention(q, k, v, lengths=lengths, pattern=pattern, scale=self.scale, backend=backend,
-                            qk_norm=qk_norm, fuse_qk_norm=fuse)
+        else:   # (packed: with the normalisation in the Triton kernels, dqkv comes back in the projection's layout)
+            out = packed_attention(qkv, lengths=lengths, pattern=pattern, scale=self.scale, backend=backend,
+                                   qk_norm=qk_norm, fuse_qk_norm=fuse)
         return dense(self.proj, out.transpose(1, 2).reshape(B, L, C))
 
 

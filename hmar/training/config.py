@@ -125,6 +125,12 @@ class TrainConfig(CommonConfig):
                                          "masked SDPA call for small calls; CPU: masked SDPA), reference (masked "
                                          "SDPA), per_scale (one SDPA call per scale) or triton", type=str,
                                  choices=["auto", "reference", "per_scale", "triton"])
+    qk_norm: str = opt("auto", "the L2 normalisation of q and k: kernels (inside the Triton attention kernels, "
+                               "which then take the packed qkv projection and write its gradient in its layout: "
+                               "1.09x the step at hmar-d16, 1.06x at hmar-d30 on an H100, BENCHMARKS.md 2o), ops "
+                               "(torch ops of their own before the attention), auto (kernels where the Triton "
+                               "backend runs: CUDA with --attention-backend auto or triton)", type=str,
+                       choices=["auto", "ops", "kernels"])
     mask_loss: str = opt("token", "stage 2: mean over all masked tokens of the batch (token) or per image, then "
                                   "over images (image, the official formula)", type=str, choices=["token", "image"])
     class_dropout: Optional[float] = opt(None, "probability of replacing a label by the null class (default: the "

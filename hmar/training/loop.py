@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..errors import HMARError
 from ..model import HMAR, build_model, init_weights
+from ..model.blocks import SelfAttention
 from ..model.fp8 import check_supported as check_fp8
 from ..model.fp8_training import TRAIN_INSTEAD, fp8_shapes_ok, to_float8_training
 from ..presets import ModelConfig, model_config
@@ -86,6 +87,8 @@ def transformer_blocks(model: nn.Module) -> List[nn.Module]:
 _ARCHITECTURE = ("kind", "depth", "embed_dim", "num_heads", "mlp_ratio", "num_classes", "vocab_size", "z_channels",
                  "patch_nums", "branch_depth", "attn_l2_norm", "norm_eps")
 
+QK_NORM_MODES = ("auto", "ops", "kernels")
+"""Where training normalises q and k (:func:`prepare_training`'s ``qk_norm``)."""
 COMPILE_SCOPES = ("model", "blocks")
 """What ``--compile`` compiles in training (:func:`prepare_training`'s ``compile_scope``)."""
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -126,13 +129,35 @@ def amp_dtype_for(precision: str, device: torch.device) -> Optional[torch.dtype]
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
+def qk_norm_in_kernels(mode: str, device: torch.device, backend: Optional[str]) -> bool:
+    """Whether training normalises q and k inside the Triton attention kernels (``mode``: ``kernels``; ``ops``: as
+    torch ops of their own; ``auto``: kernels where the Triton backend runs, CUDA with the ``auto`` or ``triton``
+    backend; ``kernels`` also takes Triton's CPU interpreter, for tests). In the kernels, each attention layer hands
+    them its packed qkv projection and gets that projection's gradient back in its own layout
+    (:func:`hmar.attention.packed_attention`): no normalisation ops, no stacking of dq, dk, dv (H100, compiled:
+    1.09x the step at hmar-d16, 1.06x at hmar-d30, 1.01x at hmar-d16-512, BENCHMARKS.md 2o). Calls the kernels do
+    not take (a head dim other than 64 / 128) run as ops either way."""
+    if mode not in QK_NORM_MODES:
+        raise HMARError(f"--qk-norm: {mode!r} is not one of {', '.join(QK_NORM_MODES)}")
+    if mode == "ops":
+        return False
+    from ..accel import fuse_qk_norm_by_default
+    from ..attention import triton_kernel_runs_on
+    able = backend in (None, "triton") and fuse_qk_norm_by_default() and triton_kernel_runs_on(device)
+    if mode == "kernels" and not able:
+        raise HMARError("--qk-norm kernels: the q/k normalisation runs inside the Triton attention kernels, which "
+                        "need the triton package, a CUDA device and --attention-backend auto or triton; use "
+                        "--qk-norm auto or ops here")
+    return able and (mode == "kernels" or torch.device(device).type == "cuda")   # (auto: not the CPU interpreter)
+
+
 def prepare_training(model: nn.Module, quantizer: nn.Module, stage: str, info: DistInfo, *, loss_weight: str = "gaussian",
                      precision: str = "auto", fused: str = "auto", betas: Tuple[float, float] = (0.9, 0.95),
                      lr: float = 1e-4, grad_clip: float = 2.0, label_smoothing: float = 0.0, mask_loss: str = "token",
                      fsdp: bool = False, compile: bool = False, chunked_ce: bool = True,
                      attention_backend: str = "auto", ce_chunk: Optional[int] = None,
                      compile_backend: str = "inductor", compile_scope: str = "model",
-                     compile_mode: Optional[str] = None, fp8: bool = False) -> StepState:
+                     compile_mode: Optional[str] = None, fp8: bool = False, qk_norm: str = "auto") -> StepState:
     """Freeze what the stage does not train, move to the device, wrap (DDP/FSDP, compile) and build AdamW.
 
     ``chunked_ce``: the head + cross-entropy in chunks of ``ce_chunk`` tokens (default: 128 MiB of fp32 logits
@@ -145,7 +170,8 @@ def prepare_training(model: nn.Module, quantizer: nn.Module, stage: str, info: D
     ``compile_mode``: torch.compile's (None or ``default``; ``reduce-overhead`` replays the compiled forward and
     backward as CUDA graphs, :func:`train_step` marks each step's start for them). ``fp8``: the blocks' four
     linears multiply in fp8 in the forward and the backward (:mod:`hmar.model.fp8_training`; same parameters and
-    checkpoints)."""
+    checkpoints). ``qk_norm``: where the attention layers normalise q and k (:func:`qk_norm_in_kernels`; sets
+    :attr:`hmar.model.blocks.SelfAttention.fused_qk_norm`)."""
     if compile_scope not in COMPILE_SCOPES:
         raise HMARError(f"--compile-scope: {compile_scope!r} is not one of {', '.join(COMPILE_SCOPES)}")
     if compile_mode not in COMPILE_MODES:
@@ -157,6 +183,10 @@ def prepare_training(model: nn.Module, quantizer: nn.Module, stage: str, info: D
         backend = check_backend(attention_backend, dev)
     except ValueError as e:
         raise HMARError(f"--attention-backend: {e}") from None
+    fused_qk = qk_norm_in_kernels(qk_norm, dev, backend)
+    for m in model.modules():
+        if isinstance(m, SelfAttention):
+            m.fused_qk_norm = fused_qk
     if stage == "masked":
         if not isinstance(model, HMAR):
             raise HMARError("stage 2 (masked) trains an HMAR model: build it with HMAR.from_next_scale")
@@ -351,7 +381,7 @@ class Trainer:
                                    mask_loss=cfg.mask_loss, fsdp=cfg.fsdp, compile=cfg.compile,
                                    chunked_ce=cfg.chunked_ce, attention_backend=cfg.attention_backend,
                                    compile_backend=cfg.compile_backend, compile_scope=cfg.compile_scope,
-                                   compile_mode=cfg.compile_mode, fp8=cfg.fp8)
+                                   compile_mode=cfg.compile_mode, fp8=cfg.fp8, qk_norm=cfg.qk_norm)
         rows = cfg.batch_size // self.info.world * model.config.seq_len
         if cfg.fp8 and not fp8_shapes_ok(rows, 16, 16):
             self.say(f"warning: --fp8 needs batch x tokens per process to be a multiple of 16 ({rows} is not): the "
@@ -415,9 +445,7 @@ class Trainer:
     def _new_model(self) -> nn.Module:
         cfg = self.cfg
         base = preset_config(model_config, ModelConfig, cfg.model, cfg.model_override, "--model-override")
-        d = base.to_dict()
-        if d["kind"] == "hmar":
-            d["kind"] = "nsp"   # stage 1 of HMAR: the next-scale model with the same depth/width
+        d = base.stage_one().to_dict()
         tq = self.tokenizer.quantize
         if (tuple(d["patch_nums"]), d["vocab_size"], d["z_channels"]) != (tuple(tq.patch_nums), tq.vocab_size, tq.z_channels):
             self.say(f"note: preset {cfg.model} expects scales {tuple(d['patch_nums'])}, vocab {d['vocab_size']}, "
