@@ -116,8 +116,9 @@ class SelfAttention(nn.Module):
     L2-normalised q and k with a learnable per-head temperature ``exp(min(s, ln 100))`` (init ln 4).
 
     ``fused_qk_norm`` (None by default: :data:`hmar.attention.FUSED_QK_NORM` decides): whether that normalisation
-    runs inside the attention kernels (``attention(..., fuse_qk_norm=)``); :class:`hmar.accel.GraphedModel` sets
-    both attributes for sampling, as measured fastest. ``fused_qk_norm_max_tokens`` (None: no limit): with
+    runs inside the attention kernels (``attention(..., fuse_qk_norm=)``; the layer hands them its packed projection,
+    :func:`hmar.attention.packed_attention`); :class:`hmar.accel.GraphedModel` sets both attributes for sampling, as
+    measured fastest, and training sets it (``prepare_training(qk_norm=)``: in the kernels on CUDA by default). ``fused_qk_norm_max_tokens`` (None: no limit): with
     ``fused_qk_norm``, a call over more than this many tokens keeps the normalisation as ops (cuDNN's attention
     beats the Triton kernel on long dense passes, BENCHMARKS.md section 3g).
 
