@@ -255,6 +255,13 @@ def check_backend(name: Optional[str], device: torch.device | str) -> Optional[s
     return name
 
 
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast casts to on this device type, or None where it is off (autocast knows no meta device)."""
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def triton_kernel_runs_on(device: torch.device | str) -> bool:
     """Whether the Triton kernels can run on ``device``: CUDA with the triton package, or the CPU under
     ``TRITON_INTERPRET=1`` (tests)."""
@@ -299,16 +306,14 @@ def packed_attention(qkv: torch.Tensor, *, lengths: Sequence[int], pattern: Patt
     stacking of dq, dk, dv into a copy for the projection's weight gradient. Everywhere else: unpacked and
     :func:`attention`. Returns ``[B, H, N, D]``."""
     q, k, v = unpack_qkv(qkv)
-    if PACKED_QKV and qk_norm is not None and (FUSED_QK_NORM if fuse_qk_norm is None else fuse_qk_norm):
-        lengths = tuple(int(n) for n in lengths)
-        dev = qkv.device.type
-        if sum(lengths) == q.shape[2] and dev != "meta" and torch.is_autocast_enabled(dev):
-            qkv = qkv.to(torch.get_autocast_dtype(dev))
-            q, k, v = unpack_qkv(qkv)
-        if sum(lengths) == q.shape[2] and pattern in PATTERNS:   # (else attention() says what is wrong)
-            out = _fused_qk_norm_call(q, k, v, lengths, pattern, scale, backend, qk_norm, qkv=qkv)
-            if out is not None:
-                return out
+    fuse = qk_norm is not None and (FUSED_QK_NORM if fuse_qk_norm is None else fuse_qk_norm)
+    lengths = tuple(int(n) for n in lengths)
+    if PACKED_QKV and fuse and pattern in PATTERNS and sum(lengths) == q.shape[2]:   # (else attention() says why not)
+        dt = _autocast_dtype(qkv.device.type)
+        packed = qkv if dt is None else qkv.to(dt)
+        out = _fused_qk_norm_call(*unpack_qkv(packed), lengths, pattern, scale, backend, qk_norm, qkv=packed)
+        if out is not None:
+            return out
     return attention(q, k, v, lengths=lengths, pattern=pattern, scale=scale, backend=backend, qk_norm=qk_norm,
                      fuse_qk_norm=fuse_qk_norm)
 
@@ -329,7 +334,7 @@ def inference_kernel(x: torch.Tensor, head_dim: int,
         return None
     from . import triton_kernel as tk
     dev = x.device.type
-    dt = torch.get_autocast_dtype(dev) if dev != "meta" and torch.is_autocast_enabled(dev) else x.dtype
+    dt = _autocast_dtype(dev) or x.dtype
     if not tk.DENSE_INFERENCE or dt not in (torch.float16, torch.bfloat16) or head_dim not in (64, 128):
         return None
     if not (x.is_cuda or (tk._INTERPRETED and dev == "cpu")):
@@ -353,8 +358,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lengths: Seq
     if sum(lengths) != q.shape[2] or any(n < 0 for n in lengths):   # (min(default=) breaks a compiled graph)
         raise ValueError(f"attention: the scale lengths {lengths} must be non-negative and sum to the "
                          f"sequence length {q.shape[2]} (they sum to {sum(lengths)})")
-    dev = q.device.type
-    dt = torch.get_autocast_dtype(dev) if dev != "meta" and torch.is_autocast_enabled(dev) else None
+    dt = _autocast_dtype(q.device.type)
     if qk_norm is not None and (FUSED_QK_NORM if fuse_qk_norm is None else fuse_qk_norm):
         out = _fused_qk_norm_call(*((q, k, v) if dt is None else (q.to(dt), k.to(dt), v.to(dt))),
                                   lengths, pattern, scale, backend, qk_norm)
@@ -364,7 +368,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, lengths: Seq
         q, k = l2_normalize_qk(q, k, qk_norm)
         if dt is None and q.dtype != v.dtype:   # half inputs, an fp32 scale: q came back in fp32
             q, k = q.to(v.dtype), k.to(v.dtype)
-    if dt is not None:       # (autocast knows no meta device)
+    if dt is not None:
         # What autocast does to SDPA's inputs, done before the choice so every backend sees one dtype: under bf16
         # autocast the L2-normalised q (and, on CUDA, k) arrive in fp32 (norm/exp run in fp32), and the fused
         # kernel only takes one half dtype for q, k and v (it used to decline such calls: per-scale SDPA ran).

@@ -1187,6 +1187,15 @@ def _head_scale(qk_norm, q):
     return qk_norm.reshape(q.shape[1]).float()
 
 
+def _check_call(q, k, v, lengths, pattern):
+    """The checks of a direct call (the registered backends get calls that :func:`hmar.attention.attention` checked)."""
+    if not _HAS_TRITON:
+        raise RuntimeError("triton attention: Triton is not installed")
+    _check(q, k, v, lengths, pattern)
+    if sum(lengths) != q.shape[2]:
+        raise ValueError(f"triton attention: lengths {lengths} do not sum to N={q.shape[2]}")
+
+
 def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: Sequence[int],
                      pattern: str = "block_diagonal", scale: float = 1.0,
                      qk_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -1195,13 +1204,9 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     ``qk_norm`` (one scale per head): attention of ``F.normalize(q, dim=-1) * qk_norm`` and ``F.normalize(k,
     dim=-1)`` with the normalisation inside the kernels (q and k are read raw; no normalised copies), gradients
     for q, k, v and ``qk_norm``."""
-    if not _HAS_TRITON:
-        raise RuntimeError("triton attention: Triton is not installed")
     if type(lengths) is not tuple:
         lengths = tuple(int(n) for n in lengths)
-    _check(q, k, v, lengths, pattern)
-    if sum(lengths) != q.shape[2]:
-        raise ValueError(f"triton attention: lengths {lengths} do not sum to N={q.shape[2]}")
+    _check_call(q, k, v, lengths, pattern)
     hs = None if qk_norm is None else _head_scale(qk_norm, q)
     return _apply(q, k, v, hs, lengths, pattern, float(scale))
 
@@ -1214,7 +1219,9 @@ def packed_triton_attention(qkv: torch.Tensor, lengths: Sequence[int], pattern: 
     them into the projection's layout. Returns ``[B, H, N, D]``."""
     if qkv.dim() != 5 or qkv.shape[2] != 3:
         raise ValueError(f"packed triton attention: qkv must be [B, N, 3, H, D], got {tuple(qkv.shape)}")
-    return _backend_packed(qkv, tuple(int(n) for n in lengths), pattern, scale, qk_norm)
+    lengths = tuple(int(n) for n in lengths)
+    _check_call(*_unpack(qkv), lengths, pattern)
+    return _backend_packed(qkv, lengths, pattern, scale, qk_norm)
 
 
 def dense_inference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -1260,12 +1267,9 @@ def _backend(q, k, v, lengths, pattern, scale, qk_norm=None):
 
 
 def _backend_packed(qkv, lengths, pattern, scale, qk_norm=None):
-    if not _HAS_TRITON:
-        raise RuntimeError("triton attention: Triton is not installed")
+    # hmar.attention.packed_attention has already made lengths a tuple of ints summing to N
     q, k, v = _unpack(qkv)
     _check(q, k, v, lengths, pattern)
-    if sum(lengths) != q.shape[2]:
-        raise ValueError(f"triton attention: lengths {lengths} do not sum to N={q.shape[2]}")
     return _apply_packed(qkv, None if qk_norm is None else _head_scale(qk_norm, q), lengths, pattern, float(scale))
 
 

@@ -141,9 +141,8 @@ def qk_norm_in_kernels(mode: str, device: torch.device, backend: Optional[str]) 
         raise HMARError(f"--qk-norm: {mode!r} is not one of {', '.join(QK_NORM_MODES)}")
     if mode == "ops":
         return False
-    from ..accel import fuse_qk_norm_by_default
     from ..attention import triton_kernel_runs_on
-    able = backend in (None, "triton") and fuse_qk_norm_by_default() and triton_kernel_runs_on(device)
+    able = backend in (None, "triton") and triton_kernel_runs_on(device)   # (the Triton backend normalises q, k)
     if mode == "kernels" and not able:
         raise HMARError("--qk-norm kernels: the q/k normalisation runs inside the Triton attention kernels, which "
                         "need the triton package, a CUDA device and --attention-backend auto or triton; use "
