@@ -190,6 +190,10 @@
 #   62 (same session, after the packed form in the kernels became the training default, hmar train --qk-norm auto):
 #           the GPU tests of both, of the sampler's layers with it, and of training (eager, compiled, blocks, CUDA
 #           graphs, qk-norm ops against the plain eager path), then the new default hmar-d16 step profiled (~9 minutes)
+#   63 (2026-12-08): the training goals on the goals' card (an H200; 2h-2o ran on H100s): hmar-d16, then
+#           hmar-d16-512, the q/k normalisation as ops against the default (in the kernels, packed) (~8 minutes)
+#   64 (same session): hmar-d30 the same way, then the attention table of BENCHMARKS.md section 1 again (the issue's
+#           grid, the kernels as they are now: section 1 dates from 2026-11-29) (~9 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -236,6 +240,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   59) STEPS="clip-train-d30 clip-train-d16 clip-train-d16-512" ;;
   60) STEPS="packed-tests packed-train-d16" ;; 61) STEPS="packed2-train-d30 packed2-train-d16-512" ;;
   62) STEPS="packed-tests accel-qk-tests train-gpu-tests bf16-profile-d16" ;;
+  63) STEPS="packed2-train-d16 packed2-train-d16-512" ;; 64) STEPS="packed2-train-d30 attn-grid" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
@@ -310,6 +315,10 @@ for s in $STEPS; do
           >> "$L/attn-qknorm.log" 2>&1
       done
       grep -E "^(pattern|block)" "$L/attn-qknorm.log" ;;
+    attn-grid)
+      step "attention forward + backward, the issue's grid (section 1's table): ours, per-scale SDPA, masked SDPA"
+      timeout "$(left)" python3 benchmarks/bench_attention.py --json "$L/attn-grid.json" > "$L/attn-grid.log" 2>&1
+      grep -E "^(pattern|block)" "$L/attn-grid.log" ;;
     qknorm-train)
       step "compiled hmar-d16 training, q/k normalisation unfused vs fused"
       timeout "$(( $(left) < 260 ? $(left) : 260 ))" python3 benchmarks/bench_train.py --preset hmar-d16 --batch 32 \
