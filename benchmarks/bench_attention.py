@@ -18,6 +18,8 @@ kernel reads each with its own strides; the default ``contiguous`` gives each it
 ``F.normalize(k)`` (``attention(..., qk_norm=s)``), the normalisation ops and their backward included in its
 time, and a first column ``triton+qknorm`` does the normalisation inside the kernels
 (:data:`hmar.attention.FUSED_QK_NORM`); the speed-ups are then the first column's over the others.
+``--dq-atomic``: a first column more, the first Triton column with the backward's dq summed by atomics in the
+dK/dV programs (:data:`hmar.attention.triton_kernel.DQ_ATOMIC`), against the dQ tiles in the next column.
 
 Goals (H200): triton fwd+bwd >= 1.2x faster than per_scale, and >= 1.5x faster than the official
 HMAR kernel (reference figures, fp16 fwd+bwd: N=2240 B=16 H=16 4.38 ms; N=9451 B=4 H=16 14.6 ms;
@@ -38,6 +40,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import hmar.attention  # noqa: E402
 from hmar.attention import attention, available_backends  # noqa: E402
+from hmar.attention import triton_kernel as tk  # noqa: E402
 
 SCHEDULES = {
     680: tuple(x * x for x in (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)),
@@ -48,7 +51,8 @@ OFFICIAL_FWDBWD_MS = {  # fp16, from the spec (section 11(c) / brief), pattern b
     (2240, 16, 16): 4.38, (9451, 4, 16): 14.6, (680, 16, 16): 0.73,
 }
 BACKENDS = ("triton", "per_scale", "reference")
-SHORT = {"triton+qknorm": "tri+qkn", "triton": "tri", "per_scale": "psc", "reference": "ref"}   # column labels
+SHORT = {"triton+qknorm+dqa": "qkn+dqa", "triton+dqa": "tri+dqa", "triton+qknorm": "tri+qkn", "triton": "tri",
+         "per_scale": "psc", "reference": "ref"}   # column labels
 
 
 def _width(names, j):
@@ -68,15 +72,17 @@ def _free():
 
 def _time_backend(name, q, k, v, do, lengths, pattern, scale, qk_norm=None):
     """(forward, backward, forward + backward) ms of one backend. ``name`` "triton+qknorm": the Triton kernel with
-    the q/k normalisation inside it; with ``qk_norm`` the others normalise first (its gradient is computed too)."""
-    fused = name == "triton+qknorm"
-    backend = "triton" if fused else name
+    the q/k normalisation inside it; with ``qk_norm`` the others normalise first (its gradient is computed too). A
+    name ending in "+dqa": that Triton column with the backward's dq summed by atomics (``DQ_ATOMIC = "on"``)."""
+    fused = name.startswith("triton+qknorm")
+    backend = "triton" if name.startswith("triton") else name
     inputs = (q, k, v) if qk_norm is None else (q, k, v, qk_norm)
 
     def fwd():
         return attention(q, k, v, lengths=lengths, pattern=pattern, scale=scale, backend=backend, qk_norm=qk_norm)
 
     saved, hmar.attention.FUSED_QK_NORM = hmar.attention.FUSED_QK_NORM, fused
+    saved_dqa, tk.DQ_ATOMIC = tk.DQ_ATOMIC, "on" if name.endswith("+dqa") else "off"
     try:
         out = fwd()  # warm-up (and autotuning for triton)
         torch.autograd.grad(out, inputs, do)
@@ -86,22 +92,21 @@ def _time_backend(name, q, k, v, do, lengths, pattern, scale, qk_norm=None):
         out = None
         t_all = _bench(lambda: torch.autograd.grad(fwd(), inputs, do))
     finally:
-        hmar.attention.FUSED_QK_NORM = saved
+        hmar.attention.FUSED_QK_NORM, tk.DQ_ATOMIC = saved, saved_dqa
     return t_fwd, t_bwd, t_all
 
 
 def _tuned(q, lengths, pattern):
     """The tile configurations the autotuner chose for this shape (for the JSON)."""
     try:
-        from hmar.attention import triton_kernel as tk
         key = tk._tune_key(q, tuple(lengths), pattern)
-        f, b = tk._FWD_PLANS.get(key), tk._BWD_PLANS.get(key)
+        f, b = tk._FWD_PLANS.get(key), tk._BWD_PLANS.get(tk._bwd_key(q, tuple(lengths), pattern))
         return {"fwd": list(vars(f[0]).values()) if f else None, "bwd": list(vars(b[0]).values()) if b else None}
     except Exception:  # noqa: BLE001
         return None
 
 
-def _check_error(q, k, v, do, lengths, pattern, scale, qk_norm=None):
+def _check_error(q, k, v, do, lengths, pattern, scale, qk_norm=None, atomic=False):
     """Max |triton - fp32| / max(1, max|fp32|) on one image and at most four heads (with ``qk_norm``: of the
     triton+qknorm column, the normalisation inside the kernels)."""
     hs = min(4, q.shape[1])
@@ -109,11 +114,12 @@ def _check_error(q, k, v, do, lengths, pattern, scale, qk_norm=None):
     dos = do[:1, :hs]
     s = None if qk_norm is None else qk_norm[:, :hs]
     saved, hmar.attention.FUSED_QK_NORM = hmar.attention.FUSED_QK_NORM, s is not None
+    saved_dqa, tk.DQ_ATOMIC = tk.DQ_ATOMIC, "on" if atomic else "off"
     try:
         out = attention(qs, ks, vs, lengths=lengths, pattern=pattern, scale=scale, backend="triton", qk_norm=s)
+        g = torch.autograd.grad(out, (qs, ks, vs), dos)
     finally:
-        hmar.attention.FUSED_QK_NORM = saved
-    g = torch.autograd.grad(out, (qs, ks, vs), dos)
+        hmar.attention.FUSED_QK_NORM, tk.DQ_ATOMIC = saved, saved_dqa
     qf, kf, vf = (x.detach().float().requires_grad_() for x in (qs, ks, vs))
     ref = attention(qf, kf, vf, lengths=lengths, pattern=pattern, scale=scale, backend="per_scale",
                     qk_norm=None if s is None else s.detach().float())
@@ -140,6 +146,8 @@ def run(args):
     Bs = args.B or ([4] if args.quick else [4, 16])
     Hs = args.H or ([16] if args.quick else [16, 30])
     names = (("triton+qknorm",) if args.qk_norm else ()) + BACKENDS
+    if args.dq_atomic:   # the first Triton column again, dq by atomics, first
+        names = (names[0] + "+dqa",) + names
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     dts = ["bf16"] if args.quick else args.dtypes
     patterns = args.patterns
@@ -194,7 +202,8 @@ def run(args):
                             _free()
                         row["triton_cfg"] = _tuned(q, lengths, pattern)
                         try:
-                            row["err"] = _check_error(q, k, v, do, lengths, pattern, scale, s)
+                            row["err"] = _check_error(q, k, v, do, lengths, pattern, scale, s,
+                                                      atomic=names[0].endswith("+dqa"))
                         except Exception as e:  # noqa: BLE001
                             row["err"] = f"error: {type(e).__name__}: {e}"[:200]
                         del q, k, v, do
@@ -248,6 +257,9 @@ def main(argv=None):
     ap.add_argument("--H", nargs="+", type=int, help="head counts (default: 16 30; --quick: 16)")
     ap.add_argument("--layout", default="contiguous", choices=["contiguous", "qkv"],
                     help="q, k, v as tensors of their own (default) or as views of one packed qkv projection")
+    ap.add_argument("--dq-atomic", action="store_true",
+                    help="a first column: the first Triton column with the backward's dq summed by atomics "
+                         "(hmar.attention.triton_kernel.DQ_ATOMIC), the speed-ups its")
     ap.add_argument("--qk-norm", action="store_true",
                     help="L2-normalised q/k (HMAR's attention) in every column, and the fused triton+qknorm first")
     args = ap.parse_args(argv)

@@ -23,7 +23,9 @@ seed and data) and prints each one's speed relative to the first (eager, plain C
 ``hmar train --qk-norm ops``) and then inside the attention kernels (``fused``: ``--qk-norm kernels``), side by side,
 the second compared with the first (default ``auto``: the trainer's choice, kernels on CUDA); the fused one hands the
 kernels the packed qkv projection, whose gradient they write in its own layout (``--packed-qkv both``: unpacked q, k,
-v first, then packed: :data:`hmar.attention.PACKED_QKV`). ``--fused-norm both`` does the same for each residual add +
+v first, then packed: :data:`hmar.attention.PACKED_QKV`). ``--dq-atomic both`` runs the Triton backward with its dQ
+tiles and then with dq summed by atomics in the dK/dV programs (:data:`hmar.attention.triton_kernel.DQ_ATOMIC`).
+``--fused-norm both`` does the same for each residual add +
 LayerNorm + modulation as torch ops (``off``) and as hmar's Triton kernel and its backward (``on``:
 :data:`hmar.model.blocks.FUSED_NORM_TRAINING`). ``--compile-scope both`` compiles the whole forward as one graph
 (``model``, the default) and then each block on its own (``blocks``: one compiled graph shared by every block, so the
@@ -58,6 +60,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import hmar.attention  # noqa: E402  (FUSED_QK_NORM: --qk-norm)
 import hmar.model.blocks as blocks  # noqa: E402  (FUSED_NORM_TRAINING: --fused-norm)
+from hmar.attention import triton_kernel  # noqa: E402  (DQ_ATOMIC: --dq-atomic)
 from _inductor import inductor_patch, inductor_settings  # noqa: E402  (benchmarks/, this script's folder)
 from hmar.attention import TRAINING_BACKENDS, choose_backend  # noqa: E402
 from hmar.model import HMAR, build_model, init_weights  # noqa: E402
@@ -109,6 +112,7 @@ def bench(preset: str, stage: str, batch: int, steps: int, warmup: int, precisio
     v = {**VARIANT, **variant}
     saved_packed, hmar.attention.PACKED_QKV = hmar.attention.PACKED_QKV, v["packed_qkv"]
     saved_norm, blocks.FUSED_NORM_TRAINING = blocks.FUSED_NORM_TRAINING, v["fused_norm"]
+    saved_dqa, triton_kernel.DQ_ATOMIC = triton_kernel.DQ_ATOMIC, v["dq_atomic"]
     try:
         with inductor_patch(v["inductor"]):
             res = _bench(preset, stage, batch, steps, warmup, precision, fused, device, compile_backend, ce_chunk,
@@ -117,11 +121,12 @@ def bench(preset: str, stage: str, batch: int, steps: int, warmup: int, precisio
     finally:
         hmar.attention.PACKED_QKV = saved_packed
         blocks.FUSED_NORM_TRAINING = saved_norm
+        triton_kernel.DQ_ATOMIC = saved_dqa
 
 
 VARIANT: Dict[str, Any] = dict(compile=False, chunked_ce=True, attention_backend="auto", fused_qk_norm=None,
                                inductor="", fused_norm=False, compile_scope="model", compile_mode="default",
-                               fp8=False, clip_in_kernel=True, packed_qkv=True)
+                               fp8=False, clip_in_kernel=True, packed_qkv=True, dq_atomic="off")
 """What one configuration of a run may change, and the defaults (``hmar train``'s)."""
 
 
@@ -174,7 +179,7 @@ def _bench(preset, stage, batch, steps, warmup, precision, fused, device, compil
            "compile_mode": v["compile_mode"] if compile else None, "chunked_ce": chunked_ce, "fp8": v["fp8"],
            "clip_in_kernel": v["clip_in_kernel"],
            "fused_qk_norm": any(getattr(m, "fused_qk_norm", False) for m in model.modules()),
-           "packed_qkv": hmar.attention.PACKED_QKV,
+           "packed_qkv": hmar.attention.PACKED_QKV, "dq_atomic": triton_kernel.DQ_ATOMIC,
            "attention_backend": os.environ.get("HMAR_ATTN_BACKEND") or attention_backend,
            "attention_resolved": resolved_backend(os.environ.get("HMAR_ATTN_BACKEND") or attention_backend, cfg,
                                                   batch, st.amp_dtype, device),
@@ -209,6 +214,7 @@ def variant_name(r: Dict[str, Any]) -> str:
             + ("+fused-norm" if r.get("fused_norm") else "")
             + ("+fp8" if r.get("fp8") else "")
             + ("+clip-separate" if r.get("clip_in_kernel") is False else "")
+            + ("+dq-atomic" if r.get("dq_atomic") == "on" else "")
             + (f"+[{r['inductor']}]" if r.get("inductor") else ""))
 
 
@@ -247,7 +253,8 @@ def axes(a: argparse.Namespace) -> Dict[str, tuple]:
             "compile_mode": tuple(a.compile_mode),
             "fp8": {"off": (False,), "on": (True,), "both": (False, True)}[a.fp8],
             "clip_in_kernel": {"off": (False,), "on": (True,), "both": (False, True)}[a.clip_in_kernel],
-            "packed_qkv": {"off": (False,), "on": (True,), "both": (False, True)}[a.packed_qkv]}
+            "packed_qkv": {"off": (False,), "on": (True,), "both": (False, True)}[a.packed_qkv],
+            "dq_atomic": {"off": ("off",), "on": ("on",), "both": ("off", "on")}[a.dq_atomic]}
 
 
 COMPILE_ONLY = ("inductor", "compile_scope", "compile_mode")
@@ -261,7 +268,8 @@ def baseline_name(key: str, first: Any) -> str:
     return {"fused_qk_norm": "unfused", "fused_norm": "ops norm", "compile_scope": "whole-model compile",
             "compile_mode": f"mode {first}", "fp8": "bf16 GEMMs",
             "clip_in_kernel": "clipping separate" if first is False else "clipping in the kernel",
-            "packed_qkv": "unpacked qkv" if first is False else "packed qkv"}[key]
+            "packed_qkv": "unpacked qkv" if first is False else "packed qkv",
+            "dq_atomic": "dq tiles" if first == "off" else "dq atomics"}[key]
 
 
 def variants(a: argparse.Namespace) -> List[Dict[str, Any]]:
@@ -329,6 +337,9 @@ def main(argv: List[str] | None = None) -> int:
                    help="with --qk-norm fused: the packed qkv projection handed to the kernels, which write its "
                         "gradient in its own layout (default, hmar.attention.PACKED_QKV), unpacked q, k, v (off), or "
                         "both side by side")
+    p.add_argument("--dq-atomic", default="off", choices=["off", "on", "both"],
+                   help="the Triton backward's dq by dQ tiles of its own (default), summed by atomics in the dK/dV "
+                        "programs (hmar.attention.triton_kernel.DQ_ATOMIC = on), or both side by side")
     p.add_argument("--fused-norm", default="off", choices=["off", "on", "both"],
                    help="each residual add + LayerNorm + modulation as torch ops (default), as hmar's Triton kernel "
                         "with its backward (hmar.model.blocks.FUSED_NORM_TRAINING), or both side by side")

@@ -194,6 +194,11 @@
 #           hmar-d16-512, the q/k normalisation as ops against the default (in the kernels, packed) (~8 minutes)
 #   64 (same session): hmar-d30 the same way, then the attention table of BENCHMARKS.md section 1 again (the issue's
 #           grid, the kernels as they are now: section 1 dates from 2026-11-29) (~9 minutes)
+#   65 (same session, after dq by atomics was built, hmar.attention.triton_kernel.DQ_ATOMIC): its GPU tests, the
+#           attention alone with the dQ tiles against dq by atomics (the issue's grid in bf16, then the model's
+#           layout with the normalisation in the kernels at the training shapes), then compiled hmar-d16-512
+#           training both ways (~9 minutes)
+#   66 (same session): compiled hmar-d16, then hmar-d30 training, dQ tiles against dq by atomics (~9 minutes)
 # Steps can also be named one by one (quick-tests tests d16 d16-512 var-d16 d30 decoders; scripts/gpu_session.sh
 # does; quick-tests: the graphed-sampling equality tests alone, tests: the rest of tests/test_accel.py), with
 # LIMIT (s, default 560) the deadline of all of them and TAG the name of the log folder / tgz.
@@ -241,6 +246,7 @@ case $1 in 1) STEPS="quick-tests d16 d16-512" ;; 2) STEPS="d30 decoders" ;; 3) S
   60) STEPS="packed-tests packed-train-d16" ;; 61) STEPS="packed2-train-d30 packed2-train-d16-512" ;;
   62) STEPS="packed-tests accel-qk-tests train-gpu-tests bf16-profile-d16" ;;
   63) STEPS="packed2-train-d16 packed2-train-d16-512" ;; 64) STEPS="packed2-train-d30 attn-grid" ;;
+  65) STEPS="dqa-tests dqa-attn dqa-train-d16-512" ;; 66) STEPS="dqa-train-d16 dqa-train-d30" ;;
   *) STEPS="$*" ;; esac
 TAG=${TAG:-fast$1}
 export PYTHONUNBUFFERED=1
@@ -315,6 +321,19 @@ for s in $STEPS; do
           >> "$L/attn-qknorm.log" 2>&1
       done
       grep -E "^(pattern|block)" "$L/attn-qknorm.log" ;;
+    dqa-tests)
+      step "GPU tests: dq by atomics (the kernels against the dQ tiles and fp32, the tuner with both forms)"
+      gpu_tests dqa-tests 150 tests/test_triton_attention.py -k "dq_atomic or gpu_autotuned" ;;
+    dqa-attn)
+      step "attention forward + backward: dq by atomics against the dQ tiles (bf16 grid; the model's layout)"
+      timeout "$(( $(left) < 200 ? $(left) : 200 ))" python3 benchmarks/bench_attention.py --dq-atomic --no-reference \
+        --dtypes bf16 --json "$L/dqa-attn-grid.json" > "$L/dqa-attn.log" 2>&1
+      timeout "$(( $(left) < 100 ? $(left) : 100 ))" python3 benchmarks/bench_attention.py --dq-atomic --no-reference \
+        --layout qkv --qk-norm --N 680 2240 --B 8 16 32 --H 16 --dtypes bf16 --patterns block_diagonal \
+        --json "$L/dqa-attn-model.json" >> "$L/dqa-attn.log" 2>&1
+      grep -E "^(pattern|block)" "$L/dqa-attn.log" ;;
+    dqa-train-d16|dqa-train-d30|dqa-train-d16-512)
+      train_bench dqa "hmar-${s#dqa-train-}" "the Triton backward's dQ tiles against dq by atomics" --dq-atomic both ;;
     attn-grid)
       step "attention forward + backward, the issue's grid (section 1's table): ours, per-scale SDPA, masked SDPA"
       timeout "$(left)" python3 benchmarks/bench_attention.py --json "$L/attn-grid.json" > "$L/attn-grid.log" 2>&1

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -50,13 +51,20 @@ def _attention_variants():
     def bwd(dt, D, cfg, qk_norm):
         sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "DO": f"*{dt}", "G": f"*{dt}", "LSE": "*fp32",
                "DELTA": "*fp32", "TAB": "*i32", "BND": "*i32", "NRM": "*fp32", "HS": "*fp32", "DHS": "*fp32",
-               **strides("q", "k", "v"), **_ints("sdb", "sdh", "sdn", "sgp", "sgb", "sgh", "sgn", "H", "N"),
+               "DQA": "*fp32", **strides("q", "k", "v"), **_ints("sdb", "sdh", "sdn", "sgp", "sgb", "sgh", "sgn", "H", "N"),
                "qk_scale": "fp32"}
         const = {"BLOCK_M1": cfg.block_m1, "BLOCK_N1": cfg.block_n1, "BLOCK_M2": cfg.block_m2,
-                 "BLOCK_N2": cfg.block_n2, "HEAD_D": D, "UPCAST": False, "QK_NORM": qk_norm}
+                 "BLOCK_N2": cfg.block_n2, "HEAD_D": D, "UPCAST": False, "QK_NORM": qk_norm,
+                 "DQ_ATOMIC": cfg.dq_atomic}
         return (f"bwd-{dt}-d{D}-{cfg.block_m1}/{cfg.block_n1}/{cfg.block_m2}/{cfg.block_n2}"
-                f"-w{cfg.num_warps}s{cfg.num_stages}{'-qknorm' if qk_norm else ''}",
+                f"-w{cfg.num_warps}s{cfg.num_stages}{'-qknorm' if qk_norm else ''}{'-dqatomic' if cfg.dq_atomic else ''}",
                 tk._bwd_kernel, sig, const, cfg.num_warps, cfg.num_stages)
+
+    def dq_finish(dt, D, qk_norm):   # _launch_bwd after a dq_atomic backward: 64-row tiles, 4 warps
+        sig = {"DQA": "*fp32", "Q": f"*{dt}", "G": f"*{dt}", "NRM": "*fp32", "HS": "*fp32", "DHS": "*fp32",
+               **_ints("sqb", "sqh", "sqn", "sgb", "sgh", "sgn", "H", "N"), "sm_scale": "fp32"}
+        return (f"dq-finish-{dt}-d{D}{'-qknorm' if qk_norm else ''}", tk._dq_finish_kernel, sig,
+                {"BLOCK": 64, "HEAD_D": D, "QK_NORM": qk_norm}, 4, 3)
 
     def rows(dt, D, norms):   # _launch_rows: 64-row tiles, 4 warps (row norms of q, k; the backward's delta)
         sig = {"X": f"*{dt}", "Y": f"*{dt}", "OUT": "*fp32", **strides("x", "y"), **_ints("H", "N")}
@@ -83,6 +91,9 @@ def _attention_variants():
         fwd("bf16", 128, F[128], True),
         bwd("bf16", 64, B[64], False), bwd("bf16", 64, B[64], True), bwd("fp16", 64, B[64], False),
         bwd("bf16", 128, B[128], True),
+        bwd("bf16", 64, replace(B[64], dq_atomic=True), True), bwd("fp16", 64, replace(B[64], dq_atomic=True), False),
+        bwd("bf16", 128, replace(B[128], dq_atomic=True), True),
+        dq_finish("bf16", 64, True), dq_finish("fp16", 64, False), dq_finish("bf16", 128, True),
         rows("bf16", 64, True), rows("bf16", 64, False), rows("fp16", 128, False),
         dense("bf16", 64, big64[0], "sampler"),                    # a large pass's default: 128x64, 4 warps
         dense("bf16", 64, tk.dense_candidates(1, 64)[0], "sampler"),   # a one-token pass: 16x16 on one warp
@@ -91,7 +102,7 @@ def _attention_variants():
         dense("bf16", 128, big128[0], "sampler"),
     ]
     helpers = {"_dot", "_dot_acc", "_inv_norm", "_normalize_grad", "_softmax_pv", "_fwd_inner", "_dense_step",
-               "_dkdv_inner", "_dq_inner"}
+               "_dkdv_inner", "_dq_inner", "_row_block"}
     return tk, out, helpers
 
 

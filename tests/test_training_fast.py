@@ -455,6 +455,29 @@ def test_bench_train_triton_variants_under_the_interpreter(tmp_path):
     assert max(r["loss"] for r in res) - min(r["loss"] for r in res) < 1e-3
 
 
+
+def test_bench_train_dq_atomic_both_under_the_interpreter(tmp_path):
+    """--dq-atomic both: the Triton backward with its dQ tiles, then with dq summed by atomics, the q / k
+    normalisation in the kernels and the packed projection (the training default on CUDA); the same losses, the
+    mode in the JSON and the switch restored between them."""
+    pytest.importorskip("triton")
+    if not _interpreter_works():
+        pytest.skip("this Triton's interpreter does not run under this numpy (needs triton >= 3.8)")
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--device", "cpu", "--preset", "hmar-tiny",
+           "--batch", "2", "--steps", "2", "--warmup", "1", "--attention-backend", "triton", "--precision", "bf16",
+           "--qk-norm", "fused", "--dq-atomic", "both", "--model-override", "num_heads=1", "drop_path_rate=0",
+           "cond_drop_rate=0", "--json", str(out)]
+    p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [(r["dq_atomic"], r["fused_qk_norm"], r["attention_resolved"]) for r in res] == [
+        ("off", True, "triton"), ("on", True, "triton")]
+    assert res[0]["loss"] == pytest.approx(res[1]["loss"], abs=1e-3)
+    lines = [ln for ln in p.stdout.splitlines() if "img/s" in ln]
+    assert "+dq-atomic" not in lines[0] and "+dq-atomic" in lines[1] and "vs dq tiles" in lines[1]
+
 # ------------------------------------------------------------------------------------ GPU
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_checkpoint_states_are_on_the_cpu():

@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import os
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -463,6 +464,91 @@ def test_packed_attention_equals_the_unpacked_kernels(case, monkeypatch):
             assert err <= 3e-2 * mag, f"{name}: max |err| {err:.3e} ({case})"
 
 
+# ---------------------------------------------------------------------------------------------
+# dQ by atomics (DQ_ATOMIC): the dK/dV tiles add their share of dq, no dQ tiles
+# ---------------------------------------------------------------------------------------------
+class _LaunchSpy:
+    """Stands in for a Triton kernel: records each launch's grid, then launches it."""
+    def __init__(self, kernel):
+        self.kernel, self.grids = kernel, []
+
+    def __getitem__(self, grid):
+        self.grids.append(grid)
+        return self.kernel[grid]
+
+
+def _atomic_bwd():
+    return tk.BwdConfig(16, 32, 32, 16, 4, 2, dq_atomic=True) if ON_GPU else replace(tk._INTERP_BWD, dq_atomic=True)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_dq_atomic_worklist_has_only_dkdv_tiles(pattern):
+    for lengths in _schedules():
+        cfg = tk.BwdConfig(32, 128, 128, 32, dq_atomic=True)
+        rows = tk.build_bwd_worklist(lengths, pattern, cfg)
+        _, _, col_lo, col_hi = tk._bounds_lists(lengths, pattern)
+        _check_worklist(rows, col_lo, col_hi, sum(lengths), cfg.block_m1, kinds={tk._KIND_DKDV})
+
+
+@needs_triton
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("case", ["6scales-fp16-diag-norm", "ragged-bf16-causal-norm", "d128-bf16-diag-plain",
+                                  "fp16-causal-plain"])
+def test_dq_atomic_equals_the_dq_tiles(case, monkeypatch):
+    # the packed form (the training path) with dq summed by atomics: out, dk, dv bit for bit the dQ tiles' (the
+    # same products in the same order), dq and d(s) within rounding of theirs (other summation orders), and the
+    # backward launches one kernel fewer work-list kind and the finishing kernel; against fp32 as well
+    lengths, pattern, B, H, D, dtype, norm = PACKED_CASES[case]
+    qkv0, s0, do = _packed_inputs(lengths, B, H, D, dtype, 5)
+    finish = _LaunchSpy(tk._dq_finish_kernel)
+    monkeypatch.setattr(tk, "_dq_finish_kernel", finish)
+    runs = []
+    for bwd in (tk._INTERP_BWD if not ON_GPU else tk.BwdConfig(16, 32, 32, 16, 4, 2), _atomic_bwd()):
+        qkv, s = qkv0.clone().requires_grad_(), s0.clone().requires_grad_()
+        with tk.use_config(None, bwd):
+            out = tk.packed_triton_attention(qkv, lengths, pattern, scale=0.5, qk_norm=s if norm else None)
+            grads = torch.autograd.grad(out, (qkv, s) if norm else (qkv,), do)
+        runs.append((out, *grads))
+    assert len(finish.grids) == 1   # the atomic run alone
+    (out0, dqkv0, *ds0), (out1, dqkv1, *ds1) = runs
+    assert torch.equal(out0, out1) and torch.equal(dqkv0[:, :, 1:], dqkv1[:, :, 1:])   # out, dk, dv
+    rel = lambda a, b: (a.float() - b.float()).abs().max().item() / max(1.0, b.float().abs().max().item())  # noqa: E731
+    assert rel(dqkv1[:, :, 0], dqkv0[:, :, 0]) <= (2e-3 if dtype == torch.float16 else 1e-2)
+    if norm:
+        assert rel(ds1[0], ds0[0]) <= 1e-4
+    qf, sf = qkv0.float().requires_grad_(), s0.clone().requires_grad_()
+    q, k, v = qf.permute(2, 0, 3, 1, 4)
+    if norm:
+        ref = attention(*tk_free_l2(q, k, sf), v, lengths=lengths, pattern=pattern, scale=0.5, backend="reference")
+    else:
+        ref = attention(q, k, v, lengths=lengths, pattern=pattern, scale=0.5, backend="reference")
+    want = (ref, *torch.autograd.grad(ref, (qf, sf) if norm else (qf,), do.float()))
+    for name, a, t, b in zip(("out", "dqkv", "ds"), runs[1], runs[0], want):   # no farther than the tiles' + 2e-3
+        assert rel(a, b) <= max(3e-2, rel(t, b) + 2e-3), f"{name} ({case}): {rel(a, b):.2e}, tiles {rel(t, b):.2e}"
+
+
+@needs_triton
+def test_dq_atomic_switch(monkeypatch):
+    # HMAR_TRITON_DQ_ATOMIC picks the plan (a plan of its own per mode); deterministic algorithms always get the
+    # dQ tiles; an unknown value is a clear error
+    lengths, B, H, D = (1, 4, 9), 1, 2, 64
+    q = torch.empty(B, H, sum(lengths), D, dtype=torch.float16, device=DEVICE)
+
+    def plan_cfg():
+        return tk._bwd_plan(q, q, q, q, None, None, lengths, "block_diagonal", 0.125)[0]
+    monkeypatch.setattr(tk, "DQ_ATOMIC", "on")
+    assert plan_cfg().dq_atomic and tk._bwd_key(q, lengths, "block_diagonal")[-1] == "on"
+    _run_and_compare(lengths, "block_causal", B, H, D, torch.float16, seed=2)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert not plan_cfg().dq_atomic
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: False)
+    monkeypatch.setattr(tk, "DQ_ATOMIC", "off")
+    assert not plan_cfg().dq_atomic
+    monkeypatch.setattr(tk, "DQ_ATOMIC", "always")
+    with pytest.raises(ValueError, match="HMAR_TRITON_DQ_ATOMIC.*'always'.*off, on, tune"):
+        plan_cfg()
+
+
 @needs_triton
 def test_packed_attention_compiled_equals_eager():
     # under torch.compile the packed form runs behind hmar::packed_attn_fwd / _bwd, whose fake implementations give
@@ -654,8 +740,9 @@ def test_qk_norm_in_the_model_equals_the_unfused_model(packed, monkeypatch):
 
 @needs_triton
 def test_bench_attention_columns_with_qk_norm(monkeypatch):
-    # benchmarks/bench_attention.py --qk-norm: the fused column and the others time the same function (each its
-    # normalisation included), the switch is restored, and the row prints every column and the speed-ups
+    # benchmarks/bench_attention.py --qk-norm --dq-atomic: the fused columns (dq by atomics and by tiles) and the
+    # others time the same function (each its normalisation included), the switches are restored, and the row
+    # prints every column and the speed-ups
     import importlib.util
     from pathlib import Path
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_attention.py"
@@ -664,25 +751,26 @@ def test_bench_attention_columns_with_qk_norm(monkeypatch):
     spec.loader.exec_module(ba)
     import hmar.attention as A
     seen = []
-    monkeypatch.setattr(ba, "_bench", lambda fn: (seen.append((A.FUSED_QK_NORM, fn())), 2.0)[1])
+    monkeypatch.setattr(ba, "_bench", lambda fn: (seen.append(((A.FUSED_QK_NORM, tk.DQ_ATOMIC), fn())), 2.0)[1])
     lengths, B, H, D = (1, 4, 9), 1, 2, 64
     q, k, v = _inputs(B, H, sum(lengths), D, torch.float16, 3, strided=True)
     do = torch.ones(B, H, sum(lengths), D, dtype=torch.float16, device=DEVICE)
     s = torch.full((1, H, 1, 1), 4.0, dtype=torch.float16, device=DEVICE, requires_grad=True)
-    names = ("triton+qknorm",) + ba.BACKENDS
+    names = ("triton+qknorm+dqa", "triton+qknorm") + ba.BACKENDS
     row = dict(pattern="block_diagonal", dtype="fp16", N=sum(lengths), B=B, H=H, D=D)
     for i, name in enumerate(names):
         row[name] = ba._time_backend(name, q, k, v, do, lengths, "block_diagonal", 0.125, s)
-        assert row[name] == (2.0, 2.0, 2.0) and A.FUSED_QK_NORM is False
-        assert [f for f, _ in seen[3 * i:3 * i + 3]] == [name == "triton+qknorm"] * 3
+        assert row[name] == (2.0, 2.0, 2.0) and A.FUSED_QK_NORM is False and tk.DQ_ATOMIC == "off"
+        want = (name.startswith("triton+qknorm"), "on" if name.endswith("+dqa") else "off")
+        assert [f for f, _ in seen[3 * i:3 * i + 3]] == [want] * 3
     outs = [seen[3 * i][1] for i in range(len(names))]   # each backend's forward output
     for o in outs[1:]:
         assert (o.float() - outs[0].float()).abs().max().item() < 1e-2
-    row["triton+qknorm"], row["per_scale"] = (1.0, 1.0, 1.0), (3.0, 3.0, 3.0)
-    row["err"] = ba._check_error(q, k, v, do, lengths, "block_diagonal", 0.125, s)
-    assert max(row["err"].values()) < 1e-2
+    row["triton+qknorm+dqa"], row["per_scale"] = (1.0, 1.0, 1.0), (3.0, 3.0, 3.0)
+    row["err"] = ba._check_error(q, k, v, do, lengths, "block_diagonal", 0.125, s, atomic=True)
+    assert max(row["err"].values()) < 1e-2 and tk.DQ_ATOMIC == "off"
     line = ba._fmt(row, names)
-    assert line.split("|")[-2].split() == ["2.00", "3.00", "2.00", "-"]   # x tri, x psc, x ref, x off
+    assert line.split("|")[-2].split() == ["2.00", "2.00", "3.00", "2.00", "-"]   # x tri+qkn, tri, psc, ref, off
 
 
 # ---------------------------------------------------------------------------------------------
@@ -919,9 +1007,21 @@ def test_gpu_autotuned_configs(pattern, monkeypatch):
     monkeypatch.setenv("HMAR_TRITON_AUTOTUNE", "1")
     _run_and_compare(tuple(x * x for x in (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)), pattern, 2, 3, 64,
                      torch.bfloat16, seed=7)
-    key = tk._tune_key(torch.empty(2, 3, 2240, 64, dtype=torch.bfloat16, device="cuda"),
-                       tuple(x * x for x in (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)), pattern)
-    assert key in tk._FWD_PLANS and key in tk._BWD_PLANS
+    q, lengths = torch.empty(2, 3, 2240, 64, dtype=torch.bfloat16, device="cuda"), tuple(x * x for x in (1, 2, 3, 4, 6, 9, 13, 18, 24, 32))
+    assert tk._tune_key(q, lengths, pattern) in tk._FWD_PLANS and tk._bwd_key(q, lengths, pattern) in tk._BWD_PLANS
+
+
+@gpu_only
+@needs_triton
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_gpu_autotuned_dq_atomic(pattern, monkeypatch):
+    # HMAR_TRITON_DQ_ATOMIC=tune: the tuner times both forms of every candidate; whichever it keeps is right
+    monkeypatch.setenv("HMAR_TRITON_AUTOTUNE", "1")
+    monkeypatch.setattr(tk, "DQ_ATOMIC", "tune")
+    lengths = tuple(x * x for x in (1, 2, 3, 4, 6, 9, 13, 18, 24, 32))
+    _run_and_compare(lengths, pattern, 2, 3, 64, torch.bfloat16, seed=8)
+    assert tk._bwd_key(torch.empty(2, 3, 2240, 64, dtype=torch.bfloat16, device="cuda"), lengths,
+                       pattern) in tk._BWD_PLANS
 
 
 @gpu_only

@@ -31,7 +31,10 @@ on the host, once per ``(lengths, pattern, tile sizes, device)``, and cached:
 The backward pass is one preprocessing launch (``delta = rowsum(dO * O)``) and one main launch
 whose work list holds both *dK/dV tiles* (a tile of key rows looping over the query tiles that
 see it) and *dQ tiles* (a tile of query rows looping over the key tiles it sees). Every output
-element is written by exactly one program: no atomics, no zero-fill, no second pass.
+element is written by exactly one program: no atomics, no zero-fill, no second pass. The dQ tiles
+recompute the scores and probabilities that the dK/dV tiles computed; with :data:`DQ_ATOMIC` (opt-in,
+``HMAR_TRITON_DQ_ATOMIC=on|tune``) the dK/dV tiles instead add their share of dQ into a zeroed fp32
+buffer with atomics, and a last launch (``_dq_finish_kernel``) scales it and stores it.
 
 Numerics: ``exp2`` with ``log2(e)`` folded into the softmax scale; the forward stores the base-2
 log-sum-exp per row; all ``tl.dot`` operands are in the input dtype (fp16 or bf16) with fp32
@@ -75,7 +78,7 @@ import math
 import os
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -125,6 +128,7 @@ class BwdConfig:
     block_n2: int = 32    # dQ pass: key rows per inner step
     num_warps: int = 4
     num_stages: int = 3
+    dq_atomic: bool = False   # dQ added by the dK/dV programs into an fp32 buffer (atomics), no dQ tiles
 
 
 _INTERP_FWD = FwdConfig(16, 16, 1, 1)
@@ -308,10 +312,11 @@ def build_bwd_worklist(lengths: Tuple[int, ...], pattern: str, cfg: BwdConfig):
     """Backward work list: dK/dV tiles (key rows) and dQ tiles (query rows), heaviest first."""
     row_lo, row_hi, col_lo, col_hi = _bounds_lists(lengths, pattern)
     kv = _best_tiles(lengths, col_lo, col_hi, cfg.block_n1, cfg.block_m1, _KIND_DKDV)
-    dq = _best_tiles(lengths, row_lo, row_hi, cfg.block_m2, cfg.block_n2, _KIND_DQ)
-    # dK/dV does four matrix products per visited tile, dQ three
-    costed = [(_row_cost(r, cfg.block_n1, cfg.block_m1, 4.0), r) for r in kv]
-    costed += [(_row_cost(r, cfg.block_m2, cfg.block_n2, 3.0), r) for r in dq]
+    # dK/dV does four matrix products per visited tile (five with ``dq_atomic``, and then no dQ tiles), dQ three
+    costed = [(_row_cost(r, cfg.block_n1, cfg.block_m1, 5.0 if cfg.dq_atomic else 4.0), r) for r in kv]
+    if not cfg.dq_atomic:
+        dq = _best_tiles(lengths, row_lo, row_hi, cfg.block_m2, cfg.block_n2, _KIND_DQ)
+        costed += [(_row_cost(r, cfg.block_m2, cfg.block_n2, 3.0), r) for r in dq]
     costed.sort(key=lambda t: -t[0])
     return [list(r) + [0] for _, r in costed]
 
@@ -351,7 +356,7 @@ def _bwd_table(lengths, pattern, cfg: BwdConfig, device) -> torch.Tensor:
         rows = build_bwd_worklist(lengths, pattern, cfg)
         return torch.tensor(rows, dtype=torch.int32).reshape(-1, _TAB_W).to(device).contiguous()
     return _cached(("bwd", lengths, pattern, cfg.block_m1, cfg.block_n1, cfg.block_m2, cfg.block_n2,
-                    device), make)
+                    cfg.dq_atomic, device), make)
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,17 +491,19 @@ if _HAS_TRITON:
         tl.store(LSE + bh.to(tl.int64) * N + offs_m, m_i + tl.log2(l_safe), mask=m_ok)
 
     @triton.jit
+    def _row_block(H, N, BLOCK: tl.constexpr, HEAD_D: tl.constexpr):
+        # a row kernel's program (grid: B * H, row blocks): (b * H + h, b, h, its rows, the head dims, rows < N)
+        bh = tl.program_id(0)
+        offs_m = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        return bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64), offs_m, tl.arange(0, HEAD_D), offs_m < N
+
+    @triton.jit
     def _rows_kernel(X, Y, OUT, sxb, sxh, sxn, syb, syh, syn, H, N, BLOCK: tl.constexpr, HEAD_D: tl.constexpr,
                      NORMS: tl.constexpr):
         # per row n of two strided [B, H, N, D] tensors, into fp32 OUT (contiguous [B, H, N] planes):
         #   NORMS=False: OUT[b, h, n] = <x, y> (the backward's delta = <o, dO>)
         #   NORMS=True:  OUT[0, b, h, n] = ||x||, OUT[1, b, h, n] = ||y|| (the row norms of q and k)
-        bh = tl.program_id(0)
-        b = (bh // H).to(tl.int64)
-        h = (bh % H).to(tl.int64)
-        offs_m = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        offs_d = tl.arange(0, HEAD_D)
-        ok = offs_m < N
+        bh, b, h, offs_m, offs_d, ok = _row_block(H, N, BLOCK, HEAD_D)
         x = tl.load(X + b * sxb + h * sxh + offs_m[:, None] * sxn + offs_d[None, :],
                     mask=ok[:, None], other=0.0).to(tl.float32)
         y = tl.load(Y + b * syb + h * syh + offs_m[:, None] * syn + offs_d[None, :],
@@ -579,9 +586,9 @@ if _HAS_TRITON:
 
     @triton.jit
     def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, dl_base, sqn, sdn, clo, chi,
-                    start, end, qmax, qk_scale, nq_base, hsc, rk,
+                    start, end, qmax, qk_scale, nq_base, hsc, rk, dqa_base, kh,
                     BLOCK_M1: tl.constexpr, HEAD_D: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr,
-                    QK_NORM: tl.constexpr):
+                    QK_NORM: tl.constexpr, DQ_ATOMIC: tl.constexpr):
         offs_d = tl.arange(0, HEAD_D)
         for m0 in range(start, end, BLOCK_M1):
             offs_m = m0 + tl.arange(0, BLOCK_M1)
@@ -609,10 +616,16 @@ if _HAS_TRITON:
                 dl = tl.load(dl_base + offs_m)
             dv = _dot_acc(p_t.to(do.dtype), do, dv, UPCAST)
             dp_t = _dot(v, tl.trans(do), UPCAST)
-            ds_t = p_t * (dp_t - dl[None, :])
+            ds_t = (p_t * (dp_t - dl[None, :])).to(k.dtype)
+            if DQ_ATOMIC:  # this key tile's share of dq_hat = dS k_hat (kh: the normalised k tile), added in fp32
+                dqa_ptrs = dqa_base + offs_m[:, None] * HEAD_D + offs_d[None, :]
+                if MASKED:
+                    tl.atomic_add(dqa_ptrs, _dot(tl.trans(ds_t), kh, UPCAST), mask=m_ok[:, None], sem="relaxed")
+                else:
+                    tl.atomic_add(dqa_ptrs, _dot(tl.trans(ds_t), kh, UPCAST), sem="relaxed")
             if QK_NORM:  # dk_hat = dS^T q_hat, q_hat the normalised q tile (bounded: no overflow for tiny rows)
                 q = (q.to(tl.float32) * fq[:, None]).to(k.dtype)
-            dk = _dot_acc(ds_t.to(q.dtype), q, dk, UPCAST)
+            dk = _dot_acc(ds_t, q, dk, UPCAST)
         return dk, dv
 
     @triton.jit
@@ -647,11 +660,11 @@ if _HAS_TRITON:
         return dq
 
     @triton.jit
-    def _bwd_kernel(Q, K, V, DO, G, LSE, DELTA, TAB, BND, NRM, HS, DHS, sqb, sqh, sqn, skb, skh, skn, svb, svh, svn,
-                    sdb, sdh, sdn, sgp, sgb, sgh, sgn, H, N, qk_scale,
+    def _bwd_kernel(Q, K, V, DO, G, LSE, DELTA, TAB, BND, NRM, HS, DHS, DQA, sqb, sqh, sqn, skb, skh, skn, svb, svh,
+                    svn, sdb, sdh, sdn, sgp, sgb, sgh, sgn, H, N, qk_scale,
                     BLOCK_M1: tl.constexpr, BLOCK_N1: tl.constexpr,
                     BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr, HEAD_D: tl.constexpr,
-                    UPCAST: tl.constexpr, QK_NORM: tl.constexpr):
+                    UPCAST: tl.constexpr, QK_NORM: tl.constexpr, DQ_ATOMIC: tl.constexpr):
         bh = tl.program_id(0)
         t = tl.program_id(1)
         b = (bh // H).to(tl.int64)
@@ -702,12 +715,21 @@ if _HAS_TRITON:
                 rk = _inv_norm(nk_base, offs_n, n_ok, True)
             else:
                 rk = tl.zeros([BLOCK_N1], dtype=tl.float32)
+            # DQ_ATOMIC: dq_hat += dS k_hat into DQA (fp32 [B, H, N, D], zeroed), finished by _dq_finish_kernel
+            dqa_base = DQA + row0 * HEAD_D
+            if DQ_ATOMIC and QK_NORM:
+                kh = (k.to(tl.float32) * rk[:, None]).to(k.dtype)
+            else:
+                kh = k
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, dl_base, sqn, sdn, clo, chi,
-                                 p0, p1, p3, qk_scale, nq_base, hsc, rk, BLOCK_M1, HEAD_D, True, UPCAST, QK_NORM)
+                                 p0, p1, p3, qk_scale, nq_base, hsc, rk, dqa_base, kh, BLOCK_M1, HEAD_D, True, UPCAST,
+                                 QK_NORM, DQ_ATOMIC)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, dl_base, sqn, sdn, clo, chi,
-                                 p1, p2, p3, qk_scale, nq_base, hsc, rk, BLOCK_M1, HEAD_D, False, UPCAST, QK_NORM)
+                                 p1, p2, p3, qk_scale, nq_base, hsc, rk, dqa_base, kh, BLOCK_M1, HEAD_D, False, UPCAST,
+                                 QK_NORM, DQ_ATOMIC)
             dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, dl_base, sqn, sdn, clo, chi,
-                                 p2, p3, p3, qk_scale, nq_base, hsc, rk, BLOCK_M1, HEAD_D, True, UPCAST, QK_NORM)
+                                 p2, p3, p3, qk_scale, nq_base, hsc, rk, dqa_base, kh, BLOCK_M1, HEAD_D, True, UPCAST,
+                                 QK_NORM, DQ_ATOMIC)
             g_ptrs = offs_n[:, None] * sgn + offs_d[None, :]
             tl.store(DV + g_ptrs, dv.to(G.dtype.element_ty), mask=n_ok[:, None])
             dk = dk * sm_scale
@@ -742,6 +764,22 @@ if _HAS_TRITON:
                 dq, c = _normalize_grad(q, dq, nq, hsc)
                 tl.store(DHS + row0 + offs_m, c, mask=m_ok)
             tl.store(DQ + offs_m[:, None] * sgn + offs_d[None, :], dq.to(G.dtype.element_ty), mask=m_ok[:, None])
+
+    @triton.jit
+    def _dq_finish_kernel(DQA, Q, G, NRM, HS, DHS, sqb, sqh, sqn, sgb, sgh, sgn, H, N, sm_scale,
+                          BLOCK: tl.constexpr, HEAD_D: tl.constexpr, QK_NORM: tl.constexpr):
+        # the dq rows of a DQ_ATOMIC backward: DQA's fp32 sums times the softmax scale, with QK_NORM mapped through
+        # q's normalisation and head scale (and <u, dq_hat> per row into DHS), stored into G's dq slot
+        bh, b, h, offs_m, offs_d, ok = _row_block(H, N, BLOCK, HEAD_D)
+        row = bh.to(tl.int64) * N + offs_m
+        dq = tl.load(DQA + row[:, None] * HEAD_D + offs_d[None, :], mask=ok[:, None], other=0.0) * sm_scale
+        if QK_NORM:
+            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :], mask=ok[:, None], other=0.0)
+            nq = tl.load(NRM + row, mask=ok, other=1.0)
+            dq, c = _normalize_grad(q, dq, nq, tl.load(HS + h))
+            tl.store(DHS + row, c, mask=ok)
+        tl.store(G + b * sgb + h * sgh + offs_m[:, None] * sgn + offs_d[None, :], dq.to(G.dtype.element_ty),
+                 mask=ok[:, None])
 
 
 # --------------------------------------------------------------------------------------------
@@ -823,11 +861,18 @@ def _launch_bwd(q, k, v, do, g, lse, delta, tab, bnd, scale, cfg: BwdConfig, nrm
     :func:`_launch_fwd`): g gets the gradients of the raw q and k, and ``dhs`` (fp32 [B, H, N]) the per-row terms
     of the head scale's gradient."""
     B, H, N, D = q.shape
+    dqa = torch.zeros((B, H, N, D), dtype=torch.float32, device=q.device) if cfg.dq_atomic else None
     _bwd_kernel[(B * H, tab.shape[0])](
         q, k, v, do, g, lse, delta, tab, bnd, lse if nrm is None else nrm, lse if hs is None else hs,
-        lse if dhs is None else dhs, *_strides(q, k, v, do), *g.stride()[:4], H, N, scale * _LOG2E,
-        BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
-        HEAD_D=D, UPCAST=_upcast(q), QK_NORM=nrm is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        lse if dhs is None else dhs, lse if dqa is None else dqa, *_strides(q, k, v, do), *g.stride()[:4], H, N,
+        scale * _LOG2E, BLOCK_M1=cfg.block_m1, BLOCK_N1=cfg.block_n1, BLOCK_M2=cfg.block_m2, BLOCK_N2=cfg.block_n2,
+        HEAD_D=D, UPCAST=_upcast(q), QK_NORM=nrm is not None, DQ_ATOMIC=cfg.dq_atomic, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
+    if dqa is not None:   # g[0] is dq
+        _dq_finish_kernel[(B * H, triton.cdiv(N, 64))](
+            dqa, q, g[0], lse if nrm is None else nrm, lse if hs is None else hs, lse if dhs is None else dhs,
+            *q.stride()[:3], *g.stride()[1:4], H, N, scale, BLOCK=64, HEAD_D=D, QK_NORM=nrm is not None,
+            num_warps=1 if _INTERPRETED else 4)
 
 
 # --------------------------------------------------------------------------------------------
@@ -888,24 +933,49 @@ def _fwd_plan(q, k, v, lengths, pattern, scale):
     return plan
 
 
+DQ_ATOMIC_MODES = ("off", "on", "tune")
+# How the backward computes dq (env HMAR_TRITON_DQ_ATOMIC): "off", dQ tiles of its own that recompute the scores
+# and probabilities (deterministic, no atomics; the default); "on", the dK/dV programs add their share of dq into an
+# fp32 buffer with atomics (one matrix product and one exp per score instead of three and one: the backward's work
+# drops from 14 to 10 n m D FLOPs; not deterministic: the sums' order varies); "tune", the autotuner times both
+# forms of each candidate on CUDA. torch.use_deterministic_algorithms(True) always gets "off".
+DQ_ATOMIC = os.environ.get("HMAR_TRITON_DQ_ATOMIC", "off").lower()
+
+
+def _dq_atomic_mode() -> str:
+    if DQ_ATOMIC not in DQ_ATOMIC_MODES:
+        raise ValueError(f"HMAR_TRITON_DQ_ATOMIC / triton_kernel.DQ_ATOMIC: {DQ_ATOMIC!r} is not one of "
+                         f"{', '.join(DQ_ATOMIC_MODES)}")
+    return "off" if torch.are_deterministic_algorithms_enabled() else DQ_ATOMIC
+
+
+def _bwd_candidates(D: int, mode: str) -> List[BwdConfig]:
+    atomic = [replace(c, dq_atomic=True) for c in _BWD_CANDIDATES[D]]
+    return {"off": _BWD_CANDIDATES[D], "on": atomic, "tune": _BWD_CANDIDATES[D] + atomic}[mode]
+
+
+def _bwd_key(q, lengths, pattern):
+    return _tune_key(q, lengths, pattern) + (_dq_atomic_mode(),)
+
+
 def _bwd_plan(q, k, v, do, lse, delta, lengths, pattern, scale):
-    key = _tune_key(q, lengths, pattern)
+    key = _bwd_key(q, lengths, pattern)
     plan = None if _FORCE_BWD is not None else _BWD_PLANS.get(key)
     if plan is not None:
         return plan
-    dev, D = q.device, q.shape[-1]
+    dev, D, atomic = q.device, q.shape[-1], key[-1] == "on"
     if _FORCE_BWD is not None:
         cfg = _FORCE_BWD
     elif _INTERPRETED or not q.is_cuda:
-        cfg = _INTERP_BWD
+        cfg = replace(_INTERP_BWD, dq_atomic=atomic)
     elif not _autotune_enabled():
-        cfg = _DEFAULT_BWD[D]
+        cfg = replace(_DEFAULT_BWD[D], dq_atomic=atomic)
     else:
         g = torch.empty((3,) + tuple(q.shape), dtype=q.dtype, device=dev)
         bnd = _bounds_tensor(lengths, pattern, dev)
-        cfg = _pick(_BWD_CANDIDATES[D], lambda c: _launch_bwd(
+        cfg = _pick(_bwd_candidates(D, key[-1]), lambda c: _launch_bwd(
             q, k, v, do, g, lse, delta, _bwd_table(lengths, pattern, c, dev), bnd, scale, c)
-        ) or _DEFAULT_BWD[D]
+        ) or replace(_DEFAULT_BWD[D], dq_atomic=atomic)
     plan = (cfg, _bwd_table(lengths, pattern, cfg, dev))
     if _FORCE_BWD is None:
         _BWD_PLANS[key] = plan
