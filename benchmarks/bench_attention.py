@@ -259,7 +259,7 @@ def main(argv=None):
                     help="q, k, v as tensors of their own (default) or as views of one packed qkv projection")
     ap.add_argument("--dq-atomic", action="store_true",
                     help="a first column: the first Triton column with the backward's dq summed by atomics "
-                         "(hmar.attention.triton_kernel.DQ_ATOMIC), the speed-ups its")
+                         "(hmar.attention.triton_kernel.DQ_ATOMIC); the speed-ups are then that column's")
     ap.add_argument("--qk-norm", action="store_true",
                     help="L2-normalised q/k (HMAR's attention) in every column, and the fused triton+qknorm first")
     args = ap.parse_args(argv)

@@ -936,9 +936,9 @@ def _fwd_plan(q, k, v, lengths, pattern, scale):
 DQ_ATOMIC_MODES = ("off", "on", "tune")
 # How the backward computes dq (env HMAR_TRITON_DQ_ATOMIC): "off", dQ tiles of its own that recompute the scores
 # and probabilities (deterministic, no atomics; the default); "on", the dK/dV programs add their share of dq into an
-# fp32 buffer with atomics (one matrix product and one exp per score instead of three and one: the backward's work
-# drops from 14 to 10 n m D FLOPs; not deterministic: the sums' order varies); "tune", the autotuner times both
-# forms of each candidate on CUDA. torch.use_deterministic_algorithms(True) always gets "off".
+# fp32 buffer with atomics (per score one matrix product instead of the dQ tiles' three and their exp: the
+# backward's work drops from 14 to 10 n m D FLOPs; not deterministic: the sums' order varies); "tune", the autotuner
+# times both forms of each candidate on CUDA. torch.use_deterministic_algorithms(True) always gets "off".
 DQ_ATOMIC = os.environ.get("HMAR_TRITON_DQ_ATOMIC", "off").lower()
 
 
