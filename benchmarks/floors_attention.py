@@ -21,7 +21,7 @@ capability 9.0) x 132 SMs x 1.98 GHz. At D = 64 one exponential costs as much ti
 products (4 D in the forward), so the exponentials matter as much as the products.
 
     python benchmarks/floors_attention.py           # the grid of BENCHMARKS.md section 1, with its measured times
-    python benchmarks/floors_attention.py --measured benchmarks/results/2026-11-29-h200-attention-full.json --json f.json
+    python benchmarks/floors_attention.py --measured my-bench_attention-output.json --json f.json
 """
 from __future__ import annotations
 

@@ -51,13 +51,15 @@ def _attention_variants():
     def bwd(dt, D, cfg, qk_norm):
         sig = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "DO": f"*{dt}", "G": f"*{dt}", "LSE": "*fp32",
                "DELTA": "*fp32", "TAB": "*i32", "BND": "*i32", "NRM": "*fp32", "HS": "*fp32", "DHS": "*fp32",
-               "DQA": "*fp32", **strides("q", "k", "v"), **_ints("sdb", "sdh", "sdn", "sgp", "sgb", "sgh", "sgn", "H", "N"),
+               "DQA": "*fp32", **strides("q", "k", "v"),
+               **_ints("sdb", "sdh", "sdn", "sgp", "sgb", "sgh", "sgn", "H", "N"),
                "qk_scale": "fp32"}
         const = {"BLOCK_M1": cfg.block_m1, "BLOCK_N1": cfg.block_n1, "BLOCK_M2": cfg.block_m2,
                  "BLOCK_N2": cfg.block_n2, "HEAD_D": D, "UPCAST": False, "QK_NORM": qk_norm,
                  "DQ_ATOMIC": cfg.dq_atomic}
         return (f"bwd-{dt}-d{D}-{cfg.block_m1}/{cfg.block_n1}/{cfg.block_m2}/{cfg.block_n2}"
-                f"-w{cfg.num_warps}s{cfg.num_stages}{'-qknorm' if qk_norm else ''}{'-dqatomic' if cfg.dq_atomic else ''}",
+                f"-w{cfg.num_warps}s{cfg.num_stages}{'-qknorm' if qk_norm else ''}"
+                f"{'-dqatomic' if cfg.dq_atomic else ''}",
                 tk._bwd_kernel, sig, const, cfg.num_warps, cfg.num_stages)
 
     def dq_finish(dt, D, qk_norm):   # _launch_bwd after a dq_atomic backward: 64-row tiles, 4 warps

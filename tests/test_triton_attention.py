@@ -938,12 +938,11 @@ def test_inference_kernel_splits_a_batch_over_the_grid_limit(monkeypatch):
     q, k, v = (torch.randn(B, H, N, D, device=DEVICE, dtype=torch.float16) for _ in range(3))
     ls = torch.full((H,), 1.5, device=DEVICE)
     whole = tk.dense_inference_attention(q, k, v, 1.0, ls, 4.6)
-    calls = []
-    launch = tk._dense_kernel.__getitem__
+    spy = _LaunchSpy(tk._dense_kernel)
     monkeypatch.setattr(tk, "GRID_Y_MAX", 4)     # 2 images (4 pairs) per launch: slices of 2, 2 and 1
-    monkeypatch.setattr(tk, "_dense_kernel", type("K", (), {"__getitem__": lambda self, g: calls.append(g) or launch(g)})())
+    monkeypatch.setattr(tk, "_dense_kernel", spy)
     split = tk.dense_inference_attention(q, k, v, 1.0, ls, 4.6)
-    assert [g[1] for g in calls] == [4, 4, 2]
+    assert [g[1] for g in spy.grids] == [4, 4, 2]
     torch.testing.assert_close(split, whole, rtol=0, atol=0)
 
 
@@ -1007,7 +1006,8 @@ def test_gpu_autotuned_configs(pattern, monkeypatch):
     monkeypatch.setenv("HMAR_TRITON_AUTOTUNE", "1")
     _run_and_compare(tuple(x * x for x in (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)), pattern, 2, 3, 64,
                      torch.bfloat16, seed=7)
-    q, lengths = torch.empty(2, 3, 2240, 64, dtype=torch.bfloat16, device="cuda"), tuple(x * x for x in (1, 2, 3, 4, 6, 9, 13, 18, 24, 32))
+    q = torch.empty(2, 3, 2240, 64, dtype=torch.bfloat16, device="cuda")
+    lengths = tuple(x * x for x in (1, 2, 3, 4, 6, 9, 13, 18, 24, 32))
     assert tk._tune_key(q, lengths, pattern) in tk._FWD_PLANS and tk._bwd_key(q, lengths, pattern) in tk._BWD_PLANS
 
 
